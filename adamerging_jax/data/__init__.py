@@ -1,0 +1,1 @@
+"""Data sources (packaged datasets, local folders, tensorflow-datasets) and the input pipeline."""

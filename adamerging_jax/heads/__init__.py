@@ -1,0 +1,1 @@
+"""Frozen classification heads: CLIP zero-shot heads and prototype heads."""

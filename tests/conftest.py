@@ -1,0 +1,17 @@
+"""Test-wide JAX settings: 8 simulated CPU devices and the persistent compilation cache.
+
+Both must be set before jax is imported anywhere, which is why they live here.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get(
+    "ADAMERGING_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adamerging_jax", "jax-tests")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
