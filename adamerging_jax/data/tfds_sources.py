@@ -197,7 +197,7 @@ class CodePathFromModuleFile:
         return epath.Path(inspect.getfile(cls))
 
 
-class _TensorflowFreeBuilder(CodePathFromModuleFile):
+class TensorflowFreeBuilder(CodePathFromModuleFile):
     """Mixin for a catalog builder: TF-free preparation, local downloads, numpy images PNG-encoded by Pillow."""
 
     local_downloads: str | os.PathLike | None = None
@@ -336,7 +336,7 @@ def _tensorflow_free_class(builder_name: str) -> type:
     mixins = (_Sun397PillowExamples,) if builder_name == "sun397" else ()
     return type(
         catalog_cls.__name__,
-        (*mixins, _TensorflowFreeBuilder, catalog_cls),
+        (*mixins, TensorflowFreeBuilder, catalog_cls),
         {"name": catalog_cls.name, "__module__": catalog_cls.__module__},
         skip_registration=True,
     )
