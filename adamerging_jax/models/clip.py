@@ -1,0 +1,315 @@
+"""CLIP (Radford et al., 2021) in Flax: the ViT image tower with its projection, and the text tower.
+
+The computation is the one of transformers' ``CLIPModel`` (and of OpenAI's / open_clip's ViT CLIP):
+
+    vision:  z0 = [cls; conv_p(x)] + pos         (patch conv without bias)
+             z  = pre_ln(z0);  z = z + attn(ln1(z));  z = z + fc2(act(fc1(ln2(z))))   (× L)
+             pooled = post_ln(z[:, 0]);   image_embeds = pooled @ W_visual_projection
+    text:    z0 = tok_emb[ids] + pos;  the same blocks with a causal mask;  z = final_ln(z)
+             pooled = z[b, first position of EOS];  text_embeds = pooled @ W_text_projection
+    logits_per_image = exp(logit_scale) · n(image_embeds) @ n(text_embeds)ᵀ,  n(v) = v / ‖v‖
+
+with act = quick_gelu(x) = x·σ(1.702x) for the OpenAI weights, LayerNorm eps 1e-5 and attention
+softmax(q kᵀ / √d_head) v per head.
+
+Parameters are plain nested dicts (Linen ``init`` output without the ``"params"`` collection level):
+
+    {"vision": {"patch_embed": {"kernel"}, "class_embedding", "pos_embedding", "pre_ln", "layers", "post_ln"},
+     "visual_projection": {"kernel"},
+     "text": {"token_embedding", "pos_embedding", "layers", "final_ln"},
+     "text_projection": {"kernel"},
+     "logit_scale": ()}
+
+``"layers"`` holds the transformer blocks stacked on a leading axis L and run with ``lax.scan``
+(one compiled block instead of L, compile time on CPU drops several-fold); :func:`stacked` tells which
+leaves carry that axis so that layer-wise AdaMerging still gets one coefficient per tensor per layer.
+The HF ``CLIPVisionModel`` tensors (q, k, v separate) map one to one onto ``params["vision"]``: ViT-B/32
+has 199 such tensors, held in 23 leaves here (16 of them stacked over 12 layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """ViT image tower: ``image_size``² inputs cut into ``patch_size``² patches, ``layers`` blocks of ``width``."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Causal text transformer; the pooled token is the first ``eos_token_id`` of each sequence."""
+
+    vocab_size: int
+    context_length: int
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    eos_token_id: int
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    """A CLIP model. ``text`` / ``embed_dim`` are None for an image tower alone (an HF ``CLIPVisionModel``)."""
+
+    vision: VisionConfig
+    text: TextConfig | None = None
+    embed_dim: int | None = None
+    logit_scale_init: float = math.log(1 / 0.07)
+
+
+def _openai_text(width: int, heads: int) -> TextConfig:
+    return TextConfig(vocab_size=49408, context_length=77, width=width, layers=12, heads=heads,
+                      mlp_dim=4 * width, eos_token_id=49407)
+
+
+VARIANTS: dict[str, ClipConfig] = {
+    "B/32": ClipConfig(VisionConfig(224, 32, 768, 12, 12, 3072), _openai_text(512, 8), 512),
+    "B/16": ClipConfig(VisionConfig(224, 16, 768, 12, 12, 3072), _openai_text(512, 8), 512),
+    "L/14": ClipConfig(VisionConfig(224, 14, 1024, 24, 16, 4096), _openai_text(768, 12), 768),
+    # Test sizes: seconds to compile on CPU. "Ti/8" is the size of the committed torch fixtures.
+    "Ti/8": ClipConfig(VisionConfig(32, 8, 32, 2, 2, 48),
+                       TextConfig(vocab_size=534, context_length=32, width=40, layers=2, heads=4, mlp_dim=72,
+                                  eos_token_id=533), 24),
+    "Ti/4": ClipConfig(VisionConfig(16, 4, 16, 2, 2, 32),
+                       TextConfig(vocab_size=534, context_length=32, width=16, layers=2, heads=2, mlp_dim=32,
+                                  eos_token_id=533), 8),
+}
+
+
+def get_config(variant: str | ClipConfig) -> ClipConfig:
+    """The config of a variant name ("B/32", "B/16", "L/14", "Ti/8", "Ti/4"); a ClipConfig passes through."""
+    if isinstance(variant, ClipConfig):
+        return variant
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CLIP variant {variant!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def variant_name(config: ClipConfig) -> str | None:
+    """The name of the known variant whose image tower is ``config.vision`` (None when none matches)."""
+    return next((name for name, known in VARIANTS.items() if known.vision == config.vision), None)
+
+
+def stacked(path: str) -> bool:
+    """True for leaves stacked over layers (leading axis L), e.g. "vision/layers/attn/q/kernel"."""
+    return "layers" in path.split("/")
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+    """LayerNorm with the two-pass variance E[(x − μ)²], as torch computes it."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention softmax(q kᵀ/√d) v with separate q, k, v, out projections (HF layout)."""
+
+    heads: int
+    causal: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        batch, length, width = h.shape
+        head_dim = width // self.heads
+        q, k, v = (nn.Dense(width, name=n)(h).reshape(batch, length, self.heads, head_dim) for n in "qkv")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        if self.causal:
+            scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        return nn.Dense(width, name="out")(attended.reshape(batch, length, width))
+
+
+class _Mlp(nn.Module):
+    """fc2(act(fc1(h)))."""
+
+    mlp_dim: int
+    activation: str
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        hidden = ACTIVATIONS[self.activation](nn.Dense(self.mlp_dim, name="fc1")(h))
+        return nn.Dense(h.shape[-1], name="fc2")(hidden)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block z + attn(ln1 z), then + mlp(ln2 z); scanned: (z, None) -> (z, None)."""
+
+    heads: int
+    mlp_dim: int
+    activation: str
+    eps: float
+    causal: bool
+
+    @nn.compact
+    def __call__(self, z: jax.Array, _: None) -> tuple[jax.Array, None]:
+        z = z + _Attention(self.heads, self.causal, name="attn")(_layer_norm(self.eps, "ln1")(z))
+        z = z + _Mlp(self.mlp_dim, self.activation, name="mlp")(_layer_norm(self.eps, "ln2")(z))
+        return z, None
+
+
+def _layers(num_layers: int, heads: int, mlp_dim: int, activation: str, eps: float, causal: bool) -> nn.Module:
+    """``num_layers`` blocks with parameters stacked on axis 0, applied by ``lax.scan`` (module name "layers")."""
+    scanned = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=num_layers)
+    return scanned(heads, mlp_dim, activation, eps, causal, name="layers")
+
+
+class VisionTower(nn.Module):
+    """ViT image tower; returns (last_hidden_state [B, 1+N, W], pooled = post_ln(cls) [B, W]).
+
+    Input images are NHWC floats, already normalised (see ``adamerging_jax.data.clip_preprocess``).
+    """
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        p = c.patch_size
+        patches = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                          name="patch_embed")(images)
+        patches = patches.reshape(images.shape[0], -1, c.width)
+        cls = self.param("class_embedding", nn.initializers.normal(c.width**-0.5), (c.width,))
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (c.num_patches + 1, c.width))
+        cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, c.width))
+        z = jnp.concatenate([cls, patches], axis=1) + pos
+        z = _layer_norm(c.layer_norm_eps, "pre_ln")(z)
+        z, _ = _layers(c.layers, c.heads, c.mlp_dim, c.activation, c.layer_norm_eps, causal=False)(z, None)
+        return z, _layer_norm(c.layer_norm_eps, "post_ln")(z[:, 0])
+
+
+class TextTower(nn.Module):
+    """Causal text transformer; returns (final_ln(z) [B, S, W], pooled at the first EOS token [B, W])."""
+
+    config: TextConfig
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        table = self.param("token_embedding", nn.initializers.normal(0.02), (c.vocab_size, c.width))
+        pos = self.param("pos_embedding", nn.initializers.normal(0.01), (c.context_length, c.width))
+        z = jnp.take(table, token_ids, axis=0) + pos[: token_ids.shape[1]]
+        z, _ = _layers(c.layers, c.heads, c.mlp_dim, c.activation, c.layer_norm_eps, causal=True)(z, None)
+        z = _layer_norm(c.layer_norm_eps, "final_ln")(z)
+        eos_position = jnp.argmax(token_ids == c.eos_token_id, axis=-1)
+        return z, z[jnp.arange(z.shape[0]), eos_position]
+
+
+class CLIP(nn.Module):
+    """Both towers, the two projections and ``logit_scale``. ``__call__`` gives logits_per_image [B_img, B_txt]."""
+
+    config: ClipConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.vision = VisionTower(c.vision)
+        self.visual_projection = nn.Dense(c.embed_dim, use_bias=False)
+        self.text = TextTower(c.text)
+        self.text_projection = nn.Dense(c.embed_dim, use_bias=False)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init), ())
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        return self.visual_projection(self.vision(images)[1])
+
+    def encode_text(self, token_ids: jax.Array) -> jax.Array:
+        return self.text_projection(self.text(token_ids)[1])
+
+    def __call__(self, images: jax.Array, token_ids: jax.Array) -> jax.Array:
+        image_embeds = l2_normalize(self.encode_image(images))
+        text_embeds = l2_normalize(self.encode_text(token_ids))
+        return jnp.exp(self.logit_scale) * image_embeds @ text_embeds.T
+
+
+# ------------------------------------------------------------------------------------- functional API
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / ‖x‖₂ along ``axis``."""
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def init_params(variant: str | ClipConfig, key: jax.Array) -> Params:
+    """Random CLIP parameters (plain nested dict) for a variant; the image/text towers need a text config."""
+    config = get_config(variant)
+    if config.text is None:
+        init = VisionTower(config.vision).init(key, jnp.zeros((1, config.vision.image_size,
+                                                                config.vision.image_size, 3)))
+        return {"vision": init["params"]}
+    images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3))
+    tokens = jnp.zeros((1, config.text.context_length), jnp.int32)
+    return CLIP(config).init(key, images, tokens)["params"]
+
+
+def vision_forward(vision_params: Params, images: jax.Array, config: ClipConfig | VisionConfig
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(last_hidden_state, pooled) of the image tower (HF ``CLIPVisionModel`` outputs)."""
+    vision_config = config.vision if isinstance(config, ClipConfig) else config
+    return VisionTower(vision_config).apply({"params": vision_params}, images)
+
+
+def text_forward(text_params: Params, token_ids: jax.Array, config: ClipConfig) -> tuple[jax.Array, jax.Array]:
+    """(last_hidden_state, pooled) of the text tower (HF ``CLIPTextModel`` outputs)."""
+    return TextTower(config.text).apply({"params": text_params}, token_ids)
+
+
+def encode_image(params: Params, images: jax.Array, config: ClipConfig) -> jax.Array:
+    """Image embeddings pooled @ W_visual_projection (HF ``get_image_features``), not normalised."""
+    return vision_forward(params["vision"], images, config)[1] @ params["visual_projection"]["kernel"]
+
+
+def encode_text(params: Params, token_ids: jax.Array, config: ClipConfig) -> jax.Array:
+    """Text embeddings pooled @ W_text_projection (HF ``get_text_features``), not normalised."""
+    return text_forward(params["text"], token_ids, config)[1] @ params["text_projection"]["kernel"]
+
+
+def logits_per_image(params: Params, images: jax.Array, token_ids: jax.Array, config: ClipConfig) -> jax.Array:
+    """exp(logit_scale) · n(image_embeds) @ n(text_embeds)ᵀ, as HF ``CLIPModel(...).logits_per_image``."""
+    return CLIP(config).apply({"params": params}, images, token_ids)
+
+
+def image_encoder(variant: str | ClipConfig, visual_projection: jax.Array | None = None
+                  ) -> Callable[[Params, jax.Array], jax.Array]:
+    """``apply_fn(vision_params, images) -> features`` over the image tower alone: the tree merging acts on.
+
+    With ``visual_projection`` (the frozen [W, D] kernel of the pretrained CLIP) the features are the image
+    embeddings pooled @ W; without it, the pooled [B, W] output. Features are not normalised: the zero-shot
+    head does that (``adamerging_jax.heads.zero_shot``).
+    """
+    config = get_config(variant)
+
+    def apply_fn(vision_params: Params, images: jax.Array) -> jax.Array:
+        pooled = vision_forward(vision_params, images, config)[1]
+        return pooled if visual_projection is None else pooled @ visual_projection
+
+    return apply_fn

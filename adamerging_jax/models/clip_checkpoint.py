@@ -1,0 +1,426 @@
+"""CLIP checkpoints in and out: Hugging Face safetensors, open_clip state dicts, HF ``CLIPVisionModel`` export.
+
+Our tree (``adamerging_jax.models.clip``) ↔ HF names, per tensor:
+
+    vision/class_embedding          embeddings.class_embedding
+    vision/patch_embed/kernel       embeddings.patch_embedding.weight   [kh, kw, I, O] ↔ [O, I, kh, kw]
+    vision/pos_embedding            embeddings.position_embedding.weight
+    vision/pre_ln/{scale,bias}      pre_layrnorm.{weight,bias}          (sic: "layrnorm")
+    vision/layers/<block>[i]        encoder.layers.i.<block>            stacked on axis 0 over i
+    vision/post_ln/{scale,bias}     post_layernorm.{weight,bias}
+    text/token_embedding            embeddings.token_embedding.weight
+    text/pos_embedding              embeddings.position_embedding.weight
+    text/final_ln/{scale,bias}      final_layer_norm.{weight,bias}
+    {visual,text}_projection/kernel {visual,text}_projection.weight      [in, out] ↔ [out, in]
+    logit_scale                     logit_scale
+
+with <block> = ln1 ↔ layer_norm1, attn/{q,k,v,out} ↔ self_attn.{q,k,v,out}_proj, ln2 ↔ layer_norm2,
+mlp/fc1 ↔ mlp.fc1, mlp/fc2 ↔ mlp.fc2; Linear weights are transposed ([out, in] in torch, [in, out] here).
+The vision names carry a ``vision_model.`` prefix in ``CLIPModel`` files and in transformers 4.x
+``CLIPVisionModel`` files; the prefix is optional on input. Files are read with safetensors (fp32, fp16, bf16).
+
+open_clip's ``visual.*`` names (the official AdaMerging / task_vectors checkpoints) differ in that q, k, v are
+one fused ``attn.in_proj_weight`` [3W, W] (rows q; k; v), ``proj`` is already [W, D], and blocks are named
+``transformer.resblocks.i.{ln_1, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from adamerging_jax.models.clip import ClipConfig, TextConfig, VisionConfig
+
+Params = dict[str, Any]
+StateDict = Mapping[str, np.ndarray]
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+VISION_PREFIX = "vision_model."
+
+# (our path inside a block, HF name inside "encoder.layers.i.", is a torch Linear weight)
+_BLOCK = [
+    ("ln1/scale", "layer_norm1.weight", False), ("ln1/bias", "layer_norm1.bias", False),
+    *[(f"attn/{ours}/{leaf}", f"self_attn.{hf}_proj.{name}", leaf == "kernel")
+      for ours, hf in [("q", "q"), ("k", "k"), ("v", "v"), ("out", "out")]
+      for leaf, name in [("kernel", "weight"), ("bias", "bias")]],
+    ("ln2/scale", "layer_norm2.weight", False), ("ln2/bias", "layer_norm2.bias", False),
+    *[(f"mlp/{fc}/{leaf}", f"mlp.{fc}.{name}", leaf == "kernel")
+      for fc in ["fc1", "fc2"] for leaf, name in [("kernel", "weight"), ("bias", "bias")]],
+]
+# (our path, HF name, layout: "copy" | "linear" | "conv")
+_VISION = [
+    ("class_embedding", "embeddings.class_embedding", "copy"),
+    ("patch_embed/kernel", "embeddings.patch_embedding.weight", "conv"),
+    ("pos_embedding", "embeddings.position_embedding.weight", "copy"),
+    ("pre_ln/scale", "pre_layrnorm.weight", "copy"), ("pre_ln/bias", "pre_layrnorm.bias", "copy"),
+    ("post_ln/scale", "post_layernorm.weight", "copy"), ("post_ln/bias", "post_layernorm.bias", "copy"),
+]
+_TEXT = [
+    ("token_embedding", "embeddings.token_embedding.weight", "copy"),
+    ("pos_embedding", "embeddings.position_embedding.weight", "copy"),
+    ("final_ln/scale", "final_layer_norm.weight", "copy"), ("final_ln/bias", "final_layer_norm.bias", "copy"),
+]
+
+# torch layout -> ours, and back
+_TO_OURS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "copy": lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0)}
+_TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "copy": lambda a: a, "linear": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1)}
+
+
+# ------------------------------------------------------------------------------------------- file reading
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file as numpy arrays; bf16 comes back as float32 (numpy has no bf16)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no safetensors file at {path!r}")
+    try:
+        with safe_open(path, framework="flax") as f:
+            return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError on a corrupt header
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    array = np.asarray(array)
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def _read_checkpoint_dir(directory: str) -> dict[str, np.ndarray]:
+    single = os.path.join(directory, SAFETENSORS)
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            tensors.update(read_safetensors(os.path.join(directory, shard)))
+        return tensors
+    present = sorted(os.listdir(directory))
+    hint = " (pytorch_model.bin is not read: re-save it with safe_serialization=True)" if (
+        "pytorch_model.bin" in present) else ""
+    raise FileNotFoundError(f"no {SAFETENSORS} or {SAFETENSORS_INDEX} in {directory!r}; it holds {present}{hint}")
+
+
+def resolve_checkpoint(path_or_id: str, *, allow_download: bool = True) -> str:
+    """A local file or directory as given, else a hub id fetched (or found in the cache) by huggingface_hub.
+
+    Raises FileNotFoundError naming the local path that does not exist and the hub cache that was searched.
+    """
+    if os.path.exists(path_or_id):
+        return path_or_id
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", path_or_id):
+        raise FileNotFoundError(f"CLIP checkpoint {path_or_id!r}: no such file or directory")
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt"]
+    try:
+        return snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=True)
+    except Exception as cached_err:
+        if not allow_download:
+            raise FileNotFoundError(
+                f"CLIP checkpoint {path_or_id!r}: not a local path, and not in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE!r} (downloads disabled). Download it where the hub is reachable "
+                f"(`hf download {path_or_id}`) and pass the directory.") from cached_err
+    try:
+        return snapshot_download(path_or_id, allow_patterns=patterns)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"CLIP checkpoint {path_or_id!r}: not a local path, not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE!r}, and the hub could not be reached ({type(err).__name__}: {err}). "
+            f"Download it where the hub is reachable (`hf download {path_or_id}`) and pass the directory.") from err
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> ClipConfig:
+    """Our ClipConfig from an HF config.json dict: a ``CLIPModel`` ("clip") or a ``CLIPVisionModel``."""
+    model_type = hf_config.get("model_type")
+    if model_type == "clip":
+        text = hf_config["text_config"]
+        eos = text.get("eos_token_id", 2)
+        return ClipConfig(
+            vision=_vision_config_from_hf(hf_config["vision_config"]),
+            text=TextConfig(
+                vocab_size=text["vocab_size"], context_length=text.get("max_position_embeddings", 77),
+                width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+                mlp_dim=text["intermediate_size"],
+                # Configs before transformers PR #24773 say eos 2 and mean "the largest id" (49407).
+                eos_token_id=text["vocab_size"] - 1 if eos == 2 else eos,
+                activation=text.get("hidden_act", "quick_gelu"), layer_norm_eps=text.get("layer_norm_eps", 1e-5)),
+            embed_dim=hf_config.get("projection_dim", 512),
+            logit_scale_init=hf_config.get("logit_scale_init_value", 2.6592))
+    if model_type == "clip_vision_model":
+        return ClipConfig(vision=_vision_config_from_hf(hf_config))
+    raise ValueError(f"config model_type {model_type!r} is not a CLIP model ('clip' or 'clip_vision_model')")
+
+
+def _vision_config_from_hf(v: Mapping[str, Any]) -> VisionConfig:
+    return VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                        layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                        mlp_dim=v["intermediate_size"], activation=v.get("hidden_act", "quick_gelu"),
+                        layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+
+
+def hf_vision_config(config: VisionConfig) -> dict[str, Any]:
+    """The config.json of an HF ``CLIPVisionModel`` with this image tower."""
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_size": config.width,
+            "intermediate_size": config.mlp_dim, "num_hidden_layers": config.layers,
+            "num_attention_heads": config.heads, "image_size": config.image_size, "patch_size": config.patch_size,
+            "num_channels": 3, "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
+            "attention_dropout": 0.0, "dtype": "float32"}
+
+
+# ------------------------------------------------------------------------------------- HF names <-> tree
+
+
+def _set(tree: Params, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _get(tree: Params, path: str) -> Any:
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """``array`` in ``dtype`` (contiguous); ``dtype=None`` keeps the stored one."""
+    return np.array(array, dtype=dtype, order="C")
+
+
+def _take(state: StateDict, name: str, source: str) -> np.ndarray:
+    if name not in state:
+        raise KeyError(f"{source}: tensor {name!r} is missing")
+    return np.asarray(state[name])
+
+
+def _count_layers(state: StateDict, prefix: str) -> int:
+    found = {int(m.group(1)) for name in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", name))}
+    if found != set(range(len(found))):
+        raise ValueError(f"layers under {prefix!r} are not numbered 0..{len(found) - 1}: {sorted(found)}")
+    return len(found)
+
+
+def _tower_from_hf(state: StateDict, prefix: str, table: list, source: str, dtype: Any) -> Params:
+    """One tower (vision or text) from HF names under ``prefix``: top-level tensors, then stacked blocks."""
+    tree: Params = {}
+    for ours, hf, layout in table:
+        _set(tree, ours, _cast(_TO_OURS[layout](_take(state, prefix + hf, source)), dtype))
+    num_layers = _count_layers(state, prefix + "encoder.layers.")
+    if num_layers == 0:
+        raise KeyError(f"{source}: no tensors named {prefix}encoder.layers.N.*")
+    for ours, hf, is_linear in _BLOCK:
+        per_layer = [_take(state, f"{prefix}encoder.layers.{i}.{hf}", source) for i in range(num_layers)]
+        _set(tree, "layers/" + ours, _cast(np.stack([a.T if is_linear else a for a in per_layer]), dtype))
+    return tree
+
+
+def _tower_to_hf(tree: Params, prefix: str, table: list) -> dict[str, np.ndarray]:
+    state = {prefix + hf: _TO_TORCH[layout](np.asarray(_get(tree, ours))) for ours, hf, layout in table}
+    for ours, hf, is_linear in _BLOCK:
+        for i, a in enumerate(np.asarray(_get(tree, "layers/" + ours))):
+            state[f"{prefix}encoder.layers.{i}.{hf}"] = a.T if is_linear else a
+    return state
+
+
+def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", dtype: Any = np.float32
+                              ) -> Params:
+    """Our tree from HF CLIP tensors by name. Vision names with or without ``vision_model.``; text tower,
+    projections and ``logit_scale`` are converted when present. ``dtype=None`` keeps the stored dtypes."""
+    if any(name.startswith(VISION_PREFIX) for name in state):
+        vision_prefix = VISION_PREFIX
+    elif any(name.startswith("embeddings.patch_embedding") for name in state):
+        vision_prefix = ""
+    else:
+        raise KeyError(f"{source}: no CLIP vision tower (no 'vision_model.embeddings.patch_embedding.weight' "
+                       f"nor 'embeddings.patch_embedding.weight'); first names: {sorted(state)[:5]}")
+    params: Params = {"vision": _tower_from_hf(state, vision_prefix, _VISION, source, dtype)}
+    if any(name.startswith("text_model.") for name in state):
+        params["text"] = _tower_from_hf(state, "text_model.", _TEXT, source, dtype)
+    for projection in ["visual_projection", "text_projection"]:
+        if f"{projection}.weight" in state:
+            params[projection] = {"kernel": _cast(np.asarray(state[f"{projection}.weight"]).T, dtype)}
+    if "logit_scale" in state:
+        params["logit_scale"] = _cast(np.asarray(state["logit_scale"]).reshape(()), dtype)
+    return params
+
+
+def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bool = True
+                 ) -> tuple[ClipConfig, Params]:
+    """(config, params) of an HF CLIP checkpoint: a directory holding config.json and model.safetensors
+    (or a sharded index), a ``.safetensors`` file (config.json read from beside it), or a hub id.
+
+    A ``CLIPModel`` gives {"vision", "visual_projection", "text", "text_projection", "logit_scale"}; a
+    ``CLIPVisionModel`` (e.g. FusionBench's tanganke/clip-vit-base-patch32_<task>) gives {"vision"}.
+    """
+    location = resolve_checkpoint(path_or_id, allow_download=allow_download)
+    directory = location if os.path.isdir(location) else os.path.dirname(location)
+    config_path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG} beside the CLIP checkpoint {location!r} (looked for {config_path!r})")
+    with open(config_path, encoding="utf-8") as f:
+        config = config_from_hf(json.load(f))
+    state = _read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
+    params = params_from_hf_state_dict(state, source=location, dtype=dtype)
+    _check_shapes(params["vision"], config, location)
+    return config, params
+
+
+def _check_shapes(vision: Params, config: ClipConfig, source: str) -> None:
+    v = config.vision
+    expected = {"patch_embed/kernel": (v.patch_size, v.patch_size, 3, v.width),
+                "pos_embedding": (v.num_patches + 1, v.width),
+                "layers/mlp/fc1/kernel": (v.layers, v.width, v.mlp_dim)}
+    for path, shape in expected.items():
+        if tuple(_get(vision, path).shape) != shape:
+            raise ValueError(f"{source}: vision/{path} has shape {_get(vision, path).shape}, "
+                             f"config.json implies {shape}")
+
+
+# ----------------------------------------------------------------------------------------- HF export
+
+
+def save_hf_vision_model(directory: str, vision_params: Params, config: ClipConfig | VisionConfig, *,
+                         dtype: Any = np.float32) -> None:
+    """Write an image tower as an HF ``CLIPVisionModel`` directory (config.json + model.safetensors) that
+    ``transformers.CLIPVisionModel.from_pretrained(directory)`` loads. Each file is written atomically."""
+    from safetensors.numpy import save_file
+
+    vision_config = config.vision if isinstance(config, ClipConfig) else config
+    state = {VISION_PREFIX + name: np.ascontiguousarray(a, dtype=dtype)
+             for name, a in _tower_to_hf(vision_params, "", _VISION).items()}
+    os.makedirs(directory, exist_ok=True)
+    hf_config = dict(hf_vision_config(vision_config), dtype=np.dtype(dtype).name)
+    _atomic_write(os.path.join(directory, CONFIG),
+                  lambda path: _write_text(path, json.dumps(hf_config, indent=2, sort_keys=True)))
+    _atomic_write(os.path.join(directory, SAFETENSORS), lambda path: save_file(state, path, {"format": "pt"}))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into the target's directory, then rename over ``path`` (no half-written files)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -------------------------------------------------------------------------------------------- open_clip
+
+
+_OPEN_CLIP_BLOCK = [
+    ("ln1/scale", "ln_1.weight", False), ("ln1/bias", "ln_1.bias", False),
+    ("attn/out/kernel", "attn.out_proj.weight", True), ("attn/out/bias", "attn.out_proj.bias", False),
+    ("ln2/scale", "ln_2.weight", False), ("ln2/bias", "ln_2.bias", False),
+    ("mlp/fc1/kernel", "mlp.c_fc.weight", True), ("mlp/fc1/bias", "mlp.c_fc.bias", False),
+    ("mlp/fc2/kernel", "mlp.c_proj.weight", True), ("mlp/fc2/bias", "mlp.c_proj.bias", False),
+]
+_OPEN_CLIP_VISION = [
+    ("class_embedding", "class_embedding", "copy"), ("patch_embed/kernel", "conv1.weight", "conv"),
+    ("pos_embedding", "positional_embedding", "copy"),
+    ("pre_ln/scale", "ln_pre.weight", "copy"), ("pre_ln/bias", "ln_pre.bias", "copy"),
+    ("post_ln/scale", "ln_post.weight", "copy"), ("post_ln/bias", "ln_post.bias", "copy"),
+]
+
+
+def params_from_open_clip(state: StateDict, *, dtype: Any = np.float32, source: str = "open_clip state dict"
+                          ) -> tuple[ClipConfig, Params]:
+    """(config, {"vision", "visual_projection"}) from an open_clip ViT state dict's ``visual.*`` tensors.
+
+    Names may carry a leading ``model.`` or ``module.`` (task_vectors' ImageEncoder, DataParallel). The fused
+    ``attn.in_proj_weight`` [3W, W] / ``in_proj_bias`` [3W] are split into q, k, v (rows in that order).
+    The config is read off the shapes (head width 64, as every open_clip ViT-B/L).
+    """
+    prefix = next((p for p in ["visual.", "model.visual.", "module.visual.", "module.model.visual."]
+                   if p + "conv1.weight" in state), None)
+    if prefix is None:
+        raise KeyError(f"{source}: no open_clip image tower (no 'visual.conv1.weight'); "
+                       f"first names: {sorted(state)[:5]}")
+    vision: Params = {}
+    for ours, name, layout in _OPEN_CLIP_VISION:
+        _set(vision, ours, _cast(_TO_OURS[layout](_take(state, prefix + name, source)), dtype))
+    blocks = prefix + "transformer.resblocks."
+    num_layers = _count_layers(state, blocks)
+    fused_w = [_take(state, f"{blocks}{i}.attn.in_proj_weight", source) for i in range(num_layers)]
+    fused_b = [_take(state, f"{blocks}{i}.attn.in_proj_bias", source) for i in range(num_layers)]
+    for j, part in enumerate("qkv"):
+        _set(vision, f"layers/attn/{part}/kernel", _cast(np.stack([np.split(w, 3)[j].T for w in fused_w]), dtype))
+        _set(vision, f"layers/attn/{part}/bias", _cast(np.stack([np.split(b, 3)[j] for b in fused_b]), dtype))
+    for ours, name, is_linear in _OPEN_CLIP_BLOCK:
+        per_layer = [_take(state, f"{blocks}{i}.{name}", source) for i in range(num_layers)]
+        _set(vision, "layers/" + ours, _cast(np.stack([a.T if is_linear else a for a in per_layer]), dtype))
+    kernel = vision["patch_embed"]["kernel"]
+    width, patch = kernel.shape[-1], kernel.shape[0]
+    grid = int(round((vision["pos_embedding"].shape[0] - 1) ** 0.5))
+    config = ClipConfig(VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=num_layers,
+                                     heads=width // 64 or 1, mlp_dim=vision["layers"]["mlp"]["fc1"]["kernel"].shape[-1]))
+    params: Params = {"vision": vision}
+    if prefix + "proj" in state:
+        params["visual_projection"] = {"kernel": _cast(np.asarray(state[prefix + "proj"]), dtype)}
+    return config, params
+
+
+def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, dtype: Any = np.float32
+                              ) -> tuple[ClipConfig, Params]:
+    """Read a torch-saved open_clip checkpoint (needs torch) and convert its ``visual.*`` tensors.
+
+    By default only ``torch.load(weights_only=True)`` is used: tensors and plain containers, no code runs.
+    The task_vectors files are pickled *modules* (``ImageEncoder``); loading them executes pickled code and
+    needs torch, open_clip and task_vectors' ``src`` package importable. Only with ``trust_pickle=True``, for
+    files you trust, is that done.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no open_clip checkpoint at {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as err:
+        if trust_pickle:
+            raise
+        raise ValueError(
+            f"{path!r} is not a plain state dict (torch weights_only load failed: {type(err).__name__}). A pickled "
+            f"module (such as the task_vectors ImageEncoder files) runs code when loaded; if you trust the file, "
+            f"pass trust_pickle=True with torch, open_clip (and task_vectors' src package) importable.") from err
+    if hasattr(obj, "state_dict"):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or a module")
+    state = {name: t.detach().float().numpy() for name, t in obj.items() if hasattr(t, "detach")}
+    return params_from_open_clip(state, dtype=dtype, source=path)
+
+
+def tensor_names(config: ClipConfig | VisionConfig) -> Iterable[str]:
+    """The HF ``CLIPVisionModel`` tensor names of an image tower, one per merged tensor (q, k, v apart)."""
+    vision_config = config.vision if isinstance(config, ClipConfig) else config
+    yield from (hf for _, hf, _ in _VISION)
+    for i in range(vision_config.layers):
+        yield from (f"encoder.layers.{i}.{hf}" for _, hf, _ in _BLOCK)
