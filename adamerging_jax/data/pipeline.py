@@ -1,0 +1,193 @@
+"""The input pipeline: unlabeled test batches for AdaMerging's optimiser, and full test sets for evaluation.
+
+A *source* is any random-access sequence of ``(image uint8 [H, W, 3], label int)``: a tfds split
+(:func:`adamerging_jax.data.tfds_sources.split_source`), a class folder
+(:class:`adamerging_jax.data.folder.FolderImages`) or a list.
+
+Adaptation (AdaMerging, Yang et al. 2024, Sec. 3.2): at every step, for every task ``t``, ``n_batches``
+batches of ``batch_size`` test images of task ``t``, labels dropped (official: 2 x 16; FusionBench: 1 x 16).
+Task ``t``'s images are drawn without replacement from an endless stream of epochs, epoch ``e`` being the
+permutation ``default_rng([seed, t, e]).permutation(N_t)``; step ``s`` takes the stream's positions
+``[s n B, (s + 1) n B)``.  So the batches of step ``s`` are a pure function of ``(seed, s)``: the pipeline's
+whole state is the step number, which the optimiser checkpoints, and resuming at step ``s`` gives exactly
+the batches an uninterrupted run would have.  (A batch that straddles two epochs may hold an image twice;
+with B much smaller than N_t this is rare.)
+
+Loading uses grain: a ``MapDataset`` over the flat list of image slots, mapped (decode + preprocess) and
+batched, turned into an iterator whose thread pool decodes ahead (``num_threads``, ``prefetch``), so the
+accelerator is fed while the host prepares the next steps.  PIL decodes and resizes outside the GIL, so
+threads scale.  Preprocessing defaults to CLIP's (:func:`clip_preprocess`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import grain
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize so the shorter side is ``size`` (longer side ``int(size * long / short)``, torchvision's rule)."""
+    height, width = image.shape[:2]
+    if height <= width:
+        new_height, new_width = size, int(size * width / height)
+    else:
+        new_height, new_width = int(size * height / width), size
+    if (new_height, new_width) == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` window; top = round((H - size) / 2), left likewise (torchvision's rule)."""
+    height, width = image.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"cannot crop {size}x{size} from an image of {height}x{width}")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[top : top + size, left : left + size]
+
+
+def clip_preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """CLIP's eval transform: bicubic resize (short side ``size``), centre crop, x/255, (x - mean) / std.
+
+    uint8 [H, W, 3] -> float32 [size, size, 3] (NHWC, as the Flax models take it).  Mean and std are
+    OpenAI CLIP's (``CLIP_MEAN``, ``CLIP_STD``).
+    """
+    image = center_crop(resize_shorter_side(np.asarray(image, np.uint8), size), size)
+    return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_permutation(seed: int, task: int, epoch: int, size: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` of task ``task`` visits its ``size`` images (cached, read-only)."""
+    order = np.random.default_rng([seed, task, epoch]).permutation(size)
+    order.flags.writeable = False
+    return order
+
+
+def stream_indices(seed: int, task: int, size: int, start: int, count: int) -> np.ndarray:
+    """Positions ``[start, start + count)`` of task ``task``'s endless stream of shuffled epochs."""
+    positions = np.arange(start, start + count)
+    epochs, offsets = np.divmod(positions, size)
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        chosen = epochs == epoch
+        out[chosen] = epoch_permutation(seed, task, int(epoch), size)[offsets[chosen]]
+    return out
+
+
+@dataclasses.dataclass
+class AdaptationBatches:
+    """Per step, for every task, ``n_batches`` shuffled batches of ``batch_size`` unlabeled images.
+
+    ``batches(start_step, num_steps)`` yields ``(step, images)`` with images float32
+    ``[T, n_batches, batch_size, *image_shape]``, task order as ``sources``.  The state to checkpoint is
+    the next step number; ``batches(step, ...)`` resumes there exactly.
+    """
+
+    sources: Sequence[Source]
+    batch_size: int = 16
+    n_batches: int = 1
+    seed: int = 0
+    preprocess: Callable[[np.ndarray], np.ndarray] = clip_preprocess
+    num_threads: int = 8
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.n_batches < 1:
+            raise ValueError(f"batch_size and n_batches must be >= 1, got {self.batch_size}, {self.n_batches}")
+        if not self.sources:
+            raise ValueError("no task sources given")
+        for task, source in enumerate(self.sources):
+            if len(source) == 0:
+                raise ValueError(f"task {task}: its test source is empty")
+
+    @property
+    def images_per_task(self) -> int:
+        return self.n_batches * self.batch_size
+
+    def indices(self, step: int) -> np.ndarray:
+        """Image indices of step ``step``: int64 [T, n_batches, batch_size] (a pure function of seed, step)."""
+        per_task = self.images_per_task
+        return np.stack(
+            [
+                stream_indices(self.seed, task, len(source), step * per_task, per_task)
+                for task, source in enumerate(self.sources)
+            ]
+        ).reshape(len(self.sources), self.n_batches, self.batch_size)
+
+    def _load(self, slot: int) -> np.ndarray:
+        """Slot ``slot`` of the flat stream: step-major, then task, batch, image."""
+        per_step = len(self.sources) * self.images_per_task
+        step, within = divmod(slot, per_step)
+        task, position = divmod(within, self.images_per_task)
+        index = stream_indices(self.seed, task, len(self.sources[task]), step * self.images_per_task + position, 1)
+        image, _ = self.sources[task][int(index[0])]
+        return np.asarray(self.preprocess(image), np.float32)
+
+    def _shape_step(self, flat: np.ndarray) -> np.ndarray:
+        return flat.reshape(len(self.sources), self.n_batches, self.batch_size, *flat.shape[1:])
+
+    def dataset(self, start_step: int, num_steps: int) -> grain.MapDataset:
+        """The grain ``MapDataset`` of steps ``[start_step, start_step + num_steps)`` (random access)."""
+        if start_step < 0 or num_steps < 0:
+            raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, {num_steps}")
+        per_step = len(self.sources) * self.images_per_task
+        slots = grain.MapDataset.range(start_step * per_step, (start_step + num_steps) * per_step)
+        return slots.map(self._load).batch(per_step).map(self._shape_step)
+
+    def batches(self, start_step: int, num_steps: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Prefetching iterator of ``(step, images)`` for steps ``start_step .. start_step + num_steps - 1``."""
+        per_step = len(self.sources) * self.images_per_task
+        options = _read_options(self.num_threads, self.prefetch * per_step)
+        iterator = self.dataset(start_step, num_steps).to_iter_dataset(options)
+        return zip(range(start_step, start_step + num_steps), iterator)
+
+
+def _read_options(num_threads: int, buffered_elements: int) -> grain.ReadOptions:
+    """grain reads ahead ``buffered_elements`` images (at least one per thread) with ``num_threads`` threads."""
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, buffered_elements))
+
+
+def _load_labeled(source: Source, preprocess: Callable[[np.ndarray], np.ndarray], index: int) -> tuple[np.ndarray, np.int64]:
+    image, label = source[index]
+    return np.asarray(preprocess(image), np.float32), np.int64(label)
+
+
+def evaluation_batches(
+    source: Source,
+    batch_size: int = 128,
+    preprocess: Callable[[np.ndarray], np.ndarray] = clip_preprocess,
+    *,
+    pad: bool = False,
+    num_threads: int = 8,
+    prefetch: int = 2,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every example of ``source`` once, in order: ``(images [b, ...] float32, labels [b] int64)``.
+
+    The last batch holds the remainder; with ``pad=True`` it is filled to ``batch_size`` with zero images
+    labelled ``-1`` (so a jitted evaluation compiles once and masks ``labels >= 0``).
+    """
+    if len(source) == 0:
+        raise ValueError("cannot evaluate on an empty source")
+    dataset = grain.MapDataset.range(len(source)).map(functools.partial(_load_labeled, source, preprocess))
+    options = _read_options(num_threads, prefetch * batch_size)
+    for images, labels in dataset.batch(batch_size).to_iter_dataset(options):
+        if pad and len(labels) < batch_size:
+            missing = batch_size - len(labels)
+            images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
+            labels = np.concatenate([labels, np.full(missing, -1, labels.dtype)])
+        yield images, labels

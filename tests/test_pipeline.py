@@ -1,0 +1,110 @@
+"""The adaptation batch sampler (shapes, shuffling, determinism, resume) and the evaluation iterator."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from adamerging_jax.data.pipeline import (
+    CLIP_MEAN,
+    CLIP_STD,
+    AdaptationBatches,
+    clip_preprocess,
+    evaluation_batches,
+)
+
+
+def _task(size, task_id, shape=(6, 5, 3)):
+    """Images whose every pixel encodes (task, index): image i of task t is filled with 10 t + i."""
+    return [(np.full(shape, 10 * task_id + i, np.uint8), i % 3) for i in range(size)]
+
+
+def _identity(image):
+    return image.astype(np.float32)
+
+
+def _ids(images):
+    """Back from pixels to the global id 10 t + i of each image in a [..., H, W, C] array."""
+    return images[..., 0, 0, 0].astype(int)
+
+
+@pytest.fixture
+def sampler():
+    sources = [_task(8, 0), _task(5, 1), _task(9, 2)]
+    return AdaptationBatches(sources, batch_size=4, n_batches=2, seed=3, preprocess=_identity, num_threads=2)
+
+
+def test_shapes_and_images_match_the_indices(sampler):
+    steps = list(sampler.batches(0, 3))
+    assert [s for s, _ in steps] == [0, 1, 2]
+    for step, images in steps:
+        assert images.shape == (3, 2, 4, 6, 5, 3) and images.dtype == np.float32
+        expected = sampler.indices(step) + 10 * np.arange(3)[:, None, None]
+        np.testing.assert_array_equal(_ids(images), expected)
+
+
+def test_each_epoch_visits_every_image_once_in_shuffled_order(sampler):
+    stream = np.concatenate([sampler.indices(s)[0].ravel() for s in range(4)])  # task 0: 32 = 4 epochs of 8
+    epochs = stream.reshape(4, 8)
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(8))
+    assert any((epoch != np.arange(8)).any() for epoch in epochs)  # shuffled
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled each epoch
+    small = np.concatenate([sampler.indices(s)[1].ravel() for s in range(5)]).reshape(8, 5)  # task 1: N=5
+    for epoch in small:
+        assert sorted(epoch) == list(range(5))  # epochs cross step boundaries without repeats
+
+
+def test_deterministic_per_seed_and_seed_matters(sampler):
+    again = AdaptationBatches(sampler.sources, 4, 2, seed=3, preprocess=_identity)
+    other = AdaptationBatches(sampler.sources, 4, 2, seed=4, preprocess=_identity)
+    for step in range(3):
+        np.testing.assert_array_equal(sampler.indices(step), again.indices(step))
+    assert any((sampler.indices(s) != other.indices(s)).any() for s in range(3))
+    # tasks of equal size get different orders
+    twins = AdaptationBatches([_task(8, 0), _task(8, 1)], 8, 1, seed=0, preprocess=_identity)
+    assert (twins.indices(0)[0] != twins.indices(0)[1]).any()
+
+
+def test_resume_from_a_step_gives_the_uninterrupted_batches(sampler):
+    full = dict(sampler.batches(0, 6))
+    resumed = dict(AdaptationBatches(sampler.sources, 4, 2, seed=3, preprocess=_identity).batches(4, 2))
+    assert sorted(resumed) == [4, 5]
+    for step, images in resumed.items():
+        np.testing.assert_array_equal(images, full[step])
+
+
+def test_one_batch_per_task_preset():
+    sampler = AdaptationBatches([_task(20, 0), _task(20, 1)], batch_size=16, n_batches=1, preprocess=_identity)
+    (step, images), = list(sampler.batches(5, 1))  # positions 80..95: inside epoch 4
+    assert step == 5 and images.shape == (2, 1, 16, 6, 5, 3)
+    assert len(set(_ids(images[0]).ravel())) == 16  # no repeats inside a batch within one epoch
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="task 1"):
+        AdaptationBatches([_task(3, 0), []], preprocess=_identity)
+    with pytest.raises(ValueError, match="batch_size"):
+        AdaptationBatches([_task(3, 0)], batch_size=0, preprocess=_identity)
+
+
+def test_evaluation_batches_cover_the_set_in_order_with_labels():
+    source = _task(7, 4)
+    batches = list(evaluation_batches(source, 3, _identity, num_threads=2))
+    assert [len(labels) for _, labels in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([_ids(x) for x, _ in batches]), 40 + np.arange(7))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(7) % 3)
+    padded = list(evaluation_batches(source, 3, _identity, pad=True, num_threads=2))
+    images, labels = padded[-1]
+    assert images.shape[0] == 3 and labels.tolist() == [0, -1, -1] and not images[1:].any()
+
+
+def test_clip_preprocess_against_the_formula():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # short side 20 -> 16, long 30 -> int(16 * 1.5) = 24
+    resized = np.asarray(Image.fromarray(image).resize((24, 16), Image.BICUBIC), np.float64)
+    window = resized[:, 4:20]  # left = round((24 - 16) / 2) = 4
+    expected = (window / 255.0 - CLIP_MEAN) / CLIP_STD
+    out = clip_preprocess(image, size=16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    tall = rng.integers(0, 256, (33, 16, 3), dtype=np.uint8)  # already short side 16: crop rows round(17/2) = 8
+    np.testing.assert_allclose(clip_preprocess(tall, 16), (tall[8:24] / 255.0 - CLIP_MEAN) / CLIP_STD, rtol=1e-5, atol=1e-5)
