@@ -1,0 +1,55 @@
+"""adamerging_jax: AdaMerging (Yang et al., ICLR 2024) and task-vector model merging in JAX.
+
+The public API works on any pytree of parameters and any `apply_fn(params, inputs, task_index) -> logits`.
+"""
+
+from adamerging_jax.core.coefficients import Coefficients, init_coefficients
+from adamerging_jax.core.evaluate import Accuracy, evaluate
+from adamerging_jax.core.merge import merge
+from adamerging_jax.core.methods import (
+    MERGE_METHODS,
+    dare,
+    dare_task_arithmetic,
+    task_arithmetic,
+    ties_merging,
+    ties_task_vectors,
+    weight_average,
+)
+from adamerging_jax.core.objective import entropy, entropy_objective
+from adamerging_jax.core.optimize import AdaMergingConfig, AdaMergingResult, adamerging, load_coefficients, make_step
+from adamerging_jax.core.parallel import data_mesh
+from adamerging_jax.core.task_vectors import task_vectors
+from adamerging_jax.core.transforms import disjoint_reduce, drop, elect_sign, keep_agreeing, trim
+from adamerging_jax.core.trees import path_str
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accuracy",
+    "AdaMergingConfig",
+    "AdaMergingResult",
+    "Coefficients",
+    "MERGE_METHODS",
+    "adamerging",
+    "dare",
+    "dare_task_arithmetic",
+    "data_mesh",
+    "disjoint_reduce",
+    "drop",
+    "elect_sign",
+    "entropy",
+    "entropy_objective",
+    "evaluate",
+    "init_coefficients",
+    "keep_agreeing",
+    "load_coefficients",
+    "make_step",
+    "merge",
+    "path_str",
+    "task_arithmetic",
+    "task_vectors",
+    "ties_merging",
+    "ties_task_vectors",
+    "trim",
+    "weight_average",
+]

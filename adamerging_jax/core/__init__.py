@@ -1,0 +1,1 @@
+"""The model- and data-agnostic core: pytrees and jax only."""

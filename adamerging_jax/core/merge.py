@@ -1,0 +1,48 @@
+"""The merge θ = θ0 + Σ_k λ_k ⊙ τ_k (task arithmetic with learnable λ; AdaMerging eq. 3/4)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from adamerging_jax.core.coefficients import Coefficients, check_coefficients
+from adamerging_jax.core.trees import PyTree, check_same_structure, map_with_path
+
+
+@partial(jax.jit, static_argnames=("clamp", "dtype"))
+def merge(
+    pretrained: PyTree,
+    task_vectors: PyTree,
+    coefficients: Coefficients,
+    clamp: tuple[float, float] | None = None,
+    dtype=None,
+) -> PyTree:
+    """θ = θ0 + Σ_k clamp(λ_k) τ_k for every leaf, one fused jitted `tree_map`, differentiable in λ.
+
+    For a leaf with per-layer coefficients λ ∈ R^{K×L} and stacked τ ∈ R^{K×L×...}:
+    θ[l] = θ0[l] + Σ_k λ[k, l] τ[k, l]. The sum is accumulated in at least float32 (so bf16-stored θ0 and τ lose
+    nothing in the reduction) and the result is cast to `dtype` (default: θ0's dtype).
+
+    Args:
+      pretrained: θ0.
+      task_vectors: stacked τ, leaves `[K, *leaf.shape]` (see `task_vectors`).
+      coefficients: λ from `init_coefficients`.
+      clamp: ``(lo, hi)`` clips λ inside the forward, as the official AdaMerging code does with (0, 1);
+        the gradient is zero where λ lies outside. ``None`` (FusionBench's default) does not clip.
+      dtype: output dtype of the merged leaves.
+    """
+    check_same_structure(pretrained, task_vectors, "the task-vector tree")
+    check_coefficients(coefficients, task_vectors)
+
+    def merge_leaf(path, theta0, tau):
+        acc = jnp.promote_types(theta0.dtype, jnp.float32)
+        lam = coefficients.for_leaf(path).astype(acc)
+        if clamp is not None:
+            lam = jnp.clip(lam, clamp[0], clamp[1])
+        lam = lam.reshape(lam.shape + (1,) * (tau.ndim - lam.ndim))
+        merged = theta0.astype(acc) + jnp.sum(lam * tau.astype(acc), axis=0)
+        return merged.astype(dtype or theta0.dtype)
+
+    return map_with_path(merge_leaf, pretrained, task_vectors)

@@ -1,0 +1,95 @@
+"""Task vectors: τ_k = θ_k − θ0 (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023).
+
+The K task vectors are kept *stacked*: one tree with the structure of θ0 whose leaves have shape
+`[K, *leaf.shape]`. Every merge method and the AdaMerging optimiser act on this layout, so a merge is one
+`tree_map` with a reduction over the leading axis.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamerging_jax.core.trees import PyTree, check_same_structure, is_float_dtype, named_leaves
+
+
+def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None, check_finite: bool = True) -> PyTree:
+    """Stacked task vectors τ[k] = θ_k − θ0 for every leaf.
+
+    Args:
+      pretrained: θ0, any pytree of floating-point arrays.
+      finetuned: the K fine-tuned trees θ_1..θ_K, each with θ0's structure, shapes and dtypes.
+      dtype: storage dtype of τ (default: θ0's dtype per leaf); e.g. `jnp.bfloat16` halves memory.
+      check_finite: reject a τ holding NaN or inf (costs one pass over the values on the host).
+
+    Returns:
+      A tree with θ0's structure whose leaves are `[K, *leaf.shape]`.
+
+    Raises:
+      ValueError naming the leaf (and fine-tuned model index) whose structure, shape, dtype or values are
+      wrong, or when K = 0. Integer leaves are rejected: keep buffers such as step counters or BatchNorm
+      statistics out of the tree that is merged.
+    """
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError("task_vectors needs at least one fine-tuned model (K = 0)")
+    pre_named = named_leaves(pretrained)
+    for name, leaf in pre_named:
+        if not is_float_dtype(jnp.result_type(leaf)):
+            raise ValueError(
+                f"leaf {name!r} of the pretrained tree has non-float dtype {leaf.dtype}; task vectors are "
+                "defined for floating-point parameters only: remove integer buffers from the tree to merge"
+            )
+    for k, tree in enumerate(finetuned):
+        check_same_structure(pretrained, tree, f"fine-tuned model {k}")
+        for (name, ref), (_, leaf) in zip(pre_named, named_leaves(tree)):
+            if tuple(leaf.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"leaf {name!r}: fine-tuned model {k} has shape {tuple(leaf.shape)}, pretrained has {tuple(ref.shape)}"
+                )
+            if leaf.dtype != ref.dtype:
+                raise ValueError(f"leaf {name!r}: fine-tuned model {k} has dtype {leaf.dtype}, pretrained has {ref.dtype}")
+
+    def stack(theta0, *thetas):
+        acc = jnp.promote_types(theta0.dtype, jnp.float32)
+        return jnp.stack([jnp.asarray(t, acc) - jnp.asarray(theta0, acc) for t in thetas]).astype(dtype or theta0.dtype)
+
+    stacked = jax.tree_util.tree_map(stack, pretrained, *finetuned)
+    if check_finite:
+        check_task_vectors_finite(stacked)
+    return stacked
+
+
+def check_task_vectors_finite(stacked: PyTree) -> None:
+    """Raise a ValueError naming the leaf and task index of the first NaN or inf in stacked task vectors."""
+    for name, leaf in named_leaves(stacked):
+        finite = np.asarray(jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1))
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"task vector of task {bad} has NaN or inf values in leaf {name!r}")
+
+
+def num_tasks(stacked: PyTree) -> int:
+    """K, the length of the leading axis shared by every leaf of stacked task vectors."""
+    named = named_leaves(stacked)
+    if not named:
+        raise ValueError("the task-vector tree has no leaves")
+    sizes = {name: (leaf.shape[0] if leaf.ndim else None) for name, leaf in named}
+    first = named[0][1].shape[0] if named[0][1].ndim else None
+    for name, size in sizes.items():
+        if size is None or size != first:
+            raise ValueError(
+                f"leaf {name!r} of the task vectors has leading axis {size}, expected K = {first} "
+                "(task vectors are stacked [K, *leaf.shape])"
+            )
+    return int(first)
+
+
+def add_to_pretrained(pretrained: PyTree, delta: PyTree) -> PyTree:
+    """θ0 + δ leaf by leaf, computed in float32 and cast back to θ0's dtype."""
+    return jax.tree_util.tree_map(
+        lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype), pretrained, delta
+    )

@@ -1,0 +1,70 @@
+"""Pytree helpers shared by the core: leaf paths as strings and structure checks that name the leaf at fault."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def path_str(path: tuple) -> str:
+    """A key path from `jax.tree_util.tree_flatten_with_path` as "a/b/0/c"."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    """(path string, leaf) for every leaf, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(path), leaf) for path, leaf in flat]
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    return [name for name, _ in named_leaves(tree)]
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """`jax.tree_util.tree_map_with_path` with the path given as a string."""
+    return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
+def check_same_structure(reference: PyTree, other: PyTree, what: str) -> None:
+    """Raise a ValueError naming the leaves present in one tree and not the other."""
+    ref_paths, other_paths = leaf_paths(reference), leaf_paths(other)
+    if ref_paths == other_paths and jax.tree_util.tree_structure(reference) == jax.tree_util.tree_structure(other):
+        return
+    missing = [p for p in ref_paths if p not in set(other_paths)]
+    extra = [p for p in other_paths if p not in set(ref_paths)]
+    details = []
+    if missing:
+        details.append(f"missing leaves {_preview(missing)}")
+    if extra:
+        details.append(f"unexpected leaves {_preview(extra)}")
+    if not details:
+        details.append("same leaf paths but a different container structure or order")
+    raise ValueError(f"{what} does not have the structure of the pretrained tree: " + "; ".join(details))
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
+
