@@ -29,7 +29,6 @@ has 199 such tensors, held in 23 leaves here (16 of them stacked over 12 layers)
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -84,7 +83,7 @@ class ClipConfig:
     vision: VisionConfig
     text: TextConfig | None = None
     embed_dim: int | None = None
-    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_init: float = 2.6592  # ln(1 / 0.07), rounded as HF configs store it
 
 
 def _openai_text(width: int, heads: int) -> TextConfig:

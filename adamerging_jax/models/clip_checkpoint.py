@@ -277,7 +277,10 @@ def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bo
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG} beside the CLIP checkpoint {location!r} (looked for {config_path!r})")
     with open(config_path, encoding="utf-8") as f:
-        config = config_from_hf(json.load(f))
+        try:
+            config = config_from_hf(json.load(f))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{config_path!r} is not a usable CLIP config: {err!r}") from err
     state = _read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
     params = params_from_hf_state_dict(state, source=location, dtype=dtype)
     _check_shapes(params["vision"], config, location)

@@ -1,0 +1,170 @@
+"""CLIP zero-shot classification heads (Radford et al., 2021; as task_vectors / AdaMerging build them).
+
+For class c with prompts t_1..t_T (a template applied to the class name) and the text encoder g:
+
+    e_ct = g(t(c)) / ‖g(t(c))‖,    m_c = mean_t e_ct,    w_c = exp(logit_scale) · m_c / ‖m_c‖
+
+The head is W = [w_1; ...; w_C] ∈ R^{C×D}; an image feature f is L2-normalised and logits = W f / ‖f‖ (no
+bias). The heads of the paper's 8 tasks use the class names and templates of mlfoundations/task_vectors
+(``clip_tasks.json`` beside this file); any task works given its class names and templates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamerging_jax.models.clip import ClipConfig, encode_text, l2_normalize
+
+PLACEHOLDER = "{c}"
+
+
+# ------------------------------------------------------------------------------------- tasks and prompts
+
+
+@lru_cache(maxsize=1)
+def _task_table() -> dict[str, dict[str, list[str]]]:
+    with resources.files("adamerging_jax.heads").joinpath("clip_tasks.json").open(encoding="utf-8") as f:
+        return json.load(f)["tasks"]
+
+
+def task_names() -> list[str]:
+    """The tasks with packaged class names and templates: sun397, stanford-cars, resisc45, eurosat, svhn,
+    gtsrb, mnist, dtd (FusionBench's names)."""
+    return list(_task_table())
+
+
+def task_prompts(task: str) -> tuple[list[str], list[str]]:
+    """(class names, templates) of a packaged task; templates hold ``{c}`` where the class name goes."""
+    table = _task_table()
+    if task not in table:
+        raise ValueError(f"no packaged class names for task {task!r}; known: {sorted(table)}")
+    return list(table[task]["classnames"]), list(table[task]["templates"])
+
+
+def prompts(classname: str, templates: Sequence[str]) -> list[str]:
+    """Each template with ``{c}`` replaced by the class name."""
+    for template in templates:
+        if PLACEHOLDER not in template:
+            raise ValueError(f"template {template!r} has no {PLACEHOLDER} placeholder for the class name")
+    return [template.replace(PLACEHOLDER, classname) for template in templates]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(directory: str) -> Any:
+    """transformers' ``CLIPTokenizer`` from the ``vocab.json`` and ``merges.txt`` of a CLIP checkpoint dir.
+
+    The vocabulary is passed as ``vocab=`` / ``merges=`` data: transformers 5 silently ignores the older
+    ``vocab_file=`` / ``merges_file=`` keywords and would give an empty vocabulary.
+    """
+    from transformers import CLIPTokenizer
+
+    paths = {name: os.path.join(directory, name) for name in ["vocab.json", "merges.txt"]}
+    for name, path in paths.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP tokenizer: no {name} in {directory!r} (looked for {path!r})")
+    with open(paths["vocab.json"], encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(paths["merges.txt"], encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
+    merges = [tuple(line.split(" ")) for line in lines]
+    if bad := [line for line, pair in zip(lines, merges) if len(pair) != 2]:
+        raise ValueError(f"{paths['merges.txt']!r}: merge lines must be two tokens, got {bad[:3]}")
+    if "<|endoftext|>" not in vocab:
+        raise ValueError(f"{paths['vocab.json']!r} has no <|endoftext|> token: not a CLIP vocabulary")
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], context_length: int) -> np.ndarray:
+    """[N, context_length] int32 ids: <|startoftext|> text <|endoftext|>, truncated, padded after the EOS."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=context_length, truncation=True,
+                    return_tensors="np")["input_ids"].astype(np.int32)
+    if not (ids == tokenizer.eos_token_id).any(axis=1).all():
+        raise ValueError("tokenizer output lacks an end-of-text token; is the vocabulary empty?")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+
+def zero_shot_head(encode: Callable[[np.ndarray], jax.Array], tokenizer: Any, classnames: Sequence[str],
+                   templates: Sequence[str], logit_scale: float, context_length: int) -> np.ndarray:
+    """[C, D] head: per class, the renormalised mean of the normalised prompt embeddings, × exp(logit_scale).
+
+    ``encode(token_ids [T, S]) -> [T, D]`` is the projected text encoder (e.g. :func:`clip_text_encoder`).
+    """
+    if not classnames:
+        raise ValueError("zero-shot head needs at least one class name")
+    rows = []
+    for classname in classnames:
+        embeds = l2_normalize(jnp.asarray(encode(tokenize(tokenizer, prompts(classname, templates),
+                                                           context_length))))
+        rows.append(l2_normalize(embeds.mean(axis=0)))
+    return np.asarray(jnp.stack(rows) * jnp.exp(logit_scale), dtype=np.float32)
+
+
+def clip_text_encoder(params: dict, config: ClipConfig) -> Callable[[np.ndarray], jax.Array]:
+    """jit-compiled ``token_ids -> text embeds`` of a CLIP parameter tree (text tower + text projection)."""
+    encode = jax.jit(lambda p, ids: encode_text(p, ids, config))
+    text_params = {"text": params["text"], "text_projection": params["text_projection"]}
+    return lambda token_ids: encode(text_params, token_ids)
+
+
+def clip_zero_shot_head(params: dict, config: ClipConfig, tokenizer: Any, classnames: Sequence[str],
+                        templates: Sequence[str]) -> np.ndarray:
+    """The zero-shot head of a CLIP parameter tree (its text tower, projection and logit_scale)."""
+    if config.text is None or "text" not in params:
+        raise ValueError("zero-shot heads need a full CLIP checkpoint (text tower), not a vision tower alone")
+    return zero_shot_head(clip_text_encoder(params, config), tokenizer, classnames, templates,
+                          float(params["logit_scale"]), config.text.context_length)
+
+
+def cached_head(path: str, classnames: Sequence[str], templates: Sequence[str], model_id: str,
+                build: Callable[[], np.ndarray]) -> np.ndarray:
+    """The head stored at ``path`` (.npz) if it was built for these class names, templates and model id,
+    else ``build()``, written atomically to ``path`` and returned."""
+    key = hashlib.sha256(json.dumps([list(classnames), list(templates), model_id]).encode()).hexdigest()
+    if os.path.isfile(path):
+        with np.load(path) as stored:
+            if str(stored["key"]) == key:
+                return stored["head"]
+    head = np.asarray(build(), dtype=np.float32)
+    if head.shape[0] != len(classnames):
+        raise ValueError(f"head for {path!r} has {head.shape[0]} rows for {len(classnames)} class names")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, head=head, key=np.array(key))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return head
+
+
+def zero_shot_logits(features: jax.Array, head: jax.Array) -> jax.Array:
+    """logits = (f / ‖f‖) Wᵀ for features [B, D] and a head W [C, D]."""
+    return l2_normalize(features) @ jnp.asarray(head).T
+
+
+def classifier(image_apply_fn: Callable[[Any, jax.Array], jax.Array], heads: Sequence[np.ndarray]
+               ) -> Callable[[Any, jax.Array, int], jax.Array]:
+    """``apply_fn(params, images, task_index) -> logits``: the image encoder followed by task ``task_index``'s
+    frozen head, the signature AdaMerging's optimiser and ``evaluate`` take."""
+    frozen = [jnp.asarray(h) for h in heads]
+
+    def apply_fn(params: Any, images: jax.Array, task_index: int) -> jax.Array:
+        return zero_shot_logits(image_apply_fn(params, images), frozen[task_index])
+
+    return apply_fn
