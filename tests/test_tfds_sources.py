@@ -164,8 +164,18 @@ def test_resisc45_from_manual_dir(tmp_path, rng):
         pixels, label = expected[_text(r["filename"])]
         np.testing.assert_array_equal(r["image"], pixels)
         assert names[r["label"]] == label
-    # the task's test split: the last 20% of train (6 images -> 1)
+    # the task's default test split: the last 20% of train
     assert len(tfds_sources.split_source("resisc45", tmp_path / "data")) == len(_records(tmp_path, "resisc45", "train[80%:]"))
+    # task_vectors' exact split: a published file list (resisc45-test.txt), kept in its order
+    listed = tmp_path / "resisc45-test.txt"
+    listed.write_text("wetland_002.jpg\nairplane_001.jpg\n")
+    source = tfds_sources.split_source("resisc45", tmp_path / "data", file_list=listed)
+    assert len(source) == 2
+    for (image, label), name in zip((source[0], source[1]), ("wetland_002.jpg", "airplane_001.jpg")):
+        np.testing.assert_array_equal(image, expected[name][0])
+        assert names[label] == expected[name][1]
+    with pytest.raises(ValueError, match="sea_ice_009.jpg"):
+        tfds_sources.split_source("resisc45", tmp_path / "data", file_list=["airplane_001.jpg", "sea_ice_009.jpg"])
 
 
 def test_resisc45_without_manual_download_fails(tmp_path):

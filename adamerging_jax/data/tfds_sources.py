@@ -43,7 +43,7 @@ import os
 import sys
 import types
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -269,14 +269,17 @@ def _catalog_module(builder: Any) -> types.ModuleType:
 class TfdsTask:
     """One of the paper's tasks as a tfds dataset.
 
-    ``test_split`` is a tfds split expression (slices allowed, e.g. ``"train[90%:]"``); ``image_key`` and
-    ``label_key`` name the record fields; ``split_note`` compares the split with task_vectors'.
+    ``test_split`` is a tfds split expression (slices allowed, e.g. ``"train[90%:]"``); ``image_key``,
+    ``label_key`` and ``file_key`` name the record fields (``file_key``: the source file name, used to
+    select a published file list, see :func:`split_source`); ``split_note`` compares the split with
+    task_vectors'.
     """
 
     name: str
     builder: str
     config: str | None
     test_split: str
+    file_key: str | None = None
     image_key: str = "image"
     label_key: str = "label"
     split_note: str = "same split as task_vectors"
@@ -286,32 +289,34 @@ TASKS: dict[str, TfdsTask] = {
     task.name: task
     for task in (
         TfdsTask(
-            "sun397", "sun397", "standard-part1-120k", "test",
+            "sun397", "sun397", "standard-part1-120k", "test", "file_name",
             split_note="Testing_01 of the official partition 1 (19,850 images, 50 per class), as task_vectors' "
             "sun397/val; tfds shrinks images to at most 120,000 pixels and re-encodes them as JPEG, task_vectors "
             "reads the originals.",
         ),
-        TfdsTask("cars", "cars196", None, "test", split_note="cars_test, 8,041 images: same as task_vectors."),
+        TfdsTask("cars", "cars196", None, "test", "id", split_note="cars_test, 8,041 images: same as task_vectors."),
         TfdsTask(
-            "resisc45", "resisc45", None, "train[80%:]",
-            split_note="DIFFERS: tfds has one split (train, all 31,500 images); task_vectors tests on the 6,300 "
-            "images of resisc45-test.txt (Neumann et al. 2019). We take the last 20% of tfds's train (6,300 "
-            "images, tfds's deterministic hash order): same size, different images.",
+            "resisc45", "resisc45", None, "train[80%:]", "filename",
+            split_note="DIFFERS by default: tfds has one split (train, all 31,500 images); task_vectors tests on "
+            "the 6,300 images of resisc45-test.txt (Neumann et al. 2019). By default we take the last 20% of "
+            "tfds's train (6,300 images, tfds's deterministic hash order): same size, different images. Pass "
+            "split_source(..., file_list='resisc45-test.txt') for task_vectors' exact split.",
         ),
         TfdsTask(
-            "eurosat", "eurosat", "rgb", "train[90%:]",
-            split_note="DIFFERS: tfds has one split (train, 27,000 images); task_vectors tests on a random 2,700 "
-            "that was never published (EuroSAT_splits/test). We take the last 10% of tfds's train (2,700 "
-            "images, tfds's deterministic hash order): same size, different images.",
+            "eurosat", "eurosat", "rgb", "train[90%:]", "filename",
+            split_note="DIFFERS by default: tfds has one split (train, 27,000 images); task_vectors tests on a "
+            "random 2,700 that was never published (EuroSAT_splits/test). By default we take the last 10% of "
+            "tfds's train (2,700 images, tfds's deterministic hash order): same size, different images. With "
+            "a copy of EuroSAT_splits/test, pass its file names as split_source(..., file_list=...).",
         ),
-        TfdsTask("svhn", "svhn_cropped", None, "test", split_note="test_32x32.mat, 26,032 images: same."),
+        TfdsTask("svhn", "svhn_cropped", None, "test", "id", split_note="test_32x32.mat, 26,032 images: same."),
         TfdsTask(
-            "gtsrb", "gtsrb", None, "test",
+            "gtsrb", "gtsrb", None, "test", "filename",
             split_note="Final_Test with GT-final_test.csv, 12,630 images: same (our builder, adamerging_jax.data.gtsrb).",
         ),
         TfdsTask("mnist", "mnist", None, "test", split_note="t10k, 10,000 images: same."),
         TfdsTask(
-            "dtd", "dtd", None, "test",
+            "dtd", "dtd", None, "test", "file_name",
             split_note="test1 of DTD's first fold (1,880 images), as task_vectors' dtd/val: same.",
         ),
     )
@@ -413,9 +418,54 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def split_source(name: str, data_dir: str | os.PathLike, split: str | None = None) -> LabeledImages:
+class _Subset:
+    """Records ``indices`` of a random-access sequence, in that order."""
+
+    def __init__(self, records: Any, indices: np.ndarray):
+        self._records, self._indices = records, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._records[int(self._indices[index])]
+
+
+def _read_file_list(file_list: str | os.PathLike | Iterable[str]) -> list[str]:
+    if isinstance(file_list, (str, os.PathLike)):
+        with open(file_list) as handle:
+            return [line.strip() for line in handle if line.strip()]
+    return list(file_list)
+
+
+def _indices_of_files(instance: Any, split: str, spec: TfdsTask, wanted: list[str]) -> np.ndarray:
+    """Positions, in ``wanted``'s order, of the records of ``split`` whose ``spec.file_key`` is in ``wanted``."""
+    if spec.file_key is None:
+        raise ValueError(f"task {spec.name!r}: its records carry no file name to select a file list by")
+    headers = instance.as_data_source(split=split, decoders={spec.image_key: tfds.decode.SkipDecoding()})
+    position = {_as_text(headers[i][spec.file_key]): i for i in range(len(headers))}
+    missing = [name for name in wanted if name not in position]
+    if missing:
+        raise ValueError(
+            f"task {spec.name!r}: {len(missing)} listed file(s) are not in split {split!r}, e.g. {missing[:5]}"
+        )
+    return np.array([position[name] for name in wanted], dtype=np.int64)
+
+
+def split_source(
+    name: str,
+    data_dir: str | os.PathLike,
+    split: str | None = None,
+    *,
+    file_list: str | os.PathLike | Iterable[str] | None = None,
+) -> LabeledImages:
     """Task ``name``'s prepared test split (or ``split``) from ArrayRecord under ``data_dir``, as a random-access
-    source of (image, label).  ``FileNotFoundError`` if the task was not prepared there."""
+    source of (image, label).  ``FileNotFoundError`` if the task was not prepared there.
+
+    ``file_list`` (a text file with one name per line, or names) selects, in its order, the records of the
+    whole base split (``"train"`` for ``"train[80%:]"``) whose file name is listed -- e.g. task_vectors'
+    ``resisc45-test.txt``.  A listed name that is not there raises ``ValueError``.
+    """
     spec = task(name)
     instance = builder(name, data_dir)
     if not instance.is_prepared():
@@ -424,5 +474,11 @@ def split_source(name: str, data_dir: str | os.PathLike, split: str | None = Non
             f"run adamerging_jax.data.tfds_sources.prepare({name!r}, ...) first"
         )
     split = split or spec.test_split
+    if file_list is not None:
+        split = split.split("[")[0]
+        records = _Subset(
+            instance.as_data_source(split=split), _indices_of_files(instance, split, spec, _read_file_list(file_list))
+        )
+        return LabeledImages(records, spec.image_key, spec.label_key, f"{name}: {spec.builder} {split}, listed files")
     records = instance.as_data_source(split=split)
     return LabeledImages(records, spec.image_key, spec.label_key, f"{name}: {spec.builder} {split}")
