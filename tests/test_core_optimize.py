@@ -1,0 +1,180 @@
+"""The AdaMerging optimiser on the tiny multi-task problem: it works, it is data parallel, it resumes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import adamerging_jax as am
+from tiny_problem import batch_source, make_problem
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def tv(problem):
+    return am.task_vectors(problem.pretrained, problem.finetuned)
+
+
+FAST = dict(steps=60, lr=0.02, batches_per_task=1, quiet=True)
+
+
+def test_layerwise_adamerging_lowers_entropy_and_beats_task_arithmetic(problem, tv):
+    result = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**FAST))
+    loss = result.history["loss"]
+    assert loss.shape == (60, 4)
+    assert loss[-10:].sum(1).mean() < 0.8 * loss[:10].sum(1).mean()
+    ta = am.evaluate(problem.apply, am.task_arithmetic(problem.pretrained, tv, 0.3), problem.test).mean
+    ada = am.evaluate(problem.apply, result.params, problem.test).mean
+    assert ada > ta + 0.03, (ada, ta)
+    # λ of the shared, conflicting leaves moved away from the 0.3 prior.
+    assert np.abs(np.asarray(result.coefficients.values["shared/kernel"]) - 0.3).max() > 0.1
+
+
+def test_taskwise_and_grouped_granularities_run(problem, tv):
+    for granularity in ["task", lambda path: path.split("/")[0]]:
+        result = am.adamerging(
+            problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 5}, granularity=granularity)
+        )
+        assert result.history["loss"].shape == (5, 4)
+
+
+def test_eight_devices_give_the_single_device_trajectory(problem, tv):
+    assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+    config = am.AdaMergingConfig(**{**FAST, "steps": 20})
+    sharded = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), config)
+    single = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), config, mesh=am.data_mesh(jax.devices()[:1]))
+    np.testing.assert_allclose(sharded.history["loss"], single.history["loss"], atol=1e-6)
+    for group, value in sharded.coefficients.values.items():
+        np.testing.assert_allclose(value, single.coefficients.values[group], atol=1e-6, err_msg=group)
+
+
+def test_per_task_accumulation_equals_fused_step(problem, tv):
+    fused = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 10}))
+    per_task = am.adamerging(
+        problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 10}, accumulate="per_task")
+    )
+    for group, value in fused.coefficients.values.items():
+        np.testing.assert_allclose(value, per_task.coefficients.values[group], atol=1e-6, err_msg=group)
+
+
+def test_sharded_task_vectors_give_the_replicated_result(problem, tv):
+    config = am.AdaMergingConfig(**{**FAST, "steps": 10})
+    replicated = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), config)
+    sharded = am.adamerging(
+        problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 10}, shard_task_vectors=True)
+    )
+    for group, value in replicated.coefficients.values.items():
+        np.testing.assert_allclose(value, sharded.coefficients.values[group], atol=1e-6, err_msg=group)
+
+
+def test_presets_and_custom_optimizer():
+    official, fusionbench = am.AdaMergingConfig.official(), am.AdaMergingConfig.fusionbench()
+    assert (official.steps, official.batches_per_task, official.clamp, official.entropy_eps) == (500, 2, (0.0, 1.0), None)
+    assert (fusionbench.steps, fusionbench.batches_per_task, fusionbench.clamp, fusionbench.entropy_eps) == (1000, 1, None, 1e-8)
+    sgd = optax.sgd(0.1)
+    assert am.AdaMergingConfig(optimizer=sgd).make_optimizer() is sgd
+
+
+def test_interrupted_run_resumes_to_the_bit_identical_lambda(problem, tv, tmp_path):
+    config = am.AdaMergingConfig(**{**FAST, "steps": 12}, checkpoint_every=5, checkpoint_dir=str(tmp_path / "run"))
+    source = batch_source(problem)
+
+    def crashing(step):
+        if step == 8:
+            raise RuntimeError("simulated crash")
+        return source(step)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        am.adamerging(problem.apply, problem.pretrained, tv, crashing, config)
+    resumed = am.adamerging(problem.apply, problem.pretrained, tv, source, config)
+    straight = am.adamerging(problem.apply, problem.pretrained, tv, source, am.AdaMergingConfig(**{**FAST, "steps": 12}))
+    for group, value in straight.coefficients.values.items():
+        np.testing.assert_array_equal(np.asarray(resumed.coefficients.values[group]), np.asarray(value), err_msg=group)
+    np.testing.assert_array_equal(resumed.history["loss"], straight.history["loss"])
+
+
+def test_sigkilled_run_resumes_to_the_bit_identical_lambda(problem, tv, tmp_path):
+    """A process killed with SIGKILL in the middle of its run, then run again, ends where a clean run ends."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            import numpy as np
+            import adamerging_jax as am
+            from tiny_problem import batch_source, make_problem
+
+            problem = make_problem()
+            tv = am.task_vectors(problem.pretrained, problem.finetuned)
+            source = batch_source(problem)
+            kill_at = int(sys.argv[1])
+
+            def batches(step):
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return source(step)
+
+            config = am.AdaMergingConfig(steps=12, lr=0.02, batches_per_task=1, quiet=True,
+                                         checkpoint_every=4, checkpoint_dir={str(tmp_path / "ckpt")!r})
+            result = am.adamerging(problem.apply, problem.pretrained, tv, batches, config)
+            result.save({str(tmp_path / "out")!r})
+            """
+        )
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    killed = subprocess.run([sys.executable, str(script), "10"], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not (tmp_path / "out").exists()
+    finished = subprocess.run([sys.executable, str(script), "-1"], env=env, capture_output=True)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    resumed = am.load_coefficients(tmp_path / "out" / "coefficients.npz")
+    straight = am.adamerging(
+        problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 12}),
+        mesh=am.data_mesh(jax.devices()[:1]),
+    )
+    for group, value in straight.coefficients.values.items():
+        np.testing.assert_array_equal(np.asarray(resumed.values[group]), np.asarray(value), err_msg=group)
+
+
+def test_checkpoint_from_other_settings_is_refused(problem, tv, tmp_path):
+    config = am.AdaMergingConfig(**{**FAST, "steps": 4}, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), config)
+    other = am.AdaMergingConfig(**{**FAST, "steps": 4, "lr": 0.5}, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), other)
+
+
+def test_result_save_and_load_roundtrip(problem, tv, tmp_path):
+    result = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), am.AdaMergingConfig(**{**FAST, "steps": 3}))
+    result.save(tmp_path)
+    loaded = am.load_coefficients(tmp_path / "coefficients.npz")
+    assert loaded.leaf_groups == result.coefficients.leaf_groups
+    for group, value in result.coefficients.values.items():
+        np.testing.assert_array_equal(loaded.values[group], value)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_bad_batches_are_named(problem, tv):
+    config = am.AdaMergingConfig(**{**FAST, "steps": 2})
+    good = batch_source(problem)
+    missing = lambda step: good(step)[:3]  # noqa: E731
+    empty = lambda step: good(step)[:2] + [np.zeros((0, 32), np.float32)] + good(step)[3:]  # noqa: E731
+    odd = lambda step: [b[:6] for b in good(step)]  # noqa: E731
+    with pytest.raises(ValueError, match="3 tasks.*K = 4"):
+        am.adamerging(problem.apply, problem.pretrained, tv, missing, config)
+    with pytest.raises(ValueError, match="task 2 has no batch"):
+        am.adamerging(problem.apply, problem.pretrained, tv, empty, config)
+    with pytest.raises(ValueError, match="task 0: batch of 6 examples.*8 devices"):
+        am.adamerging(problem.apply, problem.pretrained, tv, odd, config)
+    with pytest.raises(ValueError, match="ran out at step 1"):
+        am.adamerging(problem.apply, problem.pretrained, tv, [good(0)], config)
