@@ -15,7 +15,8 @@ without changing any record, this module
 2. PNG-encodes numpy images with Pillow before the ``Image`` feature sees them (PNG is lossless: the decoded
    pixels are those tfds would store);
 3. replaces sun397's example generator, which needs a TF1 session and OpenCV, by the same loop decoding,
-   resizing (to at most 120,000 pixels) and re-encoding (JPEG quality 95, OpenCV's default) with Pillow.
+   resizing (to the config's at most 120,000 pixels, bilinear) and re-encoding (JPEG, the config's quality
+   or OpenCV's default 95) with Pillow.
    Same images, labels, keys and file names as the catalog; pixel values may differ by rounding from a
    TF/OpenCV-prepared copy.
 
@@ -88,16 +89,22 @@ _GFILE_ONLY_TF = types.SimpleNamespace(
 
 
 def _modules_using_tf(builder_cls: type) -> list[types.ModuleType]:
-    """tfds modules along ``builder_cls``'s MRO (plus the extractor) that hold a global named ``tf``."""
-    modules = [sys.modules[cls.__module__] for cls in builder_cls.__mro__ if cls.__module__ in sys.modules]
-    modules.append(tfds_extractor)
-    unique = {id(m): m for m in modules if m.__name__.startswith("tensorflow_datasets") and hasattr(m, "tf")}
+    """The catalog modules along ``builder_cls``'s MRO (not tfds's core) that hold ``tf``, plus the extractor."""
+    modules = [
+        sys.modules[cls.__module__]
+        for cls in builder_cls.__mro__
+        if cls.__module__.startswith("tensorflow_datasets.") and not cls.__module__.startswith("tensorflow_datasets.core")
+    ]
+    unique = {id(m): m for m in [*modules, tfds_extractor] if hasattr(m, "tf")}
     return list(unique.values())
 
 
 @contextlib.contextmanager
 def _tensorflow_free(builder_cls: type) -> Iterator[None]:
-    """Bind ``tf`` to :data:`_GFILE_ONLY_TF` in the modules ``builder_cls`` prepares with; restore on exit."""
+    """Bind ``tf`` to :data:`_GFILE_ONLY_TF` in the modules ``builder_cls`` prepares with; restore on exit.
+
+    Module globals: do not prepare a catalog dataset in one thread while another uses real tensorflow.
+    """
     modules = _modules_using_tf(builder_cls)
     saved = [m.__dict__["tf"] for m in modules]
     try:
@@ -221,10 +228,10 @@ class TensorflowFreeBuilder(CodePathFromModuleFile):
 
 
 _SUN397_MAX_PIXELS = 120_000
-_SUN397_JPEG_QUALITY = 95  # OpenCV's default, which the catalog builder uses (its configs set no quality)
+_OPENCV_JPEG_QUALITY = 95  # what the catalog gets from OpenCV when its config sets no quality (all of them)
 
 
-def _sun397_jpeg(data: bytes, max_pixels: int = _SUN397_MAX_PIXELS) -> bytes:
+def _sun397_jpeg(data: bytes, max_pixels: int | None = _SUN397_MAX_PIXELS, quality: int | None = None) -> bytes:
     """Decode any format to RGB, shrink by sqrt(max_pixels / (h w)) when larger, re-encode as JPEG.
 
     As the catalog's ``_process_image_file`` (SUN397 holds BMP, PNG, GIF and JPEG data behind .jpg names),
@@ -233,11 +240,11 @@ def _sun397_jpeg(data: bytes, max_pixels: int = _SUN397_MAX_PIXELS) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
     width, height = image.size
-    if width * height > max_pixels:
+    if max_pixels and width * height > max_pixels:
         factor = np.sqrt(max_pixels / (width * height))
         image = image.resize((int(round(width * factor)), int(round(height * factor))), Image.BILINEAR)
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=_SUN397_JPEG_QUALITY)
+    image.save(buffer, format="JPEG", quality=quality or _OPENCV_JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -253,7 +260,9 @@ class _Sun397PillowExamples:
             file_name = path_in_archive[prefix_len:].replace("\\", "/")
             if file_name in subset_images:
                 label = "/".join(file_name.split("/")[:-1])
-                yield file_name, {"file_name": file_name, "image": _sun397_jpeg(fobj.read()), "label": label}
+                config = self.builder_config
+                image = _sun397_jpeg(fobj.read(), config.target_pixels, config.quality)
+                yield file_name, {"file_name": file_name, "image": image, "label": label}
 
 
 def _catalog_module(builder: Any) -> types.ModuleType:
