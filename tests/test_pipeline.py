@@ -7,7 +7,10 @@ from adamerging_jax.data.pipeline import (
     CLIP_MEAN,
     CLIP_STD,
     AdaptationBatches,
+    CachedSource,
+    clip_normalize,
     clip_preprocess,
+    clip_resize_crop,
     evaluation_batches,
 )
 
@@ -108,3 +111,29 @@ def test_clip_preprocess_against_the_formula():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     tall = rng.integers(0, 256, (33, 16, 3), dtype=np.uint8)  # already short side 16: crop rows round(17/2) = 8
     np.testing.assert_allclose(clip_preprocess(tall, 16), (tall[8:24] / 255.0 - CLIP_MEAN) / CLIP_STD, rtol=1e-5, atol=1e-5)
+
+
+def test_split_preprocessing_equals_the_whole():
+    image = np.random.default_rng(1).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    crop = clip_resize_crop(image, 16)
+    assert crop.dtype == np.uint8 and crop.shape == (16, 16, 3)
+    np.testing.assert_allclose(clip_normalize(crop.astype(np.float32)), clip_preprocess(image, 16), rtol=1e-6)
+
+
+def test_cached_source_reads_each_image_once():
+    reads = []
+
+    class Counting:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return np.full((20, 24, 3), index, np.uint8), index
+
+    cached = CachedSource(Counting(), lambda image: clip_resize_crop(image, 8))
+    sampler = AdaptationBatches([cached], batch_size=3, n_batches=1, preprocess=lambda x: x.astype(np.float32), num_threads=1)
+    steps = dict(sampler.batches(0, 4))
+    assert sorted(reads) == [0, 1, 2]  # 12 visits, 3 reads
+    assert steps[3].shape == (1, 1, 3, 8, 8, 3)
+    np.testing.assert_array_equal(cached[2][0], np.full((8, 8, 3), 2, np.uint8))
