@@ -137,3 +137,39 @@ def test_cached_source_reads_each_image_once():
     assert sorted(reads) == [0, 1, 2]  # 12 visits, 3 reads
     assert steps[3].shape == (1, 1, 3, 8, 8, 3)
     np.testing.assert_array_equal(cached[2][0], np.full((8, 8, 3), 2, np.uint8))
+
+
+def test_callable_protocol_of_the_optimiser_prefetches_and_resumes(sampler):
+    expected = dict(sampler.batches(0, 5))
+    fresh = AdaptationBatches(sampler.sources, 4, 2, seed=3, preprocess=_identity, num_threads=2)
+    for step in (0, 1, 2, 4, 3):  # sequential, then a jump (resume) and a jump back
+        per_task = fresh(step)
+        assert len(per_task) == 3 and per_task[0].shape == (8, 6, 5, 3)
+        for task, images in enumerate(per_task):
+            np.testing.assert_array_equal(images, expected[step][task].reshape(8, 6, 5, 3))
+
+
+def test_the_optimiser_sees_the_sampler_batches():
+    """adamerging(..., batches=sampler): the step-0 loss is the entropy, in numpy, of the sampler's step-0 batches."""
+    import adamerging_jax as aj
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    sources = [[(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), 0) for _ in range(10)] for _ in range(2)]
+    pretrained = {"w": rng.normal(size=(48, 3)).astype(np.float32)}
+    finetuned = [{"w": pretrained["w"] + rng.normal(size=(48, 3)).astype(np.float32)} for _ in range(2)]
+    scale = lambda image: image.astype(np.float32) / 255  # noqa: E731
+    sampler = AdaptationBatches(sources, batch_size=4, n_batches=2, seed=5, preprocess=scale, num_threads=2)
+    config = aj.AdaMergingConfig(steps=2, batches_per_task=2, batch_size=4, granularity="task", init_value=0.3)
+    result = aj.adamerging(
+        lambda p, x, t: x.reshape(x.shape[0], -1) @ p["w"], {"w": jnp.asarray(pretrained["w"])},
+        aj.task_vectors({"w": jnp.asarray(pretrained["w"])}, [{"w": jnp.asarray(f["w"])} for f in finetuned]),
+        sampler, config,
+    )
+    merged = pretrained["w"] + 0.3 * sum(f["w"] - pretrained["w"] for f in finetuned)
+    for task in range(2):
+        logits = (sampler.batches(0, 1).__next__()[1][task].reshape(8, -1)).astype(np.float64) @ merged
+        log_p = logits - logits.max(1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+        entropy = -(np.exp(log_p) * log_p).sum(1).mean() * 2  # n = 2 batch means per task
+        np.testing.assert_allclose(result.history["loss"][0, task], entropy, rtol=1e-4)

@@ -121,13 +121,17 @@ def stream_indices(seed: int, task: int, size: int, start: int, count: int) -> n
     return out
 
 
+_OPEN_ENDED_STEPS = 2**40 // 4096  # a stream the optimiser never exhausts (grain datasets are lazy)
+
+
 @dataclasses.dataclass
 class AdaptationBatches:
     """Per step, for every task, ``n_batches`` shuffled batches of ``batch_size`` unlabeled images.
 
     ``batches(start_step, num_steps)`` yields ``(step, images)`` with images float32
     ``[T, n_batches, batch_size, *image_shape]``, task order as ``sources``.  The state to checkpoint is
-    the next step number; ``batches(step, ...)`` resumes there exactly.
+    the next step number; ``batches(step, ...)`` resumes there exactly.  The instance itself is the
+    ``step -> per-task batches`` callable that ``adamerging_jax.adamerging`` takes.
     """
 
     sources: Sequence[Source]
@@ -146,6 +150,8 @@ class AdaptationBatches:
         for task, source in enumerate(self.sources):
             if len(source) == 0:
                 raise ValueError(f"task {task}: its test source is empty")
+        self._stream: Iterator[tuple[int, np.ndarray]] | None = None
+        self._next_step = -1
 
     @property
     def images_per_task(self) -> int:
@@ -187,6 +193,18 @@ class AdaptationBatches:
         options = _read_options(self.num_threads, self.prefetch * per_step)
         iterator = self.dataset(start_step, num_steps).to_iter_dataset(options)
         return zip(range(start_step, start_step + num_steps), iterator)
+
+    def __call__(self, step: int) -> list[np.ndarray]:
+        """The optimiser's ``batches(step)``: K arrays ``[n_batches * batch_size, *image_shape]``, one per task.
+
+        Consecutive calls are served from one prefetching stream; a call for any other step (a resume)
+        restarts the stream there.  The result is the same either way: a pure function of (seed, step).
+        """
+        if self._stream is None or self._next_step != step:
+            self._stream = self.batches(step, _OPEN_ENDED_STEPS)
+        served, images = next(self._stream)
+        self._next_step = served + 1
+        return list(images.reshape(len(self.sources), self.images_per_task, *images.shape[3:]))
 
 
 def _read_options(num_threads: int, buffered_elements: int) -> grain.ReadOptions:
