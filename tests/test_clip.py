@@ -90,7 +90,10 @@ def test_merge_at_one_zero_gives_first_tower():
     from adamerging_jax import init_coefficients, merge, task_vectors
 
     config = clip.get_config("Ti/4")
-    theta0, tower_a, tower_b = (clip.init_params(config, jax.random.key(s))["vision"] for s in range(3))
+    shapes = jax.eval_shape(lambda: clip.init_params(config, jax.random.key(0))["vision"])
+    rng = np.random.default_rng(0)
+    theta0, tower_a, tower_b = (jax.tree_util.tree_map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32),
+                                                       shapes) for _ in range(3))
     tv = task_vectors(theta0, [tower_a, tower_b])
     lam = init_coefficients(theta0, 2, granularity="layer", value=np.array([1.0, 0.0]), stacked=clip.stacked)
     merged = merge(theta0, tv, lam)

@@ -111,12 +111,12 @@ def open_clip_state(hf_state):
 def test_open_clip_layout_gives_identical_outputs(hf_state, reference, expected, prefix):
     config, params = reference
     state = {prefix + k: a for k, a in open_clip_state(hf_state).items()}
-    oc_config, oc_params = ck.params_from_open_clip(state)
-    assert oc_config.vision == clip.VisionConfig(32, 8, 32, 2, heads=1, mlp_dim=48)  # heads = width // 64
+    oc_config, oc_params = ck.params_from_open_clip(state, head_width=16)
+    assert oc_config.vision == config.vision
     leaves_equal(oc_params["vision"], params["vision"])
     leaves_equal(oc_params["visual_projection"], params["visual_projection"])
     x = expected["pixel_values_nchw"].transpose(0, 2, 3, 1)
-    ours = clip.image_encoder(config, oc_params["visual_projection"]["kernel"])(oc_params["vision"], x)
+    ours = clip.image_encoder(oc_config, oc_params["visual_projection"]["kernel"])(oc_params["vision"], x)
     np.testing.assert_array_equal(ours, clip.encode_image(params, x, config))
 
 
@@ -125,7 +125,7 @@ def test_open_clip_torch_file_safe_by_default(tmp_path, hf_state, reference):
     config, params = reference
     path = tmp_path / "state_dict.pt"
     torch.save({k: torch.from_numpy(np.array(a)) for k, a in open_clip_state(hf_state).items()}, path)
-    _, loaded = ck.load_open_clip_checkpoint(str(path))
+    _, loaded = ck.load_open_clip_checkpoint(str(path), head_width=16)
     leaves_equal(loaded["vision"], params["vision"])
     module_path = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(2, 2), module_path)

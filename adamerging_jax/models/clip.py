@@ -261,13 +261,11 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 def init_params(variant: str | ClipConfig, key: jax.Array) -> Params:
     """Random CLIP parameters (plain nested dict) for a variant; the image/text towers need a text config."""
     config = get_config(variant)
-    if config.text is None:
-        init = VisionTower(config.vision).init(key, jnp.zeros((1, config.vision.image_size,
-                                                                config.vision.image_size, 3)))
-        return {"vision": init["params"]}
     images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3))
+    if config.text is None:
+        return {"vision": jax.jit(VisionTower(config.vision).init)(key, images)["params"]}
     tokens = jnp.zeros((1, config.text.context_length), jnp.int32)
-    return CLIP(config).init(key, images, tokens)["params"]
+    return jax.jit(CLIP(config).init)(key, images, tokens)["params"]
 
 
 def vision_forward(vision_params: Params, images: jax.Array, config: ClipConfig | VisionConfig

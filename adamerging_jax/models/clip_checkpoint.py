@@ -352,13 +352,14 @@ _OPEN_CLIP_VISION = [
 ]
 
 
-def params_from_open_clip(state: StateDict, *, dtype: Any = np.float32, source: str = "open_clip state dict"
-                          ) -> tuple[ClipConfig, Params]:
+def params_from_open_clip(state: StateDict, *, head_width: int = 64, dtype: Any = np.float32,
+                          source: str = "open_clip state dict") -> tuple[ClipConfig, Params]:
     """(config, {"vision", "visual_projection"}) from an open_clip ViT state dict's ``visual.*`` tensors.
 
     Names may carry a leading ``model.`` or ``module.`` (task_vectors' ImageEncoder, DataParallel). The fused
     ``attn.in_proj_weight`` [3W, W] / ``in_proj_bias`` [3W] are split into q, k, v (rows in that order).
-    The config is read off the shapes (head width 64, as every open_clip ViT-B/L).
+    The config is read off the shapes; the head count, which no shape shows, is width / ``head_width``
+    (64 in every OpenAI / open_clip ViT-B and ViT-L).
     """
     prefix = next((p for p in ["visual.", "model.visual.", "module.visual.", "module.model.visual."]
                    if p + "conv1.weight" in state), None)
@@ -380,17 +381,19 @@ def params_from_open_clip(state: StateDict, *, dtype: Any = np.float32, source: 
         _set(vision, "layers/" + ours, _cast(np.stack([a.T if is_linear else a for a in per_layer]), dtype))
     kernel = vision["patch_embed"]["kernel"]
     width, patch = kernel.shape[-1], kernel.shape[0]
+    if width % head_width:
+        raise ValueError(f"{source}: width {width} is not a multiple of head_width {head_width}")
     grid = int(round((vision["pos_embedding"].shape[0] - 1) ** 0.5))
     config = ClipConfig(VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=num_layers,
-                                     heads=width // 64 or 1, mlp_dim=vision["layers"]["mlp"]["fc1"]["kernel"].shape[-1]))
+                                     heads=width // head_width, mlp_dim=vision["layers"]["mlp"]["fc1"]["kernel"].shape[-1]))
     params: Params = {"vision": vision}
     if prefix + "proj" in state:
         params["visual_projection"] = {"kernel": _cast(np.asarray(state[prefix + "proj"]), dtype)}
     return config, params
 
 
-def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, dtype: Any = np.float32
-                              ) -> tuple[ClipConfig, Params]:
+def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_width: int = 64,
+                              dtype: Any = np.float32) -> tuple[ClipConfig, Params]:
     """Read a torch-saved open_clip checkpoint (needs torch) and convert its ``visual.*`` tensors.
 
     By default only ``torch.load(weights_only=True)`` is used: tensors and plain containers, no code runs.
@@ -418,7 +421,7 @@ def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, dtype: A
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or a module")
     state = {name: t.detach().float().numpy() for name, t in obj.items() if hasattr(t, "detach")}
-    return params_from_open_clip(state, dtype=dtype, source=path)
+    return params_from_open_clip(state, head_width=head_width, dtype=dtype, source=path)
 
 
 def tensor_names(config: ClipConfig | VisionConfig) -> Iterable[str]:
