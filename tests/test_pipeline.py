@@ -95,9 +95,18 @@ def test_evaluation_batches_cover_the_set_in_order_with_labels():
     assert [len(labels) for _, labels in batches] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate([_ids(x) for x, _ in batches]), 40 + np.arange(7))
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(7) % 3)
-    padded = list(evaluation_batches(source, 3, _identity, pad=True, num_threads=2))
-    images, labels = padded[-1]
-    assert images.shape[0] == 3 and labels.tolist() == [0, -1, -1] and not images[1:].any()
+    with pytest.raises(ValueError, match="empty"):
+        next(evaluation_batches([], 3, _identity))
+
+
+def test_evaluation_batches_feed_the_core_evaluate():
+    import adamerging_jax as aj
+    import jax
+
+    source = _task(7, 0)  # image i is filled with i, label i % 3
+    predict_mod_3 = lambda p, x, t: jax.nn.one_hot(x[:, 0, 0, 0].astype(int) % 3, 3) * p["scale"]  # noqa: E731
+    accuracy = aj.evaluate(predict_mod_3, {"scale": 1.0}, [evaluation_batches(source, 4, _identity)], batch_size=4)
+    assert accuracy.per_task["0"] == 1.0  # 7 of 7, the padded last batch not counted
 
 
 def test_clip_preprocess_against_the_formula():

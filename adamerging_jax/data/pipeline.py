@@ -219,25 +219,19 @@ def _load_labeled(source: Source, preprocess: Callable[[np.ndarray], np.ndarray]
 
 def evaluation_batches(
     source: Source,
-    batch_size: int = 128,
+    batch_size: int = 256,
     preprocess: Callable[[np.ndarray], np.ndarray] = clip_preprocess,
     *,
-    pad: bool = False,
     num_threads: int = 8,
     prefetch: int = 2,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every example of ``source`` once, in order: ``(images [b, ...] float32, labels [b] int64)``.
 
-    The last batch holds the remainder; with ``pad=True`` it is filled to ``batch_size`` with zero images
-    labelled ``-1`` (so a jitted evaluation compiles once and masks ``labels >= 0``).
+    The last batch holds the remainder.  A test set for ``adamerging_jax.evaluate``, which pads that last
+    batch itself: give both the same ``batch_size`` so one compiled function serves every batch.
     """
     if len(source) == 0:
         raise ValueError("cannot evaluate on an empty source")
     dataset = grain.MapDataset.range(len(source)).map(functools.partial(_load_labeled, source, preprocess))
     options = _read_options(num_threads, prefetch * batch_size)
-    for images, labels in dataset.batch(batch_size).to_iter_dataset(options):
-        if pad and len(labels) < batch_size:
-            missing = batch_size - len(labels)
-            images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
-            labels = np.concatenate([labels, np.full(missing, -1, labels.dtype)])
-        yield images, labels
+    yield from dataset.batch(batch_size).to_iter_dataset(options)
