@@ -261,6 +261,33 @@ def test_sun397_standard_partition_1(tmp_path, downloads, rng):
             assert r["image"].shape[0] * r["image"].shape[1] <= 120_000
 
 
+def test_sun397_labels_follow_task_vectors_class_order(tmp_path, downloads, rng):
+    """task_vectors' class names (the CLIP heads' order, shipped in adamerging_jax/heads) against tfds' labels."""
+    import json
+
+    names = tfds.builder_cls("sun397")(data_dir=str(tmp_path), config="standard-part1-120k").info.features["label"].names
+    ranks = tfds_sources.sun397_folder_order(names)
+    heads = os.path.join(os.path.dirname(tfds_sources.__file__), "..", "heads", "clip_tasks.json")
+    task_vectors_names = json.load(open(heads))["tasks"]["sun397"]["classnames"]
+    relabelled = [None] * len(names)
+    for tfds_label, name in enumerate(names):
+        relabelled[ranks[tfds_label]] = name[3:].replace("/", " ").replace("_", " ")
+    assert relabelled == task_vectors_names
+    assert (ranks != np.arange(len(names))).sum() == 2  # /j/jail/indoor and /j/jail_cell swap
+    # and split_source applies it: a fake copy holding those two classes
+    jail = [n for n in names if n.startswith("/j/jail")]
+    members = {f"SUN397{c}/sun_{'a' * 16}.jpg": _jpeg(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for c in jail}
+    test_names = "\n".join(m[len("SUN397"):] for m in members)
+    members["SUN397/a/abbey/sun_bbbbbbbbbbbbbbbb.jpg"] = _jpeg(np.zeros((8, 8, 3), np.uint8))  # train may not be empty
+    _write_tar(downloads / "SUN397.tar.gz", members)
+    _write_zip(downloads / "Partitions.zip", {"Training_01.txt": "/a/abbey/sun_bbbbbbbbbbbbbbbb.jpg\n", "Testing_01.txt": test_names})
+    _prepare("sun397", tmp_path)
+    source = tfds_sources.split_source("sun397", tmp_path / "data")
+    records = _records(tmp_path, "sun397", "test", config="standard-part1-120k")
+    for index, record in enumerate(records):
+        assert source[index][1] == ranks[record["label"]] != record["label"]
+
+
 def test_sun397_resize_keeps_aspect_and_pixel_budget():
     from adamerging_jax.data.tfds_sources import _sun397_jpeg
 

@@ -44,7 +44,7 @@ import os
 import sys
 import types
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -281,7 +281,8 @@ class TfdsTask:
     ``test_split`` is a tfds split expression (slices allowed, e.g. ``"train[90%:]"``); ``image_key``,
     ``label_key`` and ``file_key`` name the record fields (``file_key``: the source file name, used to
     select a published file list, see :func:`split_source`); ``split_note`` compares the split with
-    task_vectors'.
+    task_vectors'.  ``relabel``, when set, maps the tfds class names to task_vectors' label of each tfds
+    label, for the tasks whose class order differs (task_vectors' class names build the CLIP heads).
     """
 
     name: str
@@ -292,6 +293,21 @@ class TfdsTask:
     image_key: str = "image"
     label_key: str = "label"
     split_note: str = "same split as task_vectors"
+    relabel: Callable[[Sequence[str]], np.ndarray] | None = None
+
+
+def sun397_folder_order(names: Sequence[str]) -> np.ndarray:
+    """task_vectors' SUN397 label of each tfds label: the rank of its class folder among sorted folders.
+
+    tfds numbers SUN397 classes in ``ClassName.txt`` order (``/j/jail/indoor`` before ``/j/jail_cell``, as
+    ``/`` < ``_``); task_vectors reads class folders named ``jail_indoor``, ``jail_cell`` with ImageFolder,
+    which sorts them, so the two orders differ (there: labels 206 and 207 swap).
+    """
+    folders = [name[3:].replace("/", "_") for name in names]
+    order = sorted(range(len(folders)), key=folders.__getitem__)
+    ranks = np.empty(len(folders), dtype=np.int64)
+    ranks[order] = np.arange(len(folders))
+    return ranks
 
 
 TASKS: dict[str, TfdsTask] = {
@@ -301,7 +317,8 @@ TASKS: dict[str, TfdsTask] = {
             "sun397", "sun397", "standard-part1-120k", "test", "file_name",
             split_note="Testing_01 of the official partition 1 (19,850 images, 50 per class), as task_vectors' "
             "sun397/val; tfds shrinks images to at most 120,000 pixels and re-encodes them as JPEG, task_vectors "
-            "reads the originals.",
+            "reads the originals. Labels are renumbered to task_vectors' class order (sun397_folder_order).",
+            relabel=sun397_folder_order,
         ),
         TfdsTask("cars", "cars196", None, "test", "id", split_note="cars_test, 8,041 images: same as task_vectors."),
         TfdsTask(
@@ -395,13 +412,17 @@ def prepare(
 class LabeledImages:
     """A random-access source of ``(image uint8 [H, W, 3], label int)`` over a tfds data source.
 
-    Grey images are repeated to 3 channels so every task yields RGB, as CLIP expects.
+    Grey images are repeated to 3 channels so every task yields RGB, as CLIP expects; ``label_map[l]``
+    replaces label ``l`` when given.
     """
 
-    def __init__(self, records: Any, image_key: str, label_key: str, description: str):
+    def __init__(
+        self, records: Any, image_key: str, label_key: str, description: str, label_map: np.ndarray | None = None
+    ):
         self._records = records
         self._image_key = image_key
         self._label_key = label_key
+        self._label_map = label_map
         self.description = description
 
     def __len__(self) -> int:
@@ -409,7 +430,8 @@ class LabeledImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         record = self._records[index]
-        return as_rgb(record[self._image_key]), int(record[self._label_key])
+        label = int(record[self._label_key])
+        return as_rgb(record[self._image_key]), label if self._label_map is None else int(self._label_map[label])
 
     def __repr__(self) -> str:
         return f"LabeledImages({self.description}, {len(self)} examples)"
@@ -469,7 +491,8 @@ def split_source(
     file_list: str | os.PathLike | Iterable[str] | None = None,
 ) -> LabeledImages:
     """Task ``name``'s prepared test split (or ``split``) from ArrayRecord under ``data_dir``, as a random-access
-    source of (image, label).  ``FileNotFoundError`` if the task was not prepared there.
+    source of (image, label), labels in task_vectors' class order (see :attr:`TfdsTask.relabel`).
+    ``FileNotFoundError`` if the task was not prepared there.
 
     ``file_list`` (a text file with one name per line, or names) selects, in its order, the records of the
     whole base split (``"train"`` for ``"train[80%:]"``) whose file name is listed -- e.g. task_vectors'
@@ -483,11 +506,14 @@ def split_source(
             f"run adamerging_jax.data.tfds_sources.prepare({name!r}, ...) first"
         )
     split = split or spec.test_split
+    label_map = spec.relabel(instance.info.features[spec.label_key].names) if spec.relabel else None
     if file_list is not None:
         split = split.split("[")[0]
         records = _Subset(
             instance.as_data_source(split=split), _indices_of_files(instance, split, spec, _read_file_list(file_list))
         )
-        return LabeledImages(records, spec.image_key, spec.label_key, f"{name}: {spec.builder} {split}, listed files")
-    records = instance.as_data_source(split=split)
-    return LabeledImages(records, spec.image_key, spec.label_key, f"{name}: {spec.builder} {split}")
+        description = f"{name}: {spec.builder} {split}, listed files"
+    else:
+        records = instance.as_data_source(split=split)
+        description = f"{name}: {spec.builder} {split}"
+    return LabeledImages(records, spec.image_key, spec.label_key, description, label_map)
