@@ -259,7 +259,7 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def init_params(variant: str | ClipConfig, key: jax.Array) -> Params:
-    """Random CLIP parameters (plain nested dict) for a variant; the image/text towers need a text config."""
+    """Random CLIP parameters (plain nested dict); a config without a text tower gives {"vision": ...} only."""
     config = get_config(variant)
     images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3))
     if config.text is None:
@@ -270,8 +270,10 @@ def init_params(variant: str | ClipConfig, key: jax.Array) -> Params:
 
 def vision_forward(vision_params: Params, images: jax.Array, config: ClipConfig | VisionConfig
                    ) -> tuple[jax.Array, jax.Array]:
-    """(last_hidden_state, pooled) of the image tower (HF ``CLIPVisionModel`` outputs)."""
+    """(last_hidden_state, pooled) of the image tower (HF ``CLIPVisionModel`` outputs), computed in the
+    parameters' dtype (images are cast to it, so bf16 parameters give a bf16 forward)."""
     vision_config = config.vision if isinstance(config, ClipConfig) else config
+    images = jnp.asarray(images, dtype=vision_params["patch_embed"]["kernel"].dtype)
     return VisionTower(vision_config).apply({"params": vision_params}, images)
 
 
