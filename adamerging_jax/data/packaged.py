@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.data.folder import load_rgb
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -129,11 +131,21 @@ def sample_indices(labels: np.ndarray, num_classes: int, n: int, rng: np.random.
     return rng.permutation(np.concatenate(picked))
 
 
+def first_occurrences(images: np.ndarray) -> np.ndarray:
+    """Sorted indices of the first occurrence of every distinct image (Animal-MNIST repeats 284 images)."""
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    return np.sort(first)
+
+
 def task_from_pool(
     name: str, classes: Sequence[str], images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int, seed: int
 ) -> Task:
-    """A task cut from one pool of labelled images by ``split_indices``."""
-    labels = np.asarray(labels, np.int64)
+    """A task cut from one pool of labelled images by ``split_indices``.
+
+    Repeated images are kept once (the first occurrence) so that no test image is also a train image.
+    """
+    keep = first_occurrences(images)
+    images, labels = images[keep], np.asarray(labels, np.int64)[keep]
     train, test = split_indices(labels, len(classes), n_train, n_test, seed)
     return Task(name, tuple(classes), images[train], labels[train], images[test], labels[test])
 
@@ -369,17 +381,16 @@ def task_from_arrays(
 
 
 def read_image(path: str, image_size: int) -> np.ndarray:
-    """One image file as uint8 RGB [image_size, image_size, 3] (PIL bilinear resize, antialiased)."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as uint8 RGB [image_size, image_size, 3] (PIL bilinear resize, antialiased).
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(image, np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    A file that cannot be decoded raises ValueError naming it (``folder.load_rgb``).
+    """
+    from PIL import Image
+
+    image = load_rgb(path)
+    if image.shape[:2] != (image_size, image_size):
+        image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return image
 
 
 def read_class_folders(root: str, image_size: int) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
