@@ -26,6 +26,13 @@ def test_tokenizer_matches_the_fixture_ids(model):
                                   expected["input_ids"])
 
 
+def test_long_prompts_are_truncated_keeping_the_end_token(model):
+    config, _, tokenizer, _ = model
+    ids = zs.tokenize(tokenizer, ["a very long sentence " * 10], config.text.context_length)
+    assert ids.shape == (1, config.text.context_length)
+    assert ids[0, -1] == tokenizer.eos_token_id and (ids[0, :-1] != tokenizer.eos_token_id).all()
+
+
 def test_head_matches_torch(model):
     config, params, tokenizer, expected = model
     head = zs.clip_zero_shot_head(params, config, tokenizer, list(expected["head_classnames"]),
