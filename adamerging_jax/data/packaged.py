@@ -90,10 +90,22 @@ class Task:
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def balanced_counts(total: int, num_classes: int) -> np.ndarray:
-    """``total`` spread over classes as evenly as possible (the first ``total % C`` classes get one more)."""
-    counts = np.full(num_classes, total // num_classes)
-    counts[: total % num_classes] += 1
+def balanced_counts(total: int, capacity: np.ndarray) -> np.ndarray:
+    """``total`` items spread over classes as evenly as their ``capacity`` allows (water-filling).
+
+    Each round gives every class with room an equal share (the lowest class indices take the remainder),
+    capped at its room; what a full class cannot take goes round again. Returns at most ``capacity.sum()``.
+    """
+    capacity = np.asarray(capacity, np.int64)
+    counts = np.zeros_like(capacity)
+    remaining = min(int(total), int(capacity.sum()))
+    while remaining > 0:
+        room = np.flatnonzero(counts < capacity)
+        share = np.full(len(room), remaining // len(room))
+        share[: remaining % len(room)] += 1
+        taken = np.minimum(share, capacity[room] - counts[room])
+        counts[room] += taken
+        remaining -= int(taken.sum())
     return counts
 
 
@@ -104,7 +116,7 @@ def split_indices(
 
     When the pool is smaller than ``n_train + n_test`` both are scaled down in proportion. Per class the
     indices are shuffled with ``numpy.random.default_rng(seed)``; the test items are taken first, then the
-    train items (fewer when the class runs out). Each split comes back shuffled.
+    train items from the rest (``balanced_counts`` over what each class has left). Each split is shuffled.
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
@@ -112,23 +124,20 @@ def split_indices(
         n_test = max(1, round(len(labels) * n_test / (n_train + n_test)))
         n_train = len(labels) - n_test
     rng = np.random.default_rng(seed)
-    train, test = [], []
-    for cls, (train_quota, test_quota) in enumerate(
-        zip(balanced_counts(n_train, num_classes), balanced_counts(n_test, num_classes))
-    ):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        test.append(members[:test_quota])
-        train.append(members[test_quota : test_quota + train_quota])
-    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+    members = [rng.permutation(np.flatnonzero(labels == cls)) for cls in range(num_classes)]
+    sizes = np.array([len(m) for m in members])
+    test_counts = balanced_counts(n_test, sizes)
+    train_counts = balanced_counts(n_train, sizes - test_counts)
+    test = np.concatenate([m[:t] for m, t in zip(members, test_counts)])
+    train = np.concatenate([m[t : t + n] for m, t, n in zip(members, test_counts, train_counts)])
+    return rng.permutation(train), rng.permutation(test)
 
 
 def sample_indices(labels: np.ndarray, num_classes: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``n`` class-balanced indices from an already separate split (Fashion-MNIST's own splits)."""
-    picked = [
-        rng.permutation(np.flatnonzero(labels == cls))[:quota]
-        for cls, quota in enumerate(balanced_counts(min(n, len(labels)), num_classes))
-    ]
-    return rng.permutation(np.concatenate(picked))
+    members = [rng.permutation(np.flatnonzero(labels == cls)) for cls in range(num_classes)]
+    counts = balanced_counts(n, np.array([len(m) for m in members]))
+    return rng.permutation(np.concatenate([m[:c] for m, c in zip(members, counts)]))
 
 
 def first_occurrences(images: np.ndarray) -> np.ndarray:
@@ -138,14 +147,24 @@ def first_occurrences(images: np.ndarray) -> np.ndarray:
 
 
 def task_from_pool(
-    name: str, classes: Sequence[str], images: np.ndarray, labels: np.ndarray, n_train: int, n_test: int, seed: int
+    name: str,
+    classes: Sequence[str],
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    deduplicate: bool = True,
 ) -> Task:
     """A task cut from one pool of labelled images by ``split_indices``.
 
-    Repeated images are kept once (the first occurrence) so that no test image is also a train image.
+    With ``deduplicate`` repeated images are kept once (the first occurrence), so that no test image is also
+    a train image; the packaged sources use it, user arrays keep every image they were given.
     """
-    keep = first_occurrences(images)
-    images, labels = images[keep], np.asarray(labels, np.int64)[keep]
+    labels = np.asarray(labels, np.int64)
+    if deduplicate:
+        keep = first_occurrences(images)
+        images, labels = images[keep], labels[keep]
     train, test = split_indices(labels, len(classes), n_train, n_test, seed)
     return Task(name, tuple(classes), images[train], labels[train], images[test], labels[test])
 
@@ -377,7 +396,7 @@ def task_from_arrays(
     if len(labels) != len(images):
         raise ValueError(f"task '{name}': {len(images)} images but {len(labels)} labels")
     n_test = max(1, round(len(labels) * test_fraction))
-    return task_from_pool(name, classes, images, labels, len(labels) - n_test, n_test, seed)
+    return task_from_pool(name, classes, images, labels, len(labels) - n_test, n_test, seed, deduplicate=False)
 
 
 def read_image(path: str, image_size: int) -> np.ndarray:
