@@ -1,0 +1,664 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of one layer-wise AdaMerging step: this project vs FusionBench vs the torch floor.
+
+One step (AdaMerging, Yang et al., ICLR 2024) on a CLIP image tower with K tasks × B unlabeled images:
+
+    θ(λ) = θ0 + Σ_k λ_k τ_k   (one λ per tensor per layer)
+    L(λ) = Σ_t mean_x H(softmax(100 · n(f_θ(x) W_proj) h_tᵀ))      (frozen zero-shot heads h_t, FusionBench's eps)
+    λ ← Adam(∇_λ L),  lr 1e-3, init 0.3, no clamp                   (FusionBench's CLIP settings)
+
+Rows of the table, all measured in this one run on the same sizes:
+
+- ``project``: `adamerging_jax.make_step` jitted, placed exactly as `adamerging()` places its inputs; variants
+  fp32 (matmul precision "highest": true fp32, as the peer's fp32), tf32, bf16 (θ0/τ stored in bf16, model run
+  in bf16, λ/softmax/loss in fp32), each fused or with per-task gradient accumulation.
+- ``jax-floor``: one plain forward+backward of the unmerged tower on the K·B images as one batch (no merge).
+- ``fusion-bench`` / ``torch-floor``: ``../shared/bench/peer_torch.py`` (FusionBench 0.2.33's own
+  `LayerWiseMergedModel`) run in its own Python (``--peer-python``); sizes other than the peer's own
+  (``tiny`` = its ``--tiny``, ``B/32`` = its default) are run by patching only its `vision_config`.
+
+Times are the median (and min) of ``--steps`` (≥ 20 by default) steps after ``--warmup`` untimed steps; the
+project's compile time is measured separately (`lower().compile()`). Memory: on GPU the device's
+``peak_bytes_in_use``; on CPU the process's peak RSS (`getrusage`, cumulative over the run), and for every
+compiled step XLA's own buffer assignment (`memory_analysis()`: arguments + outputs + temporaries).
+
+``--memory-report`` instead compiles (without running, from abstract shapes) the ViT-L/14 step for 8 and 20
+task vectors in several memory modes and prints analytic sizes of θ0, τ, merged θ and its gradient beside
+XLA's compiled peak estimate; ``--memory-run`` also runs each feasible configuration and measures.
+
+Examples:
+    python benchmarks/step_benchmark.py --sizes tiny,small --out bench_cpu.json            # CPU
+    python benchmarks/step_benchmark.py --sizes B/32,L/14 --out bench_gpu.json             # GPU
+    python benchmarks/step_benchmark.py --sizes tiny --no-peer --steps 3 --profile /tmp/prof
+    python benchmarks/step_benchmark.py --memory-report --simulate-devices 8 --out memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_torch.py"
+DEFAULT_PEER_PYTHON = os.environ.get("ADAMERGING_PEER_PYTHON", "/work/peer-venv/bin/python")
+
+# The 8 tasks of the ViT-B/32 AdaMerging benchmark and their class counts (the peer's TASKS); K > 8 cycles.
+CLASS_COUNTS = (397, 196, 45, 10, 10, 43, 10, 47)
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A CLIP image tower (HF `CLIPVisionConfig` fields) and its projection width."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    projection_dim: int
+    peer_flag: str | None  # "--tiny" / "" when peer_torch.py has this size built in, None otherwise
+
+    def hf_config(self) -> dict[str, Any]:
+        return dict(hidden_size=self.width, intermediate_size=self.mlp_dim, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, image_size=self.image_size, patch_size=self.patch_size,
+                    projection_dim=self.projection_dim, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+SIZES = {
+    "tiny": Size(32, 8, 32, 2, 4, 128, 16, "--tiny"),  # peer_torch.py --tiny
+    "small": Size(64, 16, 256, 4, 4, 1024, 128, None),  # a CPU size with ~3M parameters, 17 tokens
+    "B/32": Size(224, 32, 768, 12, 12, 3072, 512, ""),  # openai/clip-vit-base-patch32 (peer default)
+    "L/14": Size(224, 14, 1024, 24, 16, 4096, 768, None),  # openai/clip-vit-large-patch14
+}
+
+# Patches only the peer's size; everything else is peer_torch.py's own code path.
+PEER_LAUNCHER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import peer_torch
+from transformers import CLIPVisionConfig
+config = json.loads(sys.argv[2])
+peer_torch.vision_config = lambda tiny: CLIPVisionConfig(**config)
+peer_torch.main(sys.argv[3:])
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, help=f"comma list of {sorted(SIZES)} (default: tiny,small on CPU, "
+                   "B/32,L/14 on GPU)")
+    p.add_argument("--variants", default=None, help="comma list of project variants PRECISION[-per_task] with "
+                   "PRECISION in fp32, tf32, bf16 (default: fp32,bf16,fp32-per_task; on GPU also tf32)")
+    p.add_argument("--k", type=int, default=8, help="tasks / task vectors (default 8)")
+    p.add_argument("--batch", type=int, default=16, help="images per task per step (default 16)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+    p.add_argument("--devices", type=int, default=1, help="devices of the data mesh (default 1)")
+    p.add_argument("--shard-task-vectors", action="store_true", help="shard θ0/τ over the mesh")
+    p.add_argument("--no-peer", action="store_true", help="skip FusionBench and the torch floor")
+    p.add_argument("--no-jax-floor", action="store_true", help="skip the plain JAX forward+backward")
+    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the venv with fusion-bench")
+    p.add_argument("--peer-script", default=str(DEFAULT_PEER_SCRIPT), help="path of peer_torch.py")
+    p.add_argument("--peer-modes", default=None, help="comma list of fp32, bf16, tf32, floor-fp32, floor-tf32, "
+                   "floor-bf16 (default: fp32,floor-fp32 on CPU; all but tf32 on GPU)")
+    p.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds per peer run")
+    p.add_argument("--profile", default=None, help="write a JAX profiler trace of a few steps of the first "
+                   "project variant at the first size into this directory, and list its top ops")
+    p.add_argument("--memory-report", action="store_true", help="ViT-L/14 memory report for K = 8 and 20")
+    p.add_argument("--memory-run", action="store_true", help="with --memory-report: also run and measure")
+    p.add_argument("--memory-tasks", default="8,20", help="K values of the memory report")
+    p.add_argument("--memory-size", default="L/14", help="size of the memory report")
+    p.add_argument("--simulate-devices", type=int, default=None, help="on CPU: number of simulated devices "
+                   "(sets XLA_FLAGS before jax is imported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="step_benchmark.json", help="JSON result file (written atomically)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.k < 1 or args.batch < 1:
+        p.error("--steps ≥ 1, --warmup ≥ 0, --k ≥ 1 and --batch ≥ 1 are required")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**30, 4)
+
+
+def time_calls(run: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `steps` calls of `run` (which blocks until its result is ready) after warm-up."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def timing_fields(times: list[float]) -> dict[str, Any]:
+    return dict(ms_per_step_median=round(statistics.median(times), 3), ms_per_step_min=round(min(times), 3),
+                steps=len(times))
+
+
+# ------------------------------------------------------------------------------------------ the problem
+
+
+def parse_variant(name: str) -> tuple[str, str]:
+    precision, _, accumulate = name.partition("-")
+    if precision not in ("fp32", "tf32", "bf16") or accumulate not in ("", "per_task", "fused"):
+        raise ValueError(f"unknown variant {name!r}: use PRECISION[-per_task] with PRECISION in fp32, tf32, bf16")
+    return precision, accumulate or "fused"
+
+
+def matmul_precision(precision: str) -> str:
+    """fp32 means true fp32 (as the peer's fp32 with TF32 off); tf32 lets XLA use TF32 on GPUs."""
+    return {"fp32": "highest", "tf32": "tensorfloat32", "bf16": "default"}[precision]
+
+
+class Problem:
+    """θ0 (a random CLIP tower), K stacked task vectors (N(0, noise²) "fine-tuning"), frozen zero-shot heads."""
+
+    def __init__(self, size: Size, k: int, batch: int, seed: int, noise: float = 1e-3, abstract: bool = False):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from adamerging_jax.models import clip
+
+        self.size, self.k, self.batch = size, k, batch
+        self.vision = clip.VisionConfig(size.image_size, size.patch_size, size.width, size.layers, size.heads,
+                                        size.mlp_dim)
+        key = jax.random.key(seed)
+        init = lambda: clip.init_params(clip.ClipConfig(self.vision), key)["vision"]  # noqa: E731
+        self.pretrained = jax.eval_shape(init) if abstract else init()
+        rng = np.random.default_rng(seed)
+        projection = rng.normal(0, size.width**-0.5, (size.width, size.projection_dim)).astype(np.float32)
+        heads = []
+        for t in range(k):
+            h = rng.normal(size=(CLASS_COUNTS[t % len(CLASS_COUNTS)], size.projection_dim)).astype(np.float32)
+            heads.append(h / np.linalg.norm(h, axis=-1, keepdims=True))
+        self.projection, self.heads = jnp.asarray(projection), [jnp.asarray(h) for h in heads]
+        self.noise, self.seed = noise, seed
+        self.stacked = clip.stacked
+        self._clip = clip
+
+    def task_vectors(self, dtype):
+        """τ[k] ~ N(0, noise²) per leaf, made on the device in `dtype` (what `task_vectors` gives for θ_k = θ0 + ε)."""
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(self.pretrained)
+        keys = jax.random.split(jax.random.key(self.seed + 1), len(leaves))
+        make = jax.jit(lambda key, shape: (self.noise * jax.random.normal(key, (self.k, *shape))).astype(dtype),
+                       static_argnums=1)
+        return jax.tree_util.tree_unflatten(treedef, [make(key, leaf.shape) for key, leaf in zip(keys, leaves)])
+
+    def images(self, dtype="float32"):
+        """K batches of B NHWC images, one per task."""
+        import jax
+
+        shape = (self.batch, self.size.image_size, self.size.image_size, 3)
+        keys = jax.random.split(jax.random.key(self.seed + 2), self.k)
+        return [jax.random.normal(key, shape).astype(dtype) for key in keys]
+
+    def features(self, params, images):
+        """L2-normalised image embeddings, run in the dtype of the (merged) parameters."""
+        import jax.numpy as jnp
+
+        dtype = params["patch_embed"]["kernel"].dtype
+        pooled = self._clip.vision_forward(params, images.astype(dtype), self.vision)[1]
+        embeds = pooled.astype(jnp.float32) @ self.projection
+        return embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True)
+
+    def apply(self, params, images, task: int):
+        """FusionBench's CLIP logits: logit_scale 100 · n(embed) @ head_tᵀ, in fp32."""
+        return 100.0 * self.features(params, images) @ self.heads[task].T
+
+
+def project_config(precision: str, accumulate: str, shard: bool):
+    import adamerging_jax as am
+
+    bf16 = precision == "bf16"
+    return am.AdaMergingConfig.fusionbench(accumulate=accumulate, param_dtype="bfloat16" if bf16 else None,
+                                           shard_task_vectors=shard, quiet=True)
+
+
+def placed_inputs(problem: Problem, config, mesh):
+    """(λ, opt_state, θ0, τ, batches) on the mesh, as `adamerging()` places them."""
+    import jax
+    import jax.numpy as jnp
+
+    import adamerging_jax as am
+    from adamerging_jax.core.parallel import place_tree, replicated, shard_batches
+
+    dtype = jnp.dtype(config.param_dtype or "float32")
+    pretrained = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), problem.pretrained)
+    pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
+    task_vectors = place_tree(problem.task_vectors(dtype), mesh, config.shard_task_vectors, skip_leading=1)
+    coefficients = am.init_coefficients(problem.pretrained, problem.k, "layer", config.init_value, problem.stacked)
+    coefficients = jax.device_put(coefficients, replicated(mesh))
+    opt_state = jax.device_put(config.make_optimizer().init(coefficients), replicated(mesh))
+    batches = shard_batches(problem.images(), mesh)
+    return coefficients, opt_state, pretrained, task_vectors, batches
+
+
+def count_coefficients(coefficients) -> int:
+    return sum(int(v.size) for v in coefficients.values.values())
+
+
+def memory_analysis(compiled) -> dict[str, Any]:
+    """XLA's buffer assignment for one call: argument, output, temporary bytes, and their live total."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - backends without it
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    if stats is None:
+        return {"error": "memory_analysis() returned None"}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out = {f.replace("_size_in_bytes", "_gb"): gb(getattr(stats, f, 0)) for f in fields}
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+             - stats.alias_size_in_bytes)
+    out["peak_estimate_gb"] = gb(total)
+    return out
+
+
+def cost_analysis(compiled) -> dict[str, Any]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return {"gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
+            "gbytes_accessed": round(float(cost.get("bytes accessed", 0.0)) / 1e9, 3)}
+
+
+def device_peak_gb() -> float | None:
+    """The accelerator's peak bytes in use (None on CPU, where jax keeps no such statistic)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return gb(stats.get("peak_bytes_in_use"))
+
+
+def bench_project(problem: Problem, variant: str, args, mesh, profile_dir: str | None) -> dict[str, Any]:
+    """Compile and time the project's step for one variant."""
+    import jax
+
+    import adamerging_jax as am
+
+    precision, accumulate = parse_variant(variant)
+    config = project_config(precision, accumulate, args.shard_task_vectors)
+    with jax.default_matmul_precision(matmul_precision(precision)):
+        state = list(placed_inputs(problem, config, mesh))
+        step = jax.jit(am.make_step(problem.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+        n_coefficients = count_coefficients(state[0])
+        start = time.perf_counter()
+        compiled = step.lower(*state).compile()
+        compile_s = time.perf_counter() - start
+
+        def run():
+            state[0], state[1], losses = compiled(*state)
+            return jax.block_until_ready(losses)
+
+        first = [float(x) for x in run()]
+        times = time_calls(run, args.steps, max(args.warmup - 1, 0))
+        last = [float(x) for x in run()]
+        profile = write_profile(profile_dir, run) if profile_dir else None
+    result = dict(impl="project", variant=variant, precision=precision, accumulate=accumulate,
+                  param_dtype=config.param_dtype or "float32", shard_task_vectors=args.shard_task_vectors,
+                  devices=mesh.devices.size, compile_s=round(compile_s, 3), **timing_fields(times),
+                  loss_first=round(sum(first), 5), loss_last=round(sum(last), 5), n_coefficients=n_coefficients,
+                  xla_memory=memory_analysis(compiled), cost=cost_analysis(compiled),
+                  peak_device_gb=device_peak_gb(), peak_rss_gb=round(peak_rss_gb(), 3))
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def bench_jax_floor(problem: Problem, args) -> dict[str, Any]:
+    """One plain fp32 forward+backward of θ0 on the K·B images as one batch, the same heads and loss."""
+    import jax
+    import jax.numpy as jnp
+
+    from adamerging_jax.core.objective import entropy
+
+    images = jnp.concatenate(problem.images())
+    b = problem.batch
+
+    def loss(params):
+        features = problem.features(params, images)
+        return sum(jnp.mean(entropy(100.0 * features[t * b:(t + 1) * b] @ head.T, 1e-8))
+                   for t, head in enumerate(problem.heads))
+
+    with jax.default_matmul_precision("highest"):
+        grad = jax.jit(jax.grad(loss))
+        start = time.perf_counter()
+        compiled = grad.lower(problem.pretrained).compile()
+        compile_s = time.perf_counter() - start
+        times = time_calls(lambda: jax.block_until_ready(compiled(problem.pretrained)), args.steps, args.warmup)
+    return dict(impl="jax-floor", variant="fp32", precision="fp32", compile_s=round(compile_s, 3),
+                **timing_fields(times), xla_memory=memory_analysis(compiled), cost=cost_analysis(compiled))
+
+
+# ------------------------------------------------------------------------------------------- profiling
+
+
+def write_profile(directory: str, run: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
+    """Trace `steps` calls with the JAX profiler into `directory` and list the ops that took longest."""
+    import jax
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            run()
+    traces = sorted(Path(directory).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    top = top_trace_events(traces[-1], steps) if traces else []
+    return dict(directory=str(directory), steps=steps, trace=str(traces[-1]) if traces else None, top_ops=top)
+
+
+def top_trace_events(trace: Path, steps: int, limit: int = 15) -> list[dict[str, Any]]:
+    """Total duration per event name of the trace's complete events on device/XLA threads, per step, top first.
+
+    Python-side events (the host's own trace threads) are excluded, so what remains is what XLA ran.
+    """
+    with gzip.open(trace, "rt") as f:
+        data = json.load(f)
+    events = data.get("traceEvents", data) if isinstance(data, dict) else data
+    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        thread = threads.get((e.get("pid"), e.get("tid")), "")
+        name = e.get("name", "")
+        if "python" in thread.lower() or name.startswith(("$", "<")) or "ThunkExecutor" in name:
+            continue
+        entry = totals.setdefault(e["name"], [0.0, 0])
+        entry[0] += float(e["dur"]) / 1e3
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:limit]
+    return [dict(name=name, ms_per_step=round(ms / steps, 4), calls_per_step=round(n / steps, 2))
+            for name, (ms, n) in ranked]
+
+
+# ------------------------------------------------------------------------------------------------ peer
+
+
+def peer_command(args, size_name: str, mode: str) -> list[str]:
+    size = SIZES[size_name]
+    precision = mode.removeprefix("floor-")
+    flags = ["--k", str(args.k), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+             str(args.warmup), "--seed", str(args.seed)]
+    flags += {"fp32": [], "tf32": ["--tf32"], "bf16": ["--bf16"]}[precision]
+    if mode.startswith("floor-"):
+        flags.append("--floor")
+    if args.k > len(CLASS_COUNTS):
+        raise ValueError(f"the peer supports at most {len(CLASS_COUNTS)} tasks, got --k {args.k}")
+    if size.peer_flag is not None:
+        return [args.peer_python, args.peer_script, *([size.peer_flag] if size.peer_flag else []), *flags]
+    return [args.peer_python, "-c", PEER_LAUNCHER, str(Path(args.peer_script).parent),
+            json.dumps(size.hf_config()), *flags]
+
+
+def bench_peer(args, size_name: str, mode: str, device: str) -> dict[str, Any]:
+    """Run peer_torch.py (FusionBench or the torch floor) in its own interpreter; parse its JSON line."""
+    command = peer_command(args, size_name, mode) + ["--device", device]
+    impl = "torch-floor" if mode.startswith("floor-") else "fusion-bench"
+    row = dict(impl=impl, variant=mode.removeprefix("floor-"), precision=mode.removeprefix("floor-"))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {**row, "error": f"{type(e).__name__}: {e}"[:300]}
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"bench"')]
+    if done.returncode or not lines:
+        return {**row, "error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"}
+    peer = json.loads(lines[-1])
+    row.update(ms_per_step_median=peer["ms_per_step_median"], ms_per_step_min=peer["ms_per_step_min"],
+               steps=peer["steps"], peak_device_gb=peer.get("peak_mem_gb"), peer=peer)
+    return row
+
+
+# ----------------------------------------------------------------------------------------- the report
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'size':6} {'impl':13} {'variant':14} {'ms/step':>10} {'min':>10} {'compile s':>9} " \
+             f"{'XLA peak GB':>11} {'dev peak GB':>11} {'vs FusionBench':>14}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['size']:6} {r['impl']:13} {r['variant']:14} error: {r['error'][:80]}")
+            continue
+        xla = (r.get("xla_memory") or {}).get("peak_estimate_gb")
+        speedup = r.get("speedup_vs_fusion_bench")
+        cells = [f"{r['ms_per_step_median']:10.2f}", f"{r['ms_per_step_min']:10.2f}",
+                 f"{r['compile_s']:9.2f}" if "compile_s" in r else f"{'':9}",
+                 f"{xla:11.4f}" if xla is not None else f"{'':11}",
+                 f"{r['peak_device_gb']:11.3f}" if r.get("peak_device_gb") is not None else f"{'':11}",
+                 f"{speedup:13.1f}x" if speedup else ""]
+        print(f"{r['size']:6} {r['impl']:13} {r['variant']:14} " + " ".join(cells))
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_fusion_bench = FusionBench's fp32 median / this row's median, per size."""
+    for size in {r["size"] for r in rows}:
+        peer = [r for r in rows if r["size"] == size and r["impl"] == "fusion-bench" and r["variant"] == "fp32"
+                and "error" not in r]
+        if not peer:
+            continue
+        for r in rows:
+            if r["size"] == size and "error" not in r:
+                r["speedup_vs_fusion_bench"] = round(peer[0]["ms_per_step_median"] / r["ms_per_step_median"], 2)
+
+
+def machine() -> dict[str, Any]:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(platform=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+                device_kind=jax.devices()[0].device_kind, cpu=cpu, cpu_count=os.cpu_count(),
+                python=platform.python_version(), jax=jax.__version__, hostname=platform.node())
+
+
+def run_benchmark(args) -> dict[str, Any]:
+    import jax
+
+    from adamerging_jax.core.parallel import data_mesh
+
+    gpu = jax.default_backend() == "gpu"
+    sizes = (args.sizes or ("B/32,L/14" if gpu else "tiny,small")).split(",")
+    variants = (args.variants or ("fp32,tf32,bf16,fp32-per_task" if gpu else "fp32,bf16,fp32-per_task")).split(",")
+    peer_modes = (args.peer_modes or ("fp32,bf16,floor-fp32,floor-tf32,floor-bf16" if gpu else "fp32,floor-fp32")
+                  ).split(",")
+    for name in sizes:
+        if name not in SIZES:
+            raise ValueError(f"unknown size {name!r}; known: {sorted(SIZES)}")
+    for variant in variants:
+        parse_variant(variant)
+    if args.devices > len(jax.devices()):
+        raise ValueError(f"--devices {args.devices} but only {len(jax.devices())} devices are visible")
+    mesh = data_mesh(jax.devices()[: args.devices])
+
+    rows = []
+    for size_index, name in enumerate(sizes):
+        problem = Problem(SIZES[name], args.k, args.batch, args.seed)
+        for variant_index, variant in enumerate(variants):
+            profile = args.profile if size_index == 0 and variant_index == 0 else None
+            rows.append(dict(size=name, **bench_project(problem, variant, args, mesh, profile)))
+            print(f"[{name}] project {variant}: {rows[-1]['ms_per_step_median']:.2f} ms", file=sys.stderr)
+        if not args.no_jax_floor:
+            rows.append(dict(size=name, **bench_jax_floor(problem, args)))
+        del problem
+        if not args.no_peer:
+            for mode in peer_modes:
+                rows.append(dict(size=name, **bench_peer(args, name, mode, "cuda" if gpu else "cpu")))
+                print(f"[{name}] peer {mode}: {rows[-1].get('ms_per_step_median', rows[-1].get('error'))}",
+                      file=sys.stderr)
+    add_speedups(rows)
+    return dict(bench="adamerging_layerwise_step", machine=machine(), k=args.k, batch_per_task=args.batch,
+                steps=args.steps, warmup=args.warmup, sizes={n: dataclasses.asdict(SIZES[n]) for n in sizes},
+                rows=rows, peak_rss_gb=round(peak_rss_gb(), 3),
+                command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+
+# ------------------------------------------------------------------------------------ memory report
+
+
+def analytic_memory(problem: Problem, param_bytes: int, k: int) -> dict[str, Any]:
+    """Bytes of what a step must hold regardless of implementation: θ0, τ (K copies), the merged θ and ∂L/∂θ
+    (float32, as the merge accumulates), and the activations saved for the backward pass of one task and of all
+    K tasks (ViT: per layer and token ≈ (10·W + 2·mlp) floats plus heads·tokens attention probabilities, float32).
+    """
+    import jax
+
+    n = sum(int(x.size) for x in jax.tree_util.tree_leaves(problem.pretrained))
+    size = problem.size
+    tokens = (size.image_size // size.patch_size) ** 2 + 1
+    per_image = size.layers * tokens * (10 * size.width + 2 * size.mlp_dim + size.heads * tokens) * 4
+    return dict(n_params=n, theta0_gb=gb(n * param_bytes), task_vectors_gb=gb(k * n * param_bytes),
+                merged_fp32_gb=gb(n * 4), merged_grad_fp32_gb=gb(n * 4),
+                activations_one_task_gb=gb(per_image * problem.batch),
+                activations_all_tasks_gb=gb(per_image * problem.batch * k))
+
+
+def memory_report(args) -> dict[str, Any]:
+    """Compile the step from abstract shapes for K in --memory-tasks and several modes; report XLA's peak."""
+    import jax
+    import jax.numpy as jnp
+
+    import adamerging_jax as am
+    from adamerging_jax.core.parallel import batch_sharding, data_mesh, parameter_sharding, replicated
+
+    devices = jax.devices()
+    modes = [("fp32", "fused", False), ("bf16", "fused", False), ("bf16", "per_task", False)]
+    if len(devices) > 1:
+        modes.append(("bf16", "per_task", True))
+    rows = []
+    for k in [int(x) for x in args.memory_tasks.split(",")]:
+        problem = Problem(SIZES[args.memory_size], k, args.batch, args.seed, abstract=True)
+        for precision, accumulate, shard in modes:
+            mesh = data_mesh(devices if shard else devices[:1])
+            config = project_config(precision, accumulate, shard)
+            dtype = jnp.dtype(config.param_dtype or "float32")
+
+            def spec(x, skip, dtype=dtype):
+                sharding = parameter_sharding(mesh, x.shape, skip) if shard else replicated(mesh)
+                return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
+
+            pretrained = jax.tree_util.tree_map(lambda x: spec(x, 0), problem.pretrained)
+            tau = jax.tree_util.tree_map(
+                lambda x: spec(jax.ShapeDtypeStruct((k, *x.shape), x.dtype), 1), problem.pretrained)
+            coefficients = am.init_coefficients(problem.pretrained, k, "layer", 0.3, problem.stacked)
+            opt_state = config.make_optimizer().init(coefficients)
+            image = (args.batch, problem.size.image_size, problem.size.image_size, 3)
+            batches = [jax.ShapeDtypeStruct(image, jnp.float32, sharding=batch_sharding(mesh)) for _ in range(k)]
+            step = jax.jit(am.make_step(problem.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+            start = time.perf_counter()
+            compiled = step.lower(coefficients, opt_state, pretrained, tau, batches).compile()
+            row = dict(k=k, precision=precision, accumulate=accumulate, shard_task_vectors=shard,
+                       devices=mesh.devices.size, batch_per_task=args.batch,
+                       compile_s=round(time.perf_counter() - start, 2),
+                       xla_memory_per_device=memory_analysis(compiled),
+                       analytic=analytic_memory(problem, dtype.itemsize, k))
+            if args.memory_run:
+                row["measured"] = measure_memory_run(problem, config, mesh, args)
+            rows.append(row)
+            print(f"[memory] K={k} {precision} {accumulate} shard={shard}: "
+                  f"{row['xla_memory_per_device'].get('peak_estimate_gb')} GB (XLA)", file=sys.stderr)
+    return dict(bench="adamerging_memory_report", size=args.memory_size, machine=machine(), rows=rows,
+                command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                note="xla_memory_per_device is XLA's buffer assignment of the compiled step (estimated without "
+                     "running); analytic sizes are computed from the shapes; 'measured' rows ran the step.")
+
+
+def measure_memory_run(problem: Problem, config, mesh, args) -> dict[str, Any]:
+    """Build real arrays and run two steps; peak device memory (GPU) or peak process RSS (CPU)."""
+    import jax
+
+    import adamerging_jax as am
+
+    real = Problem(problem.size, problem.k, problem.batch, problem.seed)
+    state = list(placed_inputs(real, config, mesh))
+    step = jax.jit(am.make_step(real.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        state[0], state[1], losses = step(*state)
+        jax.block_until_ready(losses)
+        times.append(round(time.perf_counter() - start, 3))
+    del state
+    return dict(step_s=times, peak_device_gb=device_peak_gb(), peak_rss_gb=round(peak_rss_gb(), 3))
+
+
+def print_memory_table(report: dict[str, Any]) -> None:
+    print(f"memory report: CLIP {report['size']}")
+    header = (f"{'K':>3} {'mode':24} {'dev':>3} {'θ0 GB':>7} {'τ GB':>7} {'act(1 task)':>11} {'act(K)':>8} "
+              f"{'XLA args':>9} {'XLA temp':>9} {'XLA peak':>9} {'measured':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in report["rows"]:
+        a, x = r["analytic"], r["xla_memory_per_device"]
+        mode = f"{r['precision']}-{r['accumulate']}" + ("-sharded" if r["shard_task_vectors"] else "")
+        measured = r.get("measured", {})
+        peak = measured.get("peak_device_gb") or measured.get("peak_rss_gb")
+        print(f"{r['k']:3} {mode:24} {r['devices']:3} {a['theta0_gb']:7.3f} {a['task_vectors_gb']:7.3f} "
+              f"{a['activations_one_task_gb']:11.3f} {a['activations_all_tasks_gb']:8.3f} "
+              f"{x.get('argument_gb') or 0:9.3f} {x.get('temp_gb') or 0:9.3f} {x.get('peak_estimate_gb') or 0:9.3f} "
+              + (f"{peak:9.3f}" if peak else ""))
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.simulate_devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.simulate_devices}".strip()
+    sys.path.insert(0, str(REPO))
+    if args.memory_report:
+        report = memory_report(args)
+        print_memory_table(report)
+    else:
+        report = run_benchmark(args)
+        print_table(report["rows"])
+    write_json_atomic(args.out, report)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
