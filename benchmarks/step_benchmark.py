@@ -283,10 +283,9 @@ def memory_analysis(compiled) -> dict[str, Any]:
         return {"error": "memory_analysis() returned None"}
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
               "generated_code_size_in_bytes")
-    out = {f.replace("_size_in_bytes", "_gb"): gb(getattr(stats, f, 0)) for f in fields}
-    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-             - stats.alias_size_in_bytes)
-    out["peak_estimate_gb"] = gb(total)
+    out = {f.replace("_size_in_bytes", "_bytes"): int(getattr(stats, f, 0)) for f in fields}
+    out["peak_estimate_bytes"] = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
     return out
 
 
@@ -460,7 +459,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "error" in r:
             print(f"{r['size']:6} {r['impl']:13} {r['variant']:14} error: {r['error'][:80]}")
             continue
-        xla = (r.get("xla_memory") or {}).get("peak_estimate_gb")
+        xla = gb((r.get("xla_memory") or {}).get("peak_estimate_bytes"))
         speedup = r.get("speedup_vs_fusion_bench")
         cells = [f"{r['ms_per_step_median']:10.2f}", f"{r['ms_per_step_min']:10.2f}",
                  f"{r['compile_s']:9.2f}" if "compile_s" in r else f"{'':9}",
@@ -551,10 +550,10 @@ def analytic_memory(problem: Problem, param_bytes: int, k: int) -> dict[str, Any
     size = problem.size
     tokens = (size.image_size // size.patch_size) ** 2 + 1
     per_image = size.layers * tokens * (10 * size.width + 2 * size.mlp_dim + size.heads * tokens) * 4
-    return dict(n_params=n, theta0_gb=gb(n * param_bytes), task_vectors_gb=gb(k * n * param_bytes),
-                merged_fp32_gb=gb(n * 4), merged_grad_fp32_gb=gb(n * 4),
-                activations_one_task_gb=gb(per_image * problem.batch),
-                activations_all_tasks_gb=gb(per_image * problem.batch * k))
+    return dict(n_params=n, theta0_bytes=n * param_bytes, task_vectors_bytes=k * n * param_bytes,
+                merged_fp32_bytes=n * 4, merged_grad_fp32_bytes=n * 4,
+                activations_one_task_bytes=per_image * problem.batch,
+                activations_all_tasks_bytes=per_image * problem.batch * k)
 
 
 def memory_report(args) -> dict[str, Any]:
@@ -600,7 +599,7 @@ def memory_report(args) -> dict[str, Any]:
                 row["measured"] = measure_memory_run(problem, config, mesh, args)
             rows.append(row)
             print(f"[memory] K={k} {precision} {accumulate} shard={shard}: "
-                  f"{row['xla_memory_per_device'].get('peak_estimate_gb')} GB (XLA)", file=sys.stderr)
+                  f"{gb(row['xla_memory_per_device'].get('peak_estimate_bytes'))} GB (XLA)", file=sys.stderr)
     return dict(bench="adamerging_memory_report", size=args.memory_size, machine=machine(), rows=rows,
                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 note="xla_memory_per_device is XLA's buffer assignment of the compiled step (estimated without "
@@ -633,13 +632,15 @@ def print_memory_table(report: dict[str, Any]) -> None:
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
-        a, x = r["analytic"], r["xla_memory_per_device"]
+        a = {key: gb(value) for key, value in r["analytic"].items()}
+        x = {key: gb(value) for key, value in r["xla_memory_per_device"].items() if key != "error"}
         mode = f"{r['precision']}-{r['accumulate']}" + ("-sharded" if r["shard_task_vectors"] else "")
         measured = r.get("measured", {})
         peak = measured.get("peak_device_gb") or measured.get("peak_rss_gb")
-        print(f"{r['k']:3} {mode:24} {r['devices']:3} {a['theta0_gb']:7.3f} {a['task_vectors_gb']:7.3f} "
-              f"{a['activations_one_task_gb']:11.3f} {a['activations_all_tasks_gb']:8.3f} "
-              f"{x.get('argument_gb') or 0:9.3f} {x.get('temp_gb') or 0:9.3f} {x.get('peak_estimate_gb') or 0:9.3f} "
+        print(f"{r['k']:3} {mode:24} {r['devices']:3} {a['theta0_bytes']:7.3f} {a['task_vectors_bytes']:7.3f} "
+              f"{a['activations_one_task_bytes']:11.3f} {a['activations_all_tasks_bytes']:8.3f} "
+              f"{x.get('argument_bytes') or 0:9.3f} {x.get('temp_bytes') or 0:9.3f} "
+              f"{x.get('peak_estimate_bytes') or 0:9.3f} "
               + (f"{peak:9.3f}" if peak else ""))
 
 

@@ -1,0 +1,90 @@
+"""benchmarks/step_benchmark.py in its tiny CPU mode: it runs, and its JSON has the fields the report needs.
+
+Speed is not asserted. The FusionBench peer is replaced by a stand-in `peer_torch.py` that prints a fixed
+JSON line, so the side-by-side plumbing (command, parsing, speed-up column) is exercised without the peer's
+venv; `--no-peer` is covered by the memory-report test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "step_benchmark.py"
+
+FAKE_PEER = """
+import json, sys
+floor = "--floor" in sys.argv
+print("peer log line")
+print(json.dumps({"bench": "torch_floor" if floor else "fusion_bench_layerwise_adamerging",
+                  "ms_per_step_median": 50.0 if floor else 500.0, "ms_per_step_min": 40.0, "steps": 2,
+                  "argv": sys.argv[1:]}))
+"""
+
+
+def run_script(*flags: str, cwd: Path) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
+    peer = tmp_path / "peer_torch.py"
+    peer.write_text(FAKE_PEER)
+    out = tmp_path / "bench.json"
+    done = run_script("--sizes", "tiny", "--k", "2", "--batch", "4", "--steps", "2", "--warmup", "1",
+                      "--variants", "fp32", "--peer-python", sys.executable, "--peer-script", str(peer),
+                      "--profile", str(tmp_path / "trace"), "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["bench"] == "adamerging_layerwise_step"
+    assert report["k"] == 2 and report["batch_per_task"] == 4 and report["steps"] == 2
+    assert report["machine"]["platform"] == "cpu" and report["machine"]["jax"]
+    rows = {(r["impl"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {("project", "fp32"), ("jax-floor", "fp32"), ("fusion-bench", "fp32"), ("torch-floor", "fp32")}
+
+    project = rows["project", "fp32"]
+    assert project["size"] == "tiny" and project["accumulate"] == "fused" and project["param_dtype"] == "float32"
+    assert project["steps"] == 2 and 0 < project["ms_per_step_min"] <= project["ms_per_step_median"]
+    assert project["compile_s"] > 0 and project["peak_rss_gb"] > 0
+    # one λ per tensor per layer: 2 layers × 16 tensors + 7 unstacked leaves (the peer's 39 HF tensors) × K
+    assert project["n_coefficients"] == 2 * 39
+    assert project["xla_memory"]["peak_estimate_bytes"] > 0 and project["cost"]["gflops"] > 0
+    assert project["loss_first"] > 0
+    profile = project["profile"]
+    assert Path(profile["trace"]).is_file() and profile["top_ops"]
+    assert all(op["ms_per_step"] >= 0 for op in profile["top_ops"])
+
+    # the peer ran with the benchmark's sizes and its JSON line was parsed; speed-ups divide by its median
+    fusion_bench, floor = rows["fusion-bench", "fp32"], rows["torch-floor", "fp32"]
+    assert fusion_bench["peer"]["argv"][:7] == ["--tiny", "--k", "2", "--batch", "4", "--steps", "2"]
+    assert "--floor" in floor["peer"]["argv"] and "--floor" not in fusion_bench["peer"]["argv"]
+    assert fusion_bench["ms_per_step_median"] == 500.0 and floor["ms_per_step_median"] == 50.0
+    assert floor["speedup_vs_fusion_bench"] == 10.0
+    assert project["speedup_vs_fusion_bench"] == round(500.0 / project["ms_per_step_median"], 2)
+    assert "fusion-bench" in done.stdout and "project" in done.stdout  # the printed table
+
+
+def test_memory_report_compiles_without_running(tmp_path):
+    out = tmp_path / "memory.json"
+    run_script("--memory-report", "--memory-size", "tiny", "--memory-tasks", "2", "--batch", "4",
+               "--simulate-devices", "2", "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["bench"] == "adamerging_memory_report" and report["size"] == "tiny"
+    modes = {(r["precision"], r["accumulate"], r["shard_task_vectors"]): r for r in report["rows"]}
+    assert set(modes) == {("fp32", "fused", False), ("bf16", "fused", False), ("bf16", "per_task", False),
+                          ("bf16", "per_task", True)}
+    fp32, bf16 = modes["fp32", "fused", False], modes["bf16", "fused", False]
+    n = fp32["analytic"]["n_params"]
+    assert fp32["analytic"]["task_vectors_bytes"] == 2 * n * 4 and bf16["analytic"]["task_vectors_bytes"] == 2 * n * 2
+    # XLA's arguments of the step hold θ0 and τ (plus λ, Adam's state and the images)
+    assert fp32["xla_memory_per_device"]["argument_bytes"] > 3 * n * 4
+    assert modes["bf16", "per_task", True]["devices"] == 2
+    # sharding θ0/τ over 2 devices shrinks each device's arguments below the replicated step's
+    sharded = modes["bf16", "per_task", True]["xla_memory_per_device"]["argument_bytes"]
+    replicated = modes["bf16", "per_task", False]["xla_memory_per_device"]["argument_bytes"]
+    assert 0 < sharded < replicated
