@@ -164,7 +164,8 @@ def _resolve(obj: Any) -> Any:
         return obj.resolve()
     if isinstance(obj, dict):
         resolved = type(obj)((key, _resolve(value)) for key, value in obj.items())
-        vars(resolved).update(getattr(obj, "__dict__", {})) if hasattr(resolved, "__dict__") else None
+        if hasattr(obj, "__dict__"):  # torch's state dict carries ``_metadata`` as an attribute
+            vars(resolved).update(vars(obj))
         return resolved
     if isinstance(obj, (list, tuple)):
         return type(obj)(_resolve(value) for value in obj)
