@@ -93,6 +93,14 @@ def test_matches_a_torch_reference_forward_on_the_real_weights(weights):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=2e-4)
 
 
+def test_features_in_batches_equals_one_forward(weights):
+    images = np.random.default_rng(1).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+    expected = jax.jit(efficientnet.features)(weights.params, weights.batch_stats, images)
+    batched = efficientnet.features_in_batches(weights.params, weights.batch_stats, images, batch_size=2)
+    assert batched.shape == (5, 1280)
+    np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_it_is_the_real_imagenet_network(weights):
     skimage_data = pytest.importorskip("skimage.data")
     photos = np.concatenate([preprocess(skimage_data.chelsea()[None], 224), preprocess(skimage_data.coffee()[None], 224)])

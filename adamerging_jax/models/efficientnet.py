@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -58,10 +59,6 @@ class EfficientNetConfig:
     stages: tuple[StageSpec, ...]
     stem_channels: int = 32
     head_channels: int = 1280
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(stage.repeats for stage in self.stages)
 
 
 LITE0 = EfficientNetConfig(
@@ -240,6 +237,24 @@ def logits(
 ) -> jax.Array:
     """ImageNet logits ``features(x) @ kernel + bias`` with the checkpoint's fully connected layer."""
     return features(params, batch_stats, x, config) @ classifier["kernel"] + classifier["bias"]
+
+
+_jitted_features = jax.jit(features, static_argnames="config")
+
+
+def features_in_batches(
+    params: PyTree, batch_stats: PyTree, images: np.ndarray, batch_size: int = 250, config: EfficientNetConfig = LITE0
+) -> np.ndarray:
+    """``features`` of many images, ``batch_size`` at a time through one jitted forward (the last batch is
+    zero-padded so that every call has the same shape). Returns numpy [N, head_channels]."""
+    images = np.asarray(images, np.float32)
+    batch_size = max(1, min(batch_size, len(images)))
+    out = np.empty((len(images), config.head_channels), np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), np.float32)])
+        out[start : start + len(batch)] = np.asarray(_jitted_features(params, batch_stats, padded, config=config))[: len(batch)]
+    return out
 
 
 def stacked(path: str) -> bool:
