@@ -123,13 +123,15 @@ def finetune(
     labels = np.asarray(labels, np.int32)
     if len(images) != len(labels):
         raise ValueError(f"{description}: {len(images)} images but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError(f"{description}: no training images")
     if labels.min() < 0 or labels.max() >= head.num_classes:
         raise ValueError(f"{description}: labels must lie in [0, {head.num_classes}), got [{labels.min()}, {labels.max()}]")
     batch_size = min(config.batch_size, len(images))
     steps_per_epoch = len(images) // batch_size
     total_steps = steps_per_epoch * config.epochs
 
-    schedule = learning_rate_schedule(config, total_steps)
+    rates = np.asarray(learning_rate_schedule(config, total_steps)(jnp.arange(total_steps)), np.float32)
     params = jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, dtype=jnp.float32, copy=True), params)
     opt_state = ADAM.init(params)
     rng = np.random.default_rng(config.seed)
@@ -137,9 +139,8 @@ def finetune(
     with tqdm(total=total_steps, desc=description, disable=quiet, leave=False) as progress:
         for _ in range(config.epochs):
             for batch in epoch_batches(len(images), batch_size, rng):
-                learning_rate = jnp.float32(schedule(len(losses)))
                 params, opt_state, loss = train_step(
-                    params, opt_state, batch_stats, head, images[batch], labels[batch], learning_rate, features_fn
+                    params, opt_state, batch_stats, head, images[batch], labels[batch], rates[len(losses)], features_fn
                 )
                 losses.append(loss)
                 progress.update(1)
