@@ -15,6 +15,7 @@ from adamerging_jax.models.efficientnet import EfficientNetConfig, StageSpec
 
 TINY = EfficientNetConfig(stages=(StageSpec(1, 3, 1, 1, 8), StageSpec(2, 3, 2, 2, 12)), stem_channels=8, head_channels=16)
 tiny_features = partial(efficientnet.features, config=TINY)
+eval_features = jax.jit(tiny_features)  # direct calls: eager Flax is slow
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,13 @@ def setup():
     )
     labels = np.arange(48) % 3
     images = (rng.normal(size=(48, 16, 16, 3)) * 0.3 + labels[:, None, None, None] * 0.4).astype(np.float32)
-    head = prototype_head(tiny_features(params, batch_stats, images[:3]), labels[:3], 3, scale=30.0)
+    head = prototype_head(eval_features(params, batch_stats, images[:3]), labels[:3], 3, scale=30.0)
     return params, batch_stats, head, images, labels
 
 
+@jax.jit
 def full_loss(params, batch_stats, head, images, labels):
-    return float(classification_loss(params, batch_stats, head, images, labels, tiny_features))
+    return classification_loss(params, batch_stats, head, images, labels, tiny_features)
 
 
 def test_lowers_training_loss_and_leaves_head_and_bn_statistics_unchanged(setup):
@@ -60,8 +62,8 @@ def test_batchnorm_stays_in_inference_mode_after_finetuning(setup):
     result = finetune(
         params, batch_stats, head, images, labels, FinetuneConfig(1e-3, epochs=1, batch_size=16), features_fn=tiny_features, quiet=True
     )
-    alone = tiny_features(result.params, batch_stats, images[:1])
-    in_batch = tiny_features(result.params, batch_stats, images[:16])[:1]
+    alone = eval_features(result.params, batch_stats, images[:1])
+    in_batch = eval_features(result.params, batch_stats, images[:16])[:1]
     np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-6)  # no batch statistics are used
 
 
