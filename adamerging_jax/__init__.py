@@ -15,7 +15,7 @@ from adamerging_jax.core.methods import (
     ties_task_vectors,
     weight_average,
 )
-from adamerging_jax.core.objective import entropy, entropy_objective
+from adamerging_jax.core.objective import SharedBackbone, entropy, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, AdaMergingResult, adamerging, load_coefficients, make_step
 from adamerging_jax.core.parallel import data_mesh
 from adamerging_jax.core.task_vectors import task_vectors
@@ -30,6 +30,7 @@ __all__ = [
     "AdaMergingResult",
     "Coefficients",
     "MERGE_METHODS",
+    "SharedBackbone",
     "adamerging",
     "dare",
     "dare_task_arithmetic",

@@ -65,3 +65,16 @@ def test_lambda_gradient_matches_central_finite_differences_in_float64(granulari
                 numeric = (float(loss(plus)) - float(loss(minus))) / (2 * h)
                 np.testing.assert_allclose(float(grad.values[group][index]), numeric, rtol=1e-5, atol=1e-8, err_msg=f"{group}{index}")
 
+
+
+def test_shared_backbone_objective_equals_separate_task_forwards():
+    problem = make_problem()
+    batches = [x[8 * t : 8 * t + 8 + 4 * t] for t, (x, _) in enumerate(problem.test)]  # unequal batch sizes
+    shared = am.SharedBackbone(features, lambda f, t: f @ problem.heads[t])
+    total, per_task = am.entropy_objective(shared, problem.pretrained, batches, batches_per_task=2)
+    separate_total, separate = am.entropy_objective(problem.apply, problem.pretrained, batches, batches_per_task=2)
+    np.testing.assert_allclose(per_task, separate, rtol=1e-6)
+    np.testing.assert_allclose(total, separate_total, rtol=1e-6)
+    grad = lambda fn: jax.grad(lambda p: am.entropy_objective(fn, p, batches)[0])(problem.pretrained)  # noqa: E731
+    for a, b in zip(jax.tree_util.tree_leaves(grad(shared)), jax.tree_util.tree_leaves(grad(problem.apply))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

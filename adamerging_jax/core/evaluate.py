@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -22,6 +23,12 @@ class Accuracy:
     @property
     def mean(self) -> float:
         return float(np.mean(list(self.per_task.values())))
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _predict(apply_fn: ApplyFn, params: PyTree, images: Any, task: int) -> jax.Array:
+    """Predicted classes; compiled once per (apply_fn, task, batch shape) and reused across calls."""
+    return jnp.argmax(apply_fn(params, images, task), axis=-1)
 
 
 def _batches(test_set: Any, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -53,7 +60,6 @@ def evaluate(
     names = list(task_names) if task_names is not None else [str(t) for t in range(len(test_sets))]
     if len(names) != len(test_sets):
         raise ValueError(f"{len(names)} task names for {len(test_sets)} test sets")
-    predict = jax.jit(lambda p, x, t: jnp.argmax(apply_fn(p, x, t), axis=-1), static_argnums=2)
     per_task = {}
     for task, (name, test_set) in enumerate(zip(names, test_sets)):
         correct = total = 0
@@ -62,7 +68,7 @@ def evaluate(
             if count < batch_size and isinstance(images, np.ndarray):
                 pad = np.zeros((batch_size - count, *images.shape[1:]), images.dtype)
                 images = np.concatenate([images, pad])
-            predictions = np.asarray(predict(params, images, task))[:count]
+            predictions = np.asarray(_predict(apply_fn, params, images, task))[:count]
             correct += int(np.sum(predictions == np.asarray(labels)))
             total += count
         if total == 0:

@@ -42,7 +42,12 @@ def merge(
         if clamp is not None:
             lam = jnp.clip(lam, clamp[0], clamp[1])
         lam = lam.reshape(lam.shape + (1,) * (tau.ndim - lam.ndim))
-        merged = theta0.astype(acc) + jnp.sum(lam * tau.astype(acc), axis=0)
+        # Σ_k as K multiply-adds rather than jnp.sum(λ ⊙ τ, axis=0): XLA:CPU lowers that leading-axis reduction
+        # of a broadcast product to a slow XNNPACK fusion (1.5 s instead of 6 ms for 8 × 3M floats on 2 cores).
+        weighted = lam[0] * tau[0].astype(acc)
+        for k in range(1, tau.shape[0]):
+            weighted = weighted + lam[k] * tau[k].astype(acc)
+        merged = theta0.astype(acc) + weighted
         return merged.astype(dtype or theta0.dtype)
 
     return map_with_path(merge_leaf, pretrained, task_vectors)

@@ -5,6 +5,7 @@ Each method takes the pretrained tree and stacked task vectors (`task_vectors`) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Literal
 
 import jax
@@ -15,16 +16,19 @@ from adamerging_jax.core.transforms import disjoint_reduce, drop, elect_sign, ke
 from adamerging_jax.core.trees import PyTree
 
 
+@jax.jit
 def task_arithmetic(pretrained: PyTree, task_vectors: PyTree, scale: float = 0.3) -> PyTree:
     """θ = θ0 + s Σ_k τ_k (Ilharco et al., ICLR 2023); s = 0.3 is the AdaMerging paper's baseline."""
     return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda tau: scale * disjoint_reduce(tau, "sum"), task_vectors))
 
 
+@jax.jit
 def weight_average(pretrained: PyTree, task_vectors: PyTree) -> PyTree:
     """θ = (1/K) Σ_k θ_k = θ0 + (1/K) Σ_k τ_k (Wortsman et al., "Model soups", ICML 2022)."""
     return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda tau: jnp.mean(tau.astype(jnp.float32), axis=0), task_vectors))
 
 
+@partial(jax.jit, static_argnames=("density", "scope", "total_size", "sign_method"))
 def ties_task_vectors(
     task_vectors: PyTree,
     density: float = 0.2,
@@ -41,6 +45,7 @@ def ties_task_vectors(
     return keep_agreeing(trimmed, elect_sign(trimmed, sign_method))
 
 
+@partial(jax.jit, static_argnames=("density", "reduce", "scope", "total_size"))
 def ties_merging(
     pretrained: PyTree,
     task_vectors: PyTree,

@@ -13,6 +13,7 @@ each task's batch sharded on its example axis; the result equals the single-devi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -194,6 +195,25 @@ def make_step(
     return step
 
 
+_STEP_IRRELEVANT = dict(
+    steps=0, granularity="layer", init_value=0.0, batch_size=0, stacked=None, shard_task_vectors=False,
+    checkpoint_dir=None, checkpoint_every=1, seed=0, quiet=True,
+)
+
+
+def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., Any]:
+    """The jitted step, shared by runs whose step computes the same thing (e.g. AdaMerging and ++)."""
+    try:
+        return _cached_step(apply_fn, dataclasses.replace(config, **_STEP_IRRELEVANT))
+    except TypeError:  # an unhashable apply_fn or optimizer: compile for this run only
+        return jax.jit(make_step(apply_fn, config.make_optimizer(), config), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., Any]:
+    return jax.jit(make_step(apply_fn, config.make_optimizer(), config), donate_argnums=(0, 1))
+
+
 def _check_batches(batches: Batches, k: int, step: int) -> None:
     if len(batches) != k:
         raise ValueError(f"step {step}: got batches for {len(batches)} tasks, the task vectors hold K = {k}")
@@ -276,7 +296,7 @@ def adamerging(
         if start > config.steps:
             raise ValueError(f"checkpoint in {checkpointer.directory} is at step {start}, past steps={config.steps}")
 
-    step_fn = jax.jit(make_step(apply_fn, optimizer, config), donate_argnums=(0, 1))
+    step_fn = _compiled_step(apply_fn, config)
     pending: list[jax.Array] = []
     stream = _batch_stream(batches, start)
     progress = tqdm(range(start, config.steps), desc="AdaMerging", disable=config.quiet, initial=start, total=config.steps)

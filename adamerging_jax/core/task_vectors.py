@@ -7,6 +7,7 @@ The K task vectors are kept *stacked*: one tree with the structure of θ0 whose 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -23,7 +24,7 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None,
       pretrained: θ0, any pytree of floating-point arrays.
       finetuned: the K fine-tuned trees θ_1..θ_K, each with θ0's structure, shapes and dtypes.
       dtype: storage dtype of τ (default: θ0's dtype per leaf); e.g. `jnp.bfloat16` halves memory.
-      check_finite: reject a τ holding NaN or inf (costs one pass over the values on the host).
+      check_finite: reject a τ holding NaN or inf (one more jitted pass over the values).
 
     Returns:
       A tree with θ0's structure whose leaves are `[K, *leaf.shape]`.
@@ -53,20 +54,33 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None,
             if leaf.dtype != ref.dtype:
                 raise ValueError(f"leaf {name!r}: fine-tuned model {k} has dtype {leaf.dtype}, pretrained has {ref.dtype}")
 
-    def stack(theta0, *thetas):
-        acc = jnp.promote_types(theta0.dtype, jnp.float32)
-        return jnp.stack([jnp.asarray(t, acc) - jnp.asarray(theta0, acc) for t in thetas]).astype(dtype or theta0.dtype)
-
-    stacked = jax.tree_util.tree_map(stack, pretrained, *finetuned)
+    stacked = _stack_differences(pretrained, tuple(finetuned), dtype)
     if check_finite:
         check_task_vectors_finite(stacked)
     return stacked
 
 
+@partial(jax.jit, static_argnums=2)
+def _stack_differences(pretrained: PyTree, finetuned: tuple, dtype) -> PyTree:
+    """τ leaves `[K, ...]`, the differences taken in at least float32; one compiled program for the tree."""
+
+    def stack(theta0, *thetas):
+        acc = jnp.promote_types(theta0.dtype, jnp.float32)
+        return jnp.stack([t.astype(acc) - theta0.astype(acc) for t in thetas]).astype(dtype or theta0.dtype)
+
+    return jax.tree_util.tree_map(stack, pretrained, *finetuned)
+
+
+@jax.jit
+def _finite_per_task(stacked: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda leaf: jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1), stacked)
+
+
 def check_task_vectors_finite(stacked: PyTree) -> None:
     """Raise a ValueError naming the leaf and task index of the first NaN or inf in stacked task vectors."""
-    for name, leaf in named_leaves(stacked):
-        finite = np.asarray(jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1))
+    flags = jax.device_get(_finite_per_task(stacked))
+    for (name, _), finite in zip(named_leaves(stacked), jax.tree_util.tree_leaves(flags)):
+        finite = np.asarray(finite)
         if not finite.all():
             bad = int(np.flatnonzero(~finite)[0])
             raise ValueError(f"task vector of task {bad} has NaN or inf values in leaf {name!r}")
