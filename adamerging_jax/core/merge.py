@@ -11,6 +11,25 @@ from adamerging_jax.core.coefficients import Coefficients, check_coefficients
 from adamerging_jax.core.trees import PyTree, check_same_structure, map_with_path
 
 
+def weighted_sum_by_reduction(lam: jax.Array, tau: jax.Array) -> jax.Array:
+    """Σ_k λ[k] τ[k] as one reduction over k of λ ⊙ τ, in λ's dtype (λ `[K]` or `[K, L]`, τ `[K, (L,) ...]`)."""
+    lam = lam.reshape(lam.shape + (1,) * (tau.ndim - lam.ndim))
+    return jnp.sum(lam * tau.astype(lam.dtype), axis=0)
+
+
+def weighted_sum_by_contraction(lam: jax.Array, tau: jax.Array) -> jax.Array:
+    """Σ_k λ[k] τ[k] as a contraction over k (`einsum` at full fp32 precision), in λ's dtype."""
+    spec = "k,k...->..." if lam.ndim == 1 else "kl,kl...->l..."
+    return jnp.einsum(spec, lam, tau.astype(lam.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def _weighted_sum(lam: jax.Array, tau: jax.Array) -> jax.Array:
+    """Σ_k λ[k] τ[k]: on GPU/TPU one fused reduction; on CPU a contraction, because XLA:CPU lowers the
+    leading-axis reduction of a broadcast product to a slow fusion (1.5 s instead of ~50 ms for 8 × 3M floats
+    on 2 cores, profiled with benchmarks/step_benchmark.py --profile)."""
+    return jax.lax.platform_dependent(lam, tau, cpu=weighted_sum_by_contraction, default=weighted_sum_by_reduction)
+
+
 @partial(jax.jit, static_argnames=("clamp", "dtype"))
 def merge(
     pretrained: PyTree,
@@ -41,13 +60,7 @@ def merge(
         lam = coefficients.for_leaf(path).astype(acc)
         if clamp is not None:
             lam = jnp.clip(lam, clamp[0], clamp[1])
-        lam = lam.reshape(lam.shape + (1,) * (tau.ndim - lam.ndim))
-        # Σ_k as K multiply-adds rather than jnp.sum(λ ⊙ τ, axis=0): XLA:CPU lowers that leading-axis reduction
-        # of a broadcast product to a slow XNNPACK fusion (1.5 s instead of 6 ms for 8 × 3M floats on 2 cores).
-        weighted = lam[0] * tau[0].astype(acc)
-        for k in range(1, tau.shape[0]):
-            weighted = weighted + lam[k] * tau[k].astype(acc)
-        merged = theta0.astype(acc) + weighted
+        merged = theta0.astype(acc) + _weighted_sum(lam, tau)
         return merged.astype(dtype or theta0.dtype)
 
     return map_with_path(merge_leaf, pretrained, task_vectors)
