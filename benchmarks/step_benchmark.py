@@ -40,6 +40,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -172,10 +173,14 @@ def timing_fields(times: list[float]) -> dict[str, Any]:
 
 
 def parse_variant(name: str) -> tuple[str, str]:
-    precision, _, accumulate = name.partition("-")
-    if precision not in ("fp32", "tf32", "bf16") or accumulate not in ("", "per_task", "fused"):
-        raise ValueError(f"unknown variant {name!r}: use PRECISION[-per_task] with PRECISION in fp32, tf32, bf16")
-    return precision, accumulate or "fused"
+    """"PRECISION[-MODE]" → (precision, mode). Modes: "shared" (default: fused step, the K task batches through
+    the backbone as one batch via `SharedBackbone`), "generic" (fused step with a plain apply_fn: K separate
+    forwards), "per_task" (per-task gradient accumulation: one task's activations alive at a time)."""
+    precision, _, mode = name.partition("-")
+    if precision not in ("fp32", "tf32", "bf16") or mode not in ("", "shared", "generic", "per_task"):
+        raise ValueError(f"unknown variant {name!r}: use PRECISION[-MODE], PRECISION in fp32, tf32, bf16 and MODE "
+                         "in shared, generic, per_task")
+    return precision, mode or "shared"
 
 
 def matmul_precision(precision: str) -> str:
@@ -237,16 +242,24 @@ class Problem:
         embeds = pooled.astype(jnp.float32) @ self.projection
         return embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True)
 
-    def apply(self, params, images, task: int):
+    def head(self, features, task: int):
         """FusionBench's CLIP logits: logit_scale 100 · n(embed) @ head_tᵀ, in fp32."""
-        return 100.0 * self.features(params, images) @ self.heads[task].T
+        return 100.0 * features @ self.heads[task].T
+
+    def apply_fn(self, mode: str):
+        """`SharedBackbone` (one backbone pass for all tasks) unless mode is "generic" (K separate forwards)."""
+        import adamerging_jax as am
+
+        if mode == "generic":
+            return lambda params, images, task: self.head(self.features(params, images), task)
+        return am.SharedBackbone(self.features, self.head)
 
 
-def project_config(precision: str, accumulate: str, shard: bool):
+def project_config(precision: str, mode: str, shard: bool):
     import adamerging_jax as am
 
     bf16 = precision == "bf16"
-    return am.AdaMergingConfig.fusionbench(accumulate=accumulate, param_dtype="bfloat16" if bf16 else None,
+    return am.AdaMergingConfig.fusionbench(accumulate="per_task" if mode == "per_task" else "fused", param_dtype="bfloat16" if bf16 else None,
                                            shard_task_vectors=shard, quiet=True)
 
 
@@ -314,11 +327,11 @@ def bench_project(problem: Problem, variant: str, args, mesh, profile_dir: str |
 
     import adamerging_jax as am
 
-    precision, accumulate = parse_variant(variant)
-    config = project_config(precision, accumulate, args.shard_task_vectors)
+    precision, mode = parse_variant(variant)
+    config = project_config(precision, mode, args.shard_task_vectors)
     with jax.default_matmul_precision(matmul_precision(precision)):
         state = list(placed_inputs(problem, config, mesh))
-        step = jax.jit(am.make_step(problem.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+        step = jax.jit(am.make_step(problem.apply_fn(mode), config.make_optimizer(), config), donate_argnums=(0, 1))
         n_coefficients = count_coefficients(state[0])
         start = time.perf_counter()
         compiled = step.lower(*state).compile()
@@ -331,8 +344,8 @@ def bench_project(problem: Problem, variant: str, args, mesh, profile_dir: str |
         first = [float(x) for x in run()]
         times = time_calls(run, args.steps, max(args.warmup - 1, 0))
         last = [float(x) for x in run()]
-        profile = write_profile(profile_dir, run) if profile_dir else None
-    result = dict(impl="project", variant=variant, precision=precision, accumulate=accumulate,
+        profile = write_profile(profile_dir, run, compiled.as_text()) if profile_dir else None
+    result = dict(impl="project", variant=variant, precision=precision, mode=mode, accumulate=config.accumulate,
                   param_dtype=config.param_dtype or "float32", shard_task_vectors=args.shard_task_vectors,
                   devices=mesh.devices.size, compile_s=round(compile_s, 3), **timing_fields(times),
                   loss_first=round(sum(first), 5), loss_last=round(sum(last), 5), n_coefficients=n_coefficients,
@@ -355,8 +368,7 @@ def bench_jax_floor(problem: Problem, args) -> dict[str, Any]:
 
     def loss(params):
         features = problem.features(params, images)
-        return sum(jnp.mean(entropy(100.0 * features[t * b:(t + 1) * b] @ head.T, 1e-8))
-                   for t, head in enumerate(problem.heads))
+        return sum(jnp.mean(entropy(problem.head(features[t * b:(t + 1) * b], t), 1e-8)) for t in range(problem.k))
 
     with jax.default_matmul_precision("highest"):
         grad = jax.jit(jax.grad(loss))
@@ -371,43 +383,71 @@ def bench_jax_floor(problem: Problem, args) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- profiling
 
 
-def write_profile(directory: str, run: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
-    """Trace `steps` calls with the JAX profiler into `directory` and list the ops that took longest."""
+def write_profile(directory: str, run: Callable[[], Any], hlo_text: str, steps: int = 3) -> dict[str, Any]:
+    """Trace `steps` calls with the JAX profiler into `directory`; summarise where the compiled step spent time."""
     import jax
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     with jax.profiler.trace(directory, create_perfetto_trace=True):
         for _ in range(steps):
             run()
-    traces = sorted(Path(directory).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    top = top_trace_events(traces[-1], steps) if traces else []
-    return dict(directory=str(directory), steps=steps, trace=str(traces[-1]) if traces else None, top_ops=top)
+    traces = sorted(Path(directory).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    summary = summarize_trace(traces[-1], steps, hlo_text) if traces else {}
+    return dict(directory=str(directory), steps=steps, trace=str(traces[-1]) if traces else None, **summary)
 
 
-def top_trace_events(trace: Path, steps: int, limit: int = 15) -> list[dict[str, Any]]:
-    """Total duration per event name of the trace's complete events on device/XLA threads, per step, top first.
+def hlo_sources(hlo_text: str) -> tuple[str, dict[str, str]]:
+    """The module name of a compiled HLO text and, per instruction, the JAX operation it came from."""
+    module = re.search(r"HloModule\s+([\w.\-]+)", hlo_text)
+    sources = {}
+    for match in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]+)\"", hlo_text,
+                             re.MULTILINE):
+        sources[match.group(1)] = match.group(2)
+    return (module.group(1) if module else ""), sources
 
-    Python-side events (the host's own trace threads) are excluded, so what remains is what XLA ran.
+
+def summarize_trace(trace: Path, steps: int, hlo_text: str, limit: int = 12) -> dict[str, Any]:
+    """Self time (an op's duration minus the ops nested in it, e.g. a scan's `while` minus its body) of every
+    HLO op of the step in a Chrome/Perfetto trace, per step: the top ops, the totals per op kind (the name
+    without its number), and the busy time summed over XLA's threads.
     """
+    module, sources = hlo_sources(hlo_text)
     with gzip.open(trace, "rt") as f:
         data = json.load(f)
-    events = data.get("traceEvents", data) if isinstance(data, dict) else data
-    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    totals: dict[str, list[float]] = {}
+    events = data.get("traceEvents", []) if isinstance(data, dict) else data
+    by_thread: dict[Any, list[dict]] = {}
     for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        thread = threads.get((e.get("pid"), e.get("tid")), "")
-        name = e.get("name", "")
-        if "python" in thread.lower() or name.startswith(("$", "<")) or "ThunkExecutor" in name:
-            continue
-        entry = totals.setdefault(e["name"], [0.0, 0])
-        entry[0] += float(e["dur"]) / 1e3
-        entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:limit]
-    return [dict(name=name, ms_per_step=round(ms / steps, 4), calls_per_step=round(n / steps, 2))
-            for name, (ms, n) in ranked]
+        args = e.get("args") or {}
+        if e.get("ph") == "X" and "hlo_op" in args and (not module or args.get("hlo_module") == module):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    self_ms: dict[str, list[float]] = {}
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end time, op name, self time]
+        def close(entry):
+            total = self_ms.setdefault(entry[1], [0.0, 0])
+            total[0] += entry[2] / 1e3
+            total[1] += 1
+        for e in thread_events:
+            while stack and stack[-1][0] <= e["ts"]:
+                close(stack.pop())
+            if stack:
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["args"]["hlo_op"], float(e["dur"])])
+        while stack:
+            close(stack.pop())
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in self_ms.items():
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    ranked = sorted(self_ms.items(), key=lambda item: -item[1][0])[:limit]
+    return dict(
+        busy_ms_per_step=round(sum(ms for ms, _ in self_ms.values()) / steps, 3),
+        top_ops=[dict(name=name, self_ms_per_step=round(ms / steps, 4), calls_per_step=round(n / steps, 2),
+                      source=sources.get(name, "")[-160:]) for name, (ms, n) in ranked],
+        top_kinds=[dict(kind=kind, self_ms_per_step=round(ms / steps, 4))
+                   for kind, ms in sorted(kinds.items(), key=lambda item: -item[1])[:limit]],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ peer
@@ -502,7 +542,8 @@ def run_benchmark(args) -> dict[str, Any]:
 
     gpu = jax.default_backend() == "gpu"
     sizes = (args.sizes or ("B/32,L/14" if gpu else "tiny,small")).split(",")
-    variants = (args.variants or ("fp32,tf32,bf16,fp32-per_task" if gpu else "fp32,bf16,fp32-per_task")).split(",")
+    variants = (args.variants or ("fp32,tf32,bf16,fp32-generic,fp32-per_task" if gpu
+                                  else "fp32,bf16,fp32-generic,fp32-per_task")).split(",")
     peer_modes = (args.peer_modes or ("fp32,bf16,floor-fp32,floor-tf32,floor-bf16" if gpu else "fp32,floor-fp32")
                   ).split(",")
     for name in sizes:
@@ -565,15 +606,15 @@ def memory_report(args) -> dict[str, Any]:
     from adamerging_jax.core.parallel import batch_sharding, data_mesh, parameter_sharding, replicated
 
     devices = jax.devices()
-    modes = [("fp32", "fused", False), ("bf16", "fused", False), ("bf16", "per_task", False)]
+    modes = [("fp32", "shared", False), ("bf16", "shared", False), ("bf16", "per_task", False)]
     if len(devices) > 1:
         modes.append(("bf16", "per_task", True))
     rows = []
     for k in [int(x) for x in args.memory_tasks.split(",")]:
         problem = Problem(SIZES[args.memory_size], k, args.batch, args.seed, abstract=True)
-        for precision, accumulate, shard in modes:
+        for precision, mode, shard in modes:
             mesh = data_mesh(devices if shard else devices[:1])
-            config = project_config(precision, accumulate, shard)
+            config = project_config(precision, mode, shard)
             dtype = jnp.dtype(config.param_dtype or "float32")
 
             def spec(x, skip, dtype=dtype):
@@ -587,18 +628,18 @@ def memory_report(args) -> dict[str, Any]:
             opt_state = config.make_optimizer().init(coefficients)
             image = (args.batch, problem.size.image_size, problem.size.image_size, 3)
             batches = [jax.ShapeDtypeStruct(image, jnp.float32, sharding=batch_sharding(mesh)) for _ in range(k)]
-            step = jax.jit(am.make_step(problem.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+            step = jax.jit(am.make_step(problem.apply_fn(mode), config.make_optimizer(), config), donate_argnums=(0, 1))
             start = time.perf_counter()
             compiled = step.lower(coefficients, opt_state, pretrained, tau, batches).compile()
-            row = dict(k=k, precision=precision, accumulate=accumulate, shard_task_vectors=shard,
+            row = dict(k=k, precision=precision, mode=mode, accumulate=config.accumulate, shard_task_vectors=shard,
                        devices=mesh.devices.size, batch_per_task=args.batch,
                        compile_s=round(time.perf_counter() - start, 2),
                        xla_memory_per_device=memory_analysis(compiled),
                        analytic=analytic_memory(problem, dtype.itemsize, k))
             if args.memory_run:
-                row["measured"] = measure_memory_run(problem, config, mesh, args)
+                row["measured"] = measure_memory_run(problem, config, mode, mesh)
             rows.append(row)
-            print(f"[memory] K={k} {precision} {accumulate} shard={shard}: "
+            print(f"[memory] K={k} {precision} {mode} shard={shard}: "
                   f"{gb(row['xla_memory_per_device'].get('peak_estimate_bytes'))} GB (XLA)", file=sys.stderr)
     return dict(bench="adamerging_memory_report", size=args.memory_size, machine=machine(), rows=rows,
                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -606,7 +647,7 @@ def memory_report(args) -> dict[str, Any]:
                      "running); analytic sizes are computed from the shapes; 'measured' rows ran the step.")
 
 
-def measure_memory_run(problem: Problem, config, mesh, args) -> dict[str, Any]:
+def measure_memory_run(problem: Problem, config, mode: str, mesh) -> dict[str, Any]:
     """Build real arrays and run two steps; peak device memory (GPU) or peak process RSS (CPU)."""
     import jax
 
@@ -614,7 +655,7 @@ def measure_memory_run(problem: Problem, config, mesh, args) -> dict[str, Any]:
 
     real = Problem(problem.size, problem.k, problem.batch, problem.seed)
     state = list(placed_inputs(real, config, mesh))
-    step = jax.jit(am.make_step(real.apply, config.make_optimizer(), config), donate_argnums=(0, 1))
+    step = jax.jit(am.make_step(real.apply_fn(mode), config.make_optimizer(), config), donate_argnums=(0, 1))
     times = []
     for _ in range(2):
         start = time.perf_counter()
@@ -634,7 +675,7 @@ def print_memory_table(report: dict[str, Any]) -> None:
     for r in report["rows"]:
         a = {key: gb(value) for key, value in r["analytic"].items()}
         x = {key: gb(value) for key, value in r["xla_memory_per_device"].items() if key != "error"}
-        mode = f"{r['precision']}-{r['accumulate']}" + ("-sharded" if r["shard_task_vectors"] else "")
+        mode = f"{r['precision']}-{r['mode']}" + ("-sharded" if r["shard_task_vectors"] else "")
         measured = r.get("measured", {})
         peak = measured.get("peak_device_gb") or measured.get("peak_rss_gb")
         print(f"{r['k']:3} {mode:24} {r['devices']:3} {a['theta0_bytes']:7.3f} {a['task_vectors_bytes']:7.3f} "

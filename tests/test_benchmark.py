@@ -48,7 +48,8 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     assert set(rows) == {("project", "fp32"), ("jax-floor", "fp32"), ("fusion-bench", "fp32"), ("torch-floor", "fp32")}
 
     project = rows["project", "fp32"]
-    assert project["size"] == "tiny" and project["accumulate"] == "fused" and project["param_dtype"] == "float32"
+    assert project["size"] == "tiny" and project["mode"] == "shared" and project["accumulate"] == "fused"
+    assert project["param_dtype"] == "float32"
     assert project["steps"] == 2 and 0 < project["ms_per_step_min"] <= project["ms_per_step_median"]
     assert project["compile_s"] > 0 and project["peak_rss_gb"] > 0
     # one λ per tensor per layer: 2 layers × 16 tensors + 7 unstacked leaves (the peer's 39 HF tensors) × K
@@ -57,7 +58,8 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     assert project["loss_first"] > 0
     profile = project["profile"]
     assert Path(profile["trace"]).is_file() and profile["top_ops"]
-    assert all(op["ms_per_step"] >= 0 for op in profile["top_ops"])
+    assert all(op["self_ms_per_step"] >= 0 for op in profile["top_ops"]) and profile["busy_ms_per_step"] > 0
+    assert any(op["source"].startswith("jit(step)") for op in profile["top_ops"])  # HLO ops traced to JAX ops
 
     # the peer ran with the benchmark's sizes and its JSON line was parsed; speed-ups divide by its median
     fusion_bench, floor = rows["fusion-bench", "fp32"], rows["torch-floor", "fp32"]
@@ -75,10 +77,10 @@ def test_memory_report_compiles_without_running(tmp_path):
                "--simulate-devices", "2", "--out", str(out), cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["bench"] == "adamerging_memory_report" and report["size"] == "tiny"
-    modes = {(r["precision"], r["accumulate"], r["shard_task_vectors"]): r for r in report["rows"]}
-    assert set(modes) == {("fp32", "fused", False), ("bf16", "fused", False), ("bf16", "per_task", False),
+    modes = {(r["precision"], r["mode"], r["shard_task_vectors"]): r for r in report["rows"]}
+    assert set(modes) == {("fp32", "shared", False), ("bf16", "shared", False), ("bf16", "per_task", False),
                           ("bf16", "per_task", True)}
-    fp32, bf16 = modes["fp32", "fused", False], modes["bf16", "fused", False]
+    fp32, bf16 = modes["fp32", "shared", False], modes["bf16", "shared", False]
     n = fp32["analytic"]["n_params"]
     assert fp32["analytic"]["task_vectors_bytes"] == 2 * n * 4 and bf16["analytic"]["task_vectors_bytes"] == 2 * n * 2
     # XLA's arguments of the step hold θ0 and τ (plus λ, Adam's state and the images)
