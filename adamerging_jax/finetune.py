@@ -126,7 +126,9 @@ def finetune(
     if len(labels) == 0:
         raise ValueError(f"{description}: no training images")
     if labels.min() < 0 or labels.max() >= head.num_classes:
-        raise ValueError(f"{description}: labels must lie in [0, {head.num_classes}), got [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"{description}: labels must lie in [0, {head.num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     batch_size = min(config.batch_size, len(images))
     steps_per_epoch = len(images) // batch_size
     total_steps = steps_per_epoch * config.epochs

@@ -74,7 +74,8 @@ def torch_reference_logits(state: dict, images: np.ndarray) -> tuple[np.ndarray,
             inputs = x
             if expand != 1:
                 x = relu6(bn(conv_same(x, t[f"{p}._expand_conv.weight"], 1), f"{p}._bn0"))
-            x = relu6(bn(conv_same(x, t[f"{p}._depthwise_conv.weight"], stride if r == 0 else 1, x.shape[1]), f"{p}._bn1"))
+            depthwise = conv_same(x, t[f"{p}._depthwise_conv.weight"], stride if r == 0 else 1, groups=x.shape[1])
+            x = relu6(bn(depthwise, f"{p}._bn1"))
             x = bn(conv_same(x, t[f"{p}._project_conv.weight"], 1), f"{p}._bn2")
             if x.shape == inputs.shape and (stride == 1 or r > 0):
                 x = x + inputs
@@ -103,7 +104,7 @@ def test_features_in_batches_equals_one_forward(weights):
 
 def test_it_is_the_real_imagenet_network(weights):
     skimage_data = pytest.importorskip("skimage.data")
-    photos = np.concatenate([preprocess(skimage_data.chelsea()[None], 224), preprocess(skimage_data.coffee()[None], 224)])
+    photos = np.concatenate([preprocess(photo[None], 224) for photo in (skimage_data.chelsea(), skimage_data.coffee())])
     logits = jax.jit(efficientnet.logits)(weights.params, weights.batch_stats, weights.classifier, photos)
     probabilities = jax.nn.softmax(logits)
     assert jnp.argmax(logits, -1).tolist() == [285, 967]  # ImageNet "Egyptian cat", "espresso"

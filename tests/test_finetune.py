@@ -13,7 +13,9 @@ from adamerging_jax.heads.prototype import prototype_head
 from adamerging_jax.models import efficientnet
 from adamerging_jax.models.efficientnet import EfficientNetConfig, StageSpec
 
-TINY = EfficientNetConfig(stages=(StageSpec(1, 3, 1, 1, 8), StageSpec(2, 3, 2, 2, 12)), stem_channels=8, head_channels=16)
+TINY = EfficientNetConfig(
+    stages=(StageSpec(1, 3, 1, 1, 8), StageSpec(2, 3, 2, 2, 12)), stem_channels=8, head_channels=16
+)
 tiny_features = partial(efficientnet.features, config=TINY)
 eval_features = jax.jit(tiny_features)  # direct calls: eager Flax is slow
 
@@ -48,7 +50,8 @@ def test_lowers_training_loss_and_leaves_head_and_bn_statistics_unchanged(setup)
     config = FinetuneConfig(learning_rate=3e-3, epochs=4, batch_size=16, seed=0)
     result = finetune(params, batch_stats, head, images, labels, config, features_fn=tiny_features, quiet=True)
     assert len(result.losses) == 4 * 3
-    assert full_loss(result.params, batch_stats, head, images, labels) < 0.8 * full_loss(params, batch_stats, head, images, labels)
+    loss_before = full_loss(params, batch_stats, head, images, labels)
+    assert full_loss(result.params, batch_stats, head, images, labels) < 0.8 * loss_before
     assert jax.tree_util.tree_structure(result.params) == jax.tree_util.tree_structure(params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, batch_stats, stats_before)
     jax.tree_util.tree_map(np.testing.assert_array_equal, head, head_before)
@@ -59,9 +62,8 @@ def test_lowers_training_loss_and_leaves_head_and_bn_statistics_unchanged(setup)
 
 def test_batchnorm_stays_in_inference_mode_after_finetuning(setup):
     params, batch_stats, head, images, labels = setup
-    result = finetune(
-        params, batch_stats, head, images, labels, FinetuneConfig(1e-3, epochs=1, batch_size=16), features_fn=tiny_features, quiet=True
-    )
+    config = FinetuneConfig(1e-3, epochs=1, batch_size=16)
+    result = finetune(params, batch_stats, head, images, labels, config, features_fn=tiny_features, quiet=True)
     alone = eval_features(result.params, batch_stats, images[:1])
     in_batch = eval_features(result.params, batch_stats, images[:16])[:1]
     np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-6)  # no batch statistics are used

@@ -86,7 +86,8 @@ def test_balanced_counts_water_fill_up_to_capacity():
 
 
 def test_missing_fashion_mnist_names_the_file_and_the_install(tmp_path):
-    with pytest.raises(SourceUnavailableError, match=r"train-images-idx3-ubyte\.gz.*apt-get install dataset-fashion-mnist"):
+    expected = r"train-images-idx3-ubyte\.gz.*apt-get install dataset-fashion-mnist"
+    with pytest.raises(SourceUnavailableError, match=expected):
         load_fashion_mnist(root=str(tmp_path))
 
 
@@ -151,7 +152,8 @@ def test_task_from_arrays_splits_by_seed_and_validates():
     with pytest.raises(ValueError, match="task 'mine'.*labels must be integers"):
         task_from_arrays("mine", images, labels.astype(float))
     with pytest.raises(ValueError, match=r"task 'bad', train split: labels must lie in \[0, 2\)"):
-        Task("bad", ("x", "y"), images[:3].astype(np.uint8), np.array([0, 1, 2]), images[:1].astype(np.uint8), np.array([0]))
+        pixels = images.astype(np.uint8)
+        Task("bad", ("x", "y"), pixels[:3], np.array([0, 1, 2]), pixels[:1], np.array([0]))
 
 
 def write_png(path, color, size=(12, 9), mode="RGB"):

@@ -80,7 +80,9 @@ class Task:
             if len(labels) == 0:
                 raise ValueError(f"{where} is empty")
             if labels.min() < 0 or labels.max() >= len(self.classes):
-                raise ValueError(f"{where}: labels must lie in [0, {len(self.classes)}), got [{labels.min()}, {labels.max()}]")
+                raise ValueError(
+                    f"{where}: labels must lie in [0, {len(self.classes)}), got [{labels.min()}, {labels.max()}]"
+                )
 
     @property
     def num_classes(self) -> int:

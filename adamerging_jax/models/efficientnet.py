@@ -253,7 +253,8 @@ def features_in_batches(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), np.float32)])
-        out[start : start + len(batch)] = np.asarray(_jitted_features(params, batch_stats, padded, config=config))[: len(batch)]
+        batch_features = _jitted_features(params, batch_stats, padded, config=config)
+        out[start : start + len(batch)] = np.asarray(batch_features)[: len(batch)]
     return out
 
 

@@ -150,7 +150,9 @@ def _read_storage(file: BinaryIO, storage: _Storage, byte_order: str, source: st
         raise pickle.UnpicklingError(f"{source}: file ends before storage {storage.key}")
     (count,) = struct.unpack(byte_order + "q", header)
     if count != storage.numel:
-        raise pickle.UnpicklingError(f"{source}: storage {storage.key} has {count} elements, pickle says {storage.numel}")
+        raise pickle.UnpicklingError(
+            f"{source}: storage {storage.key} has {count} elements, the pickle says {storage.numel}"
+        )
     dtype = storage.dtype.newbyteorder(byte_order)
     raw = file.read(count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
