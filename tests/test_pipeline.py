@@ -3,16 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adamerging_jax.data.pipeline import (
-    CLIP_MEAN,
-    CLIP_STD,
-    AdaptationBatches,
-    CachedSource,
-    clip_normalize,
-    clip_preprocess,
-    clip_resize_crop,
-    evaluation_batches,
-)
+from adamerging_jax.data.clip_preprocess import CLIP_MEAN, CLIP_STD
+from adamerging_jax.data.clip_preprocess import normalize as clip_normalize
+from adamerging_jax.data.clip_preprocess import preprocess as clip_preprocess
+from adamerging_jax.data.clip_preprocess import resize_crop as clip_resize_crop
+from adamerging_jax.data.pipeline import AdaptationBatches, CachedSource, evaluation_batches
 
 
 def _task(size, task_id, shape=(6, 5, 3)):

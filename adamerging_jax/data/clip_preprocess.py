@@ -49,10 +49,19 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     return array[top:top + size, left:left + size]
 
 
+def resize_crop(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+    """The geometric half: one image → uint8 [size, size, 3] (4× fewer bytes to ship than float32)."""
+    return center_crop(np.asarray(resize_shorter_side(to_pil_rgb(image), size)), size)
+
+
+def normalize(images):
+    """The photometric half, for numpy or jax arrays [..., 3]: x / 255, then (x − mean) / std per channel."""
+    return (images / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
 def preprocess(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
     """One image → float32 [size, size, 3], CLIP-normalised."""
-    resized = np.asarray(resize_shorter_side(to_pil_rgb(image), size), dtype=np.float32)
-    return (center_crop(resized, size) / 255.0 - CLIP_MEAN) / CLIP_STD
+    return normalize(resize_crop(image, size).astype(np.float32)).astype(np.float32)
 
 
 def preprocess_batch(images: Iterable[Image.Image | np.ndarray], size: int = 224) -> np.ndarray:

@@ -16,68 +16,26 @@ with B much smaller than N_t this is rare.)
 Loading uses grain: a ``MapDataset`` over the flat list of image slots, mapped (decode + preprocess) and
 batched, turned into an iterator whose thread pool decodes ahead (``num_threads``, ``prefetch``), so the
 accelerator is fed while the host prepares the next steps.  PIL decodes and resizes outside the GIL, so
-threads scale.  Preprocessing defaults to CLIP's (:func:`clip_preprocess`).
+threads scale.  Preprocessing defaults to CLIP's (:mod:`adamerging_jax.data.clip_preprocess`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import grain
 import numpy as np
-from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from adamerging_jax.data.clip_preprocess import preprocess as clip_preprocess
+from adamerging_jax.data.clip_preprocess import resize_crop as clip_resize_crop
 
 
 class Source(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
-
-
-def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize so the shorter side is ``size`` (longer side ``int(size * long / short)``, torchvision's rule)."""
-    height, width = image.shape[:2]
-    if height <= width:
-        new_height, new_width = size, int(size * width / height)
-    else:
-        new_height, new_width = int(size * height / width), size
-    if (new_height, new_width) == (height, width):
-        return image
-    return np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` window; top = round((H - size) / 2), left likewise (torchvision's rule)."""
-    height, width = image.shape[:2]
-    if height < size or width < size:
-        raise ValueError(f"cannot crop {size}x{size} from an image of {height}x{width}")
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return image[top : top + size, left : left + size]
-
-
-def clip_resize_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """The geometric half of CLIP's eval transform: uint8 [H, W, 3] -> uint8 [size, size, 3]."""
-    return center_crop(resize_shorter_side(np.asarray(image, np.uint8), size), size)
-
-
-def clip_normalize(images: Any) -> Any:
-    """The photometric half: x / 255, then (x - mean) / std per channel (numpy or jax arrays, [..., 3])."""
-    return (images / 255.0 - CLIP_MEAN) / CLIP_STD
-
-
-def clip_preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """CLIP's eval transform: bicubic resize (short side ``size``), centre crop, x/255, (x - mean) / std.
-
-    uint8 [H, W, 3] -> float32 [size, size, 3] (NHWC, as the Flax models take it).  Mean and std are
-    OpenAI CLIP's (``CLIP_MEAN``, ``CLIP_STD``).  To send 4x fewer bytes to the accelerator, preprocess with
-    :func:`clip_resize_crop` and apply :func:`clip_normalize` on device instead.
-    """
-    return clip_normalize(clip_resize_crop(image, size).astype(np.float32)).astype(np.float32)
 
 
 class CachedSource:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Sequence
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.checkpoint import write_npz_atomic
 from adamerging_jax.models.clip import ClipConfig, encode_text, l2_normalize
 
 PLACEHOLDER = "{c}"
@@ -141,15 +141,7 @@ def cached_head(path: str, classnames: Sequence[str], templates: Sequence[str], 
     head = np.asarray(build(), dtype=np.float32)
     if head.shape[0] != len(classnames):
         raise ValueError(f"head for {path!r} has {head.shape[0]} rows for {len(classnames)} class names")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, head=head, key=np.array(key))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_npz_atomic(path, {"head": head, "key": np.array(key)})
     return head
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from adamerging_jax.core.checkpoint import atomic_path, write_json_atomic
 from adamerging_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 
 Params = dict[str, Any]
@@ -312,26 +312,9 @@ def save_hf_vision_model(directory: str, vision_params: Params, config: ClipConf
              for name, a in _tower_to_hf(vision_params, "", _VISION).items()}
     os.makedirs(directory, exist_ok=True)
     hf_config = dict(hf_vision_config(vision_config), dtype=np.dtype(dtype).name)
-    _atomic_write(os.path.join(directory, CONFIG),
-                  lambda path: _write_text(path, json.dumps(hf_config, indent=2, sort_keys=True)))
-    _atomic_write(os.path.join(directory, SAFETENSORS), lambda path: save_file(state, path, {"format": "pt"}))
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into the target's directory, then rename over ``path`` (no half-written files)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(os.path.join(directory, CONFIG), hf_config)
+    with atomic_path(os.path.join(directory, SAFETENSORS)) as tmp:
+        save_file(state, str(tmp), {"format": "pt"})
 
 
 # -------------------------------------------------------------------------------------------- open_clip
