@@ -22,25 +22,45 @@ LABELS = {
 }
 
 
-def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Methods × tasks accuracy (%) with the average; over several runs (seeds), mean ± standard deviation."""
-    tasks = runs[0]["tasks"]
+def markdown_table(
+    runs: Sequence[dict[str, Any]],
+    tasks: Sequence[str] | None = None,
+    *,
+    reference: dict[str, dict[str, float]] | None = None,
+    task_labels: dict[str, str] | None = None,
+) -> str:
+    """Methods × tasks accuracy (%) with the average; over several runs (seeds), mean ± standard deviation.
+
+    ``tasks``: the columns (default: the first run's tasks); Avg. is the unweighted mean over them, "–" when a
+    method was not evaluated on one of them.  ``reference``: published numbers (%) per method and task (or
+    "mean" for Avg.), shown in parentheses after ours where given.  ``task_labels``: column titles.
+    """
+    tasks = list(tasks if tasks is not None else runs[0]["tasks"])
     methods = list(runs[0]["methods"])
-    header = "| Method | " + " | ".join(tasks) + " | Avg. |"
+    labels = task_labels or {}
+    header = "| Method | " + " | ".join(labels.get(t, t) for t in tasks) + " | Avg. |"
     lines = [header, "|" + "---|" * (len(tasks) + 2)]
     for method in methods:
         cells = []
-        for task in tasks + ["__mean__"]:
-            values = [
-                100 * (run["methods"][method]["mean"] if task == "__mean__" else run["methods"][method]["accuracy"][task])
-                for run in runs
-            ]
-            cell = f"{np.mean(values):.1f}"
-            if len(runs) > 1:
-                cell += f" ± {np.std(values):.1f}"
+        for column in tasks + ["mean"]:
+            values = [_column_value(run["methods"][method]["accuracy"], tasks, column) for run in runs]
+            cell = "–" if None in values else f"{100 * np.mean(values):.1f}"
+            if len(runs) > 1 and None not in values:
+                cell += f" ± {100 * np.std(values):.1f}"
+            published = (reference or {}).get(method, {}).get(column)
+            if published is not None:
+                cell += f" ({published:.1f})"
             cells.append(cell)
         lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _column_value(accuracy: dict[str, float], tasks: Sequence[str], column: str) -> float | None:
+    """Accuracy on ``column`` (a task, or "mean" over ``tasks``); None where the method has no number."""
+    if column != "mean":
+        return accuracy.get(column)
+    values = [accuracy.get(t) for t in tasks]
+    return None if None in values else float(np.mean(values))
 
 
 def write_report(runs: Sequence[dict[str, Any]], output_dir: str | Path, plots: bool = True) -> dict[str, Path]:
