@@ -1,0 +1,185 @@
+"""The commands behind ``experiments/*.py``: argument parsing onto :mod:`adamerging_jax.paper.settings`, one
+run, ``results.json`` + ``table.md`` in ``--output``, the table printed.
+
+    python experiments/prepare_data.py --data-dir DIR [--manual-dir DIR] [--local-downloads DIR]
+    python experiments/table1_vit_b32.py --tfds-dir DIR --output runs/table1
+    python experiments/table2_vit_l14.py --tfds-dir DIR --output runs/table2
+    python experiments/generalization.py --tfds-dir DIR --output runs/generalization
+    python experiments/robustness.py --tfds-dir DIR --output runs/robustness
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from adamerging_jax.paper import published, report
+from adamerging_jax.paper.experiments import CONDITIONS, run_merging, run_robustness
+from adamerging_jax.paper.settings import (
+    ADAMERGING_METHODS, CHECKPOINTS, DEFAULT_CACHE, METHODS, PRESETS, Checkpoints, DataConfig, ExperimentConfig,
+    MergeConfig)
+from adamerging_jax.paper.tasks import ALL_TASKS, GENERALIZATION_SPLITS, ROBUSTNESS_TASKS, canonical, paper_task
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    """``TASK=PATH`` flags as {our task name: path}."""
+    out = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"error: {flag} expects TASK=PATH, got {value!r}")
+        out[paper_task(task).name] = path
+    return out
+
+
+def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags every experiment shares."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--variant", default=variant, choices=sorted(CHECKPOINTS), help="CLIP size of the default checkpoints")
+    g.add_argument("--pretrained", help="full HF CLIP dir or hub id (θ0, projection, text tower); default: openai's")
+    g.add_argument("--finetuned", help="fine-tuned tower per task: HF dir/hub id or open_clip .pt, with {task} "
+                   "(FusionBench name) or {dataset} (task_vectors name); default: tanganke/clip-vit-*_{task}")
+    g.add_argument("--pretrained-vision", help="θ0's image tower from another file (e.g. task_vectors zeroshot.pt)")
+    g.add_argument("--trust-pickle", action="store_true", help="allow pickled open_clip modules (runs their code)")
+    g.add_argument("--offline", action="store_true", help="never download; hub ids must be in the HF cache")
+    g = p.add_argument_group("data")
+    g.add_argument("--tfds-dir", help="data_dir of the tfds ArrayRecord datasets (experiments/prepare_data.py)")
+    g.add_argument("--folder", action="append", default=[], metavar="TASK=PATH",
+                   help="read TASK's test set from a split folder of class subfolders instead of tfds")
+    g.add_argument("--file-list", action="append", default=[], metavar="TASK=PATH",
+                   help="select a published test file list from TASK's tfds split (e.g. resisc45-test.txt)")
+    g.add_argument("--no-image-cache", action="store_true", help="decode every visited image again each time")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--num-threads", type=int, default=8, help="decoding threads")
+    g.add_argument("--max-test-images", type=int, help="smoke test: first N images of each test set only")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {','.join(METHODS)}")
+    g.add_argument("--preset", default="official", choices=PRESETS, help="AdaMerging settings")
+    g.add_argument("--steps", type=int, help="AdaMerging steps (preset: official 500, fusionbench 1000)")
+    g.add_argument("--lr", type=float, help="AdaMerging learning rate (preset: 1e-3)")
+    g.add_argument("--batch-size", type=int, help="AdaMerging images per batch (preset: 16)")
+    g.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--output", type=Path, required=True, help="directory for results.json and table.md")
+    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="zero-shot heads cache")
+    g.add_argument("--no-resume", action="store_true", help="do not checkpoint/resume AdaMerging runs in --output")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[str],
+                     eval_tasks: Sequence[str]) -> ExperimentConfig:
+    overrides = {k: v for k, v in [("pretrained", args.pretrained), ("finetuned", args.finetuned)] if v}
+    checkpoints = Checkpoints.fusionbench(
+        args.variant, pretrained_vision=args.pretrained_vision, trust_pickle=args.trust_pickle,
+        allow_download=not args.offline, **overrides)
+    data = DataConfig(
+        tfds_dir=args.tfds_dir, folders=_pairs(args.folder, "--folder"), file_lists=_pairs(args.file_list, "--file-list"),
+        cache_images=not args.no_image_cache, eval_batch_size=args.eval_batch_size, num_threads=args.num_threads,
+        max_test_images=args.max_test_images)
+    adamerging = {k: v for k, v in [("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                                     ("param_dtype", args.param_dtype)] if v is not None}
+    merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m))
+    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, **adamerging))
+    return ExperimentConfig(name, canonical(merge_tasks), canonical(eval_tasks), checkpoints, data, merge,
+                            seed=args.seed, cache_dir=args.cache_dir, checkpoint_runs=not args.no_resume,
+                            quiet=args.quiet)
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any], markdown: str, started: float) -> int:
+    files = report.write_outputs(args.output, result, markdown)
+    print(markdown)
+    print(f"[done] {time.perf_counter() - started:.0f} s; wrote {files['json']} and {files['table']}", flush=True)
+    return 0
+
+
+def _table(argv: Sequence[str] | None, number: int, variant: str, reference: published.Reference,
+           fusionbench: published.Reference) -> int:
+    args = parser(f"AdaMerging Table {number}: every method on the 8 tasks (CLIP {variant}).", variant,
+                  METHODS).parse_args(argv)
+    started = time.perf_counter()
+    config = config_from_args(args, f"table{number}", ALL_TASKS, ALL_TASKS)
+    result = run_merging(config, output_dir=args.output)
+    title = f"Table {number}: multi-task merging of CLIP ViT-{args.variant} on 8 tasks"
+    averages = {"paper": reference, "FusionBench": fusionbench}
+    return _finish(args, result, report.table_markdown(result, title, reference, averages), started)
+
+
+def table1(argv: Sequence[str] | None = None) -> int:
+    """Table 1 (ViT-B/32)."""
+    return _table(argv, 1, "B/32", published.TABLE1_VIT_B32, published.FUSIONBENCH_VIT_B32)
+
+
+def table2(argv: Sequence[str] | None = None) -> int:
+    """Table 2 (ViT-L/14)."""
+    return _table(argv, 2, "L/14", published.TABLE2_VIT_L14, published.FUSIONBENCH_VIT_L14)
+
+
+GENERALIZATION_METHODS = ("task_arithmetic", "ties", "layer_wise_adamerging", "layer_wise_adamerging++")
+
+
+def generalization(argv: Sequence[str] | None = None) -> int:
+    """Merge 6 tasks, evaluate on them and on the 2 unseen ones; both of the paper's splits by default."""
+    p = parser("AdaMerging generalization: merge 6 seen tasks, test on 2 unseen tasks (CLIP ViT-B/32).", "B/32",
+               GENERALIZATION_METHODS)
+    p.add_argument("--split", choices=[*GENERALIZATION_SPLITS, "both"], default="both",
+                   help="1: unseen MNIST, EuroSAT; 2: unseen RESISC45, SVHN")
+    args = p.parse_args(argv)
+    if "individual" in args.methods.split(","):
+        raise SystemExit("error: 'individual' has no model for the unseen tasks; leave it out of --methods")
+    started = time.perf_counter()
+    splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
+    results, markdown = {}, ""
+    for split in splits:
+        seen, unseen = GENERALIZATION_SPLITS[split]
+        config = config_from_args(args, f"generalization{split}", seen, seen + unseen)
+        results[split] = run_merging(config, output_dir=args.output / f"split{split}")
+        title = (f"Generalization {split}: merged {', '.join(map(report.COLUMN_TITLES.get, seen))}; "
+                 f"unseen {', '.join(map(report.COLUMN_TITLES.get, unseen))}")
+        markdown += report.generalization_markdown(results[split], title, published.GENERALIZATION[split]) + "\n"
+    return _finish(args, {"experiment": "generalization", "splits": results}, markdown, started)
+
+
+def robustness(argv: Sequence[str] | None = None) -> int:
+    """Merge Cars, EuroSAT, RESISC45, GTSRB; adapt and evaluate on each corruption of their test sets."""
+    p = parser("AdaMerging robustness: merging adapted on corrupted test data (CLIP ViT-B/32).", "B/32",
+               ("task_arithmetic", "layer_wise_adamerging"))
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated: clean and corruptions")
+    p.add_argument("--severity", type=int, default=5, choices=range(1, 6), help="ImageNet-C severity")
+    p.add_argument("--corruption-size", type=int, default=224,
+                   help="corrupt the image resized (short side) and centre-cropped to this size; 0: native size")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    config = config_from_args(args, "robustness", ROBUSTNESS_TASKS, ROBUSTNESS_TASKS)
+    result = run_robustness(config, [c for c in args.conditions.split(",") if c], severity=args.severity,
+                            corruption_size=args.corruption_size or None, output_dir=args.output)
+    title = "Robustness: CLIP ViT-B/32 merged on Cars, EuroSAT, RESISC45, GTSRB, tested under corruptions"
+    return _finish(args, result, report.robustness_markdown(result, title, published.ROBUSTNESS), started)
+
+
+def prepare_data(argv: Sequence[str] | None = None,
+                 prepare: Callable[..., Any] | None = None) -> int:
+    """Download (or take from --local-downloads) and prepare the tasks' tfds ArrayRecord datasets."""
+    from adamerging_jax.data import tfds_sources
+
+    p = argparse.ArgumentParser(description="Prepare the paper's 8 datasets as tfds ArrayRecord (no tensorflow).")
+    p.add_argument("--data-dir", required=True, help="tfds data_dir to write (pass it as --tfds-dir later)")
+    p.add_argument("--tasks", default=",".join(ALL_TASKS))
+    p.add_argument("--manual-dir", help="folder holding NWPU-RESISC45/ (RESISC45 is a manual download)")
+    p.add_argument("--local-downloads", help="folder of already-downloaded source files, named as their URLs end")
+    p.add_argument("--download-dir", help="where tfds keeps downloads and extractions (default: DATA_DIR/downloads)")
+    p.add_argument("--offline", action="store_true", help="never download; every file must be in --local-downloads")
+    args = p.parse_args(argv)
+    prepare = prepare or tfds_sources.prepare
+    for task in canonical(t for t in args.tasks.split(",") if t):
+        started = time.perf_counter()
+        print(f"[prepare] {task} ...", flush=True)
+        prepare(task, args.data_dir, local_downloads=args.local_downloads, manual_dir=args.manual_dir,
+                download_dir=args.download_dir, offline=args.offline)
+        print(f"[prepare] {task} ready in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0

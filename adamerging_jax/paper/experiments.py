@@ -1,0 +1,127 @@
+"""The paper's three protocols on CLIP, each a function from an :class:`ExperimentConfig` to a JSON-able run.
+
+- :func:`run_merging` -- Tables 1 and 2 and the generalization experiment: merge ``merge_tasks``, evaluate
+  every method on ``eval_tasks`` (the merged tasks first; the others are unseen: AdaMerging never sees their
+  images and ``individual`` has no model for them).
+- :func:`run_robustness` -- merge the 4 tasks, then per test condition (clean and each corruption) adapt
+  AdaMerging on the corrupted unlabeled test images, as FusionBench's robustness pools do, and evaluate on them.
+
+AdaMerging is transductive here, as in the paper: λ is learned on the very test images it is scored on.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+import adamerging_jax as am
+from adamerging_jax.data.corruptions import CORRUPTIONS
+from adamerging_jax.data.pipeline import Source
+from adamerging_jax.paper import evaluation, sources
+from adamerging_jax.paper.methods import adamerging_model, data_free_model
+from adamerging_jax.paper.models import ClipModels, load_models
+from adamerging_jax.paper.settings import ADAMERGING_METHODS, ExperimentConfig
+
+CONDITIONS = ("clean",) + tuple(CORRUPTIONS)
+"""Test conditions of the robustness experiment: the clean test sets and the 7 corruptions."""
+
+
+def evaluate_methods(
+    config: ExperimentConfig,
+    models: ClipModels,
+    task_vectors: Any,
+    eval_sources: Sequence[Source],
+    *,
+    state_dir: str | None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build every method's model on ``task_vectors`` (AdaMerging adapts on the merged tasks' ``eval_sources``),
+    evaluate all of them in one pass over ``eval_sources``; the run as a dict (accuracy, λ, entropy, times)."""
+    apply_fn = models.apply_fn()
+    num_merged = len(config.merge_tasks)
+    adaptation = sources.adaptation_view(eval_sources[:num_merged], config.data, models.image_size)
+    built, runs, seconds = {}, {}, {}
+    for method in config.merge.methods:
+        started = time.perf_counter()
+        if method in ADAMERGING_METHODS:
+            built[method], runs[method] = adamerging_model(
+                method, apply_fn, models.pretrained, task_vectors, adaptation, config.merge,
+                image_size=models.image_size, seed=config.seed, num_threads=config.data.num_threads,
+                checkpoint_dir=state_dir, quiet=config.quiet, log=log)
+        else:
+            built[method] = data_free_model(method, models.pretrained, task_vectors, config.merge)
+        seconds[method] = time.perf_counter() - started
+    started = time.perf_counter()
+    accuracy = evaluation.accuracies(
+        apply_fn, built, eval_sources, config.eval_tasks, [len(h) for h in models.heads],
+        image_size=models.image_size, batch_size=config.data.eval_batch_size, num_threads=config.data.num_threads,
+        log=log)
+    seconds["evaluation"] = time.perf_counter() - started
+    methods = {}
+    for method in built:
+        record: dict[str, Any] = {"accuracy": accuracy[method], "mean": _mean(accuracy[method])}
+        if method in runs:
+            record.update(coefficients=runs[method].coefficients, entropy=runs[method].entropy)
+        methods[method] = record
+    return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks), "methods": methods,
+            "seconds": seconds}
+
+
+def _mean(accuracy: dict[str, float]) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
+def _prepare(config: ExperimentConfig, log: Callable[[str], None]) -> tuple[ClipModels, Any, list[Source]]:
+    """Test sources first (cheap, and the commonest error), then checkpoints, heads and task vectors."""
+    eval_sources = sources.test_sources(config.eval_tasks, config.data)
+    for task, source in zip(config.eval_tasks, eval_sources):
+        log(f"[data] {task}: {len(source)} test images")
+    models = load_models(config.checkpoints, config.merge_tasks, config.eval_tasks,
+                         config.cache_dir if config.cache_dir else None, log)
+    task_vectors = am.task_vectors(models.pretrained, models.finetuned)
+    return models, task_vectors, eval_sources
+
+
+def _environment() -> dict[str, Any]:
+    return {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+
+
+def run_merging(config: ExperimentConfig, *, output_dir: str | Path | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Table 1 / Table 2 / generalization: one run over ``config.eval_tasks``."""
+    started = time.perf_counter()
+    models, task_vectors, eval_sources = _prepare(config, log)
+    state_dir = str(Path(output_dir) / "adamerging_state") if output_dir and config.checkpoint_runs else None
+    run = evaluate_methods(config, models, task_vectors, eval_sources, state_dir=state_dir, log=log)
+    run["seconds"]["total"] = time.perf_counter() - started
+    return {"experiment": config.name, "settings": config.settings(), **run, **_environment()}
+
+
+def run_robustness(
+    config: ExperimentConfig,
+    conditions: Sequence[str] = CONDITIONS,
+    *,
+    severity: int = 5,
+    corruption_size: int | None = 224,
+    output_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Robustness: for each condition, the methods adapted to and evaluated on the corrupted test sets."""
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"unknown test conditions {unknown}; known: {list(CONDITIONS)}")
+    started = time.perf_counter()
+    models, task_vectors, clean = _prepare(config, log)
+    runs = {}
+    for condition in conditions:
+        log(f"[robustness] {condition}" + ("" if condition == "clean" else f", severity {severity}"))
+        eval_sources = sources.corrupted(clean, condition, severity, config.seed, corruption_size)
+        state_dir = (str(Path(output_dir) / "adamerging_state" / condition)
+                     if output_dir and config.checkpoint_runs else None)
+        runs[condition] = evaluate_methods(config, models, task_vectors, eval_sources, state_dir=state_dir, log=log)
+    return {"experiment": config.name, "settings": config.settings(), "tasks": list(config.eval_tasks),
+            "severity": severity, "corruption_size": corruption_size, "conditions": runs,
+            "seconds": {"total": time.perf_counter() - started}, **_environment()}

@@ -1,0 +1,150 @@
+"""Every hyper-parameter of the paper's experiments, in one place, with the official and FusionBench presets.
+
+An :class:`ExperimentConfig` holds the checkpoints (:class:`Checkpoints`), where the test sets come from
+(:class:`DataConfig`) and the merge methods' settings (:class:`MergeConfig`, whose ``adamerging`` field is the
+core's :class:`~adamerging_jax.AdaMergingConfig`: ``official()`` = 500 steps, 2 x 16 test images per task per
+step, λ clamped to [0, 1]; ``fusionbench()`` = 1000 steps, 1 x 16, no clamp, entropy eps 1e-8).  Task
+arithmetic λ = 0.3; TIES: top 20% over the whole model, disjoint *sum*, scale 0.3 (the official AdaMerging
+script's baseline, also what AdaMerging++ preprocesses with).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from adamerging_jax.core.optimize import AdaMergingConfig
+from adamerging_jax.models.clip import stacked
+
+ADAMERGING_METHODS = (
+    "task_wise_adamerging", "task_wise_adamerging++", "layer_wise_adamerging", "layer_wise_adamerging++")
+METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "ties") + ADAMERGING_METHODS
+"""Table 1's rows, in the paper's order."""
+
+PRESETS = ("official", "fusionbench")
+DEFAULT_CACHE = Path(os.environ.get("ADAMERGING_JAX_CACHE_DIR", Path.home() / ".cache" / "adamerging_jax"))
+
+CHECKPOINTS = {
+    "B/32": ("openai/clip-vit-base-patch32", "tanganke/clip-vit-base-patch32_{task}"),
+    "B/16": ("openai/clip-vit-base-patch16", "tanganke/clip-vit-base-patch16_{task}"),
+    "L/14": ("openai/clip-vit-large-patch14", "tanganke/clip-vit-large-patch14_{task}"),
+}
+"""Per CLIP variant: the pretrained CLIP (θ0, projection, text tower) and FusionBench's fine-tuned towers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+    """Where θ0, the heads' text tower and the fine-tuned image towers come from.
+
+    ``pretrained``: a full HF CLIP (directory or hub id): θ0's image tower, the visual projection, the text
+    tower, ``logit_scale`` and the tokenizer files.  ``finetuned``: one path or hub id per task, ``{task}``
+    standing for the FusionBench/head name (``stanford-cars``) and ``{dataset}`` for the task_vectors folder
+    name (``Cars``); HF ``CLIPVisionModel`` directories/ids, or open_clip state dicts (``.pt``/``.pth``, read
+    with torch).  ``pretrained_vision`` optionally replaces θ0's image tower (e.g. task_vectors' open_clip
+    ``zeroshot.pt``, so τ = finetuned − zeroshot as in the official code).  ``trust_pickle`` allows the
+    task_vectors pickled modules (they run code when loaded).
+    """
+
+    pretrained: str = CHECKPOINTS["B/32"][0]
+    finetuned: str = CHECKPOINTS["B/32"][1]
+    pretrained_vision: str | None = None
+    trust_pickle: bool = False
+    allow_download: bool = True
+
+    @classmethod
+    def fusionbench(cls, variant: str, **overrides: Any) -> "Checkpoints":
+        if variant not in CHECKPOINTS:
+            raise ValueError(f"no default checkpoints for CLIP {variant!r}; known: {sorted(CHECKPOINTS)}")
+        pretrained, finetuned = CHECKPOINTS[variant]
+        return cls(**{"pretrained": pretrained, "finetuned": finetuned, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where each task's test set is read, and how.
+
+    ``folders[task]``: a split folder of class subfolders (task_vectors' layout, e.g. ``.../dtd/val``); labels
+    are the sorted class folders' ranks, which is task_vectors' class order.  Other tasks are read from the
+    ArrayRecord datasets prepared under ``tfds_dir`` (``adamerging_jax.data.tfds_sources.prepare``);
+    ``file_lists[task]`` selects a published file list there (e.g. resisc45-test.txt).
+    ``cache_images`` keeps the decoded, resized crops of the images AdaMerging visits (about 150 KB each at
+    224 px; the 4 AdaMerging runs of Table 1 visit the same images).  ``max_test_images`` evaluates and
+    adapts on the first N images of each test set only: a smoke-test knob, not the paper's protocol.
+    """
+
+    tfds_dir: str | None = None
+    folders: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    file_lists: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    cache_images: bool = True
+    eval_batch_size: int = 256
+    num_threads: int = 8
+    max_test_images: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """The methods to run and their settings."""
+
+    methods: tuple[str, ...] = METHODS
+    task_arithmetic_scale: float = 0.3
+    ties_density: float = 0.2
+    ties_reduce: str = "sum"
+    ties_scale: float = 0.3
+    ties_total_size: int | None = None
+    adamerging: AdaMergingConfig = dataclasses.field(default_factory=lambda: AdaMergingConfig.official(stacked=stacked))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MergeConfig":
+        """``official`` (EnnengYang/AdaMerging) or ``fusionbench`` (FusionBench 0.2.33) AdaMerging settings."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; the presets are {PRESETS}")
+        make = AdaMergingConfig.official if name == "official" else AdaMergingConfig.fusionbench
+        return cls(**{"adamerging": make(stacked=stacked), **overrides})
+
+    def adamerging_for(self, method: str, **overrides: Any) -> AdaMergingConfig:
+        """The AdaMerging settings of ``method`` (task- or layer-wise; ++ changes the task vectors, not these)."""
+        granularity = "task" if method.startswith("task_wise") else "layer"
+        return dataclasses.replace(self.adamerging, granularity=granularity, stacked=stacked, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the tasks merged, the tasks evaluated (merged first), models, data, methods, output."""
+
+    name: str
+    merge_tasks: tuple[str, ...]
+    eval_tasks: tuple[str, ...]
+    checkpoints: Checkpoints = Checkpoints()
+    data: DataConfig = DataConfig()
+    merge: MergeConfig = MergeConfig()
+    seed: int = 0
+    cache_dir: str = str(DEFAULT_CACHE)
+    checkpoint_runs: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if tuple(self.eval_tasks[: len(self.merge_tasks)]) != tuple(self.merge_tasks):
+            raise ValueError(f"eval_tasks {self.eval_tasks} must start with the merged tasks {self.merge_tasks}")
+        if len(self.merge_tasks) < 2:
+            raise ValueError(f"merging needs at least 2 tasks, got {self.merge_tasks}")
+
+    def settings(self) -> dict[str, Any]:
+        """A JSON-able record of every setting (callables by name)."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "__qualname__", None) or type(value).__name__
