@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="images per task per step (default 16)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement of a size this many times, "
+                   "interleaved (project, floors, peer, project, ...); a row reports the median of the rounds' "
+                   "medians (default 1; use 3+ on a shared machine)")
     p.add_argument("--devices", type=int, default=1, help="devices of the data mesh (default 1)")
     p.add_argument("--shard-task-vectors", action="store_true", help="shard θ0/τ over the mesh")
     p.add_argument("--no-peer", action="store_true", help="skip FusionBench and the torch floor")
@@ -126,8 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="step_benchmark.json", help="JSON result file (written atomically)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.k < 1 or args.batch < 1:
-        p.error("--steps ≥ 1, --warmup ≥ 0, --k ≥ 1 and --batch ≥ 1 are required")
+    if args.steps < 1 or args.warmup < 0 or args.k < 1 or args.batch < 1 or args.rounds < 1:
+        p.error("--steps ≥ 1, --warmup ≥ 0, --k ≥ 1, --batch ≥ 1 and --rounds ≥ 1 are required")
     return args
 
 
@@ -555,26 +558,52 @@ def run_benchmark(args) -> dict[str, Any]:
         raise ValueError(f"--devices {args.devices} but only {len(jax.devices())} devices are visible")
     mesh = data_mesh(jax.devices()[: args.devices])
 
-    rows = []
+    round_rows = []
     for size_index, name in enumerate(sizes):
         problem = Problem(SIZES[name], args.k, args.batch, args.seed)
-        for variant_index, variant in enumerate(variants):
-            profile = args.profile if size_index == 0 and variant_index == 0 else None
-            rows.append(dict(size=name, **bench_project(problem, variant, args, mesh, profile)))
-            print(f"[{name}] project {variant}: {rows[-1]['ms_per_step_median']:.2f} ms", file=sys.stderr)
-        if not args.no_jax_floor:
-            rows.append(dict(size=name, **bench_jax_floor(problem, args)))
+        for round_index in range(args.rounds):
+            def record(row):
+                round_rows.append(dict(size=name, round=round_index, **row))
+                print(f"[{name} round {round_index}] {row['impl']} {row['variant']}: "
+                      f"{row.get('ms_per_step_median', row.get('error'))} ms", file=sys.stderr)
+
+            for variant_index, variant in enumerate(variants):
+                profiled = size_index == 0 and variant_index == 0 and round_index == 0
+                try:
+                    record(bench_project(problem, variant, args, mesh, args.profile if profiled else None))
+                except Exception as e:  # noqa: BLE001 - e.g. out of device memory: report it, go on
+                    record(dict(impl="project", variant=variant, error=f"{type(e).__name__}: {e}"[:300]))
+            if not args.no_jax_floor:
+                record(bench_jax_floor(problem, args))
+            if not args.no_peer:
+                for mode in peer_modes:
+                    record(bench_peer(args, name, mode, "cuda" if gpu else "cpu"))
         del problem
-        if not args.no_peer:
-            for mode in peer_modes:
-                rows.append(dict(size=name, **bench_peer(args, name, mode, "cuda" if gpu else "cpu")))
-                print(f"[{name}] peer {mode}: {rows[-1].get('ms_per_step_median', rows[-1].get('error'))}",
-                      file=sys.stderr)
+    rows = combine_rounds(round_rows)
     add_speedups(rows)
     return dict(bench="adamerging_layerwise_step", machine=machine(), k=args.k, batch_per_task=args.batch,
-                steps=args.steps, warmup=args.warmup, sizes={n: dataclasses.asdict(SIZES[n]) for n in sizes},
-                rows=rows, peak_rss_gb=round(peak_rss_gb(), 3),
+                steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                sizes={n: dataclasses.asdict(SIZES[n]) for n in sizes}, rows=rows, round_rows=round_rows,
+                load_average=list(os.getloadavg()), peak_rss_gb=round(peak_rss_gb(), 3),
                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+
+def combine_rounds(round_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (size, impl, variant): the first round's details, the median over rounds of the per-round
+    medians, the min over rounds of the minima, and every round's median in `rounds_ms`."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in round_rows:
+        groups.setdefault((row["size"], row["impl"], row["variant"]), []).append(row)
+    rows = []
+    for group in groups.values():
+        ok = [r for r in group if "error" not in r]
+        row = {key: value for key, value in (ok or group)[0].items() if key != "round"}
+        if ok:
+            row["rounds_ms"] = [r["ms_per_step_median"] for r in ok]
+            row["ms_per_step_median"] = round(statistics.median(row["rounds_ms"]), 3)
+            row["ms_per_step_min"] = min(r["ms_per_step_min"] for r in ok)
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------ memory report

@@ -38,7 +38,7 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     peer.write_text(FAKE_PEER)
     out = tmp_path / "bench.json"
     done = run_script("--sizes", "tiny", "--k", "2", "--batch", "4", "--steps", "2", "--warmup", "1",
-                      "--variants", "fp32", "--peer-python", sys.executable, "--peer-script", str(peer),
+                      "--variants", "fp32", "--rounds", "2", "--peer-python", sys.executable, "--peer-script", str(peer),
                       "--profile", str(tmp_path / "trace"), "--out", str(out), cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["bench"] == "adamerging_layerwise_step"
@@ -52,6 +52,9 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     assert project["param_dtype"] == "float32"
     assert project["steps"] == 2 and 0 < project["ms_per_step_min"] <= project["ms_per_step_median"]
     assert project["compile_s"] > 0 and project["peak_rss_gb"] > 0
+    # two interleaved rounds: the row's median is the median of the rounds' medians
+    assert report["rounds"] == 2 and len(project["rounds_ms"]) == 2 and len(report["round_rows"]) == 2 * len(rows)
+    assert project["ms_per_step_median"] == round(sum(project["rounds_ms"]) / 2, 3)
     # one λ per tensor per layer: 2 layers × 16 tensors + 7 unstacked leaves (the peer's 39 HF tensors) × K
     assert project["n_coefficients"] == 2 * 39
     assert project["xla_memory"]["peak_estimate_bytes"] > 0 and project["cost"]["gflops"] > 0
@@ -66,6 +69,7 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     assert fusion_bench["peer"]["argv"][:7] == ["--tiny", "--k", "2", "--batch", "4", "--steps", "2"]
     assert "--floor" in floor["peer"]["argv"] and "--floor" not in fusion_bench["peer"]["argv"]
     assert fusion_bench["ms_per_step_median"] == 500.0 and floor["ms_per_step_median"] == 50.0
+    assert fusion_bench["rounds_ms"] == [500.0, 500.0]
     assert floor["speedup_vs_fusion_bench"] == 10.0
     assert project["speedup_vs_fusion_bench"] == round(500.0 / project["ms_per_step_median"], 2)
     assert "fusion-bench" in done.stdout and "project" in done.stdout  # the printed table

@@ -146,6 +146,18 @@ def load_coefficients(path: str | Path) -> Coefficients:
     return Coefficients(values, leaf_groups)
 
 
+def _depending_on(inputs: Any, tree: PyTree) -> Any:
+    """`inputs`, unchanged in value, made data-dependent on every leaf of `tree` (+ 0 × one element of each).
+
+    A real dependency, not `lax.optimization_barrier`: XLA:CPU drops barriers before scheduling, and then
+    runs every task's forward first (all K tasks' activations alive: measured by `memory_analysis()` in
+    tests/test_memory_modes.py). A non-finite value in `tree` propagates into `inputs`; the step's gradient
+    is then non-finite anyway.
+    """
+    token = sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)) * 0.0
+    return jax.tree_util.tree_map(lambda x: x + token.astype(x.dtype), inputs)
+
+
 def make_step(
     apply_fn: ApplyFn, optimizer: optax.GradientTransformation, config: AdaMergingConfig
 ) -> Callable[..., tuple[Coefficients, Any, jax.Array]]:
@@ -174,7 +186,7 @@ def make_step(
         for task, inputs in enumerate(batches):
             if task:
                 # Task t starts only once task t−1's gradient is accumulated: one task's activations at a time.
-                grad_params, inputs = jax.lax.optimization_barrier((grad_params, inputs))
+                inputs = _depending_on(inputs, grad_params)
             loss_t, grad_t = jax.value_and_grad(
                 lambda p, x=inputs, t=task: task_entropy(apply_fn, p, x, t, config.entropy_eps, config.batches_per_task)
             )(run_params)
