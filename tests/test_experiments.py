@@ -68,7 +68,7 @@ def world(tmp_path_factory):
 
 def common_args(world, output, tasks=ALL_TASKS):
     args = ["--pretrained", FIXTURE, "--finetuned", str(world / "finetuned" / "{task}"),
-            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-batch-size", "64", "--num-threads", "2",
+            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-batch-size", "64", "--num-threads", "2", "--devices", "1",
             "--output", str(output), "--cache-dir", str(world / "cache"), "--quiet"]
     for task in tasks:
         args += ["--folder", f"{task}={world / 'data' / task / 'test'}"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     g.add_argument("--batch-size", type=int, help="AdaMerging images per batch (preset: 16)")
     g.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--devices", type=int, help="split AdaMerging's batches over the first N devices (default: all)")
     g = p.add_argument_group("output")
     g.add_argument("--output", type=Path, required=True, help="directory for results.json and table.md")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="zero-shot heads cache")
@@ -87,7 +88,7 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
     merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m))
     merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, **adamerging))
     return ExperimentConfig(name, canonical(merge_tasks), canonical(eval_tasks), checkpoints, data, merge,
-                            seed=args.seed, cache_dir=args.cache_dir, checkpoint_runs=not args.no_resume,
+                            seed=args.seed, devices=args.devices, cache_dir=args.cache_dir, checkpoint_runs=not args.no_resume,
                             quiet=args.quiet)
 
 
@@ -162,8 +163,7 @@ def robustness(argv: Sequence[str] | None = None) -> int:
     return _finish(args, result, report.robustness_markdown(result, title, published.ROBUSTNESS), started)
 
 
-def prepare_data(argv: Sequence[str] | None = None,
-                 prepare: Callable[..., Any] | None = None) -> int:
+def prepare_data(argv: Sequence[str] | None = None) -> int:
     """Download (or take from --local-downloads) and prepare the tasks' tfds ArrayRecord datasets."""
     from adamerging_jax.data import tfds_sources
 
@@ -175,11 +175,10 @@ def prepare_data(argv: Sequence[str] | None = None,
     p.add_argument("--download-dir", help="where tfds keeps downloads and extractions (default: DATA_DIR/downloads)")
     p.add_argument("--offline", action="store_true", help="never download; every file must be in --local-downloads")
     args = p.parse_args(argv)
-    prepare = prepare or tfds_sources.prepare
     for task in canonical(t for t in args.tasks.split(",") if t):
         started = time.perf_counter()
         print(f"[prepare] {task} ...", flush=True)
-        prepare(task, args.data_dir, local_downloads=args.local_downloads, manual_dir=args.manual_dir,
+        tfds_sources.prepare(task, args.data_dir, local_downloads=args.local_downloads, manual_dir=args.manual_dir,
                 download_dir=args.download_dir, offline=args.offline)
         print(f"[prepare] {task} ready in {time.perf_counter() - started:.0f} s", flush=True)
     return 0

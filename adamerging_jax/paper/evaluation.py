@@ -31,6 +31,14 @@ def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([images, np.zeros((batch_size - len(images), *images.shape[1:]), images.dtype)])
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(backbone: SharedBackbone) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The jitted image tower and the jitted head + argmax of ``backbone`` (kept across calls)."""
+    features = jax.jit(backbone.features)
+    predict = jax.jit(lambda f, task: jnp.argmax(backbone.head(f, task), axis=-1), static_argnums=1)
+    return features, predict
+
+
 def accuracies(
     backbone: SharedBackbone,
     models: Mapping[str, ModelForTask],
@@ -47,8 +55,7 @@ def accuracies(
 
     A label outside ``[0, num_classes[t])`` raises ``ValueError`` naming the task: the data and the head disagree.
     """
-    features = jax.jit(backbone.features)
-    predict = jax.jit(lambda f, task: jnp.argmax(backbone.head(f, task), axis=-1), static_argnums=1)
+    features, predict = _compiled(backbone)
     device = jax.devices()[0]
     preprocess = functools.partial(clip_preprocess, size=image_size)
     results: dict[str, dict[str, float]] = {method: {} for method in models}

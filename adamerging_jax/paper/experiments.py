@@ -19,6 +19,7 @@ import jax
 
 import adamerging_jax as am
 from adamerging_jax.data.corruptions import CORRUPTIONS
+from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.data.pipeline import Source
 from adamerging_jax.paper import evaluation, sources
 from adamerging_jax.paper.methods import adamerging_model, data_free_model
@@ -34,13 +35,14 @@ def evaluate_methods(
     models: ClipModels,
     task_vectors: Any,
     eval_sources: Sequence[Source],
+    apply_fn: SharedBackbone,
     *,
     state_dir: str | None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build every method's model on ``task_vectors`` (AdaMerging adapts on the merged tasks' ``eval_sources``),
-    evaluate all of them in one pass over ``eval_sources``; the run as a dict (accuracy, λ, entropy, times)."""
-    apply_fn = models.apply_fn()
+    evaluate all of them in one pass over ``eval_sources``; the run as a dict (accuracy, λ, entropy, times).
+    ``apply_fn`` is ``models.apply_fn()``, made once per experiment so that its compiled steps are reused."""
     num_merged = len(config.merge_tasks)
     adaptation = sources.adaptation_view(eval_sources[:num_merged], config.data, models.image_size)
     built, runs, seconds = {}, {}, {}
@@ -50,7 +52,7 @@ def evaluate_methods(
             built[method], runs[method] = adamerging_model(
                 method, apply_fn, models.pretrained, task_vectors, adaptation, config.merge,
                 image_size=models.image_size, seed=config.seed, num_threads=config.data.num_threads,
-                checkpoint_dir=state_dir, quiet=config.quiet, log=log)
+                checkpoint_dir=state_dir, quiet=config.quiet, devices=config.devices, log=log)
         else:
             built[method] = data_free_model(method, models.pretrained, task_vectors, config.merge)
         seconds[method] = time.perf_counter() - started
@@ -95,7 +97,8 @@ def run_merging(config: ExperimentConfig, *, output_dir: str | Path | None = Non
     started = time.perf_counter()
     models, task_vectors, eval_sources = _prepare(config, log)
     state_dir = str(Path(output_dir) / "adamerging_state") if output_dir and config.checkpoint_runs else None
-    run = evaluate_methods(config, models, task_vectors, eval_sources, state_dir=state_dir, log=log)
+    run = evaluate_methods(config, models, task_vectors, eval_sources, models.apply_fn(), state_dir=state_dir,
+                           log=log)
     run["seconds"]["total"] = time.perf_counter() - started
     return {"experiment": config.name, "settings": config.settings(), **run, **_environment()}
 
@@ -115,13 +118,14 @@ def run_robustness(
         raise ValueError(f"unknown test conditions {unknown}; known: {list(CONDITIONS)}")
     started = time.perf_counter()
     models, task_vectors, clean = _prepare(config, log)
-    runs = {}
+    runs, apply_fn = {}, models.apply_fn()
     for condition in conditions:
         log(f"[robustness] {condition}" + ("" if condition == "clean" else f", severity {severity}"))
         eval_sources = sources.corrupted(clean, condition, severity, config.seed, corruption_size)
         state_dir = (str(Path(output_dir) / "adamerging_state" / condition)
                      if output_dir and config.checkpoint_runs else None)
-        runs[condition] = evaluate_methods(config, models, task_vectors, eval_sources, state_dir=state_dir, log=log)
+        runs[condition] = evaluate_methods(config, models, task_vectors, eval_sources, apply_fn,
+                                           state_dir=state_dir, log=log)
     return {"experiment": config.name, "settings": config.settings(), "tasks": list(config.eval_tasks),
             "severity": severity, "corruption_size": corruption_size, "conditions": runs,
             "seconds": {"total": time.perf_counter() - started}, **_environment()}

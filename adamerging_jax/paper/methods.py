@@ -75,6 +75,7 @@ def adamerging_model(
     num_threads: int,
     checkpoint_dir: str | None,
     quiet: bool,
+    devices: int | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[ModelForTask, AdaMergingRun]:
     """Run task-/layer-wise AdaMerging(++) on the merged tasks' test images; the merged model and its record."""
@@ -91,7 +92,8 @@ def adamerging_model(
     log(f"[{method}] {config.steps} steps, {config.batches_per_task} x {config.batch_size} images per task per "
         f"step, lr {config.lr}, clamp {config.clamp}")
     started = time.perf_counter()
-    result = am.adamerging(apply_fn, pretrained, task_vectors, batches, config)
+    mesh = am.data_mesh(jax.devices()[:devices] if devices else None)
+    result = am.adamerging(apply_fn, pretrained, task_vectors, batches, config, mesh=mesh)
     seconds = time.perf_counter() - started
     entropy = np.asarray(result.history["loss"]).sum(axis=1)
     log(f"[{method}] done in {seconds:.0f} s; summed entropy {entropy[0]:.4f} -> {entropy[-1]:.4f}"

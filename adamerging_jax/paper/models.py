@@ -104,6 +104,22 @@ def load_models(checkpoints: Checkpoints, merge_tasks: Sequence[str], eval_tasks
     return ClipModels(config, pretrained, finetuned, np.asarray(full["visual_projection"]["kernel"]), heads)
 
 
+PROMPT_ROWS = 32
+"""Prompts per text-encoder call: every task's templates (1 to 18 of them) fit, so one compiled encoder serves all."""
+
+
+def padded_rows(encode: Callable[[np.ndarray], Any], rows: int) -> Callable[[np.ndarray], Any]:
+    """``encode`` called on ``ids`` padded (with copies of its first row) to a multiple of ``rows`` rows, the
+    padding's outputs dropped: the same result, one compiled shape for every number of templates."""
+
+    def padded(ids: np.ndarray) -> Any:
+        count = len(ids)
+        extra = -count % rows
+        return encode(np.concatenate([ids, np.repeat(ids[:1], extra, axis=0)]) if extra else ids)[:count]
+
+    return padded
+
+
 def task_head(full: Params, config: clip.ClipConfig, checkpoints: Checkpoints, task: str, cache: str | None,
               log: Callable[[str], None] = print) -> np.ndarray:
     """Task ``task``'s zero-shot head [C, D] from the pretrained CLIP's text tower (cached under ``cache``)."""
@@ -114,11 +130,13 @@ def task_head(full: Params, config: clip.ClipConfig, checkpoints: Checkpoints, t
         directory = resolve_checkpoint(checkpoints.pretrained, allow_download=checkpoints.allow_download)
         directory = directory if os.path.isdir(directory) else os.path.dirname(directory)
         tokenizer = zero_shot.load_tokenizer(directory)
-        return zero_shot.clip_zero_shot_head(full, config, tokenizer, classnames, templates)
+        encode = padded_rows(zero_shot.clip_text_encoder(full, config), PROMPT_ROWS)
+        return zero_shot.zero_shot_head(encode, tokenizer, classnames, templates, float(full["logit_scale"]),
+                                        config.text.context_length)
 
     if cache is None:
         return build()
-    model_key = re.sub(r"[^\w.-]+", "_", checkpoints.pretrained.strip("/"))[-80:]
-    path = os.path.join(cache, "heads", model_key, f"{paper_task(task).head}.npz")
-    return zero_shot.cached_head(path, classnames, templates, os.path.abspath(checkpoints.pretrained)
-                                 if os.path.exists(checkpoints.pretrained) else checkpoints.pretrained, build)
+    model_id = os.path.abspath(checkpoints.pretrained) if os.path.exists(checkpoints.pretrained) else checkpoints.pretrained
+    folder = re.sub(r"[^\w.-]+", "_", model_id.strip("/"))[-80:]
+    path = os.path.join(cache, "heads", folder, f"{paper_task(task).head}.npz")
+    return zero_shot.cached_head(path, classnames, templates, model_id, build)

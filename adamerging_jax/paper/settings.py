@@ -116,7 +116,10 @@ class MergeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: the tasks merged, the tasks evaluated (merged first), models, data, methods, output."""
+    """One experiment: the tasks merged, the tasks evaluated (merged first), models, data, methods, output.
+
+    ``devices``: AdaMerging's batches are split over the first N accelerators (default: all of them).
+    """
 
     name: str
     merge_tasks: tuple[str, ...]
@@ -125,6 +128,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     merge: MergeConfig = MergeConfig()
     seed: int = 0
+    devices: int | None = None
     cache_dir: str = str(DEFAULT_CACHE)
     checkpoint_runs: bool = True
     quiet: bool = False

@@ -1,0 +1,158 @@
+"""The experiments' library pieces without a model run: tasks, published numbers, settings, checkpoint and data
+errors, padded head encoding, paper-shaped tables."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adamerging_jax.demo.report import markdown_table
+from adamerging_jax.heads import zero_shot
+from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
+from adamerging_jax.paper import cli, published
+from adamerging_jax.paper.models import checkpoint_location, load_models, padded_rows
+from adamerging_jax.paper.settings import METHODS, Checkpoints, DataConfig, ExperimentConfig, MergeConfig
+from adamerging_jax.paper.sources import test_source as task_test_source
+from adamerging_jax.paper.tasks import ALL_TASKS, GENERALIZATION_SPLITS, canonical, paper_task
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
+
+
+def test_every_name_of_a_task_resolves_and_duplicates_are_refused():
+    assert [paper_task(n).name for n in ["stanford-cars", "Cars", "cars", "SUN397", "dtd"]] == [
+        "cars", "cars", "cars", "sun397", "dtd"]
+    assert set(t.head for t in map(paper_task, ALL_TASKS)) == set(zero_shot.task_names())
+    with pytest.raises(ValueError, match="'imagenet'"):
+        paper_task("imagenet")
+    with pytest.raises(ValueError, match="twice"):
+        canonical(["cars", "stanford-cars"])
+
+
+def test_generalization_splits_partition_the_8_tasks():
+    for seen, unseen in GENERALIZATION_SPLITS.values():
+        assert len(seen) == 6 and len(unseen) == 2 and sorted(seen + unseen) == sorted(ALL_TASKS)
+
+
+@pytest.mark.parametrize("table", [published.TABLE1_VIT_B32, published.TABLE2_VIT_L14])
+def test_published_per_task_numbers_average_to_the_published_mean(table):
+    """A transcription check: the paper's Avg. column is the mean of its task columns (to its rounding)."""
+    for method, row in table.items():
+        assert method in METHODS
+        per_task = [row[t] for t in ALL_TASKS if t in row]
+        if per_task:
+            assert len(per_task) == 8
+            assert abs(np.mean(per_task) - row["mean"]) <= 0.1, method
+
+
+def test_published_generalization_means():
+    for split, table in published.GENERALIZATION.items():
+        unseen = GENERALIZATION_SPLITS[split][1]
+        for row in table.values():
+            assert set(row) - {"mean"} == set(unseen)
+            if "mean" in row:
+                assert abs(np.mean([row[t] for t in unseen]) - row["mean"]) <= 0.1
+
+
+def test_presets_hold_the_two_reference_settings():
+    official, fusionbench = MergeConfig.preset("official").adamerging, MergeConfig.preset("fusionbench").adamerging
+    assert (official.steps, official.batches_per_task, official.batch_size, official.clamp, official.entropy_eps,
+            official.lr) == (500, 2, 16, (0.0, 1.0), None, 1e-3)
+    assert (fusionbench.steps, fusionbench.batches_per_task, fusionbench.clamp, fusionbench.entropy_eps) == (
+        1000, 1, None, 1e-8)
+    merge = MergeConfig()
+    assert merge.adamerging_for("task_wise_adamerging++").granularity == "task"
+    assert merge.adamerging_for("layer_wise_adamerging").granularity == "layer"
+    assert merge.adamerging_for("layer_wise_adamerging").stacked("layers/attn/q/kernel")
+    assert (merge.task_arithmetic_scale, merge.ties_density, merge.ties_reduce, merge.ties_scale) == (
+        0.3, 0.2, "sum", 0.3)
+    with pytest.raises(ValueError, match="unknown methods"):
+        MergeConfig(methods=("fisher",))
+    with pytest.raises(ValueError, match="preset"):
+        MergeConfig.preset("paper")
+
+
+def test_experiment_config_checks_its_tasks_and_records_its_settings():
+    with pytest.raises(ValueError, match="must start with the merged tasks"):
+        ExperimentConfig("x", ("cars", "dtd"), ("dtd", "cars", "mnist"))
+    with pytest.raises(ValueError, match="at least 2"):
+        ExperimentConfig("x", ("cars",), ("cars",))
+    settings = ExperimentConfig("x", ("cars", "dtd"), ("cars", "dtd", "mnist")).settings()
+    assert json.loads(json.dumps(settings))["merge"]["adamerging"]["stacked"] == "stacked"
+    assert settings["checkpoints"]["finetuned"] == "tanganke/clip-vit-base-patch32_{task}"
+    assert Checkpoints.fusionbench("L/14").pretrained == "openai/clip-vit-large-patch14"
+
+
+def test_checkpoint_templates():
+    assert checkpoint_location("tanganke/clip-vit-base-patch32_{task}", "cars") == (
+        "tanganke/clip-vit-base-patch32_stanford-cars")
+    assert checkpoint_location("/ckpt/ViT-B-32/{dataset}/finetuned.pt", "sun397") == "/ckpt/ViT-B-32/SUN397/finetuned.pt"
+    with pytest.raises(ValueError, match="unknown placeholders"):
+        checkpoint_location("/ckpt/{name}", "cars")
+
+
+def test_missing_checkpoints_name_the_task(tmp_path):
+    checkpoints = Checkpoints(pretrained=FIXTURE, finetuned=str(tmp_path / "{task}"), allow_download=False)
+    with pytest.raises(FileNotFoundError, match="task 'cars'.*stanford-cars"):
+        load_models(checkpoints, ["cars", "dtd"], ["cars", "dtd"], None, log=lambda _: None)
+    config, params = load_hf_clip(FIXTURE)
+    save_hf_vision_model(str(tmp_path / "tower"), params["vision"], config)
+    vision_only = Checkpoints(pretrained=str(tmp_path / "tower"), finetuned=str(tmp_path / "tower"))
+    with pytest.raises(ValueError, match="no text tower"):
+        load_models(vision_only, ["cars", "dtd"], ["cars", "dtd"], None, log=lambda _: None)
+
+
+def test_test_sources_name_the_task_folder_and_missing_data(tmp_path):
+    with pytest.raises(ValueError, match="task 'mnist': no test data"):
+        task_test_source("mnist", DataConfig())
+    with pytest.raises(FileNotFoundError, match="'mnist'.*not prepared"):
+        task_test_source("mnist", DataConfig(tfds_dir=str(tmp_path / "tfds")))
+    split = tmp_path / "mnist" / "test"
+    for c in range(9):  # MNIST's head has 10 classes
+        (split / str(c)).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), c, np.uint8)).save(split / str(c) / "a.png")
+    with pytest.raises(ValueError, match="task 'mnist'.*9 class folders.*10 classes"):
+        task_test_source("mnist", DataConfig(folders={"mnist": str(split)}))
+    (split / "9").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(split / "9" / f"{i}.png")
+    source = task_test_source("mnist", DataConfig(folders={"mnist": str(split)}))
+    assert len(source) == 12 and source[11][1] == 9
+    assert len(task_test_source("mnist", DataConfig(folders={"mnist": str(split)}, max_test_images=5))) == 5
+
+
+def test_padded_text_encoding_gives_the_same_head():
+    config, params = load_hf_clip(FIXTURE)
+    tokenizer = zero_shot.load_tokenizer(FIXTURE)
+    classnames, templates = ["cat", "dog", "a long class name"], ["a {c}.", "photo of {c}", "{c}!"]
+    expected = zero_shot.clip_zero_shot_head(params, config, tokenizer, classnames, templates)
+    calls = []
+
+    def encode(ids):
+        calls.append(ids.shape)
+        return zero_shot.clip_text_encoder(params, config)(ids)
+
+    head = zero_shot.zero_shot_head(padded_rows(encode, 8), tokenizer, classnames, templates,
+                                    float(params["logit_scale"]), config.text.context_length)
+    np.testing.assert_allclose(head, expected, rtol=1e-6, atol=1e-6)
+    assert set(calls) == {(8, config.text.context_length)}
+
+
+def test_markdown_table_with_published_numbers_and_missing_cells():
+    run = {"tasks": ["cars", "dtd"], "methods": {
+        "task_arithmetic": {"accuracy": {"cars": 0.5, "dtd": 0.25}},
+        "individual": {"accuracy": {"cars": 1.0}}}}
+    table = markdown_table([run], reference={"task_arithmetic": {"cars": 54.9, "mean": 69.1}},
+                           task_labels={"cars": "Cars", "dtd": "DTD"}).splitlines()
+    assert table[0] == "| Method | Cars | DTD | Avg. |"
+    assert table[2] == "| Task arithmetic | 50.0 (54.9) | 25.0 | 37.5 (69.1) |"
+    assert table[3] == "| Individual (fine-tuned) | 100.0 | – | – |"
+    assert markdown_table([run], ["cars"]).splitlines()[3] == "| Individual (fine-tuned) | 100.0 | 100.0 |"
+
+
+def test_command_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="individual"):
+        cli.generalization(["--output", str(tmp_path), "--methods", "individual,task_arithmetic"])
+    with pytest.raises(SystemExit, match="TASK=PATH"):
+        cli.table1(["--output", str(tmp_path), "--folder", "cars"])
+
