@@ -68,7 +68,8 @@ def world(tmp_path_factory):
 
 def common_args(world, output, tasks=ALL_TASKS):
     args = ["--pretrained", FIXTURE, "--finetuned", str(world / "finetuned" / "{task}"),
-            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-batch-size", "64", "--num-threads", "2", "--devices", "1",
+            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-batch-size", "64", "--num-threads", "2",
+            "--devices", "1",
             "--output", str(output), "--cache-dir", str(world / "cache"), "--quiet"]
     for task in tasks:
         args += ["--folder", f"{task}={world / 'data' / task / 'test'}"]
@@ -91,7 +92,7 @@ def load_tower(path):
     return jax.tree_util.tree_map(np.asarray, load_hf_clip(str(path))[1]["vision"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def head_of(task):
     config, full = load_hf_clip(FIXTURE)
     return zero_shot.clip_zero_shot_head(full, config, zero_shot.load_tokenizer(FIXTURE),
@@ -110,7 +111,7 @@ def independent_accuracy(vision, task, test_folder, corrupt_fn=None):
         images.append(preprocess(corrupt_fn(image, i) if corrupt_fn else image, 32))
     labels = np.array([label for _, label in source.samples])
     encode = clip.image_encoder(config, full["visual_projection"]["kernel"])
-    apply_fn = lambda p, x, t: zero_shot.zero_shot_logits(encode(p, x), head)  # noqa: E731
+    apply_fn = lambda p, x, t: zero_shot.zero_shot_logits(encode(p, x), head)
     return am.evaluate(apply_fn, vision, [(np.stack(images), labels)], [task], batch_size=64).per_task[task]
 
 
@@ -176,7 +177,7 @@ def test_table1_markdown_is_laid_out_like_the_paper_with_its_numbers(table1):
     assert header == "| Method | SUN397 | Cars | RESISC45 | EuroSAT | SVHN | GTSRB | MNIST | DTD | Avg. |"
     start = lines.index(header)
     rows = lines[start + 2: start + 2 + 9]
-    assert [row.split(" | ")[0] for row in rows][0] == "| Pretrained (frozen head)"
+    assert next(row.split(" | ")[0] for row in rows) == "| Pretrained (frozen head)"
     layer_wise = next(row for row in rows if row.startswith("| Layer-wise AdaMerging |"))
     cells = [c.strip() for c in layer_wise.strip("|").split("|")]
     ours = 100 * result["methods"]["layer_wise_adamerging"]["accuracy"]["sun397"]
@@ -239,7 +240,7 @@ def test_robustness_adapts_and_evaluates_on_the_corrupted_test_sets(world, tmp_p
         "--conditions", "clean,pixelate", "--severity", "1", "--corruption-size", "32"])
     result = json.loads((output / "results.json").read_text())
     assert list(result["conditions"]) == ["clean", "pixelate"] and result["tasks"] == tasks
-    for condition, run in result["conditions"].items():
+    for run in result["conditions"].values():
         assert set(run["methods"]) == {"task_arithmetic", "layer_wise_adamerging"}
         assert len(run["methods"]["layer_wise_adamerging"]["coefficients"]["class_embedding"]) == 4
     pretrained = load_tower(FIXTURE)

@@ -11,10 +11,22 @@ from adamerging_jax.demo.report import markdown_table
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import cli, published
+from adamerging_jax.paper.experiments import run_robustness
 from adamerging_jax.paper.models import checkpoint_location, load_models, padded_rows
-from adamerging_jax.paper.settings import METHODS, Checkpoints, DataConfig, ExperimentConfig, MergeConfig
+from adamerging_jax.paper.settings import (
+    METHODS,
+    Checkpoints,
+    DataConfig,
+    ExperimentConfig,
+    MergeConfig,
+)
 from adamerging_jax.paper.sources import test_source as task_test_source
-from adamerging_jax.paper.tasks import ALL_TASKS, GENERALIZATION_SPLITS, canonical, paper_task
+from adamerging_jax.paper.tasks import (
+    ALL_TASKS,
+    GENERALIZATION_SPLITS,
+    canonical,
+    paper_task,
+)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
 
@@ -22,7 +34,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
 def test_every_name_of_a_task_resolves_and_duplicates_are_refused():
     assert [paper_task(n).name for n in ["stanford-cars", "Cars", "cars", "SUN397", "dtd"]] == [
         "cars", "cars", "cars", "sun397", "dtd"]
-    assert set(t.head for t in map(paper_task, ALL_TASKS)) == set(zero_shot.task_names())
+    assert {t.head for t in map(paper_task, ALL_TASKS)} == set(zero_shot.task_names())
     with pytest.raises(ValueError, match="'imagenet'"):
         paper_task("imagenet")
     with pytest.raises(ValueError, match="twice"):
@@ -86,7 +98,8 @@ def test_experiment_config_checks_its_tasks_and_records_its_settings():
 def test_checkpoint_templates():
     assert checkpoint_location("tanganke/clip-vit-base-patch32_{task}", "cars") == (
         "tanganke/clip-vit-base-patch32_stanford-cars")
-    assert checkpoint_location("/ckpt/ViT-B-32/{dataset}/finetuned.pt", "sun397") == "/ckpt/ViT-B-32/SUN397/finetuned.pt"
+    assert checkpoint_location("/ckpt/ViT-B-32/{dataset}/finetuned.pt", "sun397") == (
+        "/ckpt/ViT-B-32/SUN397/finetuned.pt")
     with pytest.raises(ValueError, match="unknown placeholders"):
         checkpoint_location("/ckpt/{name}", "cars")
 
@@ -156,3 +169,9 @@ def test_command_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="TASK=PATH"):
         cli.table1(["--output", str(tmp_path), "--folder", "cars"])
 
+
+
+def test_robustness_refuses_an_unknown_condition_before_loading_anything():
+    config = ExperimentConfig("robustness", ("cars", "dtd"), ("cars", "dtd"))
+    with pytest.raises(ValueError, match=r"unknown test conditions \['fog'\]"):
+        run_robustness(config, ["clean", "fog"])

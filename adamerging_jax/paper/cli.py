@@ -17,11 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from adamerging_jax.paper import published, report
-from adamerging_jax.paper.experiments import CONDITIONS, run_merging, run_robustness
+from adamerging_jax.paper.experiments import run_merging, run_robustness
 from adamerging_jax.paper.settings import (
-    ADAMERGING_METHODS, CHECKPOINTS, DEFAULT_CACHE, METHODS, PRESETS, Checkpoints, DataConfig, ExperimentConfig,
-    MergeConfig)
-from adamerging_jax.paper.tasks import ALL_TASKS, GENERALIZATION_SPLITS, ROBUSTNESS_TASKS, canonical, paper_task
+    CHECKPOINTS,
+    DEFAULT_CACHE,
+    METHODS,
+    PRESETS,
+    Checkpoints,
+    DataConfig,
+    ExperimentConfig,
+    MergeConfig,
+)
+from adamerging_jax.paper.tasks import (
+    ALL_TASKS,
+    GENERALIZATION_SPLITS,
+    ROBUSTNESS_TASKS,
+    canonical,
+    paper_task,
+)
 
 
 def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
@@ -39,7 +52,8 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     """The flags every experiment shares."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--variant", default=variant, choices=sorted(CHECKPOINTS), help="CLIP size of the default checkpoints")
+    g.add_argument("--variant", default=variant, choices=sorted(CHECKPOINTS),
+                   help="CLIP size of the default checkpoints")
     g.add_argument("--pretrained", help="full HF CLIP dir or hub id (θ0, projection, text tower); default: openai's")
     g.add_argument("--finetuned", help="fine-tuned tower per task: HF dir/hub id or open_clip .pt, with {task} "
                    "(FusionBench name) or {dataset} (task_vectors name); default: tanganke/clip-vit-*_{task}")
@@ -62,6 +76,8 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     g.add_argument("--steps", type=int, help="AdaMerging steps (preset: official 500, fusionbench 1000)")
     g.add_argument("--lr", type=float, help="AdaMerging learning rate (preset: 1e-3)")
     g.add_argument("--batch-size", type=int, help="AdaMerging images per batch (preset: 16)")
+    g.add_argument("--ties-total-size", type=int,
+                   help="count the TIES top-k over this many entries (the official open_clip model's, text side included)")
     g.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--devices", type=int, help="split AdaMerging's batches over the first N devices (default: all)")
@@ -80,15 +96,18 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
         args.variant, pretrained_vision=args.pretrained_vision, trust_pickle=args.trust_pickle,
         allow_download=not args.offline, **overrides)
     data = DataConfig(
-        tfds_dir=args.tfds_dir, folders=_pairs(args.folder, "--folder"), file_lists=_pairs(args.file_list, "--file-list"),
+        tfds_dir=args.tfds_dir, folders=_pairs(args.folder, "--folder"),
+        file_lists=_pairs(args.file_list, "--file-list"),
         cache_images=not args.no_image_cache, eval_batch_size=args.eval_batch_size, num_threads=args.num_threads,
         max_test_images=args.max_test_images)
     adamerging = {k: v for k, v in [("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                      ("param_dtype", args.param_dtype)] if v is not None}
-    merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m))
+    merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m),
+                               ties_total_size=args.ties_total_size)
     merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, **adamerging))
     return ExperimentConfig(name, canonical(merge_tasks), canonical(eval_tasks), checkpoints, data, merge,
-                            seed=args.seed, devices=args.devices, cache_dir=args.cache_dir, checkpoint_runs=not args.no_resume,
+                            seed=args.seed, devices=args.devices, cache_dir=args.cache_dir,
+                            checkpoint_runs=not args.no_resume,
                             quiet=args.quiet)
 
 
@@ -150,14 +169,15 @@ def robustness(argv: Sequence[str] | None = None) -> int:
     """Merge Cars, EuroSAT, RESISC45, GTSRB; adapt and evaluate on each corruption of their test sets."""
     p = parser("AdaMerging robustness: merging adapted on corrupted test data (CLIP ViT-B/32).", "B/32",
                ("task_arithmetic", "layer_wise_adamerging"))
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated: clean and corruptions")
+    p.add_argument("--conditions", help="comma-separated subset of clean and the corruptions (default: all)")
     p.add_argument("--severity", type=int, default=5, choices=range(1, 6), help="ImageNet-C severity")
     p.add_argument("--corruption-size", type=int, default=224,
                    help="corrupt the image resized (short side) and centre-cropped to this size; 0: native size")
     args = p.parse_args(argv)
     started = time.perf_counter()
     config = config_from_args(args, "robustness", ROBUSTNESS_TASKS, ROBUSTNESS_TASKS)
-    result = run_robustness(config, [c for c in args.conditions.split(",") if c], severity=args.severity,
+    chosen = [c for c in args.conditions.split(",") if c] if args.conditions else None
+    result = run_robustness(config, chosen, severity=args.severity,
                             corruption_size=args.corruption_size or None, output_dir=args.output)
     title = "Robustness: CLIP ViT-B/32 merged on Cars, EuroSAT, RESISC45, GTSRB, tested under corruptions"
     return _finish(args, result, report.robustness_markdown(result, title, published.ROBUSTNESS), started)

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.data.pipeline import Source, clip_preprocess, evaluation_batches
@@ -49,6 +50,7 @@ def accuracies(
     image_size: int,
     batch_size: int = 256,
     num_threads: int = 8,
+    quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
     """``{model: {task: accuracy in [0, 1]}}`` over the full test sets ``sources`` (task order as ``task_names``).
@@ -64,6 +66,7 @@ def accuracies(
         params = {method: jax.device_put(p, device) for method, p in params.items() if p is not None}
         correct = dict.fromkeys(params, 0)
         seen, started = 0, time.perf_counter()
+        progress = tqdm(total=len(source), desc=f"eval {name}", unit="img", disable=quiet)
         for images, labels in evaluation_batches(source, batch_size, preprocess, num_threads=num_threads):
             labels = np.asarray(labels)
             if labels.min() < 0 or labels.max() >= num_classes[task]:
@@ -74,6 +77,8 @@ def accuracies(
                 predicted = np.asarray(predict(features(p, batch), task))[: len(labels)]
                 correct[method] += int(np.sum(predicted == labels))
             seen += len(labels)
+            progress.update(len(labels))
+        progress.close()
         for method in params:
             results[method][name] = correct[method] / seen
         log(f"[eval] {name}: {seen} images, {len(params)} models, {time.perf_counter() - started:.0f} s; "

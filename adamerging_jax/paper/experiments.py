@@ -18,7 +18,6 @@ from typing import Any
 import jax
 
 import adamerging_jax as am
-from adamerging_jax.data.corruptions import CORRUPTIONS
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.data.pipeline import Source
 from adamerging_jax.paper import evaluation, sources
@@ -26,8 +25,15 @@ from adamerging_jax.paper.methods import adamerging_model, data_free_model
 from adamerging_jax.paper.models import ClipModels, load_models
 from adamerging_jax.paper.settings import ADAMERGING_METHODS, ExperimentConfig
 
-CONDITIONS = ("clean",) + tuple(CORRUPTIONS)
-"""Test conditions of the robustness experiment: the clean test sets and the 7 corruptions."""
+
+def conditions() -> tuple[str, ...]:
+    """Test conditions of the robustness experiment: the clean test sets and the 7 corruptions.
+
+    (The corruptions module, with its scipy/scikit-image imports, is loaded only by the robustness experiment.)
+    """
+    from adamerging_jax.data.corruptions import CORRUPTIONS
+
+    return ("clean", *CORRUPTIONS)
 
 
 def evaluate_methods(
@@ -60,7 +66,7 @@ def evaluate_methods(
     accuracy = evaluation.accuracies(
         apply_fn, built, eval_sources, config.eval_tasks, [len(h) for h in models.heads],
         image_size=models.image_size, batch_size=config.data.eval_batch_size, num_threads=config.data.num_threads,
-        log=log)
+        quiet=config.quiet, log=log)
     seconds["evaluation"] = time.perf_counter() - started
     methods = {}
     for method in built:
@@ -105,7 +111,7 @@ def run_merging(config: ExperimentConfig, *, output_dir: str | Path | None = Non
 
 def run_robustness(
     config: ExperimentConfig,
-    conditions: Sequence[str] = CONDITIONS,
+    test_conditions: Sequence[str] | None = None,
     *,
     severity: int = 5,
     corruption_size: int | None = 224,
@@ -113,13 +119,15 @@ def run_robustness(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Robustness: for each condition, the methods adapted to and evaluated on the corrupted test sets."""
-    unknown = [c for c in conditions if c not in CONDITIONS]
+    known = conditions()
+    test_conditions = known if test_conditions is None else tuple(test_conditions)
+    unknown = [c for c in test_conditions if c not in known]
     if unknown:
-        raise ValueError(f"unknown test conditions {unknown}; known: {list(CONDITIONS)}")
+        raise ValueError(f"unknown test conditions {unknown}; known: {list(known)}")
     started = time.perf_counter()
     models, task_vectors, clean = _prepare(config, log)
     runs, apply_fn = {}, models.apply_fn()
-    for condition in conditions:
+    for condition in test_conditions:
         log(f"[robustness] {condition}" + ("" if condition == "clean" else f", severity {severity}"))
         eval_sources = sources.corrupted(clean, condition, severity, config.seed, corruption_size)
         state_dir = (str(Path(output_dir) / "adamerging_state" / condition)

@@ -21,7 +21,11 @@ import numpy as np
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import load_hf_clip, load_open_clip_checkpoint, resolve_checkpoint
+from adamerging_jax.models.clip_checkpoint import (
+    load_hf_clip,
+    load_open_clip_checkpoint,
+    resolve_checkpoint,
+)
 from adamerging_jax.paper.settings import Checkpoints
 from adamerging_jax.paper.tasks import paper_task
 
@@ -136,7 +140,9 @@ def task_head(full: Params, config: clip.ClipConfig, checkpoints: Checkpoints, t
 
     if cache is None:
         return build()
-    model_id = os.path.abspath(checkpoints.pretrained) if os.path.exists(checkpoints.pretrained) else checkpoints.pretrained
+    model_id = checkpoints.pretrained
+    if os.path.exists(model_id):
+        model_id = os.path.abspath(model_id)
     folder = re.sub(r"[^\w.-]+", "_", model_id.strip("/"))[-80:]
     path = os.path.join(cache, "heads", folder, f"{paper_task(task).head}.npz")
     return zero_shot.cached_head(path, classnames, templates, model_id, build)

@@ -54,7 +54,7 @@ class Checkpoints:
     allow_download: bool = True
 
     @classmethod
-    def fusionbench(cls, variant: str, **overrides: Any) -> "Checkpoints":
+    def fusionbench(cls, variant: str, **overrides: Any) -> Checkpoints:
         if variant not in CHECKPOINTS:
             raise ValueError(f"no default checkpoints for CLIP {variant!r}; known: {sorted(CHECKPOINTS)}")
         pretrained, finetuned = CHECKPOINTS[variant]
@@ -101,7 +101,7 @@ class MergeConfig:
             raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "MergeConfig":
+    def preset(cls, name: str, **overrides: Any) -> MergeConfig:
         """``official`` (EnnengYang/AdaMerging) or ``fusionbench`` (FusionBench 0.2.33) AdaMerging settings."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; the presets are {PRESETS}")

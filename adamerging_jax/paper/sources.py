@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from adamerging_jax.data import tfds_sources
-from adamerging_jax.data.corruptions import CorruptedSource
 from adamerging_jax.data.folder import FolderImages
 from adamerging_jax.data.pipeline import CachedSource, Source, clip_resize_crop
 from adamerging_jax.heads.zero_shot import task_prompts
@@ -71,4 +70,6 @@ def corrupted(sources: Sequence[Source], name: str, severity: int, seed: int, si
     """The sources under corruption ``name`` ("clean" returns them unchanged)."""
     if name == "clean":
         return list(sources)
+    from adamerging_jax.data.corruptions import CorruptedSource
+
     return [CorruptedSource(s, name, severity, seed=seed, size=size) for s in sources]
