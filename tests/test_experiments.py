@@ -28,6 +28,8 @@ from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_m
 from adamerging_jax.paper import published
 from adamerging_jax.paper.tasks import ALL_TASKS, TASKS
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "clip", "ti8")
 EXPERIMENTS = os.path.join(ROOT, "experiments")
