@@ -20,7 +20,7 @@ from adamerging_jax.paper.settings import (
     ExperimentConfig,
     MergeConfig,
 )
-from adamerging_jax.paper.sources import test_source as task_test_source
+from adamerging_jax.paper.sources import task_test_set
 from adamerging_jax.paper.tasks import (
     ALL_TASKS,
     GENERALIZATION_SPLITS,
@@ -117,21 +117,21 @@ def test_missing_checkpoints_name_the_task(tmp_path):
 
 def test_test_sources_name_the_task_folder_and_missing_data(tmp_path):
     with pytest.raises(ValueError, match="task 'mnist': no test data"):
-        task_test_source("mnist", DataConfig())
+        task_test_set("mnist", DataConfig())
     with pytest.raises(FileNotFoundError, match="'mnist'.*not prepared"):
-        task_test_source("mnist", DataConfig(tfds_dir=str(tmp_path / "tfds")))
+        task_test_set("mnist", DataConfig(tfds_dir=str(tmp_path / "tfds")))
     split = tmp_path / "mnist" / "test"
     for c in range(9):  # MNIST's head has 10 classes
         (split / str(c)).mkdir(parents=True)
         Image.fromarray(np.full((8, 8, 3), c, np.uint8)).save(split / str(c) / "a.png")
     with pytest.raises(ValueError, match="task 'mnist'.*9 class folders.*10 classes"):
-        task_test_source("mnist", DataConfig(folders={"mnist": str(split)}))
+        task_test_set("mnist", DataConfig(folders={"mnist": str(split)}))
     (split / "9").mkdir()
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(split / "9" / f"{i}.png")
-    source = task_test_source("mnist", DataConfig(folders={"mnist": str(split)}))
+    source = task_test_set("mnist", DataConfig(folders={"mnist": str(split)}))
     assert len(source) == 12 and source[11][1] == 9
-    assert len(task_test_source("mnist", DataConfig(folders={"mnist": str(split)}, max_test_images=5))) == 5
+    assert len(task_test_set("mnist", DataConfig(folders={"mnist": str(split)}, max_test_images=5))) == 5
 
 
 def test_padded_text_encoding_gives_the_same_head():

@@ -24,6 +24,7 @@ from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.data.pipeline import Source, clip_preprocess, evaluation_batches
 
 ModelForTask = Callable[[int], Any]
+"""A model as ``task index -> params`` (None where it is not evaluated)."""
 
 
 def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:

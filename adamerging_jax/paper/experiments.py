@@ -84,7 +84,7 @@ def _mean(accuracy: dict[str, float]) -> float:
 
 def _prepare(config: ExperimentConfig, log: Callable[[str], None]) -> tuple[ClipModels, Any, list[Source]]:
     """Test sources first (cheap, and the commonest error), then checkpoints, heads and task vectors."""
-    eval_sources = sources.test_sources(config.eval_tasks, config.data)
+    eval_sources = sources.task_test_sets(config.eval_tasks, config.data)
     for task, source in zip(config.eval_tasks, eval_sources):
         log(f"[data] {task}: {len(source)} test images")
     models = load_models(config.checkpoints, config.merge_tasks, config.eval_tasks,

@@ -22,9 +22,8 @@ import adamerging_jax as am
 from adamerging_jax.core.objective import ApplyFn
 from adamerging_jax.core.task_vectors import num_tasks
 from adamerging_jax.data.pipeline import AdaptationBatches, Source, clip_preprocess
+from adamerging_jax.paper.evaluation import ModelForTask
 from adamerging_jax.paper.settings import ADAMERGING_METHODS, MergeConfig
-
-ModelForTask = Callable[[int], Any]
 
 
 @dataclasses.dataclass
@@ -33,7 +32,6 @@ class AdaMergingRun:
 
     coefficients: dict[str, list]
     entropy: list[float]
-    seconds: float
 
 
 def _everywhere(params: Any) -> ModelForTask:
@@ -99,4 +97,4 @@ def adamerging_model(
     log(f"[{method}] done in {seconds:.0f} s; summed entropy {entropy[0]:.4f} -> {entropy[-1]:.4f}"
         if len(entropy) else f"[{method}] 0 steps")
     coefficients = {path: np.asarray(value).tolist() for path, value in result.coefficients.per_leaf().items()}
-    return _everywhere(result.params), AdaMergingRun(coefficients, entropy.tolist(), seconds)
+    return _everywhere(result.params), AdaMergingRun(coefficients, entropy.tolist())

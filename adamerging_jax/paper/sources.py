@@ -35,7 +35,7 @@ class FirstImages:
         return self.source[index]
 
 
-def test_source(task: str, data: DataConfig) -> Source:
+def task_test_set(task: str, data: DataConfig) -> Source:
     """Task ``task``'s test set (see the module docstring); ``max_test_images`` keeps its first N images."""
     num_classes = len(task_prompts(paper_task(task).head)[0])
     if task in data.folders:
@@ -55,8 +55,8 @@ def test_source(task: str, data: DataConfig) -> Source:
     return FirstImages(source, data.max_test_images) if data.max_test_images else source
 
 
-def test_sources(tasks: Sequence[str], data: DataConfig) -> list[Source]:
-    return [test_source(task, data) for task in tasks]
+def task_test_sets(tasks: Sequence[str], data: DataConfig) -> list[Source]:
+    return [task_test_set(task, data) for task in tasks]
 
 
 def adaptation_view(sources: Sequence[Source], data: DataConfig, image_size: int) -> list[Source]:
