@@ -175,3 +175,18 @@ def test_robustness_refuses_an_unknown_condition_before_loading_anything():
     config = ExperimentConfig("robustness", ("cars", "dtd"), ("cars", "dtd"))
     with pytest.raises(ValueError, match=r"unknown test conditions \['fog'\]"):
         run_robustness(config, ["clean", "fog"])
+
+
+def test_flags_land_in_the_config(tmp_path):
+    args = cli.parser("t", "L/14", METHODS).parse_args([
+        "--output", str(tmp_path), "--preset", "fusionbench", "--steps", "7", "--accumulate", "fused",
+        "--folder", "stanford-cars=/data/cars/test", "--file-list", "resisc45=/lists/resisc45-test.txt",
+        "--methods", "ties,layer_wise_adamerging", "--devices", "2", "--offline", "--ties-total-size", "99"])
+    config = cli.config_from_args(args, "t", ["cars", "resisc45"], ["cars", "resisc45", "dtd"])
+    assert config.checkpoints.pretrained == "openai/clip-vit-large-patch14" and not config.checkpoints.allow_download
+    assert config.data.folders == {"cars": "/data/cars/test"}
+    assert config.data.file_lists == {"resisc45": "/lists/resisc45-test.txt"}
+    ada = config.merge.adamerging
+    assert (ada.steps, ada.accumulate, ada.clamp, ada.entropy_eps, ada.batches_per_task) == (7, "fused", None, 1e-8, 1)
+    assert config.merge.methods == ("ties", "layer_wise_adamerging") and config.merge.ties_total_size == 99
+    assert config.devices == 2 and config.checkpoint_runs

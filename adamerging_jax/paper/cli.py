@@ -78,6 +78,8 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     g.add_argument("--batch-size", type=int, help="AdaMerging images per batch (preset: 16)")
     g.add_argument("--ties-total-size", type=int,
                    help="count the TIES top-k over this many entries (the official open_clip model's, text side included)")
+    g.add_argument("--accumulate", choices=["fused", "per_task"],
+                   help="per_task: one task's activations alive at a time (less memory, e.g. ViT-L/14 on one GPU)")
     g.add_argument("--param-dtype", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--devices", type=int, help="split AdaMerging's batches over the first N devices (default: all)")
@@ -101,7 +103,7 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
         cache_images=not args.no_image_cache, eval_batch_size=args.eval_batch_size, num_threads=args.num_threads,
         max_test_images=args.max_test_images)
     adamerging = {k: v for k, v in [("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                                     ("param_dtype", args.param_dtype)] if v is not None}
+                                     ("accumulate", args.accumulate), ("param_dtype", args.param_dtype)] if v is not None}
     merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m),
                                ties_total_size=args.ties_total_size)
     merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, **adamerging))
