@@ -62,9 +62,12 @@ def accuracies(
     device = jax.devices()[0]
     preprocess = functools.partial(clip_preprocess, size=image_size)
     results: dict[str, dict[str, float]] = {method: {} for method in models}
+    placed: dict[int, tuple[Any, Any]] = {}  # id(params) -> (params, params on `device`), kept across tasks
     for task, (name, source) in enumerate(zip(task_names, sources)):
         params = {method: for_task(task) for method, for_task in models.items()}
-        params = {method: jax.device_put(p, device) for method, p in params.items() if p is not None}
+        params = {method: p for method, p in params.items() if p is not None}
+        placed = {id(p): placed.get(id(p)) or (p, jax.device_put(p, device)) for p in params.values()}
+        params = {method: placed[id(p)][1] for method, p in params.items()}
         correct = dict.fromkeys(params, 0)
         seen, started = 0, time.perf_counter()
         progress = tqdm(total=len(source), desc=f"eval {name}", unit="img", disable=quiet)
