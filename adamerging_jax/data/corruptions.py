@@ -43,7 +43,7 @@ from skimage.feature import canny
 from skimage.filters import gaussian
 from skimage.util import random_noise
 
-from adamerging_jax.data.pipeline import center_crop, resize_shorter_side
+from adamerging_jax.data.clip_preprocess import resize_crop
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -213,5 +213,5 @@ class CorruptedSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.source[index]
         if self.size is not None:
-            image = center_crop(resize_shorter_side(np.asarray(image, np.uint8), self.size), self.size)
+            image = resize_crop(np.asarray(image, np.uint8), self.size)
         return corrupt(image, self.name, self.severity, np.random.default_rng([self.seed, index])), label
