@@ -178,3 +178,18 @@ def test_bad_batches_are_named(problem, tv):
         am.adamerging(problem.apply, problem.pretrained, tv, odd, config)
     with pytest.raises(ValueError, match="ran out at step 1"):
         am.adamerging(problem.apply, problem.pretrained, tv, [good(0)], config)
+
+
+def test_atomic_writes_leave_no_partial_file_and_use_the_usual_mode(tmp_path):
+    from adamerging_jax.core.checkpoint import atomic_path, write_atomic
+
+    write_atomic(tmp_path / "a.txt", b"done")
+    assert (tmp_path / "a.txt").read_bytes() == b"done"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
