@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-run", action="store_true", help="with --memory-report: also run and measure")
     p.add_argument("--memory-tasks", default="8,20", help="K values of the memory report")
     p.add_argument("--memory-size", default="L/14", help="size of the memory report")
+    p.add_argument("--memory-modes", default="fp32-shared,bf16-shared,bf16-per_task,bf16-per_task-sharded",
+                   help="comma list of PRECISION-MODE[-sharded] for the memory report (sharded ones need several "
+                   "devices, e.g. --simulate-devices 8)")
     p.add_argument("--simulate-devices", type=int, default=None, help="on CPU: number of simulated devices "
                    "(sets XLA_FLAGS before jax is imported)")
     p.add_argument("--seed", type=int, default=0)
@@ -228,13 +231,13 @@ class Problem:
                        static_argnums=1)
         return jax.tree_util.tree_unflatten(treedef, [make(key, leaf.shape) for key, leaf in zip(keys, leaves)])
 
-    def images(self, dtype="float32"):
-        """K batches of B NHWC images, one per task."""
+    def images(self):
+        """K batches of B float32 NHWC images, one per task."""
         import jax
 
         shape = (self.batch, self.size.image_size, self.size.image_size, 3)
         keys = jax.random.split(jax.random.key(self.seed + 2), self.k)
-        return [jax.random.normal(key, shape).astype(dtype) for key in keys]
+        return [jax.random.normal(key, shape) for key in keys]
 
     def features(self, params, images):
         """L2-normalised image embeddings, run in the dtype of the (merged) parameters."""
@@ -494,22 +497,21 @@ def bench_peer(args, size_name: str, mode: str, device: str) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'size':6} {'impl':13} {'variant':14} {'ms/step':>10} {'min':>10} {'compile s':>9} " \
-             f"{'XLA peak GB':>11} {'dev peak GB':>11} {'vs FusionBench':>14}"
-    print(header)
-    print("-" * len(header))
+    """The rows as a Markdown table (ms per step: median over rounds of the per-round medians, and min)."""
+    print("| size | impl | variant | ms/step (median) | min | compile s | XLA step peak GB | device peak GB "
+          "| speed-up vs FusionBench |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"{r['size']:6} {r['impl']:13} {r['variant']:14} error: {r['error'][:80]}")
+            print(f"| {r['size']} | {r['impl']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
             continue
         xla = gb((r.get("xla_memory") or {}).get("peak_estimate_bytes"))
-        speedup = r.get("speedup_vs_fusion_bench")
-        cells = [f"{r['ms_per_step_median']:10.2f}", f"{r['ms_per_step_min']:10.2f}",
-                 f"{r['compile_s']:9.2f}" if "compile_s" in r else f"{'':9}",
-                 f"{xla:11.4f}" if xla is not None else f"{'':11}",
-                 f"{r['peak_device_gb']:11.3f}" if r.get("peak_device_gb") is not None else f"{'':11}",
-                 f"{speedup:13.1f}x" if speedup else ""]
-        print(f"{r['size']:6} {r['impl']:13} {r['variant']:14} " + " ".join(cells))
+        cells = [f"{r['ms_per_step_median']:.2f}", f"{r['ms_per_step_min']:.2f}",
+                 f"{r['compile_s']:.2f}" if "compile_s" in r else "",
+                 f"{xla:.4f}" if xla is not None else "",
+                 f"{r['peak_device_gb']:.3f}" if r.get("peak_device_gb") is not None else "",
+                 f"{r['speedup_vs_fusion_bench']:.1f}×" if r.get("speedup_vs_fusion_bench") else ""]
+        print(f"| {r['size']} | {r['impl']} | {r['variant']} | " + " | ".join(cells) + " |")
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -635,9 +637,13 @@ def memory_report(args) -> dict[str, Any]:
     from adamerging_jax.core.parallel import batch_sharding, data_mesh, parameter_sharding, replicated
 
     devices = jax.devices()
-    modes = [("fp32", "shared", False), ("bf16", "shared", False), ("bf16", "per_task", False)]
-    if len(devices) > 1:
-        modes.append(("bf16", "per_task", True))
+    modes = []
+    for name in args.memory_modes.split(","):
+        shard = name.endswith("-sharded")
+        precision, mode = parse_variant(name.removesuffix("-sharded"))
+        if shard and len(devices) == 1:
+            continue  # nothing to shard over
+        modes.append((precision, mode, shard))
     rows = []
     for k in [int(x) for x in args.memory_tasks.split(",")]:
         problem = Problem(SIZES[args.memory_size], k, args.batch, args.seed, abstract=True)
@@ -696,22 +702,21 @@ def measure_memory_run(problem: Problem, config, mode: str, mesh) -> dict[str, A
 
 
 def print_memory_table(report: dict[str, Any]) -> None:
+    """Analytic sizes and XLA's compiled per-device peak, as a Markdown table (GB = 2^30 bytes)."""
     print(f"memory report: CLIP {report['size']}")
-    header = (f"{'K':>3} {'mode':24} {'dev':>3} {'θ0 GB':>7} {'τ GB':>7} {'act(1 task)':>11} {'act(K)':>8} "
-              f"{'XLA args':>9} {'XLA temp':>9} {'XLA peak':>9} {'measured':>9}")
-    print(header)
-    print("-" * len(header))
+    print("| K | mode | devices | θ0 GB | τ GB | activations 1 task GB | activations K tasks GB | XLA args GB "
+          "| XLA temp GB | XLA peak GB / device | measured peak GB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["rows"]:
         a = {key: gb(value) for key, value in r["analytic"].items()}
         x = {key: gb(value) for key, value in r["xla_memory_per_device"].items() if key != "error"}
         mode = f"{r['precision']}-{r['mode']}" + ("-sharded" if r["shard_task_vectors"] else "")
         measured = r.get("measured", {})
         peak = measured.get("peak_device_gb") or measured.get("peak_rss_gb")
-        print(f"{r['k']:3} {mode:24} {r['devices']:3} {a['theta0_bytes']:7.3f} {a['task_vectors_bytes']:7.3f} "
-              f"{a['activations_one_task_bytes']:11.3f} {a['activations_all_tasks_bytes']:8.3f} "
-              f"{x.get('argument_bytes') or 0:9.3f} {x.get('temp_bytes') or 0:9.3f} "
-              f"{x.get('peak_estimate_bytes') or 0:9.3f} "
-              + (f"{peak:9.3f}" if peak else ""))
+        print(f"| {r['k']} | {mode} | {r['devices']} | {a['theta0_bytes']:.3f} | {a['task_vectors_bytes']:.3f} "
+              f"| {a['activations_one_task_bytes']:.3f} | {a['activations_all_tasks_bytes']:.3f} "
+              f"| {x.get('argument_bytes') or 0:.3f} | {x.get('temp_bytes') or 0:.3f} "
+              f"| {x.get('peak_estimate_bytes') or 0:.3f} | " + (f"{peak:.3f}" if peak else "") + " |")
 
 
 def main(argv=None) -> dict[str, Any]:
