@@ -1,6 +1,6 @@
-"""Test-wide JAX settings: 8 simulated CPU devices and the persistent compilation cache.
+"""Test-wide JAX settings (8 simulated CPU devices, the persistent compilation cache) and shared fixtures.
 
-Both must be set before jax is imported anywhere, which is why they live here.
+The settings must be made before jax is imported anywhere, which is why they live here.
 """
 import os
 
@@ -15,3 +15,21 @@ _CACHE = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+import adamerging_jax as am  # noqa: E402
+from tiny_problem import make_problem  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """The tiny 4-task problem of tests/tiny_problem.py (fine-tuned models included)."""
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def tv(problem):
+    """Its stacked task vectors."""
+    return am.task_vectors(problem.pretrained, problem.finetuned)

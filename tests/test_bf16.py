@@ -15,21 +15,11 @@ import numpy as np
 import pytest
 
 import adamerging_jax as am
-from tiny_problem import batch_source, make_problem
+from tiny_problem import batch_source
 
 STEPS = 60
 TOL_LAMBDA = 0.05  # absolute, max over steps and coefficients
 TOL_LOSS = 0.02  # absolute (nats), per step and task
-
-
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
-@pytest.fixture(scope="module")
-def tv(problem):
-    return am.task_vectors(problem.pretrained, problem.finetuned)
 
 
 def run_in_dtype(problem):

@@ -11,17 +11,7 @@ import optax
 import pytest
 
 import adamerging_jax as am
-from tiny_problem import batch_source, make_problem
-
-
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
-@pytest.fixture(scope="module")
-def tv(problem):
-    return am.task_vectors(problem.pretrained, problem.finetuned)
+from tiny_problem import batch_source
 
 
 FAST = dict(steps=60, lr=0.02, batches_per_task=1, quiet=True)
