@@ -147,10 +147,6 @@ def make_heads(config: DemoConfig, tasks, pretrained_features: Callable, train_i
     return heads
 
 
-def _batched(fn: Callable, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
-
-
 def run_demo(
     config: DemoConfig = DemoConfig(),
     *,
@@ -178,8 +174,7 @@ def run_demo(
     test_inputs = [packaged.preprocess(t.test_x, config.resolution) for t in tasks]
     times["data"] = time.perf_counter() - start
 
-    features = jax.jit(lambda params, x: efficientnet.features(params, batch_stats, x))
-    pretrained_features = lambda x: _batched(lambda b: features(pretrained, b), x, config.eval_batch)  # noqa: E731
+    pretrained_features = lambda x: efficientnet.features_in_batches(pretrained, batch_stats, x, config.eval_batch)  # noqa: E731
     heads = make_heads(config, tasks, pretrained_features, train_inputs)
 
     apply_fn = am.SharedBackbone(
