@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import adamerging_jax as am
+from adamerging_jax.core.task_vectors import check_stacked
 
 
 def tree(seed, stacked_layers=3):
@@ -151,3 +152,43 @@ def test_coefficients_for_another_tree():
         am.merge(pre, tv, am.init_coefficients(pre, 3, "layer"))
     with pytest.raises(ValueError, match="num_tasks"):
         am.init_coefficients(pre, 0)
+
+
+# ---- the stacking contract: every τ leaf is [K, *θ0_leaf.shape], one K for the tree ------------------------
+
+
+def _misstacked(kind):
+    """(θ0, τ) pairs that a leading-axis check alone lets through, and that would broadcast into a wrong θ."""
+    pre = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    if kind == "trailing_axis":  # τ_a [K, 1, 3] for θ0_a [2, 3] broadcasts to [2, 3]
+        return pre, {"a": jnp.ones((2, 1, 3)), "b": jnp.ones((2, 3))}
+    if kind == "unstacked":  # one fine-tuned tree passed as τ: its leading axes happen to be K = 2
+        return pre, {"a": jnp.ones((2, 3)), "b": jnp.ones(2)}
+    return pre, {"a": jnp.ones((2, 2, 3)), "b": jnp.ones((3, 3))}  # K = 2 and K = 3
+
+
+MISSTACKED = {"trailing_axis": r"'a'.*\(2, 1, 3\).*\(2, 2, 3\)", "unstacked": r"'a'.*\(2, 3\).*\(2, 2, 3\)", "two_k": r"'b'.*leading axis 3.*K = 2"}
+CALLERS = {
+    "merge": lambda pre, tv: am.merge(pre, tv, am.init_coefficients(pre, 2, "task")),
+    "task_arithmetic": am.task_arithmetic,
+    "weight_average": am.weight_average,
+    "ties_merging": am.ties_merging,
+    "dare_task_arithmetic": am.dare_task_arithmetic,
+}
+
+
+@pytest.mark.parametrize("kind", list(MISSTACKED))
+@pytest.mark.parametrize("caller", list(CALLERS))
+def test_every_merge_refuses_task_vectors_not_stacked_for_the_pretrained_tree(caller, kind):
+    pre, tv = _misstacked(kind)
+    with pytest.raises(ValueError, match=MISSTACKED[kind]):
+        CALLERS[caller](pre, tv)
+
+
+def test_check_stacked_returns_k_and_the_transforms_check_one_k():
+    pre = tree(0)
+    assert check_stacked(pre, am.task_vectors(pre, [tree(1), tree(2), tree(3)])) == 3
+    _, two_k = _misstacked("two_k")
+    for transform in (lambda tv: am.trim(tv, 0.5), am.elect_sign, am.disjoint_reduce, lambda tv: am.dare(tv, 0.5), am.ties_task_vectors):
+        with pytest.raises(ValueError, match=MISSTACKED["two_k"]):
+            transform(two_k)

@@ -16,13 +16,13 @@ and `merge` knows which coefficient scales which leaf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, Union
+from typing import Any, Callable, Iterable, Literal, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.trees import PyTree, named_leaves
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, named_leaves
 
 Granularity = Union[Literal["task", "layer"], Callable[[str], str]]
 TASK_GROUP = "*"
@@ -54,6 +54,12 @@ class Coefficients:
         return {path: np.asarray(self.values[group]) for path, group in self.leaf_groups}
 
 
+def coefficient_dtype(leaves: Iterable[Any]) -> np.dtype:
+    """λ's dtype for parameters with these leaves: float64 when a leaf is float64 and ``jax_enable_x64`` is on,
+    else float32 (bf16 / fp16 / fp32 parameters train float32 λ, as the merge accumulates in float32)."""
+    return jax.dtypes.canonicalize_dtype(accumulation_dtype(*(jnp.result_type(leaf) for leaf in leaves)))
+
+
 def init_coefficients(
     pretrained: PyTree,
     num_tasks: int,
@@ -67,19 +73,21 @@ def init_coefficients(
       pretrained: θ0 (or any tree with its structure); only leaf paths and shapes are read.
       num_tasks: K ≥ 1.
       granularity: ``"task"``, ``"layer"`` or a function from leaf path to group name.
-      value: initial λ, a scalar or a length-K vector (e.g. 1/K for weight averaging).
+      value: initial λ, a scalar or a length-K vector (e.g. 1/K for weight averaging); stored in
+        `coefficient_dtype` of θ0's leaves (float32, or float64 for float64 θ0 under ``jax_enable_x64``).
       stacked: predicate on leaf path telling which leaves stack L layers on their leading axis; such leaves
         get one λ per layer (`[K, L]`) under ``"layer"`` and under a grouping whose group holds only stacked
         leaves of the same L. Ignored by ``"task"``.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
-    init = np.broadcast_to(np.asarray(value, np.float32), (num_tasks,)) if np.ndim(value) == 0 else np.asarray(value, np.float32)
-    if init.shape != (num_tasks,):
-        raise ValueError(f"value must be a scalar or have shape ({num_tasks},), got {init.shape}")
     named = named_leaves(pretrained)
     if not named:
         raise ValueError("the pretrained tree has no leaves")
+    dtype = coefficient_dtype(leaf for _, leaf in named)
+    init = np.broadcast_to(np.asarray(value, dtype), (num_tasks,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
+    if init.shape != (num_tasks,):
+        raise ValueError(f"value must be a scalar or have shape ({num_tasks},), got {init.shape}")
     is_stacked = stacked or (lambda path: False)
 
     if granularity == "task":

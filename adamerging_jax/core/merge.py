@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from adamerging_jax.core.coefficients import Coefficients, check_coefficients
-from adamerging_jax.core.trees import PyTree, check_same_structure, map_with_path
+from adamerging_jax.core.task_vectors import check_stacked
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, map_with_path
 
 
 def weighted_sum_by_reduction(lam: jax.Array, tau: jax.Array) -> jax.Array:
@@ -42,21 +43,22 @@ def merge(
 
     For a leaf with per-layer coefficients λ ∈ R^{K×L} and stacked τ ∈ R^{K×L×...}:
     θ[l] = θ0[l] + Σ_k λ[k, l] τ[k, l]. The sum is accumulated in at least float32 (so bf16-stored θ0 and τ lose
-    nothing in the reduction) and the result is cast to `dtype` (default: θ0's dtype).
+    nothing in the reduction; float64 θ0 under ``jax_enable_x64`` accumulates in float64) and the result is
+    cast to `dtype` (default: θ0's dtype).
 
     Args:
       pretrained: θ0.
-      task_vectors: stacked τ, leaves `[K, *leaf.shape]` (see `task_vectors`).
+      task_vectors: stacked τ, leaves `[K, *leaf.shape]` (see `task_vectors`; checked by `check_stacked`).
       coefficients: λ from `init_coefficients`.
       clamp: ``(lo, hi)`` clips λ inside the forward, as the official AdaMerging code does with (0, 1);
         the gradient is zero where λ lies outside. ``None`` (FusionBench's default) does not clip.
       dtype: output dtype of the merged leaves.
     """
-    check_same_structure(pretrained, task_vectors, "the task-vector tree")
+    check_stacked(pretrained, task_vectors)
     check_coefficients(coefficients, task_vectors)
 
     def merge_leaf(path, theta0, tau):
-        acc = jnp.promote_types(theta0.dtype, jnp.float32)
+        acc = accumulation_dtype(theta0.dtype, tau.dtype)
         lam = coefficients.for_leaf(path).astype(acc)
         if clamp is not None:
             lam = jnp.clip(lam, clamp[0], clamp[1])

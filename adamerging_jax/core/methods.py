@@ -1,6 +1,8 @@
 """Data-free merge methods as pure functions `(θ0, τ, ...) -> θ`, and a registry that names them.
 
-Each method takes the pretrained tree and stacked task vectors (`task_vectors`) and returns merged params.
+Each method takes the pretrained tree and stacked task vectors (`task_vectors`), checks that they are stacked
+for it (`check_stacked`, at trace time) and returns merged params. Sums over tasks run in at least float32
+and in float64 for float64 inputs (`trees.accumulation_dtype`); the result has θ0's dtypes.
 """
 
 from __future__ import annotations
@@ -11,21 +13,24 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from adamerging_jax.core.task_vectors import add_to_pretrained
+from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
 from adamerging_jax.core.transforms import disjoint_reduce, drop, elect_sign, keep_agreeing, trim
-from adamerging_jax.core.trees import PyTree
+from adamerging_jax.core.trees import PyTree, accumulation_dtype
 
 
 @jax.jit
 def task_arithmetic(pretrained: PyTree, task_vectors: PyTree, scale: float = 0.3) -> PyTree:
     """θ = θ0 + s Σ_k τ_k (Ilharco et al., ICLR 2023); s = 0.3 is the AdaMerging paper's baseline."""
-    return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda tau: scale * disjoint_reduce(tau, "sum"), task_vectors))
+    check_stacked(pretrained, task_vectors)
+    return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda d: scale * d, disjoint_reduce(task_vectors, "sum")))
 
 
 @jax.jit
 def weight_average(pretrained: PyTree, task_vectors: PyTree) -> PyTree:
     """θ = (1/K) Σ_k θ_k = θ0 + (1/K) Σ_k τ_k (Wortsman et al., "Model soups", ICML 2022)."""
-    return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda tau: jnp.mean(tau.astype(jnp.float32), axis=0), task_vectors))
+    check_stacked(pretrained, task_vectors)
+    mean = lambda tau: jnp.mean(tau.astype(accumulation_dtype(tau.dtype)), axis=0)  # noqa: E731
+    return add_to_pretrained(pretrained, jax.tree_util.tree_map(mean, task_vectors))
 
 
 @partial(jax.jit, static_argnames=("density", "scope", "total_size", "sign_method"))
@@ -60,12 +65,16 @@ def ties_merging(
     The defaults are the AdaMerging repository's TIES baseline (top 20% over the whole model, "dis-sum",
     s = 0.3); the TIES paper's own setting is ``reduce="mean", scale=1.0``.
     """
+    check_stacked(pretrained, task_vectors)
     selected = ties_task_vectors(task_vectors, density, scope, total_size)
     return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda d: scale * d, disjoint_reduce(selected, reduce)))
 
 
 def dare(task_vectors: PyTree, p: float = 0.9, seed: int | jax.Array = 0) -> PyTree:
-    """DARE task vectors: each entry dropped with probability p, survivors rescaled by 1/(1 − p)."""
+    """DARE task vectors: each entry dropped with probability p, survivors rescaled by 1/(1 − p).
+
+    τ̃_k = m_k ⊙ τ_k / (1 − p) with m_k ~ Bernoulli(1 − p) per entry (Yu et al., ICML 2024), in τ's dtype.
+    """
     return drop(task_vectors, p, seed, rescale=True)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.trees import PyTree, check_same_structure, is_float_dtype, named_leaves
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_same_structure, is_float_dtype, named_leaves
 
 
 def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None, check_finite: bool = True) -> PyTree:
@@ -65,7 +65,7 @@ def _stack_differences(pretrained: PyTree, finetuned: tuple, dtype) -> PyTree:
     """τ leaves `[K, ...]`, the differences taken in at least float32; one compiled program for the tree."""
 
     def stack(theta0, *thetas):
-        acc = jnp.promote_types(theta0.dtype, jnp.float32)
+        acc = accumulation_dtype(theta0.dtype)
         return jnp.stack([t.astype(acc) - theta0.astype(acc) for t in thetas]).astype(dtype or theta0.dtype)
 
     return jax.tree_util.tree_map(stack, pretrained, *finetuned)
@@ -102,8 +102,37 @@ def num_tasks(stacked: PyTree) -> int:
     return int(first)
 
 
+def check_stacked(pretrained: PyTree, task_vectors: PyTree) -> int:
+    """Check that `task_vectors` are stacked for `pretrained` and return K.
+
+    The contract every merge relies on: the two trees have the same structure, and every task-vector leaf
+    has shape `[K, *θ0_leaf.shape]` with one K for the whole tree. Checking only the leading axis is not
+    enough: a τ leaf `[K, 1, 3]` for a θ0 leaf `[2, 3]` broadcasts in θ0 + Σ_k λ_k τ_k, and an unstacked tree
+    whose leading axis happens to equal K passes for K stacked tasks; both give a wrong merged model.
+    Only shapes are read, so the check costs nothing under `jit` (it runs once, at trace time).
+
+    Raises:
+      ValueError naming the leaf and both shapes (or the leaves missing from one tree, or the leaf whose
+      leading axis is not K).
+    """
+    check_same_structure(pretrained, task_vectors, "the task-vector tree")
+    k = num_tasks(task_vectors)
+    for (name, theta0), (_, tau) in zip(named_leaves(pretrained), named_leaves(task_vectors)):
+        expected = (k, *np.shape(theta0))
+        if tuple(np.shape(tau)) != expected:
+            raise ValueError(
+                f"leaf {name!r}: task vectors have shape {tuple(np.shape(tau))}, expected [K, *pretrained shape] = "
+                f"{expected} for the pretrained shape {tuple(np.shape(theta0))} (task vectors are stacked "
+                "[K, *leaf.shape], see task_vectors)"
+            )
+    return k
+
+
 def add_to_pretrained(pretrained: PyTree, delta: PyTree) -> PyTree:
-    """θ0 + δ leaf by leaf, computed in float32 and cast back to θ0's dtype."""
-    return jax.tree_util.tree_map(
-        lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype), pretrained, delta
-    )
+    """θ0 + δ leaf by leaf (δ unstacked, θ0's shapes), computed in at least float32 and cast to θ0's dtype."""
+
+    def add(theta0, d):
+        acc = accumulation_dtype(theta0.dtype, d.dtype)
+        return (theta0.astype(acc) + d.astype(acc)).astype(theta0.dtype)
+
+    return jax.tree_util.tree_map(add, pretrained, delta)

@@ -4,6 +4,10 @@ TIES-merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging M
 DARE (Yu et al., "Language Models are Super Mario", ICML 2024) are short compositions of these, in the spirit
 of mergekit's generalized task arithmetic: a sparsification (`trim` by magnitude or `drop` at random), a sign
 consensus (`elect_sign`), a filter (`keep_agreeing`) and a reduction over tasks (`disjoint_reduce`).
+
+Each checks that its input is stacked with one K (`task_vectors.num_tasks`). Sums over tasks, magnitudes and
+thresholds run in `trees.accumulation_dtype` of τ: float32 for bf16 / fp16 / fp32 τ, float64 for float64 τ
+(so a sign sum that cancels below float32 resolution keeps its float64 sign).
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.trees import PyTree
+from adamerging_jax.core.task_vectors import num_tasks as stacked_num_tasks
+from adamerging_jax.core.trees import PyTree, accumulation_dtype
+
+
+def _widened(tau: jax.Array) -> jax.Array:
+    """τ in its accumulation dtype (float32 for narrower floats, float64 stays float64)."""
+    return tau.astype(accumulation_dtype(tau.dtype))
 
 
 def _kth_largest_magnitude(leaves: list[jax.Array], rank: int) -> jax.Array:
@@ -25,7 +35,7 @@ def _kth_largest_magnitude(leaves: list[jax.Array], rank: int) -> jax.Array:
     of the bits read as integers): 32 (64 for float64) counting passes over the leaves, with no sort and no
     concatenated [K, D] copy of the model, so it scales to ViT-L/14 × 20 tasks.
     """
-    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    dtype = accumulation_dtype(*(leaf.dtype for leaf in leaves))
     int_dtype, bits = (jnp.int64, 64) if dtype == jnp.float64 else (jnp.int32, 32)
     num_tasks = leaves[0].shape[0]
     as_bits = lambda leaf: jax.lax.bitcast_convert_type(jnp.abs(leaf.astype(dtype)), int_dtype).reshape(num_tasks, -1)  # noqa: E731
@@ -63,8 +73,8 @@ def trim(
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    num_tasks = stacked_num_tasks(task_vectors)
     leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
-    num_tasks = leaves[0].shape[0]
     if scope == "leaf":
         return jax.tree_util.tree_map(lambda tau: trim(tau, density, "model"), task_vectors)
     if scope != "model":
@@ -96,6 +106,7 @@ def drop(task_vectors: PyTree, p: float, seed: int | jax.Array, rescale: bool = 
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"drop rate p must be in [0, 1), got {p}")
+    stacked_num_tasks(task_vectors)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     return _drop(task_vectors, p, key, rescale)
 
@@ -118,10 +129,11 @@ def elect_sign(task_vectors: PyTree, method: Literal["sum", "count"] = "sum") ->
     ``"sum"`` (TIES): γ = sgn(Σ_k τ_k); ``"count"`` (mergekit): γ = sgn(Σ_k sgn τ_k). Entries where γ = 0 take
     the majority sign sgn(Σ_entries γ) computed over the whole model, as the official code does.
     """
+    stacked_num_tasks(task_vectors)
     if method == "sum":
-        signs = jax.tree_util.tree_map(lambda tau: jnp.sign(jnp.sum(tau.astype(jnp.float32), axis=0)), task_vectors)
+        signs = jax.tree_util.tree_map(lambda tau: jnp.sign(jnp.sum(_widened(tau), axis=0)), task_vectors)
     elif method == "count":
-        signs = jax.tree_util.tree_map(lambda tau: jnp.sum(jnp.sign(tau).astype(jnp.float32), axis=0), task_vectors)
+        signs = jax.tree_util.tree_map(lambda tau: jnp.sum(jnp.sign(_widened(tau)), axis=0), task_vectors)
         signs = jax.tree_util.tree_map(jnp.sign, signs)
     else:
         raise ValueError(f"method must be 'sum' or 'count', got {method!r}")
@@ -142,14 +154,16 @@ def keep_agreeing(task_vectors: PyTree, signs: PyTree) -> PyTree:
 
 @partial(jax.jit, static_argnames="reduce")
 def disjoint_reduce(task_vectors: PyTree, reduce: Literal["mean", "sum"] = "mean") -> PyTree:
-    """Reduce over tasks: the sum, or the mean over the tasks whose entry is non-zero (TIES "disjoint mean")."""
+    """Reduce over tasks: Σ_k τ_k, or the mean over the tasks whose entry is non-zero (TIES "disjoint mean"),
+    Σ_k τ_k / max(#{k : τ_k ≠ 0}, 1); in `accumulation_dtype(τ)`."""
+    stacked_num_tasks(task_vectors)
     if reduce == "sum":
-        return jax.tree_util.tree_map(lambda tau: jnp.sum(tau.astype(jnp.float32), axis=0), task_vectors)
+        return jax.tree_util.tree_map(lambda tau: jnp.sum(_widened(tau), axis=0), task_vectors)
     if reduce == "mean":
 
         def mean(tau):
             count = jnp.maximum(jnp.sum(tau != 0, axis=0), 1)
-            return jnp.sum(tau.astype(jnp.float32), axis=0) / count
+            return jnp.sum(_widened(tau), axis=0) / count
 
         return jax.tree_util.tree_map(mean, task_vectors)
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")

@@ -47,6 +47,19 @@ def is_float_dtype(dtype: Any) -> bool:
     return jnp.issubdtype(np.dtype(dtype), jnp.floating)
 
 
+def accumulation_dtype(*dtypes: Any) -> np.dtype:
+    """The dtype arithmetic on these dtypes runs in: their promotion with float32, i.e. at least float32.
+
+    bf16 / fp16 / fp32 inputs give float32, float64 inputs give float64 (only present when
+    ``jax_enable_x64`` is on), so sums over tasks lose nothing to a narrow storage dtype and float64 is
+    never silently rounded to float32.
+    """
+    acc = np.dtype(jnp.float32)
+    for dtype in dtypes:
+        acc = jnp.promote_types(acc, dtype)
+    return acc
+
+
 def check_same_structure(reference: PyTree, other: PyTree, what: str) -> None:
     """Raise a ValueError naming the leaves present in one tree and not the other."""
     ref_paths, other_paths = leaf_paths(reference), leaf_paths(other)
