@@ -1,4 +1,5 @@
-"""CLIP checkpoints in and out: Hugging Face safetensors, open_clip state dicts, HF ``CLIPVisionModel`` export.
+"""CLIP checkpoints in and out: Hugging Face safetensors, open_clip state dicts, and whole HF model folders
+(``CLIPVisionModelWithProjection``, ``CLIPModel``, ``CLIPVisionModel``) written for ``from_pretrained``.
 
 Our tree (``adamerging_jax.models.clip``) ↔ HF names, per tensor:
 
@@ -25,14 +26,17 @@ one fused ``attn.in_proj_weight`` [3W, W] (rows q; k; v), ``proj`` is already [W
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+import shutil
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from adamerging_jax.core.checkpoint import atomic_path, write_json_atomic
+from adamerging_jax.core.checkpoint import write_json_atomic
 from adamerging_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 
 Params = dict[str, Any]
@@ -300,21 +304,164 @@ def _check_shapes(vision: Params, config: ClipConfig, source: str) -> None:
 
 # ----------------------------------------------------------------------------------------- HF export
 
+EXPORT_KINDS = ("vision_with_projection", "clip")
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# The tokenizer files of both layouts: openai/clip-vit-* (vocab.json, merges.txt) and transformers 5
+# (tokenizer.json, tokenizer_config.json), with the optional special-token files.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
-def save_hf_vision_model(directory: str, vision_params: Params, config: ClipConfig | VisionConfig, *,
-                         dtype: Any = np.float32) -> None:
-    """Write an image tower as an HF ``CLIPVisionModel`` directory (config.json + model.safetensors) that
-    ``transformers.CLIPVisionModel.from_pretrained(directory)`` loads. Each file is written atomically."""
+
+def hf_text_config(config: TextConfig) -> dict[str, Any]:
+    """The ``text_config`` of an HF ``CLIPConfig`` with this text tower."""
+    return {"model_type": "clip_text_model", "vocab_size": config.vocab_size, "hidden_size": config.width,
+            "intermediate_size": config.mlp_dim, "num_hidden_layers": config.layers,
+            "num_attention_heads": config.heads, "max_position_embeddings": config.context_length,
+            "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
+            # CLIP vocabularies end with <|startoftext|>, <|endoftext|>; the tokenizer pads with the latter.
+            "bos_token_id": config.eos_token_id - 1, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.eos_token_id, "attention_dropout": 0.0}
+
+
+def hf_config(config: ClipConfig, kind: str, dtype: Any = np.float32) -> dict[str, Any]:
+    """config.json of an HF ``CLIPVisionModel`` (kind "vision"), ``CLIPVisionModelWithProjection``
+    ("vision_with_projection") or ``CLIPModel`` ("clip") built from ``config``."""
+    vision = dict(hf_vision_config(config.vision), dtype=np.dtype(dtype).name)
+    if kind == "vision":
+        return vision
+    if config.embed_dim is None:
+        raise ValueError(f"export kind {kind!r} needs a config with embed_dim (the projection width); got None")
+    if kind == "vision_with_projection":
+        return dict(vision, architectures=["CLIPVisionModelWithProjection"], projection_dim=config.embed_dim)
+    if kind == "clip":
+        if config.text is None:
+            raise ValueError("export kind 'clip' needs a config with a text tower (config.text is None)")
+        del vision["architectures"], vision["dtype"]
+        return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
+                "logit_scale_init_value": config.logit_scale_init, "dtype": np.dtype(dtype).name,
+                "vision_config": vision, "text_config": hf_text_config(config.text)}
+    raise ValueError(f"unknown export kind {kind!r}; known: {list(EXPORT_KINDS)}")
+
+
+def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
+    """preprocessor_config.json of CLIP's image processor for ``image_size``² inputs: resize the shorter side
+    (bicubic), centre crop, rescale by 1/255, normalise with CLIP's mean and std (as openai/clip-vit-*)."""
+    from adamerging_jax.data.clip_preprocess import CLIP_MEAN, CLIP_STD
+
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": image_size}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in CLIP_MEAN],
+            "image_std": [float(x) for x in CLIP_STD], "do_convert_rgb": True}
+
+
+def hf_state_dict(vision_params: Params, pretrained_full: Params | None, kind: str, *, dtype: Any = np.float32
+                  ) -> dict[str, np.ndarray]:
+    """The HF tensors of an export: the (merged) ``vision_params`` under ``vision_model.``, plus from the
+    pretrained CLIP tree ``pretrained_full`` the ``visual_projection`` ("vision_with_projection"), or the text
+    tower, both projections and ``logit_scale`` ("clip"). Linear and conv weights in torch layout."""
+    state = {VISION_PREFIX + name: a for name, a in _tower_to_hf(vision_params, "", _VISION).items()}
+    if kind != "vision":
+        needed = {"vision_with_projection": ["visual_projection"],
+                  "clip": ["visual_projection", "text", "text_projection", "logit_scale"]}[kind]
+        if missing := [key for key in needed if key not in (pretrained_full or {})]:
+            raise KeyError(f"export kind {kind!r}: the pretrained CLIP tree lacks {missing}")
+        state["visual_projection.weight"] = np.asarray(pretrained_full["visual_projection"]["kernel"]).T
+    if kind == "clip":
+        state.update(_tower_to_hf(pretrained_full["text"], "text_model.", _TEXT))
+        state["text_projection.weight"] = np.asarray(pretrained_full["text_projection"]["kernel"]).T
+        state["logit_scale"] = np.asarray(pretrained_full["logit_scale"]).reshape(())
+    return {name: _cast(a, dtype) for name, a in state.items()}
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, replaceable: Iterable[str]) -> Iterator[str]:
+    """A fresh folder beside ``directory`` to write into, renamed to ``directory`` when the block succeeds
+    and removed when it fails, so ``directory`` is never seen half written.
+
+    An existing ``directory`` is replaced only when it holds nothing but names in ``replaceable`` (an earlier
+    export); otherwise FileExistsError names the files that would be lost.
+    """
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise FileExistsError(f"{target!r} exists and is not a directory")
+        if foreign := sorted(set(os.listdir(target)) - set(replaceable)):
+            raise FileExistsError(f"{target!r} exists and holds files an export does not write: {foreign[:5]}; "
+                                  f"choose an empty or new directory")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    os.mkdir(tmp)  # mode 0777 & ~umask, as a folder made by hand
+    try:
+        yield tmp
+        if os.path.exists(target):
+            old = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.old")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def _write_hf_folder(directory: str | os.PathLike, state: Mapping[str, np.ndarray], config_json: dict[str, Any],
+                     extra_json: Mapping[str, dict[str, Any]], tokenizer_dir: str | None) -> None:
+    """config.json, model.safetensors, ``extra_json`` files and the tokenizer files, as one atomic folder."""
     from safetensors.numpy import save_file
 
-    vision_config = config.vision if isinstance(config, ClipConfig) else config
-    state = {VISION_PREFIX + name: np.ascontiguousarray(a, dtype=dtype)
-             for name, a in _tower_to_hf(vision_params, "", _VISION).items()}
-    os.makedirs(directory, exist_ok=True)
-    hf_config = dict(hf_vision_config(vision_config), dtype=np.dtype(dtype).name)
-    write_json_atomic(os.path.join(directory, CONFIG), hf_config)
-    with atomic_path(os.path.join(directory, SAFETENSORS)) as tmp:
-        save_file(state, str(tmp), {"format": "pt"})
+    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    with atomic_directory(directory, [CONFIG, SAFETENSORS, PREPROCESSOR_CONFIG, *TOKENIZER_FILES]) as tmp:
+        write_json_atomic(os.path.join(tmp, CONFIG), config_json)
+        for name, obj in extra_json.items():
+            write_json_atomic(os.path.join(tmp, name), obj)
+        save_file(dict(state), os.path.join(tmp, SAFETENSORS), {"format": "pt"})
+        for path in tokenizer_files:
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+
+
+def _tokenizer_files(directory: str) -> list[str]:
+    """The tokenizer files present in ``directory``; one complete layout must be there."""
+    present = [os.path.join(directory, name) for name in TOKENIZER_FILES
+               if os.path.isfile(os.path.join(directory, name))]
+    names = {os.path.basename(path) for path in present}
+    if not ({"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names):
+        raise FileNotFoundError(f"tokenizer_dir {directory!r} holds neither vocab.json + merges.txt nor "
+                                f"tokenizer.json")
+    return present
+
+
+def save_hf_clip(directory: str | os.PathLike, vision_params: Params, pretrained_full: Params,
+                 config: ClipConfig, *, kind: str = "vision_with_projection", tokenizer_dir: str | None = None,
+                 processor: bool = True, dtype: Any = np.float32) -> None:
+    """Write a merged image tower as a whole HF model folder that transformers loads.
+
+    ``kind="vision_with_projection"``: a ``CLIPVisionModelWithProjection`` (``vision_params`` + the pretrained
+    ``visual_projection``; ``image_embeds`` are our ``image_encoder(config, W)`` features).
+    ``kind="clip"``: a ``CLIPModel`` (``vision_params``, and the pretrained text tower, projections and
+    ``logit_scale`` from ``pretrained_full``, a tree as ``load_hf_clip`` of a ``CLIPModel`` gives).
+
+    The folder holds config.json, model.safetensors (tensors in ``dtype``), with ``processor`` CLIP's
+    preprocessor_config.json for ``config.vision.image_size``, and the tokenizer files of ``tokenizer_dir``
+    when given. It is written beside ``directory`` and renamed into place (see :func:`atomic_directory`).
+    """
+    if kind not in EXPORT_KINDS:
+        raise ValueError(f"unknown export kind {kind!r}; known: {list(EXPORT_KINDS)}")
+    config_json = hf_config(config, kind, dtype)
+    state = hf_state_dict(vision_params, pretrained_full, kind, dtype=dtype)
+    extra = {PREPROCESSOR_CONFIG: hf_preprocessor_config(config.vision.image_size)} if processor else {}
+    _write_hf_folder(directory, state, config_json, extra, tokenizer_dir)
+
+
+def save_hf_vision_model(directory: str | os.PathLike, vision_params: Params, config: ClipConfig | VisionConfig,
+                         *, dtype: Any = np.float32) -> None:
+    """Write an image tower alone as an HF ``CLIPVisionModel`` folder (config.json + model.safetensors), the
+    layout of FusionBench's fine-tuned towers; written atomically as :func:`save_hf_clip`."""
+    clip_config = config if isinstance(config, ClipConfig) else ClipConfig(vision=config)
+    _write_hf_folder(directory, hf_state_dict(vision_params, None, "vision", dtype=dtype),
+                     hf_config(clip_config, "vision", dtype), {}, None)
 
 
 # -------------------------------------------------------------------------------------------- open_clip
