@@ -1,21 +1,19 @@
-"""The torch-free legacy checkpoint reader and the conversion to the EfficientNet trees."""
+"""The packaged legacy checkpoint read without torch, and its conversion to the EfficientNet trees.
 
-import os
-import pickle
+The reader itself (both torch formats, crafted files) is tested in test_torch_file.py.
+"""
 
 import jax
 import numpy as np
 import pytest
 
 from adamerging_jax.models import efficientnet
+from adamerging_jax.models import torch_file
 from adamerging_jax.models.efficientnet_checkpoint import (
-    LEGACY_MAGIC,
-    LEGACY_PROTOCOL,
     UnsafeCheckpointError,
     convert_state_dict,
     load_pretrained,
     package_checkpoint_path,
-    read_legacy_torch_file,
     read_state_dict,
 )
 
@@ -33,63 +31,24 @@ def test_reads_the_package_file_bit_identical_to_torch_load():
     torch = pytest.importorskip("torch")
     path = package_checkpoint_path()
     reference = torch.load(path, map_location="cpu", weights_only=True)
-    ours = read_legacy_torch_file(path)
+    ours = read_state_dict(path)
     assert len(ours) == 296
     assert_bit_identical(ours, reference)
     assert ours._metadata == reference._metadata  # the OrderedDict's attributes survive too
 
 
-def test_reads_a_small_hand_made_legacy_file_with_views_offsets_and_dtypes(tmp_path):
+def test_the_unsafe_checkpoint_error_is_the_readers():
+    assert UnsafeCheckpointError is torch_file.UnsafeCheckpointError
+
+
+def test_a_bare_tensor_is_not_a_state_dict_and_backends_are_named(tmp_path):
     torch = pytest.importorskip("torch")
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
-    state = {
-        "transposed": base.t(),  # non-contiguous strides
-        "offset_slice": base[1:, 2:5],  # storage offset and strides
-        "shares_storage": base,
-        "long": torch.tensor([3, -2, 2**40], dtype=torch.int64),
-        "half": torch.linspace(-1, 1, 5, dtype=torch.float16),
-        "scalar": torch.tensor(1.5, dtype=torch.float64),
-    }
-    path = tmp_path / "legacy.pth"
-    torch.save(state, path, _use_new_zipfile_serialization=False)
-    assert_bit_identical(read_legacy_torch_file(path), torch.load(path, weights_only=True))
-
-
-class _RunsShell:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_legacy_records(path, payload) -> None:
-    with open(path, "wb") as file:
-        for record in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"little_endian": True}, payload, []):
-            pickle.dump(record, file, protocol=2)
-
-
-def test_refuses_a_pickle_with_a_foreign_global_before_running_it(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "malicious.pth"
-    write_legacy_records(path, {"weight": _RunsShell(str(marker))})
-    with pytest.raises(UnsafeCheckpointError, match=r"refused to load global '(posix|os|nt)\.system'") as info:
-        read_legacy_torch_file(path)
-    assert str(path) in str(info.value)
-    assert not marker.exists()
-
-
-def test_rejects_zip_format_and_foreign_files(tmp_path):
-    zipped = tmp_path / "new.pth"
-    zipped.write_bytes(b"PK\x03\x04" + b"\x00" * 32)
-    with pytest.raises(ValueError, match="zip-format"):
-        read_legacy_torch_file(zipped)
-    other = tmp_path / "other.pkl"
-    other.write_bytes(pickle.dumps(12345, protocol=2))
-    with pytest.raises(ValueError, match="magic"):
-        read_legacy_torch_file(other)
+    path = tmp_path / "bare.pt"
+    torch.save(torch.ones(3), path)
+    with pytest.raises(ValueError, match=r"bare\.pt holds a ndarray, not a state dict"):
+        read_state_dict(path)
     with pytest.raises(ValueError, match="backend"):
-        read_state_dict(other, backend="tensorflow")
+        read_state_dict(path, backend="tensorflow")
 
 
 def test_torch_backend_gives_the_same_arrays():
