@@ -26,6 +26,26 @@ def test_tokenizer_matches_the_fixture_ids(model):
                                   expected["input_ids"])
 
 
+def test_tokenizer_json_layout(tmp_path, model):
+    """The transformers-5 layout (tokenizer.json + tokenizer_config.json, no vocab.json / merges.txt) as its
+    save_pretrained writes it loads to the same ids."""
+    config, _, tokenizer, expected = model
+    tokenizer.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    reloaded = zs.load_tokenizer(str(tmp_path))
+    np.testing.assert_array_equal(zs.tokenize(reloaded, SENTENCES, config.text.context_length), expected["input_ids"])
+
+
+def test_default_templates_build_a_head(model):
+    """DEFAULT_TEMPLATES: CLIP's default prompt first, all with the class placeholder, usable as a head."""
+    config, params, tokenizer, _ = model
+    assert zs.DEFAULT_TEMPLATES[0] == "a photo of a {c}." and len(set(zs.DEFAULT_TEMPLATES)) == 8
+    assert zs.prompts("cat", zs.DEFAULT_TEMPLATES)[:2] == ["a photo of a cat.", "itap of a cat."]
+    head = zs.clip_zero_shot_head(params, config, tokenizer, ["cat", "dog"], zs.DEFAULT_TEMPLATES)
+    assert head.shape == (2, config.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(head, axis=1), np.exp(float(params["logit_scale"])), rtol=1e-5)
+
+
 def test_long_prompts_are_truncated_keeping_the_end_token(model):
     config, _, tokenizer, _ = model
     ids = zs.tokenize(tokenizer, ["a very long sentence " * 10], config.text.context_length)
@@ -72,7 +92,7 @@ def test_bad_inputs_are_named(tmp_path):
         zs.task_prompts("imagenet-zz")
     with pytest.raises(ValueError, match="a photo of a thing"):
         zs.prompts("cat", ["a photo of a thing"])
-    with pytest.raises(FileNotFoundError, match="vocab.json"):
+    with pytest.raises(FileNotFoundError, match=r"vocab\.json \+ merges\.txt nor tokenizer\.json"):
         zs.load_tokenizer(str(tmp_path))
 
 

@@ -6,7 +6,10 @@ For class c with prompts t_1..t_T (a template applied to the class name) and the
 
 The head is W = [w_1; ...; w_C] ∈ R^{C×D}; an image feature f is L2-normalised and logits = W f / ‖f‖ (no
 bias). The heads of the paper's 8 tasks use the class names and templates of mlfoundations/task_vectors
-(``clip_tasks.json`` beside this file); any task works given its class names and templates.
+(``clip_tasks.json`` beside this file); any task works given its class names and templates, and
+``DEFAULT_TEMPLATES`` (CLIP's short ImageNet prompt list) serves class names that come without templates:
+
+    head = clip_zero_shot_head(params, config, load_tokenizer(checkpoint_dir), ["cat", "dog"], DEFAULT_TEMPLATES)
 """
 from __future__ import annotations
 
@@ -36,6 +39,20 @@ def _task_table() -> dict[str, dict[str, list[str]]]:
         return json.load(f)["tasks"]
 
 
+# Templates for a user's own class names: CLIP's default prompt "a photo of a {c}." (Radford et al., 2021, §3.1.4)
+# and the 7 of its 80 ImageNet templates that OpenAI's prompt-engineering notebook found to ensemble best.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c}.",
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
+)
+
+
 def task_names() -> list[str]:
     """The tasks with packaged class names and templates: sun397, stanford-cars, resisc45, eurosat, svhn,
     gtsrb, mnist, dtd (FusionBench's names)."""
@@ -62,27 +79,21 @@ def prompts(classname: str, templates: Sequence[str]) -> list[str]:
 
 
 def load_tokenizer(directory: str) -> Any:
-    """transformers' ``CLIPTokenizer`` from the ``vocab.json`` and ``merges.txt`` of a CLIP checkpoint dir.
+    """transformers' ``CLIPTokenizer`` of a local CLIP checkpoint folder (never the hub).
 
-    The vocabulary is passed as ``vocab=`` / ``merges=`` data: transformers 5 silently ignores the older
-    ``vocab_file=`` / ``merges_file=`` keywords and would give an empty vocabulary.
+    Reads either layout ``CLIPTokenizer.from_pretrained`` knows: ``vocab.json`` + ``merges.txt`` (the
+    openai/clip-vit-* folders) or ``tokenizer.json`` (+ ``tokenizer_config.json``), which transformers 5's
+    ``save_pretrained`` writes.
     """
     from transformers import CLIPTokenizer
 
-    paths = {name: os.path.join(directory, name) for name in ["vocab.json", "merges.txt"]}
-    for name, path in paths.items():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP tokenizer: no {name} in {directory!r} (looked for {path!r})")
-    with open(paths["vocab.json"], encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(paths["merges.txt"], encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
-    merges = [tuple(line.split(" ")) for line in lines]
-    if bad := [line for line, pair in zip(lines, merges) if len(pair) != 2]:
-        raise ValueError(f"{paths['merges.txt']!r}: merge lines must be two tokens, got {bad[:3]}")
-    if "<|endoftext|>" not in vocab:
-        raise ValueError(f"{paths['vocab.json']!r} has no <|endoftext|> token: not a CLIP vocabulary")
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    def present(name: str) -> bool:
+        return os.path.isfile(os.path.join(directory, name))
+
+    if not ((present("vocab.json") and present("merges.txt")) or present("tokenizer.json")):
+        raise FileNotFoundError(f"CLIP tokenizer: {directory!r} holds neither vocab.json + merges.txt nor "
+                                f"tokenizer.json")
+    return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], context_length: int) -> np.ndarray:
