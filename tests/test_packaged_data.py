@@ -192,13 +192,30 @@ def test_task_from_folder_errors_name_the_empty_folder_and_the_corrupt_image(tmp
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     write_png(tmp_path / "a" / "0.png", (1, 2, 3))
-    with pytest.raises(ValueError, match=r"class folder .*b holds no images"):
+    with pytest.raises(ValueError, match=r"folder .*b' holds no images"):
         task_from_folder(tmp_path)
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     with pytest.raises(ValueError, match=r"broken\.png"):
         task_from_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         task_from_folder(tmp_path / "nowhere")
+
+
+def test_task_from_folder_decodes_like_the_folder_source(tmp_path):
+    """16-bit grayscale scaled (not saturated) and a decompression bomb refused by name, through load_rgb."""
+    from test_folder_source import png_header_only
+
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "test" / cls).mkdir(parents=True)
+        write_png(tmp_path / "test" / cls / "0.png", (0, 0, 0), size=(4, 4))
+        write_png(tmp_path / "train" / cls / "0.png", (0, 0, 0), size=(4, 4))
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "train" / "a" / "deep.png")
+    task = task_from_folder(tmp_path, image_size=4)
+    assert sorted(np.unique(task.train_x).tolist()) == [0, 128]
+    png_header_only(tmp_path / "test" / "b" / "huge.png", 20_000, 20_000)
+    with pytest.raises(ValueError, match=r"huge\.png' is refused as a possible decompression bomb"):
+        task_from_folder(tmp_path, image_size=4)
 
 
 # ------------------------------------------------------------------------------------------ preprocessing

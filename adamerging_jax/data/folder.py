@@ -1,13 +1,25 @@
-"""A local image-folder source: ``<root>/<split>/<class>/<image>``, as task_vectors' ``ImageFolder`` datasets.
+"""A local image-folder source: ``<root>/<split>/<class>/<image>``, as task_vectors' ``ImageFolder`` datasets,
+and the one file policy and decoder every folder reader of the package uses.
 
 For users who already have the datasets on disk in the layout of github.com/mlfoundations/task_vectors
 (``sun397/val``, ``dtd/val``, ``EuroSAT_splits/test``, ...): no tfds preparation needed.
 
 Class ``c`` gets label ``classes.index(c)``; ``classes`` defaults to the sorted class folder names, which is
-torchvision ``ImageFolder``'s order and so task_vectors'.  Strict by design, nothing is silently dropped:
-a missing split folder, a split without class folders, a missing or empty class folder, an unexpected
-class folder or a non-image file raise an error naming it; a corrupt image raises when read (or for all of
-them at once in :meth:`FolderImages.verify`).  Hidden files (names starting with ``.``) are ignored.
+torchvision ``ImageFolder``'s order and so task_vectors'.  A missing split folder, a split without class
+folders, a missing or empty class folder or an unexpected class folder raise an error naming it.
+
+**Which files are images** (:func:`list_images`, also used by ``packaged.read_class_folders`` /
+``task_from_folder`` and ``unlabeled.UnlabeledFolder``): names starting with ``.`` (files and folders) are
+ignored; a file whose extension, in any case, is not in :data:`IMAGE_EXTENSIONS` is skipped (notes, CSVs,
+``Thumbs.db``); every other file is an image, and one that then fails to decode is an error naming it, when
+read (or for all of them at once in :meth:`FolderImages.verify`): it is never dropped.
+
+**How an image is decoded** (:func:`load_rgb`): to uint8 RGB. An image with more pixels than PIL's
+``Image.MAX_IMAGE_PIXELS`` (≈ 89.5M; PIL itself only warns below twice that) is refused as a possible
+decompression bomb before any pixel is decoded; 16-bit grayscale (PIL modes ``I;16*``, and ``I`` taken as
+16-bit) is scaled 0–65535 → 0–255, where PIL's own conversion would saturate everything above 255; palette,
+1-bit, LA / RGBA / PA (alpha dropped, as torchvision's loader and CLIP's preprocessing do), CMYK and YCbCr go
+through PIL's ``convert("RGB")``.
 """
 from __future__ import annotations
 
@@ -31,25 +43,73 @@ def _visible(names: list[str]) -> list[str]:
     return sorted(name for name in names if not name.startswith("."))
 
 
-def _scan_class(folder: str, extensions: Sequence[str]) -> list[str]:
+def list_class_folders(root: str) -> list[str]:
+    """Sorted names of the visible subfolders of ``root`` (its classes); files beside them are ignored."""
+    return [name for name in _visible(os.listdir(root)) if os.path.isdir(os.path.join(root, name))]
+
+
+def list_images(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = False) -> list[str]:
+    """Paths of the images in ``folder``, sorted by their path below it (the file policy of the module docstring).
+
+    ``recursive`` walks visible subfolders too; otherwise subfolders are ignored. ``FileNotFoundError`` when
+    ``folder`` is not a folder, ``ValueError`` naming it when it holds no image.
+    """
+    folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"class folder {folder!r} is missing")
-    names = _visible(os.listdir(folder))
-    unexpected = [n for n in names if not n.lower().endswith(tuple(extensions))]
-    if unexpected:
-        raise ValueError(f"class folder {folder!r} holds files that are not images: {unexpected[:5]}")
-    if not names:
-        raise ValueError(f"class folder {folder!r} holds no image")
-    return [os.path.join(folder, name) for name in names]
+        raise FileNotFoundError(f"image folder {folder!r} is missing")
+    suffixes = tuple(extension.lower() for extension in extensions)
+    found = []
+    for directory, subfolders, names in os.walk(folder):
+        subfolders[:] = _visible(subfolders) if recursive else []
+        found.extend(
+            os.path.join(directory, name)
+            for name in _visible(names)
+            if name.lower().endswith(suffixes) and os.path.isfile(os.path.join(directory, name))
+        )
+    if not found:
+        raise ValueError(f"folder {folder!r} holds no images (files ending in {', '.join(extensions)})")
+    return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded PIL image as uint8 [H, W, 3]: 16-bit grayscale scaled by round(v · 255 / 65535), the rest
+    through PIL's ``convert("RGB")`` (module docstring)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """The image at ``path`` as uint8 [H, W, 3]; ``ValueError`` naming the file when it cannot be decoded."""
+    """The image at ``path`` as uint8 [H, W, 3] (module docstring); ``ValueError`` naming the file when it is
+    a possible decompression bomb or cannot be decoded, ``FileNotFoundError`` when it does not exist."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"image {path!r} cannot be decoded: {error}") from error
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise Image.DecompressionBombError(
+                    f"{width} × {height} = {width * height} pixels, over Image.MAX_IMAGE_PIXELS = {limit}"
+                )
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"image {path!r} is refused as a possible decompression bomb: {error}") from error
+    except Exception as error:  # a malformed file fails in many ways inside PIL's decoders
+        raise ValueError(f"image {path!r} cannot be decoded: {type(error).__name__}: {error}") from error
+
+
+def unreadable_images(paths: Sequence[str]) -> dict[str, str]:
+    """Decode every image of ``paths``; ``{path: reason}`` for those that fail (empty when all decode)."""
+    failures = {}
+    for path in paths:
+        try:
+            load_rgb(path)
+        except (ValueError, OSError) as error:
+            failures[path] = str(error)
+    return failures
 
 
 class FolderImages:
@@ -65,7 +125,7 @@ class FolderImages:
         split_dir = os.path.join(os.fspath(root), split)
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"split {split!r}: folder {split_dir!r} is missing")
-        present = [d for d in _visible(os.listdir(split_dir)) if os.path.isdir(os.path.join(split_dir, d))]
+        present = list_class_folders(split_dir)
         if classes is None:
             if not present:
                 raise ValueError(f"split {split!r}: folder {split_dir!r} has no class folders")
@@ -78,7 +138,7 @@ class FolderImages:
         self.samples: list[tuple[str, int]] = [
             (path, label)
             for label, name in enumerate(self.classes)
-            for path in _scan_class(os.path.join(split_dir, name), extensions)
+            for path in list_images(os.path.join(split_dir, name), extensions)
         ]
 
     def __len__(self) -> int:
@@ -88,16 +148,17 @@ class FolderImages:
         path, label = self.samples[index]
         return load_rgb(path), label
 
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
     def verify(self) -> None:
         """Decode every image; ``ValueError`` listing all the files that fail."""
-        failures = []
-        for path, _ in self.samples:
-            try:
-                load_rgb(path)
-            except ValueError as error:
-                failures.append(str(error))
+        failures = unreadable_images(self.paths)
         if failures:
-            raise ValueError(f"split {self.split!r}: {len(failures)} corrupt image(s):\n" + "\n".join(failures))
+            raise ValueError(
+                f"split {self.split!r}: {len(failures)} corrupt image(s):\n" + "\n".join(failures.values())
+            )
 
     def __repr__(self) -> str:
         return f"FolderImages(split={self.split!r}, {len(self.classes)} classes, {len(self)} images)"

@@ -24,7 +24,10 @@ with an unpickler that only rebuilds numpy arrays. A missing optional source rai
 ``SourceUnavailableError`` (a ``FileNotFoundError``) that says how to install it.
 
 User tasks: ``task_from_arrays`` (numpy images and labels) and ``task_from_folder`` (one subfolder of
-images per class, or ``train/`` and ``test/`` each holding class subfolders).
+images per class, or ``train/`` and ``test/`` each holding class subfolders). Folders are read with the file
+policy and decoder of ``data/folder.py`` (``list_images``, ``load_rgb``): hidden files ignored, files without
+an image extension skipped, an image that fails to decode (or a possible decompression bomb) an error
+naming it, 16-bit grayscale scaled to 0–255.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.data.folder import load_rgb
+from adamerging_jax.data.folder import list_class_folders, list_images, load_rgb
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -50,7 +53,6 @@ FASHION_MNIST_CLASSES = (
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
 TEXTURE_CLASSES = ("brick", "grass", "gravel")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class SourceUnavailableError(FileNotFoundError):
@@ -404,7 +406,8 @@ def task_from_arrays(
 def read_image(path: str, image_size: int) -> np.ndarray:
     """One image file as uint8 RGB [image_size, image_size, 3] (PIL bilinear resize, antialiased).
 
-    A file that cannot be decoded raises ValueError naming it (``folder.load_rgb``).
+    Decoded by ``folder.load_rgb`` (16-bit grayscale scaled, alpha dropped, decompression bombs refused); a
+    file that cannot be decoded raises ValueError naming it.
     """
     from PIL import Image
 
@@ -415,19 +418,18 @@ def read_image(path: str, image_size: int) -> np.ndarray:
 
 
 def read_class_folders(root: str, image_size: int) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """Images of ``root/<class>/*`` (classes in sorted order); an empty class folder is an error."""
+    """Images of ``root/<class>/*`` (visible class folders in sorted order), chosen by ``folder.list_images``:
+    hidden files ignored, files without an image extension skipped, an undecodable image or an empty class
+    folder an error naming it."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = tuple(sorted(entry.name for entry in os.scandir(root) if entry.is_dir()))
+    classes = tuple(list_class_folders(root))
     if not classes:
         raise ValueError(f"image folder {root} has no class subfolders")
     images, labels = [], []
     for label, cls in enumerate(classes):
-        folder = os.path.join(root, cls)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise ValueError(f"class folder {folder} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        images.extend(read_image(os.path.join(folder, f), image_size) for f in files)
+        files = list_images(os.path.join(root, cls))
+        images.extend(read_image(path, image_size) for path in files)
         labels.extend([label] * len(files))
     return classes, np.stack(images), np.asarray(labels, np.int64)
 
