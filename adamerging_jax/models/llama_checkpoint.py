@@ -1,0 +1,285 @@
+"""Llama / Qwen2 checkpoints in and out: HF safetensors folders ↔ the tree of ``adamerging_jax.models.llama``.
+
+Our leaf paths ↔ HF tensor names (:func:`hf_name`, :func:`tree_path`):
+
+    embed                          model.embed_tokens.weight                       [V, D]
+    layers/<block>[i]              model.layers.i.<block>                          stacked on axis 0 over i
+    norm/scale                     model.norm.weight
+    lm_head/kernel                 lm_head.weight        [D, V] ↔ [V, D]           (absent when tied)
+
+with <block> = attn_norm/scale ↔ input_layernorm.weight, attn/{q,k,v,o}/{kernel,bias} ↔
+self_attn.{q,k,v,o}_proj.{weight,bias}, mlp_norm/scale ↔ post_attention_layernorm.weight,
+mlp/{gate,up,down}/{kernel,bias} ↔ mlp.{gate,up,down}_proj.{weight,bias}. Linear weights are transposed
+([out, in] in torch, [in, out] here). A stacked leaf of L layers is L HF tensors, so a layer-wise λ of shape
+[K, L] reads as one coefficient per task per HF tensor (:func:`tensor_names`).
+
+Input: a folder with ``config.json`` and ``model.safetensors`` or a sharded ``model.safetensors.index.json``,
+tensors in fp32, fp16 or bf16. A tied model (``tie_word_embeddings``) needs no ``lm_head.weight`` (one that is
+present is ignored, as transformers ignores it). Output: ``config.json``, the weights (sharded with an index
+above ``max_shard_bytes``) and the tokenizer files, a folder that ``AutoModelForCausalLM.from_pretrained``
+and ``AutoTokenizer.from_pretrained`` load with no missing or unexpected keys.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from adamerging_jax.core.checkpoint import _umask
+from adamerging_jax.core.trees import named_leaves
+from adamerging_jax.models.clip_checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX, _read_checkpoint_dir
+from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
+
+StateDict = Mapping[str, np.ndarray]
+
+# (our path inside "layers/", HF name inside "model.layers.i.")
+_BLOCK = [
+    ("attn_norm/scale", "input_layernorm.weight"),
+    *[(f"attn/{p}/{leaf}", f"self_attn.{p}_proj.{name}") for p in "qkvo"
+      for leaf, name in [("kernel", "weight"), ("bias", "bias")]],
+    ("mlp_norm/scale", "post_attention_layernorm.weight"),
+    *[(f"mlp/{p}/{leaf}", f"mlp.{p}_proj.{name}") for p in ["gate", "up", "down"]
+      for leaf, name in [("kernel", "weight"), ("bias", "bias")]],
+]
+_TOP = [("embed", "model.embed_tokens.weight"), ("norm/scale", "model.norm.weight"),
+        ("lm_head/kernel", "lm_head.weight")]
+_BLOCK_TO_HF = dict(_BLOCK)
+_TOP_TO_HF = dict(_TOP)
+_HF_TO_BLOCK = {hf: ours for ours, hf in _BLOCK}
+_HF_TO_TOP = {hf: ours for ours, hf in _TOP}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some older checkpoints saved
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+# ------------------------------------------------------------------------------------- names and shapes
+
+
+def hf_name(path: str, layer: int | None = None) -> str:
+    """The HF tensor name of our leaf ``path`` (of its layer ``layer`` when the leaf is stacked)."""
+    if stacked(path):
+        inner = path[len("layers/"):]
+        if inner not in _BLOCK_TO_HF:
+            raise KeyError(f"leaf {path!r} is not a Llama block tensor")
+        if layer is None:
+            raise ValueError(f"leaf {path!r} stacks layers: give the layer index")
+        return f"model.layers.{layer}.{_BLOCK_TO_HF[inner]}"
+    if path not in _TOP_TO_HF:
+        raise KeyError(f"leaf {path!r} is not a Llama tensor")
+    if layer is not None:
+        raise ValueError(f"leaf {path!r} does not stack layers, got layer {layer}")
+    return _TOP_TO_HF[path]
+
+
+def tree_path(name: str) -> tuple[str, int | None]:
+    """(our leaf path, layer index or None) of the HF tensor ``name``; the inverse of :func:`hf_name`."""
+    match = _LAYER_NAME.fullmatch(name)
+    if match and match.group(2) in _HF_TO_BLOCK:
+        return "layers/" + _HF_TO_BLOCK[match.group(2)], int(match.group(1))
+    if name in _HF_TO_TOP:
+        return _HF_TO_TOP[name], None
+    raise KeyError(f"tensor {name!r} is not a Llama / Qwen2 tensor")
+
+
+@functools.lru_cache(maxsize=16)
+def leaf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Our leaf paths and shapes for ``config`` (traced from the model, nothing allocated; do not mutate)."""
+    ids = jax.ShapeDtypeStruct((1, 1), np.int32)
+    init = lambda key, *inputs: LlamaForCausalLM(config).init(key, *inputs)["params"]  # noqa: E731
+    shapes = jax.eval_shape(init, jax.random.key(0), ids, ids, ids)
+    return {path: tuple(leaf.shape) for path, leaf in named_leaves(shapes)}
+
+
+def tensor_names(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    """Per leaf path the HF tensor names it holds: one per layer (in layer order) for a stacked leaf, else one.
+
+    λ of a stacked leaf, [K, L], is then reported as ``λ[k, i]`` for tensor ``tensor_names(config)[path][i]``.
+    """
+    return {path: _names_of(path, config) for path in leaf_shapes(config)}
+
+
+def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one HF tensor of our leaf (the layer axis dropped, Linear weights transposed)."""
+    shape = shape[1:] if stacked(path) else shape
+    return shape[::-1] if path.endswith("kernel") else shape
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_config(directory: str) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a checkpoint folder's ``config.json``."""
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG} in {directory!r}")
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    try:
+        return LlamaConfig.from_hf(hf)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def params_from_hf_state_dict(state: StateDict, config: LlamaConfig, *, source: str = "state dict",
+                              dtype: Any = np.float32, allow_nonfinite: bool = False) -> Params:
+    """Our tree from HF tensors by name, each checked for presence, shape and (unless ``allow_nonfinite``)
+    NaN/inf, errors naming the tensor; tensors the config does not use are refused. ``dtype=None`` keeps the
+    stored dtype."""
+    used: set[str] = set()
+    params: Params = {}
+    for path, shape in leaf_shapes(config).items():
+        arrays = []
+        for name in _names_of(path, config):
+            if name not in state:
+                raise KeyError(f"{source}: tensor {name!r} is missing")
+            array = np.asarray(state[name])
+            expected = _torch_shape(path, shape)
+            if array.shape != expected:
+                raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, config.json implies {expected}")
+            if not allow_nonfinite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise ValueError(f"{source}: tensor {name!r} holds NaN or inf values "
+                                 "(pass allow_nonfinite=True to load it anyway)")
+            arrays.append(array.T if path.endswith("kernel") else array)
+            used.add(name)
+        value = np.stack(arrays) if stacked(path) else arrays[0]
+        _set(params, path, np.array(value, dtype=dtype or value.dtype, order="C"))
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")
+    unexpected = sorted(name for name in state if name not in used and not _IGNORED.fullmatch(name))
+    if unexpected:
+        raise ValueError(f"{source}: tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"({len(unexpected)} in all) are not used by the model config.json describes")
+    return params
+
+
+def _names_of(path: str, config: LlamaConfig) -> tuple[str, ...]:
+    return tuple(hf_name(path, i) for i in range(config.num_layers)) if stacked(path) else (hf_name(path),)
+
+
+def _set(tree: Params, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_hf_causal_lm(directory: str, *, dtype: Any = np.float32, allow_nonfinite: bool = False
+                      ) -> tuple[LlamaConfig, Params]:
+    """(config, params) of an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` folder (see the module docstring).
+
+    fp16 and bf16 files are read exactly and converted to ``dtype`` (float32 by default; bf16 is read through
+    float32, so ``dtype=None`` gives float32 for it).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint folder at {directory!r}")
+    config = read_config(directory)
+    state = _read_checkpoint_dir(directory)
+    return config, params_from_hf_state_dict(state, config, source=directory, dtype=dtype,
+                                             allow_nonfinite=allow_nonfinite)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def hf_state_dict(params: Params, config: LlamaConfig, *, dtype: Any = None) -> dict[str, np.ndarray]:
+    """HF tensors by name from our tree (layers unstacked, kernels transposed), in ``dtype`` or the leaves' own."""
+    shapes = leaf_shapes(config)
+    leaves = dict(named_leaves(params))
+    if set(leaves) != set(shapes):
+        raise ValueError(f"params do not match the config: missing {sorted(set(shapes) - set(leaves))}, "
+                         f"unexpected {sorted(set(leaves) - set(shapes))}")
+    state: dict[str, np.ndarray] = {}
+    for path, shape in shapes.items():
+        array = np.asarray(leaves[path])
+        if array.shape != shape:
+            raise ValueError(f"params leaf {path!r} has shape {array.shape}, the config implies {shape}")
+        per_tensor = list(array) if stacked(path) else [array]
+        for name, tensor in zip(_names_of(path, config), per_tensor):
+            tensor = tensor.T if path.endswith("kernel") else tensor
+            state[name] = np.ascontiguousarray(tensor, dtype=dtype or tensor.dtype)
+    return state
+
+
+def _shards(state: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Tensors in name order, cut into consecutive groups of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(state):
+        if shards[-1] and size + state[name].nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += state[name].nbytes
+    return shards
+
+
+@contextlib.contextmanager
+def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside ``directory`` to fill; it replaces ``directory`` (and whatever was there)
+    when the block succeeds and is removed when it fails, so ``directory`` is never seen half written."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: LlamaConfig,
+                      tokenizer_dir: str | os.PathLike | None = None, *, dtype: Any = None,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write an HF causal-LM folder: ``config.json``, ``model.safetensors`` (or shards
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` when the tensors exceed
+    ``max_shard_bytes``) and the tokenizer files of ``tokenizer_dir``. The folder appears whole or not at all.
+
+    ``dtype`` (e.g. ``jnp.bfloat16``) converts the weights; by default each keeps its own dtype. A tied model
+    writes no ``lm_head.weight``, as transformers does.
+    """
+    from safetensors.numpy import save_file
+
+    state = hf_state_dict(params, config, dtype=dtype)
+    tokenizer_files = []
+    if tokenizer_dir is not None:
+        tokenizer_files = [os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES
+                           if os.path.isfile(os.path.join(tokenizer_dir, f))]
+        if not tokenizer_files:
+            raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {str(tokenizer_dir)!r}")
+    dtypes = {a.dtype.name for a in state.values()}
+    hf_config = dict(config.to_hf(), dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+    with _atomic_directory(directory) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        shards = _shards(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(state, str(tmp / SAFETENSORS), {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / filename), {"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, filename))
+            index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for path in tokenizer_files:
+            shutil.copyfile(path, tmp / os.path.basename(path))
