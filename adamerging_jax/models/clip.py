@@ -29,6 +29,8 @@ has 199 such tensors, held in 23 leaves here (16 of them stacked over 12 layers)
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -43,6 +45,40 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+class ConfigError(ValueError):
+    """An invalid config value; ``owner`` is the config class, ``field`` the field at fault."""
+
+    def __init__(self, owner: str, field: str, value: Any, requirement: str):
+        super().__init__(f"{owner}.{field} = {value!r}: {requirement}")
+        self.owner, self.field = owner, field
+
+
+def _require_positive(config: Any, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ConfigError(type(config).__name__, field, value, "must be a positive integer")
+
+
+def _require_divides(config: Any, field: str, divisor_field: str) -> None:
+    value, divisor = getattr(config, field), getattr(config, divisor_field)
+    if value % divisor:
+        raise ConfigError(type(config).__name__, field, value,
+                          f"must be a multiple of {divisor_field} = {divisor}")
+
+
+def _check_block_fields(config: Any) -> None:
+    """The fields a transformer stack shares (width, layers, heads, mlp_dim, activation, layer_norm_eps)."""
+    owner = type(config).__name__
+    _require_positive(config, "width", "layers", "heads", "mlp_dim")
+    _require_divides(config, "width", "heads")
+    if config.activation not in ACTIVATIONS:
+        raise ConfigError(owner, "activation", config.activation, f"unknown; known: {sorted(ACTIVATIONS)}")
+    eps = config.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ConfigError(owner, "layer_norm_eps", eps, "must be a finite number > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """ViT image tower: ``image_size``² inputs cut into ``patch_size``² patches, ``layers`` blocks of ``width``."""
@@ -55,6 +91,12 @@ class VisionConfig:
     mlp_dim: int
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        """Refuse impossible towers up front, naming the field (patches must tile the image, heads the width)."""
+        _require_positive(self, "image_size", "patch_size")
+        _require_divides(self, "image_size", "patch_size")
+        _check_block_fields(self)
 
     @property
     def num_patches(self) -> int:
@@ -75,6 +117,14 @@ class TextConfig:
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        """Refuse impossible towers up front, naming the field (the EOS id must be in the vocabulary)."""
+        _require_positive(self, "vocab_size", "context_length")
+        _check_block_fields(self)
+        if not isinstance(self.eos_token_id, numbers.Integral) or not 0 <= self.eos_token_id < self.vocab_size:
+            raise ConfigError("TextConfig", "eos_token_id", self.eos_token_id,
+                              f"must be a token id in [0, vocab_size = {self.vocab_size})")
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
@@ -84,6 +134,12 @@ class ClipConfig:
     text: TextConfig | None = None
     embed_dim: int | None = None
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), rounded as HF configs store it
+
+    def __post_init__(self) -> None:
+        if self.embed_dim is not None:
+            _require_positive(self, "embed_dim")
+        if self.text is not None and self.embed_dim is None:
+            raise ConfigError("ClipConfig", "embed_dim", None, "a config with a text tower needs the projection width")
 
 
 def _openai_text(width: int, heads: int) -> TextConfig:

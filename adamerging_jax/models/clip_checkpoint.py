@@ -34,10 +34,11 @@ import shutil
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from adamerging_jax.core.checkpoint import write_json_atomic
-from adamerging_jax.models.clip import ClipConfig, TextConfig, VisionConfig
+from adamerging_jax.models.clip import ClipConfig, ConfigError, TextConfig, VisionConfig, init_params
 
 Params = dict[str, Any]
 StateDict = Mapping[str, np.ndarray]
@@ -151,33 +152,51 @@ def resolve_checkpoint(path_or_id: str, *, allow_download: bool = True) -> str:
 # ----------------------------------------------------------------------------------------------- configs
 
 
+# Our config fields -> the HF config.json keys they come from (the rest have the same name).
+_HF_KEYS = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+            "mlp_dim": "intermediate_size", "activation": "hidden_act", "context_length": "max_position_embeddings",
+            "embed_dim": "projection_dim"}
+
+
 def config_from_hf(hf_config: Mapping[str, Any]) -> ClipConfig:
-    """Our ClipConfig from an HF config.json dict: a ``CLIPModel`` ("clip") or a ``CLIPVisionModel``."""
+    """Our ClipConfig from an HF config.json dict: a ``CLIPModel`` ("clip") or a ``CLIPVisionModel``.
+
+    Values are validated by the config classes; a bad one raises ValueError naming the config.json key
+    (e.g. ``vision_config.patch_size``) and the rule it breaks.
+    """
     model_type = hf_config.get("model_type")
     if model_type == "clip":
         text = hf_config["text_config"]
         eos = text.get("eos_token_id", 2)
         return ClipConfig(
-            vision=_vision_config_from_hf(hf_config["vision_config"]),
-            text=TextConfig(
+            vision=_vision_config_from_hf(hf_config["vision_config"], "vision_config."),
+            text=_hf_checked("text_config.", lambda: TextConfig(
                 vocab_size=text["vocab_size"], context_length=text.get("max_position_embeddings", 77),
                 width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
                 mlp_dim=text["intermediate_size"],
                 # Configs before transformers PR #24773 say eos 2 and mean "the largest id" (49407).
                 eos_token_id=text["vocab_size"] - 1 if eos == 2 else eos,
-                activation=text.get("hidden_act", "quick_gelu"), layer_norm_eps=text.get("layer_norm_eps", 1e-5)),
-            embed_dim=hf_config.get("projection_dim", 512),
+                activation=text.get("hidden_act", "quick_gelu"), layer_norm_eps=text.get("layer_norm_eps", 1e-5))),
+            embed_dim=_hf_checked("", lambda: hf_config.get("projection_dim", 512)),
             logit_scale_init=hf_config.get("logit_scale_init_value", 2.6592))
     if model_type == "clip_vision_model":
-        return ClipConfig(vision=_vision_config_from_hf(hf_config))
+        return ClipConfig(vision=_vision_config_from_hf(hf_config, ""))
     raise ValueError(f"config model_type {model_type!r} is not a CLIP model ('clip' or 'clip_vision_model')")
 
 
-def _vision_config_from_hf(v: Mapping[str, Any]) -> VisionConfig:
-    return VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                        layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
-                        mlp_dim=v["intermediate_size"], activation=v.get("hidden_act", "quick_gelu"),
-                        layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+def _hf_checked(section: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a ConfigError re-raised naming the config.json key (``section`` + HF key)."""
+    try:
+        return build()
+    except ConfigError as err:
+        raise ValueError(f"{section}{_HF_KEYS.get(err.field, err.field)}: {err}") from err
+
+
+def _vision_config_from_hf(v: Mapping[str, Any], section: str) -> VisionConfig:
+    return _hf_checked(section, lambda: VisionConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+        activation=v.get("hidden_act", "quick_gelu"), layer_norm_eps=v.get("layer_norm_eps", 1e-5)))
 
 
 def hf_vision_config(config: VisionConfig) -> dict[str, Any]:
@@ -223,6 +242,25 @@ def _count_layers(state: StateDict, prefix: str) -> int:
     return len(found)
 
 
+def _stack_layers(per_layer: list[np.ndarray], names: list[str], source: str) -> np.ndarray:
+    """The per-layer tensors stacked on a new axis 0; a layer whose shape differs from the others' is named."""
+    shapes = [a.shape for a in per_layer]
+    common = max(set(shapes), key=shapes.count)
+    if odd := [f"{name!r} {shape}" for name, shape in zip(names, shapes) if shape != common]:
+        raise ValueError(f"{source}: tensor {', '.join(odd)} differs in shape from the other layers' {common}")
+    return np.stack(per_layer)
+
+
+def _check_finite(state: StateDict, names: Iterable[str], source: str) -> None:
+    """Refuse NaN / inf in the floating tensors ``names`` of ``state``, naming the first such tensor."""
+    for name in names:
+        array = np.asarray(state[name])
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+            raise ValueError(f"{source}: tensor {name!r} holds {nan} NaN and {inf} inf values "
+                             f"(pass allow_nonfinite=True to load it anyway)")
+
+
 def _tower_from_hf(state: StateDict, prefix: str, table: list, source: str, dtype: Any) -> Params:
     """One tower (vision or text) from HF names under ``prefix``: top-level tensors, then stacked blocks."""
     tree: Params = {}
@@ -232,8 +270,9 @@ def _tower_from_hf(state: StateDict, prefix: str, table: list, source: str, dtyp
     if num_layers == 0:
         raise KeyError(f"{source}: no tensors named {prefix}encoder.layers.N.*")
     for ours, hf, is_linear in _BLOCK:
-        per_layer = [_take(state, f"{prefix}encoder.layers.{i}.{hf}", source) for i in range(num_layers)]
-        _set(tree, "layers/" + ours, _cast(np.stack([a.T if is_linear else a for a in per_layer]), dtype))
+        names = [f"{prefix}encoder.layers.{i}.{hf}" for i in range(num_layers)]
+        stacked = _stack_layers([_take(state, name, source) for name in names], names, source)
+        _set(tree, "layers/" + ours, _cast(stacked.swapaxes(1, 2) if is_linear else stacked, dtype))
     return tree
 
 
@@ -245,10 +284,13 @@ def _tower_to_hf(tree: Params, prefix: str, table: list) -> dict[str, np.ndarray
     return state
 
 
-def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", dtype: Any = np.float32
-                              ) -> Params:
+def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", dtype: Any = np.float32,
+                              allow_nonfinite: bool = False) -> Params:
     """Our tree from HF CLIP tensors by name. Vision names with or without ``vision_model.``; text tower,
-    projections and ``logit_scale`` are converted when present. ``dtype=None`` keeps the stored dtypes."""
+    projections and ``logit_scale`` are converted when present. ``dtype=None`` keeps the stored dtypes.
+    A NaN / inf tensor is refused with its name unless ``allow_nonfinite``."""
+    if not allow_nonfinite:
+        _check_finite(state, state, source)
     if any(name.startswith(VISION_PREFIX) for name in state):
         vision_prefix = VISION_PREFIX
     elif any(name.startswith("embeddings.patch_embedding") for name in state):
@@ -267,13 +309,15 @@ def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", d
     return params
 
 
-def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bool = True
-                 ) -> tuple[ClipConfig, Params]:
+def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bool = True,
+                 allow_nonfinite: bool = False) -> tuple[ClipConfig, Params]:
     """(config, params) of an HF CLIP checkpoint: a directory holding config.json and model.safetensors
     (or a sharded index), a ``.safetensors`` file (config.json read from beside it), or a hub id.
 
     A ``CLIPModel`` gives {"vision", "visual_projection", "text", "text_projection", "logit_scale"}; a
     ``CLIPVisionModel`` (e.g. FusionBench's tanganke/clip-vit-base-patch32_<task>) gives {"vision"}.
+    Refused with the culprit named: a config.json value no CLIP can have (the key), a tensor whose shape
+    config.json does not imply, a NaN / inf tensor (unless ``allow_nonfinite``).
     """
     location = resolve_checkpoint(path_or_id, allow_download=allow_download)
     directory = location if os.path.isdir(location) else os.path.dirname(location)
@@ -283,22 +327,30 @@ def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bo
     with open(config_path, encoding="utf-8") as f:
         try:
             config = config_from_hf(json.load(f))
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{config_path!r} is not a usable CLIP config: {err!r}") from err
+        except KeyError as err:
+            raise ValueError(f"{config_path!r} is not a usable CLIP config: missing key {err}") from err
+        except ValueError as err:
+            raise ValueError(f"{config_path!r} is not a usable CLIP config: {err}") from err
     state = _read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
-    params = params_from_hf_state_dict(state, source=location, dtype=dtype)
-    _check_shapes(params["vision"], config, location)
-    return config, params
+    _check_shapes(state, config, location)
+    return config, params_from_hf_state_dict(state, source=location, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
 
-def _check_shapes(vision: Params, config: ClipConfig, source: str) -> None:
-    v = config.vision
-    expected = {"patch_embed/kernel": (v.patch_size, v.patch_size, 3, v.width),
-                "pos_embedding": (v.num_patches + 1, v.width),
-                "layers/mlp/fc1/kernel": (v.layers, v.width, v.mlp_dim)}
-    for path, shape in expected.items():
-        if tuple(_get(vision, path).shape) != shape:
-            raise ValueError(f"{source}: vision/{path} has shape {_get(vision, path).shape}, "
+def hf_shapes(config: ClipConfig) -> dict[str, tuple[int, ...]]:
+    """The torch-layout shape of every HF tensor ``config`` implies (vision names with ``vision_model.``),
+    read off the Flax model's own parameter shapes."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes)  # no memory
+    kind = "clip" if config.text is not None else "vision"
+    return {name: a.shape for name, a in _hf_tensors(zeros["vision"], zeros, kind).items()}
+
+
+def _check_shapes(state: StateDict, config: ClipConfig, source: str) -> None:
+    """Every tensor of ``state`` that the config sizes has the shape it implies (prefix optional)."""
+    for name, shape in hf_shapes(config).items():
+        stored = name if name in state else name.removeprefix(VISION_PREFIX)
+        if stored in state and tuple(np.shape(state[stored])) != shape:
+            raise ValueError(f"{source}: tensor {stored!r} has shape {tuple(np.shape(state[stored]))}, "
                              f"config.json implies {shape}")
 
 
@@ -359,7 +411,12 @@ def hf_state_dict(vision_params: Params, pretrained_full: Params | None, kind: s
                   ) -> dict[str, np.ndarray]:
     """The HF tensors of an export: the (merged) ``vision_params`` under ``vision_model.``, plus from the
     pretrained CLIP tree ``pretrained_full`` the ``visual_projection`` ("vision_with_projection"), or the text
-    tower, both projections and ``logit_scale`` ("clip"). Linear and conv weights in torch layout."""
+    tower, both projections and ``logit_scale`` ("clip"). Linear and conv weights in torch layout, ``dtype``."""
+    return {name: _cast(a, dtype) for name, a in _hf_tensors(vision_params, pretrained_full, kind).items()}
+
+
+def _hf_tensors(vision_params: Params, pretrained_full: Params | None, kind: str) -> dict[str, np.ndarray]:
+    """:func:`hf_state_dict` as views (transposes) of the given arrays, not cast."""
     state = {VISION_PREFIX + name: a for name, a in _tower_to_hf(vision_params, "", _VISION).items()}
     if kind != "vision":
         needed = {"vision_with_projection": ["visual_projection"],
@@ -371,7 +428,7 @@ def hf_state_dict(vision_params: Params, pretrained_full: Params | None, kind: s
         state.update(_tower_to_hf(pretrained_full["text"], "text_model.", _TEXT))
         state["text_projection.weight"] = np.asarray(pretrained_full["text_projection"]["kernel"]).T
         state["logit_scale"] = np.asarray(pretrained_full["logit_scale"]).reshape(())
-    return {name: _cast(a, dtype) for name, a in state.items()}
+    return state
 
 
 @contextlib.contextmanager
@@ -483,32 +540,45 @@ _OPEN_CLIP_VISION = [
 
 
 def params_from_open_clip(state: StateDict, *, head_width: int = 64, dtype: Any = np.float32,
-                          source: str = "open_clip state dict") -> tuple[ClipConfig, Params]:
+                          source: str = "open_clip state dict", allow_nonfinite: bool = False
+                          ) -> tuple[ClipConfig, Params]:
     """(config, {"vision", "visual_projection"}) from an open_clip ViT state dict's ``visual.*`` tensors.
 
     Names may carry a leading ``model.`` or ``module.`` (task_vectors' ImageEncoder, DataParallel). The fused
     ``attn.in_proj_weight`` [3W, W] / ``in_proj_bias`` [3W] are split into q, k, v (rows in that order).
     The config is read off the shapes; the head count, which no shape shows, is width / ``head_width``
-    (64 in every OpenAI / open_clip ViT-B and ViT-L).
+    (64 in every OpenAI / open_clip ViT-B and ViT-L). A NaN / inf ``visual.*`` tensor is refused with its name
+    unless ``allow_nonfinite``.
     """
     prefix = next((p for p in ["visual.", "model.visual.", "module.visual.", "module.model.visual."]
                    if p + "conv1.weight" in state), None)
     if prefix is None:
         raise KeyError(f"{source}: no open_clip image tower (no 'visual.conv1.weight'); "
                        f"first names: {sorted(state)[:5]}")
+    if not allow_nonfinite:
+        _check_finite(state, [name for name in state if name.startswith(prefix)], source)
     vision: Params = {}
     for ours, name, layout in _OPEN_CLIP_VISION:
         _set(vision, ours, _cast(_TO_OURS[layout](_take(state, prefix + name, source)), dtype))
     blocks = prefix + "transformer.resblocks."
     num_layers = _count_layers(state, blocks)
-    fused_w = [_take(state, f"{blocks}{i}.attn.in_proj_weight", source) for i in range(num_layers)]
-    fused_b = [_take(state, f"{blocks}{i}.attn.in_proj_bias", source) for i in range(num_layers)]
+    if num_layers == 0:
+        raise KeyError(f"{source}: no transformer blocks (no tensors named {blocks}N.*); first names under "
+                       f"{prefix!r}: {sorted(n for n in state if n.startswith(prefix))[:5]}")
+
+    def stack(name: str, is_linear: bool = False) -> np.ndarray:
+        names = [f"{blocks}{i}.{name}" for i in range(num_layers)]
+        layers = _stack_layers([_take(state, n, source) for n in names], names, source)
+        return layers.swapaxes(1, 2) if is_linear else layers
+
+    fused_w, fused_b = stack("attn.in_proj_weight"), stack("attn.in_proj_bias")
+    if fused_w.shape[1] % 3:
+        raise ValueError(f"{source}: {blocks}N.attn.in_proj_weight has {fused_w.shape[1]} rows, not 3 × width")
     for j, part in enumerate("qkv"):
-        _set(vision, f"layers/attn/{part}/kernel", _cast(np.stack([np.split(w, 3)[j].T for w in fused_w]), dtype))
-        _set(vision, f"layers/attn/{part}/bias", _cast(np.stack([np.split(b, 3)[j] for b in fused_b]), dtype))
+        _set(vision, f"layers/attn/{part}/kernel", _cast(np.split(fused_w, 3, axis=1)[j].swapaxes(1, 2), dtype))
+        _set(vision, f"layers/attn/{part}/bias", _cast(np.split(fused_b, 3, axis=1)[j], dtype))
     for ours, name, is_linear in _OPEN_CLIP_BLOCK:
-        per_layer = [_take(state, f"{blocks}{i}.{name}", source) for i in range(num_layers)]
-        _set(vision, "layers/" + ours, _cast(np.stack([a.T if is_linear else a for a in per_layer]), dtype))
+        _set(vision, "layers/" + ours, _cast(stack(name, is_linear), dtype))
     kernel = vision["patch_embed"]["kernel"]
     width, patch = kernel.shape[-1], kernel.shape[0]
     if width % head_width:
@@ -523,7 +593,7 @@ def params_from_open_clip(state: StateDict, *, head_width: int = 64, dtype: Any 
 
 
 def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_width: int = 64,
-                              dtype: Any = np.float32) -> tuple[ClipConfig, Params]:
+                              dtype: Any = np.float32, allow_nonfinite: bool = False) -> tuple[ClipConfig, Params]:
     """Read a torch-saved open_clip checkpoint (needs torch) and convert its ``visual.*`` tensors.
 
     By default only ``torch.load(weights_only=True)`` is used: tensors and plain containers, no code runs.
@@ -551,7 +621,8 @@ def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_wid
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or a module")
     state = {name: t.detach().float().numpy() for name, t in obj.items() if hasattr(t, "detach")}
-    return params_from_open_clip(state, head_width=head_width, dtype=dtype, source=path)
+    return params_from_open_clip(state, head_width=head_width, dtype=dtype, source=path,
+                                 allow_nonfinite=allow_nonfinite)
 
 
 def tensor_names(config: ClipConfig | VisionConfig) -> Iterable[str]:
