@@ -167,7 +167,11 @@ def _misstacked(kind):
     return pre, {"a": jnp.ones((2, 2, 3)), "b": jnp.ones((3, 3))}  # K = 2 and K = 3
 
 
-MISSTACKED = {"trailing_axis": r"'a'.*\(2, 1, 3\).*\(2, 2, 3\)", "unstacked": r"'a'.*\(2, 3\).*\(2, 2, 3\)", "two_k": r"'b'.*leading axis 3.*K = 2"}
+MISSTACKED = {
+    "trailing_axis": r"'a': task vectors have shape \(2, 1, 3\), expected .* = \(2, 2, 3\)",
+    "unstacked": r"'a': task vectors have shape \(2, 3\), expected .* = \(2, 2, 3\)",
+    "two_k": r"'b' of the task vectors has leading axis 3 .* K = 2",
+}
 CALLERS = {
     "merge": lambda pre, tv: am.merge(pre, tv, am.init_coefficients(pre, 2, "task")),
     "task_arithmetic": am.task_arithmetic,

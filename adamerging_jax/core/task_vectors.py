@@ -87,19 +87,25 @@ def check_task_vectors_finite(stacked: PyTree) -> None:
 
 
 def num_tasks(stacked: PyTree) -> int:
-    """K, the length of the leading axis shared by every leaf of stacked task vectors."""
+    """K, the length of the leading axis shared by every leaf of stacked task vectors.
+
+    Raises:
+      ValueError naming the first leaf that is a scalar or whose leading axis differs from the first leaf's.
+    """
     named = named_leaves(stacked)
     if not named:
         raise ValueError("the task-vector tree has no leaves")
-    sizes = {name: (leaf.shape[0] if leaf.ndim else None) for name, leaf in named}
-    first = named[0][1].shape[0] if named[0][1].ndim else None
-    for name, size in sizes.items():
-        if size is None or size != first:
+    first_name, first_leaf = named[0]
+    for name, leaf in named:
+        shape = tuple(np.shape(leaf))
+        if not shape:
+            raise ValueError(f"leaf {name!r} of the task vectors is a scalar; task vectors are stacked [K, *leaf.shape]")
+        if shape[0] != np.shape(first_leaf)[0]:
             raise ValueError(
-                f"leaf {name!r} of the task vectors has leading axis {size}, expected K = {first} "
-                "(task vectors are stacked [K, *leaf.shape])"
+                f"leaf {name!r} of the task vectors has leading axis {shape[0]} (shape {shape}), expected "
+                f"K = {np.shape(first_leaf)[0]} as in leaf {first_name!r} (task vectors are stacked [K, *leaf.shape])"
             )
-    return int(first)
+    return int(np.shape(first_leaf)[0])
 
 
 def check_stacked(pretrained: PyTree, task_vectors: PyTree) -> int:
