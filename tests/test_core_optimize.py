@@ -140,7 +140,7 @@ def test_checkpoint_from_other_settings_is_refused(problem, tv, tmp_path):
     config = am.AdaMergingConfig(**{**FAST, "steps": 4}, checkpoint_every=2, checkpoint_dir=str(tmp_path))
     am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), config)
     other = am.AdaMergingConfig(**{**FAST, "steps": 4, "lr": 0.5}, checkpoint_every=2, checkpoint_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="written by another run: lr 0.02 → 0.5; to start afresh"):
         am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem), other)
 
 

@@ -1,25 +1,87 @@
-"""Resumable run state with orbax, and atomic writes of final outputs.
+"""Resumable run state with orbax, digests that identify a run's inputs, and atomic writes of final outputs.
 
 A run's state (λ, the optimiser state, the step, the per-step history and the settings it was made with) is
 saved as one orbax checkpoint. Arrays are stored as their flat list of leaves, so any optax state (whatever
 its pytree classes) round-trips bit-exactly; the tree structure comes from the template at restore time.
+
+Every checkpoint carries its own integrity record: a SHA-256 of each state leaf's bytes and one of the JSON
+metadata, checked on restore. A checkpoint that fails to read or to match them (a flipped byte, a truncated
+or missing file, an empty step folder) is unusable; `RunCheckpointer.restore_latest` then falls back to the
+previous one with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Sharding
 
-from adamerging_jax.core.trees import PyTree
+from adamerging_jax.core.trees import PyTree, named_leaves
+
+SAMPLES_PER_LEAF = 2048
+
+
+def _strided(leaf: Any) -> Any:
+    """Every s-th element of the flattened leaf, s = ceil(size / SAMPLES_PER_LEAF): at most that many values."""
+    flat = leaf.reshape(-1)
+    return flat[:: max(1, -(-flat.size // SAMPLES_PER_LEAF))]
+
+
+def tree_digest(tree: PyTree, sharding: Sharding | None = None) -> str:
+    """A short SHA-256 of a pytree: per leaf its path, shape, dtype and a strided sample of its values.
+
+    Cheap whatever the tree's size: at most `SAMPLES_PER_LEAF` values per leaf are read (`_strided`), for
+    device arrays by one jitted gather whose outputs are placed with `sharding` (replicated, so every process
+    of a multi-host run can read them). It tells apart trees with another structure, shape or dtype and
+    almost any change of values spread over a leaf; a change confined to unsampled elements goes unseen.
+    """
+    named = named_leaves(tree)
+    on_device = [i for i, (_, leaf) in enumerate(named) if isinstance(leaf, jax.Array)]
+    gathered = jax.jit(lambda xs: [_strided(x) for x in xs], out_shardings=sharding)([named[i][1] for i in on_device])
+    samples = {i: np.asarray(x) for i, x in zip(on_device, gathered)}
+    digest = hashlib.sha256()
+    for i, (path, leaf) in enumerate(named):
+        sample = samples[i] if i in samples else _strided(np.asarray(leaf))
+        digest.update(f"{path}|{np.shape(leaf)}|{np.asarray(sample).dtype}|".encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _leaves_digest(leaves: list[Any]) -> str:
+    """SHA-256 of every leaf's shape, dtype and bytes: what a checkpoint's state must read back as."""
+    digest = hashlib.sha256()
+    for leaf in leaves:
+        array = np.asarray(leaf)
+        digest.update(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step that cannot be read back as it was written."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (orbax errors run to many lines)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class RunCheckpointer:
@@ -40,21 +102,100 @@ class RunCheckpointer:
         return step % self.every == 0
 
     def save(self, step: int, state: PyTree, metadata: dict[str, Any]) -> None:
-        leaves = {str(i): leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(state))}
+        """Save `state` and `metadata` as step `step`, with their digests (see the module docstring)."""
+        leaves = jax.tree_util.tree_leaves(state)
+        record = dict(metadata=metadata, state_sha256=_leaves_digest(jax.device_get(leaves)))
+        record["sha256"] = _json_digest(record)
         self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), metadata=ocp.args.JsonSave(metadata))
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({str(i): leaf for i, leaf in enumerate(leaves)}),
+                metadata=ocp.args.JsonSave(record),
+            ),
         )
         self._manager.wait_until_finished()
 
+    def _record(self, step: int) -> dict[str, Any]:
+        """Step `step`'s integrity record, checked; CorruptCheckpointError saying why it is unusable."""
+        folder = self.directory / str(step)
+        if folder.is_dir() and not any(folder.iterdir()):
+            raise CorruptCheckpointError("the step folder is empty")
+        try:
+            record = dict(self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"])
+        except Exception as error:  # orbax raises many types for unreadable files
+            raise CorruptCheckpointError(f"its metadata cannot be read ({_one_line(error)})") from None
+        expected = record.pop("sha256", None)
+        if expected != _json_digest(record) or not isinstance(record.get("metadata"), dict):
+            raise CorruptCheckpointError("its metadata does not match the digest saved with it")
+        return record
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The metadata saved at `step` (checked against its digest; CorruptCheckpointError if unusable)."""
+        return self._record(step)["metadata"]
+
     def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
-        """The state saved at `step`, shaped and placed like `template`, and its metadata."""
+        """The state saved at `step`, shaped and placed like `template`, and its metadata, both checked
+        against the digests saved with them; CorruptCheckpointError if unusable."""
+        record = self._record(step)
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
         target = {str(i): leaf for i, leaf in enumerate(template_leaves)}
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore())
-        )
-        leaves = [restored["state"][str(i)] for i in range(len(template_leaves))]
-        return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored["metadata"])
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            leaves = [restored["state"][str(i)] for i in range(len(template_leaves))]
+        except Exception as error:  # orbax raises many types for unreadable files
+            raise CorruptCheckpointError(f"its arrays cannot be read ({_one_line(error)})") from None
+        if _leaves_digest(jax.device_get(leaves)) != record["state_sha256"]:
+            raise CorruptCheckpointError("its arrays do not match the digest saved with them")
+        return jax.tree_util.tree_unflatten(treedef, leaves), record["metadata"]
+
+    def restore_latest(
+        self, template: PyTree, check: Callable[[int, dict[str, Any]], None]
+    ) -> tuple[int, PyTree, dict[str, Any]] | None:
+        """The newest usable checkpoint as `(step, state, metadata)`, or None when the directory holds none.
+
+        `check(step, metadata)` runs on the newest readable metadata before its arrays are read, and may
+        raise (e.g. a checkpoint of another run): that error propagates. Unusable newer steps are moved aside
+        (to `corrupt_step_<n>` in the directory, so later saves can reuse their step numbers) with a
+        `warnings.warn` naming each step and why. When no step is usable, a CorruptCheckpointError says so in
+        one line, with each step's reason, and leaves the directory as it is.
+        """
+        unusable: list[tuple[int, str]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                metadata = self.metadata(step)
+                check(step, metadata)
+                state, metadata = self.restore(step, template)
+            except CorruptCheckpointError as error:
+                unusable.append((step, str(error)))
+                continue
+            for bad_step, reason in unusable:
+                moved = self._set_aside(bad_step)
+                warnings.warn(
+                    f"checkpoint step {bad_step} in {self.directory} is unusable ({reason}); moved to {moved.name}, "
+                    f"resuming from step {step}",
+                    stacklevel=3,
+                )
+            return step, state, metadata
+        if unusable:
+            reasons = "; ".join(f"step {step}: {reason}" for step, reason in unusable)
+            raise CorruptCheckpointError(
+                f"no usable checkpoint in {self.directory} ({reasons}); to start afresh, delete it or use another "
+                "checkpoint_dir"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move step `step`'s folder to `corrupt_step_<step>[_<n>]` (process 0; every process then reloads)."""
+        target = self.directory / f"corrupt_step_{step}"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"corrupt_step_{step}_{n}", n + 1
+        if jax.process_index() == 0:
+            os.replace(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"adamerging_jax set aside checkpoint step {step}")
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.close()

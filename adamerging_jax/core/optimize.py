@@ -8,6 +8,21 @@ One step (Yang et al., ICLR 2024, Algorithm 1), jitted as one function:
 
 Only λ is trained; θ0, τ and the heads (inside `apply_fn`) are frozen. The step runs on a device mesh with
 each task's batch sharded on its example axis; the result equals the single-device one.
+
+`adamerging` reads as four parts: `_prepare` (checks, casts, placement, the initial state), `_restore` (resume
+from a checkpoint), `_run_steps` (the loop) and `_result`.
+
+Guards. The jitted step also returns a finite flag (every task's loss and the updated λ finite) and carries
+it forward: once a step is not finite, later steps leave λ and the optimiser state unchanged. The host looks
+at the flags only when it fetches the losses (every `CHECK_EVERY` steps, at checkpoints and at the end), so
+no step waits for the device; the cost of a failure is up to `CHECK_EVERY` − 1 wasted steps, and the λ left
+on the device is still exactly the λ of the last finite step. `NonFiniteError` then names the step and the
+tasks at fault and carries that λ.
+
+Resume. A checkpoint stores, beside λ and the optimiser state, the run's fingerprint in parts: the settings
+that shape the run, the coefficient layout, digests of θ0 and τ, and the data source's identity. A resume
+with any part changed is refused with the parts named; an unreadable newest checkpoint falls back to the
+previous one (see `RunCheckpointer.restore_latest`).
 """
 
 from __future__ import annotations
@@ -15,7 +30,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
+import math
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
@@ -26,33 +45,56 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from adamerging_jax.core.checkpoint import RunCheckpointer, write_json_atomic, write_npz_atomic
+from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest, write_json_atomic, write_npz_atomic
 from adamerging_jax.core.coefficients import Coefficients, Granularity, check_coefficients, init_coefficients
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.objective import ApplyFn, entropy_objective, task_entropy
-from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, shard_batches
+from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy, shard_batches
 from adamerging_jax.core.task_vectors import num_tasks
-from adamerging_jax.core.trees import PyTree, check_same_structure
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_same_structure, is_float_dtype, named_leaves
 
 Batches = Sequence[Any]
 BatchSource = Union[Callable[[int], Batches], Iterable[Batches]]
 
+CHECK_EVERY = 10  # steps between fetches of the losses and finite flags from the device
 
+
+class NonFiniteError(ValueError):
+    """A non-finite value stopped the run (a loss, an updated λ, an input batch, θ0 or τ).
+
+    Attributes:
+      step: the step that was not finite (0-based; its update was not applied).
+      coefficients: the last finite λ, i.e. λ after `step` updates (the initial λ when `step` is 0).
+      history: {"loss": [step, K]}, the per-task losses of the finite steps.
+    """
+
+    def __init__(self, message: str, *, step: int, coefficients: Coefficients, history: dict[str, np.ndarray]):
+        super().__init__(message)
+        self.step, self.coefficients, self.history = step, coefficients, history
+
+
+def _run_only(default: Any, *, resume_free: bool = False) -> Any:
+    """A config field that does not shape the compiled step (and, with `resume_free`, may change on resume)."""
+    return dataclasses.field(default=default, metadata={"run_only": True, "resume_free": resume_free})
 @dataclasses.dataclass(frozen=True)
 class AdaMergingConfig:
     """Every knob of AdaMerging. `official()` and `fusionbench()` give the two reference settings.
 
+    Every field is checked when the config is made: a bad value raises one line naming the field and the value
+    (TypeError for a wrong type, ValueError for a value out of range).
+
     Attributes:
-      steps: optimisation steps.
+      steps: optimisation steps, ≥ 0; 0 runs no update and returns θ(λ_init) (task arithmetic at `init_value`).
       granularity: "task" (task-wise), "layer" (layer-wise) or a function leaf path → group.
-      init_value: initial λ for every task (0.3, the task-arithmetic prior).
-      lr: Adam's learning rate (betas 0.9, 0.999, no weight decay) when `optimizer` is None.
+      init_value: initial λ for every task (0.3, the task-arithmetic prior); finite.
+      lr: Adam's learning rate (betas 0.9, 0.999, no weight decay) when `optimizer` is None; finite, > 0.
       optimizer: any `optax.GradientTransformation` to use instead of Adam(lr).
-      clamp: clip λ to (lo, hi) inside the merge; (0, 1) in the official code, None in FusionBench.
-      entropy_eps: None for log_softmax entropy (official), 1e-8 for −Σ p log(p + eps) (FusionBench).
-      batches_per_task: n, batches of `batch_size` per task per step; the data source yields n·B inputs per
-        task and L_t counts n batch means (official: n = 2, B = 16).
-      batch_size: B, for data sources built from this config.
+      clamp: clip λ to (lo, hi) inside the merge, finite lo < hi; (0, 1) in the official code, None in
+        FusionBench.
+      entropy_eps: None for log_softmax entropy (official), 1e-8 for −Σ p log(p + eps) (FusionBench); > 0.
+      batches_per_task: n ≥ 1, batches of `batch_size` per task per step; the data source yields n·B inputs
+        per task and L_t counts n batch means (official: n = 2, B = 16).
+      batch_size: B ≥ 1, for data sources built from this config.
       accumulate: "fused" differentiates Σ_t L_t at once; "per_task" runs the tasks one after another inside
         the jitted step, accumulating ∂L_t/∂θ, so only one task's activations are alive at a time, then takes
         one vector-Jacobian product through the merge.
@@ -61,29 +103,70 @@ class AdaMergingConfig:
       compute_dtype: dtype of the merged parameters the model runs in (default: `param_dtype` or θ0's).
         λ, the softmax and the loss stay in float32.
       shard_task_vectors: shard θ0 and τ along a parameter axis over the mesh instead of replicating them.
-      checkpoint_dir, checkpoint_every: resumable run state (λ, optimiser state, step, history).
-      seed: recorded with the run; data sources derive their shuffling from it.
+      checkpoint_dir, checkpoint_every: resumable run state (λ, optimiser state, step, history), saved every
+        `checkpoint_every` ≥ 1 steps.
+      seed: recorded with the run (≥ 0); data sources derive their shuffling from it.
       quiet: no progress bar.
+
+    Fields made with `_run_only` do not shape the compiled step: configs that differ only in them share one
+    jitted step (`step_settings`). Every other field, including any field added later, is part of the step's
+    cache key unless declared run-only; a field metadata flag keeps the field names of the public API, where a
+    nested settings object would have moved them. Fields also marked `resume_free` may change between a run
+    and its resume (more steps, another checkpoint interval or placement); every other field is part of the
+    checkpoint's fingerprint (`resume_settings`).
     """
 
-    steps: int = 500
-    granularity: Granularity = "layer"
-    init_value: float = 0.3
+    steps: int = _run_only(500, resume_free=True)
+    granularity: Granularity = _run_only("layer")
+    init_value: float = _run_only(0.3)
     lr: float = 1e-3
     optimizer: optax.GradientTransformation | None = None
     clamp: tuple[float, float] | None = (0.0, 1.0)
     entropy_eps: float | None = None
     batches_per_task: int = 2
-    batch_size: int = 16
+    batch_size: int = _run_only(16)
     accumulate: Literal["fused", "per_task"] = "fused"
-    stacked: Callable[[str], bool] | None = None
+    stacked: Callable[[str], bool] | None = _run_only(None)
     param_dtype: str | None = None
     compute_dtype: str | None = None
-    shard_task_vectors: bool = False
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 50
-    seed: int = 0
-    quiet: bool = False
+    shard_task_vectors: bool = _run_only(False, resume_free=True)
+    checkpoint_dir: str | None = _run_only(None, resume_free=True)
+    checkpoint_every: int = _run_only(50, resume_free=True)
+    seed: int = _run_only(0)
+    quiet: bool = _run_only(False, resume_free=True)
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, minimum=0)
+        if self.granularity not in ("task", "layer") and not callable(self.granularity):
+            raise ValueError(
+                f"AdaMergingConfig.granularity must be 'task', 'layer' or a callable path -> group, got {self.granularity!r}"
+            )
+        _check_real("init_value", self.init_value)
+        _check_real("lr", self.lr, positive=True)
+        if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))):
+            raise TypeError(f"AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got {self.optimizer!r}")
+        if self.clamp is not None:
+            object.__setattr__(self, "clamp", _checked_clamp(self.clamp))
+        if self.entropy_eps is not None:
+            _check_real("entropy_eps", self.entropy_eps, positive=True)
+        _check_int("batches_per_task", self.batches_per_task, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        if self.accumulate not in ("fused", "per_task"):
+            raise ValueError(f"AdaMergingConfig.accumulate must be 'fused' or 'per_task', got {self.accumulate!r}")
+        if self.stacked is not None and not callable(self.stacked):
+            raise TypeError(f"AdaMergingConfig.stacked must be None or a callable path -> bool, got {self.stacked!r}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _checked_float_dtype(name, getattr(self, name)))
+        for name in ("shard_task_vectors", "quiet"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"AdaMergingConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
+                raise TypeError(f"AdaMergingConfig.checkpoint_dir must be None or a non-empty path, got {self.checkpoint_dir!r}")
+            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
 
     @classmethod
     def official(cls, **overrides: Any) -> "AdaMergingConfig":
@@ -99,23 +182,65 @@ class AdaMergingConfig:
     def make_optimizer(self) -> optax.GradientTransformation:
         return self.optimizer if self.optimizer is not None else optax.adam(self.lr, b1=0.9, b2=0.999)
 
-    def fingerprint(self, coefficients: Coefficients) -> str:
-        """A digest of what a resumed run must share with the run that wrote the checkpoint."""
-        fields = dict(
-            init_value=self.init_value,
-            lr=self.lr,
-            custom_optimizer=self.optimizer is not None,
-            clamp=self.clamp,
-            entropy_eps=self.entropy_eps,
-            batches_per_task=self.batches_per_task,
-            accumulate=self.accumulate,
-            param_dtype=self.param_dtype,
-            compute_dtype=self.compute_dtype,
-            seed=self.seed,
-            coefficient_shapes={k: list(v.shape) for k, v in coefficients.values.items()},
-            leaf_groups=coefficients.leaf_groups,
+    def step_settings(self) -> "AdaMergingConfig":
+        """This config with every run-only field at its default: equal for configs whose compiled steps are."""
+        return dataclasses.replace(
+            self, **{f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("run_only")}
         )
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the run that wrote the checkpoint, as JSON values
+        (callables by name; their effect on λ's layout is fingerprinted separately)."""
+        return {
+            f.name: _json_value(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("resume_free")
+        }
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as JSON: numbers, strings and None as they are, tuples as lists, anything else by name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return [_json_value(v) for v in value]
+    return getattr(value, "__qualname__", type(value).__qualname__)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"AdaMergingConfig.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"AdaMergingConfig.{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, positive: bool = False) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"AdaMergingConfig.{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"AdaMergingConfig.{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+
+
+def _checked_clamp(clamp: Any) -> tuple[float, float]:
+    """`clamp` as a tuple of two floats lo < hi (a list is accepted: the merge needs it hashable)."""
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise TypeError(f"AdaMergingConfig.clamp must be None or a pair (lo, hi), got {clamp!r}")
+    for bound in clamp:
+        _check_real("clamp", bound)
+    if not clamp[0] < clamp[1]:
+        raise ValueError(f"AdaMergingConfig.clamp must have lo < hi, got {tuple(clamp)!r}")
+    return float(clamp[0]), float(clamp[1])
+
+
+def _checked_float_dtype(name: str, dtype: Any) -> str:
+    """The canonical name of a floating dtype given by name or type ("bfloat16", jnp.float32, ...)."""
+    try:
+        canonical = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise TypeError(f"AdaMergingConfig.{name} must be a floating dtype name such as 'bfloat16', got {dtype!r}") from None
+    if not is_float_dtype(canonical):
+        raise ValueError(f"AdaMergingConfig.{name} must be a floating dtype, got {dtype!r}")
+    return canonical.name
 
 
 @dataclasses.dataclass
@@ -134,13 +259,23 @@ class AdaMergingResult:
         directory = Path(directory)
         arrays = {f"group:{name}": np.asarray(value) for name, value in self.coefficients.values.items()}
         arrays["leaf_groups"] = np.asarray(json.dumps(self.coefficients.leaf_groups))
-        write_npz_atomic(directory / "coefficients.npz", arrays)
+        write_npz_atomic(directory / COEFFICIENTS_FILE, arrays)
         write_json_atomic(directory / "history.json", {k: np.asarray(v).tolist() for k, v in self.history.items()})
 
 
+COEFFICIENTS_FILE = "coefficients.npz"
+
+
 def load_coefficients(path: str | Path) -> Coefficients:
-    """Read λ written by `AdaMergingResult.save`."""
+    """Read λ written by `AdaMergingResult.save`: its directory or the `coefficients.npz` inside it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / COEFFICIENTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (AdaMergingResult.save writes {COEFFICIENTS_FILE} in a directory)")
     with np.load(path) as data:
+        if "leaf_groups" not in data.files:
+            raise ValueError(f"{path}: not written by AdaMergingResult.save (no 'leaf_groups' entry)")
         leaf_groups = tuple(tuple(pair) for pair in json.loads(str(data["leaf_groups"])))
         values = {key[len("group:") :]: jnp.asarray(data[key]) for key in data.files if key.startswith("group:")}
     return Coefficients(values, leaf_groups)
@@ -177,10 +312,13 @@ def make_step(
         return per_task, grads
 
     def per_task_gradients(coefficients, pretrained, task_vectors, batches):
+        # ∂L/∂θ is accumulated over tasks in at least float32 (float64 for float64 θ0), whatever θ0's storage
+        # dtype; each task's forward runs in the compute dtype (default: θ0's leaf dtype).
+        acc = accumulation_dtype(*(leaf.dtype for leaf in jax.tree_util.tree_leaves(pretrained)))
         params, merge_vjp = jax.vjp(
-            lambda c: merge(pretrained, task_vectors, c, clamp=config.clamp, dtype=jnp.float32), coefficients
+            lambda c: merge(pretrained, task_vectors, c, clamp=config.clamp, dtype=acc), coefficients
         )
-        run_params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype or p.dtype), params)
+        run_params = jax.tree_util.tree_map(lambda p, p0: p.astype(compute_dtype or p0.dtype), params, pretrained)
         grad_params = jax.tree_util.tree_map(jnp.zeros_like, params)
         losses = []
         for task, inputs in enumerate(batches):
@@ -190,14 +328,12 @@ def make_step(
             loss_t, grad_t = jax.value_and_grad(
                 lambda p, x=inputs, t=task: task_entropy(apply_fn, p, x, t, config.entropy_eps, config.batches_per_task)
             )(run_params)
-            grad_params = jax.tree_util.tree_map(lambda acc, g: acc + g.astype(acc.dtype), grad_params, grad_t)
+            grad_params = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grad_params, grad_t)
             losses.append(loss_t)
         (grads,) = merge_vjp(grad_params)
         return jnp.stack(losses), grads
 
-    gradients = {"fused": fused_gradients, "per_task": per_task_gradients}.get(config.accumulate)
-    if gradients is None:
-        raise ValueError(f"accumulate must be 'fused' or 'per_task', got {config.accumulate!r}")
+    gradients = {"fused": fused_gradients, "per_task": per_task_gradients}[config.accumulate]
 
     def step(coefficients, opt_state, pretrained, task_vectors, batches):
         per_task, grads = gradients(coefficients, pretrained, task_vectors, batches)
@@ -207,28 +343,59 @@ def make_step(
     return step
 
 
-_STEP_IRRELEVANT = dict(
-    steps=0, granularity="layer", init_value=0.0, batch_size=0, stacked=None, shard_task_vectors=False,
-    checkpoint_dir=None, checkpoint_every=1, seed=0, quiet=True,
-)
+def _all_finite(tree: PyTree) -> jax.Array:
+    """True when every floating leaf of `tree` holds only finite values (integer leaves are finite)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if is_float_dtype(jnp.result_type(x))]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
-def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., Any]:
-    """The jitted step, shared by runs whose step computes the same thing (e.g. AdaMerging and ++)."""
+def guarded_step(step: Callable[..., tuple[Coefficients, Any, jax.Array]]) -> Callable[..., tuple]:
+    """`step` with a finite guard:
+    `(λ, opt_state, healthy, θ0, τ, batches) -> (λ', opt_state', healthy', per-task loss [K], inputs finite [K])`.
+
+    healthy' = healthy ∧ (every loss finite) ∧ (λ' finite). Where healthy' is false, λ and the optimiser
+    state come back unchanged, so after a failure the state stays that of the last finite step however many
+    steps run before the host looks at the flag.
+    """
+
+    def guarded(coefficients, opt_state, healthy, pretrained, task_vectors, batches):
+        new_coefficients, new_state, per_task = step(coefficients, opt_state, pretrained, task_vectors, batches)
+        keep = healthy & jnp.all(jnp.isfinite(per_task)) & _all_finite(new_coefficients)
+        choose = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, old)  # noqa: E731
+        inputs_finite = jnp.stack([_all_finite(batch) for batch in batches])
+        return choose(new_coefficients, coefficients), choose(new_state, opt_state), keep, per_task, inputs_finite
+
+    return guarded
+
+
+def _jit_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
+    # λ and the optimiser state are donated: `adamerging` passes only arrays it made (never the caller's).
+    return jax.jit(guarded_step(make_step(apply_fn, config.make_optimizer(), config)), donate_argnums=(0, 1))
+
+
+def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
+    """The jitted guarded step, shared by runs whose step computes the same thing (configs equal up to their
+    run-only fields, see `AdaMergingConfig.step_settings`; e.g. AdaMerging and ++)."""
+    key = config.step_settings()
     try:
-        return _cached_step(apply_fn, dataclasses.replace(config, **_STEP_IRRELEVANT))
+        hash((apply_fn, key))
     except TypeError:  # an unhashable apply_fn or optimizer: compile for this run only
-        return jax.jit(make_step(apply_fn, config.make_optimizer(), config), donate_argnums=(0, 1))
+        return _jit_step(apply_fn, config)
+    return _cached_step(apply_fn, key)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., Any]:
-    return jax.jit(make_step(apply_fn, config.make_optimizer(), config), donate_argnums=(0, 1))
+def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
+    return _jit_step(apply_fn, config)
 
 
 def _check_batches(batches: Batches, k: int, step: int) -> None:
-    if len(batches) != k:
-        raise ValueError(f"step {step}: got batches for {len(batches)} tasks, the task vectors hold K = {k}")
+    try:
+        count = len(batches)
+    except TypeError:
+        raise ValueError(f"step {step}: the batch source gave a {type(batches).__name__}, not one batch per task") from None
+    if count != k:
+        raise ValueError(f"step {step}: got batches for {count} tasks, the task vectors hold K = {k}")
     for task, batch in enumerate(batches):
         leaves = jax.tree_util.tree_leaves(batch)
         if batch is None or not leaves or any(np.shape(leaf)[:1] in ((), (0,)) for leaf in leaves):
@@ -238,14 +405,232 @@ def _check_batches(batches: Batches, k: int, step: int) -> None:
 def _batch_stream(batches: BatchSource, start: int) -> Iterator[Batches]:
     """Per-step batches from `start`: `batches(step)` for a callable, else the iterable fast-forwarded."""
     if callable(batches):
-        step = start
-        while True:
-            yield batches(step)
-            step += 1
-    iterator = iter(batches)
-    for _ in range(start):
-        next(iterator)
-    yield from iterator
+        return map(batches, itertools.count(start))
+    return itertools.islice(iter(batches), start, None)
+
+
+def _data_identity(batches: BatchSource, mesh: Mesh) -> tuple[str, BatchSource]:
+    """The data source's identity for the checkpoint fingerprint, and the source to run from.
+
+    `batches.fingerprint()` when the source has one (e.g. `data.pipeline.AdaptationBatches`); otherwise a
+    `tree_digest` of step 0's batches (shapes, dtypes and a strided sample of values). An iterable's first
+    element is read for it and put back in front of the iterable returned.
+    """
+    if callable(getattr(batches, "fingerprint", None)):
+        return str(batches.fingerprint()), batches
+    if callable(batches):
+        first = batches(0)
+    else:
+        iterator = iter(batches)
+        first = next(iterator, None)
+        if first is None:
+            raise ValueError("the batch source is empty: no batches for step 0")
+        batches = itertools.chain([first], iterator)
+    return tree_digest(list(first), replicated(mesh)), batches
+
+
+def _run_fingerprint(
+    config: AdaMergingConfig, coefficients: Coefficients, opt_state: Any, pretrained: PyTree, task_vectors: PyTree,
+    data: str, mesh: Mesh,
+) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint, in named parts (see
+    `fingerprint_differences`): the settings, λ's layout, θ0, τ (each a `tree_digest`) and the data identity.
+
+    A custom optimizer is known by a digest of its initial state (structure, shapes and values): another
+    optax chain, or other hyperparameters held in the state (`optax.inject_hyperparams`), are seen; a
+    hyperparameter captured in a closure is not.
+    """
+    settings = config.resume_settings()
+    if config.optimizer is not None:
+        structure = str(jax.tree_util.tree_structure(opt_state))
+        state = hashlib.sha256((structure + tree_digest(opt_state, replicated(mesh))).encode()).hexdigest()[:16]
+        settings["optimizer"] = f"custom (initial state {state})"
+    layout = {group: [list(value.shape), str(value.dtype)] for group, value in coefficients.values.items()}
+    layout_json = json.dumps([coefficients.leaf_groups, layout], sort_keys=True)
+    fingerprint = dict(
+        settings=settings,
+        coefficients=hashlib.sha256(layout_json.encode()).hexdigest()[:16],
+        pretrained=tree_digest(pretrained, replicated(mesh)),
+        task_vectors=tree_digest(task_vectors, replicated(mesh)),
+        data=data,
+    )
+    return json.loads(json.dumps(fingerprint))  # as it reads back from the checkpoint (tuples as lists)
+
+
+_PART_NAMES = {
+    "coefficients": "the coefficient layout differs (granularity, stacked or the parameter tree)",
+    "pretrained": "the pretrained parameters θ0 differ",
+    "task_vectors": "the task vectors differ",
+    "data": "the data differ",
+}
+
+
+def fingerprint_differences(saved: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's fingerprint and this run's, one phrase per part ([] if nothing):
+    each changed setting as "name old → new", then the other parts by name."""
+    if not isinstance(saved, dict) or set(saved) != set(current) or not isinstance(saved.get("settings"), dict):
+        return ["its fingerprint has another format (written by another version of adamerging_jax)"]
+    differences = [
+        f"{name} {saved['settings'].get(name, '(absent)')!r} → {value!r}"
+        for name, value in current["settings"].items()
+        if saved["settings"].get(name, "(absent)") != value
+    ]
+    differences += [phrase for part, phrase in _PART_NAMES.items() if saved[part] != current[part]]
+    return differences
+
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run in progress: the frozen inputs placed on the mesh, and the state the loop advances.
+
+    `step` counts the updates applied and verified finite; `losses` holds their per-task losses.
+    """
+
+    pretrained: PyTree
+    task_vectors: PyTree
+    coefficients: Coefficients
+    opt_state: Any
+    mesh: Mesh
+    step: int = 0
+    losses: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def history(self) -> dict[str, np.ndarray]:
+        k = num_tasks(self.task_vectors)
+        return {"loss": np.stack(self.losses) if self.losses else np.zeros((0, k), np.float32)}
+
+    def kept_coefficients(self) -> Coefficients:
+        """λ on the host (a copy that outlives the donated device buffers)."""
+        return jax.device_get(self.coefficients)
+
+
+def _prepare(
+    pretrained: PyTree, task_vectors: PyTree, coefficients: Coefficients | None, config: AdaMergingConfig, mesh: Mesh
+) -> _Run:
+    """Check the inputs, cast θ0 and τ to `param_dtype`, place everything on the mesh and make the initial
+    state. λ and the optimiser state are copies (the step donates them; the caller's arrays stay usable).
+    θ0 and τ must be finite (one reduction per leaf, once)."""
+    check_same_structure(pretrained, task_vectors, "the task-vector tree")
+    k = num_tasks(task_vectors)
+    if coefficients is None:
+        coefficients = init_coefficients(pretrained, k, config.granularity, config.init_value, config.stacked)
+    check_coefficients(coefficients, task_vectors)
+    if config.param_dtype:
+        cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), tree)  # noqa: E731
+        pretrained, task_vectors = cast(pretrained), cast(task_vectors)
+    pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
+    task_vectors = place_tree(task_vectors, mesh, config.shard_task_vectors, skip_leading=1)
+    coefficients = replicated_copy(coefficients, mesh)
+    run = _Run(pretrained, task_vectors, coefficients, replicated_copy(config.make_optimizer().init(coefficients), mesh), mesh)
+    cast_note = f" (after the cast to param_dtype={config.param_dtype})" if config.param_dtype else ""
+    for tree, what in ((pretrained, "the pretrained parameters θ0"), (task_vectors, "the task vectors τ")):
+        bad = _non_finite_leaves(tree)
+        if bad:
+            raise NonFiniteError(
+                f"{what}: leaf {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds NaN or inf"
+                f"{cast_note}; the run cannot start",
+                step=0, coefficients=run.kept_coefficients(), history=run.history(),
+            )
+    return run
+
+
+def _non_finite_leaves(tree: PyTree) -> list[str]:
+    """Paths of the leaves of `tree` that hold a NaN or an inf (one jitted reduction per leaf)."""
+    named = named_leaves(tree)
+    flags = jax.device_get(jax.jit(lambda leaves: [_all_finite(x) for x in leaves])([leaf for _, leaf in named]))
+    return [path for (path, _), finite in zip(named, flags) if not finite]
+
+
+def _restore(run: _Run, checkpointer: RunCheckpointer, fingerprint: dict[str, Any], config: AdaMergingConfig) -> None:
+    """Continue `run` from the newest usable checkpoint, if any. One written by another run (any part of the
+    fingerprint changed) or past `config.steps` is refused, naming what differs and how to start afresh."""
+    where = checkpointer.directory
+    afresh = f"to start afresh, use another checkpoint_dir or delete {where}"
+
+    def check(step: int, metadata: dict[str, Any]) -> None:
+        differences = fingerprint_differences(metadata.get("fingerprint"), fingerprint)
+        if differences:
+            raise ValueError(f"checkpoint step {step} in {where} was written by another run: {'; '.join(differences)}; {afresh}")
+        if step > config.steps:
+            raise ValueError(f"checkpoint in {where} is at step {step}, past steps={config.steps}; {afresh}")
+
+    found = checkpointer.restore_latest((run.coefficients, run.opt_state), check)
+    if found is not None:
+        run.step, (run.coefficients, run.opt_state), metadata = found
+        run.losses = [np.asarray(row, np.float32) for row in metadata["loss"]]
+
+
+def _save(checkpointer: RunCheckpointer, run: _Run, fingerprint: dict[str, Any]) -> None:
+    metadata = dict(fingerprint=fingerprint, step=run.step, loss=[row.tolist() for row in run.losses])
+    checkpointer.save(run.step, (run.coefficients, run.opt_state), metadata)
+
+
+def _non_finite_message(step: int, loss: np.ndarray, inputs_finite: np.ndarray) -> str:
+    """What went wrong at `step`, naming the tasks at fault: their input batch, else their loss, else λ."""
+    bad_inputs = [str(t) for t, finite in enumerate(inputs_finite) if not finite]
+    bad_losses = [f"{t} ({value})" for t, value in enumerate(loss) if not np.isfinite(value)]
+    if bad_inputs:
+        return f"step {step}: the input batch of task(s) {', '.join(bad_inputs)} holds NaN or inf"
+    if bad_losses:
+        return f"step {step}: the entropy loss of task(s) {', '.join(bad_losses)} is not finite"
+    return f"step {step}: every task's loss is finite but the update made λ non-finite (a NaN or inf gradient or update)"
+
+
+def _verify(run: _Run, fetched: list[tuple], checkpointer: RunCheckpointer | None, fingerprint: dict | None) -> None:
+    """Record the fetched steps' losses; at the first step that was not finite, keep the last finite λ (in a
+    checkpoint too when checkpointing) and raise `NonFiniteError`."""
+    for loss, healthy, inputs_finite in fetched:
+        if not healthy:
+            where = ""
+            if checkpointer is not None and run.step > (checkpointer.latest_step() or 0):
+                _save(checkpointer, run, fingerprint)
+                where = f" and checkpoint step {run.step} in {checkpointer.directory}"
+            raise NonFiniteError(
+                f"{_non_finite_message(run.step, loss, inputs_finite)}; the run stopped with λ as it was before this "
+                f"step (error.coefficients{where})",
+                step=run.step, coefficients=run.kept_coefficients(), history=run.history(),
+            )
+        run.losses.append(np.asarray(loss, np.float32))
+        run.step += 1
+
+
+def _run_steps(
+    step_fn: Callable[..., tuple], run: _Run, stream: Iterator[Batches], config: AdaMergingConfig,
+    checkpointer: RunCheckpointer | None, fingerprint: dict | None,
+) -> None:
+    """Steps `run.step` .. `config.steps − 1`. The host fetches the losses and finite flags every
+    `CHECK_EVERY` steps, at checkpoints and at the end (see the module docstring for the trade-off)."""
+    k = num_tasks(run.task_vectors)
+    healthy = jax.device_put(jnp.asarray(True), replicated(run.mesh))
+    pending: list[tuple[jax.Array, ...]] = []
+    ran_out = object()
+    progress = tqdm(range(run.step, config.steps), desc="AdaMerging", disable=config.quiet, initial=run.step, total=config.steps)
+    try:
+        for step in progress:
+            step_batches = next(stream, ran_out)
+            if step_batches is ran_out:
+                raise ValueError(f"the batch source ran out at step {step} of {config.steps}")
+            _check_batches(step_batches, k, step)
+            run.coefficients, run.opt_state, healthy, per_task, inputs_finite = step_fn(
+                run.coefficients, run.opt_state, healthy, run.pretrained, run.task_vectors, shard_batches(step_batches, run.mesh)
+            )
+            pending.append((per_task, healthy, inputs_finite))
+            done = step + 1
+            saving = checkpointer is not None and (checkpointer.should_save(done) or done == config.steps)
+            if saving or done % CHECK_EVERY == 0 or done == config.steps:
+                _verify(run, jax.device_get(pending), checkpointer, fingerprint)
+                pending = []
+                progress.set_postfix(entropy=f"{float(run.losses[-1].sum()):.4f}")
+            if saving:
+                _save(checkpointer, run, fingerprint)
+    finally:
+        progress.close()
+
+
+def _result(run: _Run, config: AdaMergingConfig) -> AdaMergingResult:
+    """λ, θ(λ) merged as in training (clamped) and the loss history."""
+    params = merge(run.pretrained, run.task_vectors, run.coefficients, clamp=config.clamp)
+    return AdaMergingResult(run.coefficients, params, run.history())
 
 
 def adamerging(
@@ -266,75 +651,36 @@ def adamerging(
       pretrained: θ0.
       task_vectors: stacked τ `[K, ...]` from `task_vectors` (or `ties_task_vectors` for ++).
       batches: per step, a sequence of K unlabeled input batches (task t's batch goes with head t); either a
-        function `step -> batches` (resumable at any step) or an iterable (fast-forwarded on resume).
+        function `step -> batches` (resumable at any step) or an iterable (fast-forwarded on resume). A
+        source with a `fingerprint()` method (e.g. `data.pipeline.AdaptationBatches`) is identified by it in
+        checkpoints; any other by a digest of its step-0 batches.
       config: see `AdaMergingConfig`.
-      coefficients: initial λ (default: `init_coefficients` from the config).
+      coefficients: initial λ (default: `init_coefficients` from the config); copied, never consumed.
       mesh: devices to run on (default: a 1-D "data" mesh over all devices); batches are split over it.
 
     Returns:
       `AdaMergingResult` with λ, θ(λ) and the loss history. With `config.checkpoint_dir` set, a run that
       finds a checkpoint there resumes from it, and its final λ is bit-identical to an uninterrupted run's.
+
+    Raises:
+      NonFiniteError: θ0 or τ holds NaN/inf, or a step's loss or λ is not finite (the error holds the last
+        finite λ, also checkpointed when checkpointing).
+      ValueError: bad batches (count, empty, not divisible over the mesh, ran out) or a checkpoint that is
+        unusable or was written by another run.
     """
-    check_same_structure(pretrained, task_vectors, "the task-vector tree")
-    k = num_tasks(task_vectors)
-    if coefficients is None:
-        coefficients = init_coefficients(pretrained, k, config.granularity, config.init_value, config.stacked)
-    check_coefficients(coefficients, task_vectors)
-    if config.steps < 0:
-        raise ValueError(f"steps must be non-negative, got {config.steps}")
-
     mesh = mesh or data_mesh()
-    if config.param_dtype:
-        cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), tree)  # noqa: E731
-        pretrained, task_vectors = cast(pretrained), cast(task_vectors)
-    pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
-    task_vectors = place_tree(task_vectors, mesh, config.shard_task_vectors, skip_leading=1)
-    coefficients = jax.device_put(coefficients, replicated(mesh))
-    optimizer = config.make_optimizer()
-    opt_state = jax.device_put(optimizer.init(coefficients), replicated(mesh))
-
-    start, losses = 0, []
-    checkpointer = RunCheckpointer(config.checkpoint_dir, config.checkpoint_every) if config.checkpoint_dir else None
-    fingerprint = config.fingerprint(coefficients)
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        start = checkpointer.latest_step()
-        (coefficients, opt_state), metadata = checkpointer.restore(start, (coefficients, opt_state))
-        if metadata["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"checkpoint in {checkpointer.directory} was written by a run with other settings; "
-                "use another checkpoint_dir or the same config"
-            )
-        losses = [np.asarray(row, np.float32) for row in metadata["loss"]]
-        if start > config.steps:
-            raise ValueError(f"checkpoint in {checkpointer.directory} is at step {start}, past steps={config.steps}")
-
-    step_fn = _compiled_step(apply_fn, config)
-    pending: list[jax.Array] = []
-    stream = _batch_stream(batches, start)
-    progress = tqdm(range(start, config.steps), desc="AdaMerging", disable=config.quiet, initial=start, total=config.steps)
-    for step in progress:
-        try:
-            step_batches = next(stream)
-        except StopIteration:
-            raise ValueError(f"the batch source ran out at step {step} of {config.steps}") from None
-        _check_batches(step_batches, k, step)
-        coefficients, opt_state, per_task = step_fn(
-            coefficients, opt_state, pretrained, task_vectors, shard_batches(step_batches, mesh)
-        )
-        pending.append(per_task)
-        done = step + 1
-        saving = checkpointer is not None and (checkpointer.should_save(done) or done == config.steps)
-        if saving or done % 10 == 0 or done == config.steps:
-            losses.extend(np.asarray(jax.device_get(pending), np.float32))
-            pending = []
-            progress.set_postfix(entropy=f"{float(losses[-1].sum()):.4f}")
-        if saving:
-            metadata = dict(fingerprint=fingerprint, step=done, loss=[row.tolist() for row in losses])
-            checkpointer.save(done, (coefficients, opt_state), metadata)
-    progress.close()
-    if checkpointer is not None:
-        checkpointer.close()
-
-    params = merge(pretrained, task_vectors, coefficients, clamp=config.clamp)
-    history = {"loss": np.stack(losses) if losses else np.zeros((0, k), np.float32)}
-    return AdaMergingResult(coefficients, params, history)
+    run = _prepare(pretrained, task_vectors, coefficients, config, mesh)
+    checkpointer = fingerprint = None
+    if config.checkpoint_dir:
+        data, batches = _data_identity(batches, mesh)
+        fingerprint = _run_fingerprint(config, run.coefficients, run.opt_state, run.pretrained, run.task_vectors, data, mesh)
+        checkpointer = RunCheckpointer(config.checkpoint_dir, config.checkpoint_every)
+    try:
+        if checkpointer is not None:
+            _restore(run, checkpointer, fingerprint, config)
+        stream = _batch_stream(batches, run.step)
+        _run_steps(_compiled_step(apply_fn, config), run, stream, config, checkpointer, fingerprint)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    return _result(run, config)

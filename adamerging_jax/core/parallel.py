@@ -29,6 +29,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicated_copy(tree: PyTree, mesh: Mesh) -> PyTree:
+    """`tree` replicated over the mesh in new buffers, never aliasing the caller's arrays: safe to donate."""
+    return jax.device_put(tree, replicated(mesh), may_alias=False)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
