@@ -177,3 +177,23 @@ def test_the_optimiser_sees_the_sampler_batches():
         log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
         entropy = -(np.exp(log_p) * log_p).sum(1).mean() * 2  # n = 2 batch means per task
         np.testing.assert_allclose(result.history["loss"][0, task], entropy, rtol=1e-4)
+
+
+def test_fingerprint_changes_with_what_decides_the_batches(sampler):
+    """Same settings and images → same fingerprint; another seed, batch size, length or pixel → another one;
+    thread counts do not matter."""
+    same = AdaptationBatches(sampler.sources, 4, 2, seed=3, preprocess=_identity, num_threads=5, prefetch=1)
+    assert same.fingerprint() == sampler.fingerprint()
+    edited = [list(s) for s in sampler.sources]
+    image, label = edited[1][4]
+    edited[1][4] = (image + 1, label)  # the last image of task 1: one of the sampled examples
+    others = [
+        AdaptationBatches(sampler.sources, 4, 2, seed=4, preprocess=_identity),
+        AdaptationBatches(sampler.sources, 2, 2, seed=3, preprocess=_identity),
+        AdaptationBatches(sampler.sources, 4, 1, seed=3, preprocess=_identity),
+        AdaptationBatches(sampler.sources[:2] + [sampler.sources[2][:8]], 4, 2, seed=3, preprocess=_identity),
+        AdaptationBatches(edited, 4, 2, seed=3, preprocess=_identity),
+        AdaptationBatches(sampler.sources, 4, 2, seed=3, preprocess=clip_preprocess),
+    ]
+    fingerprints = {sampler.fingerprint()} | {other.fingerprint() for other in others}
+    assert len(fingerprints) == 1 + len(others)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -114,6 +116,26 @@ class AdaptationBatches:
     @property
     def images_per_task(self) -> int:
         return self.n_batches * self.batch_size
+
+    def fingerprint(self, examples_per_source: int = 4) -> str:
+        """The identity of the batches this sampler yields, for the optimiser's checkpoints: a short SHA-256
+        of ``batch_size``, ``n_batches``, ``seed``, the preprocessing function's name, every source's length
+        and the raw images at ``examples_per_source`` evenly spaced indices of each source (cheap: a few
+        reads per task). Thread counts and prefetching do not change the batches and are left out."""
+        settings = dict(
+            batch_size=self.batch_size,
+            n_batches=self.n_batches,
+            seed=self.seed,
+            preprocess=getattr(self.preprocess, "__qualname__", type(self.preprocess).__qualname__),
+            lengths=[len(source) for source in self.sources],
+        )
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for source in self.sources:
+            for index in np.unique(np.linspace(0, len(source) - 1, examples_per_source).astype(int)):
+                image = np.ascontiguousarray(source[int(index)][0])
+                digest.update(f"{image.shape}|{image.dtype}|".encode())
+                digest.update(image.tobytes())
+        return digest.hexdigest()[:16]
 
     def indices(self, step: int) -> np.ndarray:
         """Image indices of step ``step``: int64 [T, n_batches, batch_size] (a pure function of seed, step)."""
