@@ -122,7 +122,8 @@ def _read(path: str, like: PyTree) -> tuple[PyTree | None, str]:
     """``(tree, "")``, or ``(None, reason)`` for a file that cannot serve as ``like``'s cache."""
     expected = _expected_leaves(like)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # np.load(path) leaks its file handle when the zip is unreadable: open (and close) the file here
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as data:
             if MANIFEST not in data.files:
                 return None, "it is not a tree cache file (no manifest)"
             manifest = json.loads(data[MANIFEST].tobytes())
