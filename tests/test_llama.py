@@ -1,5 +1,6 @@
 """The Flax Llama / Qwen2 decoder against transformers' torch logits (committed fixtures), RoPE against an
 independent formula, padding, remat, bf16 and config validation."""
+import functools
 import json
 import math
 import os
@@ -13,13 +14,19 @@ from adamerging_jax.models import llama
 from adamerging_jax.models import llama_checkpoint as ck
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
+forward = jax.jit(llama.forward, static_argnums=3, static_argnames="remat")
+
+
+@functools.lru_cache(maxsize=None)
+def load(name):
+    directory = os.path.join(FIXTURES, name)
+    config, params = ck.load_hf_causal_lm(directory)
+    return name, config, params, dict(np.load(os.path.join(directory, "expected.npz")))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def fixture(request):
-    directory = os.path.join(FIXTURES, request.param)
-    config, params = ck.load_hf_causal_lm(directory)
-    return request.param, config, params, dict(np.load(os.path.join(directory, "expected.npz")))
+    return load(request.param)
 
 
 def hf_config(name):
@@ -44,7 +51,7 @@ def test_logits_match_transformers(fixture):
     mask = expected["attention_mask"]
     assert (mask == 0).any(axis=1).sum() >= 2  # padded rows present
     np.testing.assert_array_equal(np.asarray(llama.position_ids_from_mask(mask)), expected["position_ids"])
-    logits = np.asarray(jax.jit(llama.forward, static_argnums=3)(params, expected["input_ids"], mask, config))
+    logits = np.asarray(forward(params, expected["input_ids"], mask, config))
     assert logits.shape == expected["logits"].shape
     error = np.abs(logits - expected["logits"])[mask == 1].max()
     assert error <= 1e-5, error
@@ -54,23 +61,24 @@ def test_left_padding_gives_the_unpadded_logits(fixture):
     """Row 1 is left-padded by 4: its tokens must get the logits of the same tokens fed alone."""
     _, config, params, expected = fixture
     row, mask = expected["input_ids"][1], expected["attention_mask"][1]
-    alone = llama.forward(params, row[mask == 1][None], None, config)[0]
-    padded = llama.forward(params, row[None], mask[None], config)[0][mask == 1]
+    alone = forward(params, row[mask == 1][None], None, config)[0]
+    padded = forward(params, row[None], mask[None], config)[0][mask == 1]
     np.testing.assert_allclose(np.asarray(padded), np.asarray(alone), atol=1e-5)
-    assert np.isfinite(np.asarray(llama.forward(params, row[None], mask[None], config))).all()
+    assert np.isfinite(np.asarray(forward(params, row[None], mask[None], config))).all()
 
 
-def test_remat_same_logits_and_gradients(fixture):
-    _, config, params, expected = fixture
+def test_remat_same_logits_and_gradients():
+    _, config, params, expected = load("llama")
     ids, mask = expected["input_ids"], expected["attention_mask"]
 
     def loss(p, remat):
-        logits = llama.forward(p, ids, mask, config, remat=remat)
+        logits = forward(p, ids, mask, config, remat=remat)
         return jnp.sum(jax.nn.logsumexp(logits, axis=-1) * mask)
 
-    np.testing.assert_array_equal(np.asarray(llama.forward(params, ids, mask, config, remat=True)),
-                                  np.asarray(llama.forward(params, ids, mask, config)))
-    plain, remat = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+    np.testing.assert_array_equal(np.asarray(forward(params, ids, mask, config, remat=True)),
+                                  np.asarray(forward(params, ids, mask, config)))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    plain, remat = grad(params, False), grad(params, True)
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # the same up to float32 reassociation
@@ -80,7 +88,7 @@ def test_bf16_params_give_bf16_compute_close_to_fp32(fixture):
     _, config, params, expected = fixture
     ids, mask = expected["input_ids"], expected["attention_mask"]
     bf16 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    logits = llama.forward(bf16, ids, mask, config)
+    logits = forward(bf16, ids, mask, config)
     assert logits.dtype == jnp.bfloat16
     error = np.abs(np.asarray(logits, np.float32) - expected["logits"])[mask == 1]
     scale = np.abs(expected["logits"]).max()
