@@ -76,6 +76,14 @@ def _torch_compressed(tmp_path: Path) -> Any:
     return read_torch_file(path)
 
 
+def _torch_payload(name: str, payload: bytes) -> Callable[[Path], Any]:
+    def run(tmp_path: Path) -> Any:
+        write_zip(tmp_path / name, payload, {"0": FLOATS.tobytes()})
+        return read_torch_file(tmp_path / name)
+
+    return run
+
+
 def _write_and_read(name: str, data: bytes) -> Callable[[Path], Any]:
     def run(tmp_path: Path) -> Any:
         (tmp_path / name).write_bytes(data)
@@ -175,6 +183,11 @@ CASES: list[BadInput] = [
              UnsafeCheckpointError, _torch_foreign_global, "builtins.eval"),
     BadInput("torch_compressed_entry", "torch file: a zip entry compressed (torch.save never compresses)",
              UnsafeCheckpointError, _torch_compressed, "archive/data.pkl is compressed"),
+    BadInput("torch_self_containing_list", "torch file: a pickled list that contains itself",
+             ValueError, _torch_payload("cycle.pt", b"\x80\x02]q\x00(h\x00e."), "cycle.pt"),
+    BadInput("torch_rewritten_view", "torch file: a pickle that rewrites a tensor view after it was built (BUILD)",
+             UnsafeCheckpointError, _torch_payload("build.pt", b"\x80\x02" + tensor_pickle() + b"}b."),
+             "build.pt: refused to set the state of a PendingTensor"),
     BadInput("torch_garbage", "torch file: random bytes, neither a zip archive nor a legacy stream",
              ValueError, _write_and_read("garbage.pt", np.random.default_rng(0).bytes(64)), "garbage.pt"),
     BadInput("torch_broken_zip", "torch file: a zip header with no archive behind it",

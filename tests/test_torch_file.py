@@ -271,6 +271,13 @@ def test_pickle_build_cannot_rewrite_a_checked_stand_in(tmp_path):
         read_torch_file(tmp_path / "build.pt")
 
 
+def test_a_cyclic_container_is_a_value_error(tmp_path):
+    payload = b"\x80\x02]q\x00(h\x00e."  # a list that contains itself
+    write_zip(tmp_path / "cycle.pt", payload, {})
+    with pytest.raises(ValueError, match="cycle.pt: containers nested too deeply"):
+        read_torch_file(tmp_path / "cycle.pt")
+
+
 def test_files_that_are_not_torch_files_are_value_errors_naming_them(tmp_path):
     cases = {
         "garbage.pt": np.random.default_rng(0).bytes(64),

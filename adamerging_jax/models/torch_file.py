@@ -137,9 +137,8 @@ _ALLOWED_GLOBALS = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals tensors need, to the stand-ins above."""
 
-    def __init__(self, file: BinaryIO, source: str, storages: dict[str, _Storage]):
+    def __init__(self, file: BinaryIO, storages: dict[str, _Storage]):
         super().__init__(file)
-        self._source = source
         self._storages = storages
 
     def find_class(self, module: str, name: str) -> Any:
@@ -148,25 +147,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         raise UnsafeCheckpointError(
-            f"{self._source}: refused to load global '{module}.{name}'; only collections.OrderedDict, "
+            f"refused to load global '{module}.{name}'; only collections.OrderedDict, "
             "torch._utils._rebuild_tensor_v2 / _rebuild_parameter and torch.*Storage types are allowed in a "
             "weights file"
         )
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"{self._source}: unsupported persistent id {pid!r:.200}")
+            raise UnsafeCheckpointError(f"unsupported persistent id {pid!r:.200}")
         _, storage_type, key, _location, numel = pid[:5]
         if not isinstance(storage_type, _StorageType):
-            raise UnsafeCheckpointError(f"{self._source}: storage {key!r:.100} has no torch storage type")
+            raise UnsafeCheckpointError(f"storage {key!r:.100} has no torch storage type")
         if not isinstance(key, str) or not _is_count(numel):
-            raise UnsafeCheckpointError(f"{self._source}: storage {key!r:.100} has a malformed key or element count")
+            raise UnsafeCheckpointError(f"storage {key!r:.100} has a malformed key or element count")
         if len(pid) == 6 and pid[5] is not None:
-            raise UnsafeCheckpointError(f"{self._source}: storage {key}: storage views (pre-0.4 files) are not supported")
+            raise UnsafeCheckpointError(f"storage {key}: storage views (pre-0.4 files) are not supported")
         storage = self._storages.setdefault(key, _Storage(key, storage_type.dtype, numel))
         if (storage.dtype, storage.numel) != (storage_type.dtype, numel):
             raise UnsafeCheckpointError(
-                f"{self._source}: storage {key} is declared as {storage.numel} × {storage.dtype} and as "
+                f"storage {key} is declared as {storage.numel} × {storage.dtype} and as "
                 f"{numel} × {storage_type.dtype}"
             )
         return storage
@@ -180,9 +179,9 @@ def _is_count(value: Any) -> bool:
 def _load_pickle(file: BinaryIO, source: str, storages: dict[str, _Storage]) -> Any:
     """One pickle record through the restricted unpickler; a malformed record is a ValueError naming the file."""
     try:
-        return _RestrictedUnpickler(file, source, storages).load()
-    except UnsafeCheckpointError:
-        raise
+        return _RestrictedUnpickler(file, storages).load()
+    except UnsafeCheckpointError as error:  # raised by the stand-ins, which do not know the file
+        raise UnsafeCheckpointError(f"{source}: {error}") from None
     except Exception as error:  # garbage bytes fail in many ways inside pickle: report them as one kind
         raise ValueError(f"{source}: not a readable torch file ({type(error).__name__}: {error})") from error
 
@@ -352,4 +351,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         is_zip = file.read(4) == ZIP_MAGIC
         file.seek(0)
         obj, _ = (_read_zip if is_zip else _read_legacy)(file, source, size)
-    return _resolve(obj, f"{source}: tensor")
+    try:
+        return _resolve(obj, f"{source}: tensor")
+    except RecursionError as error:  # a crafted pickle can nest containers deeply, or in a cycle
+        raise ValueError(f"{source}: containers nested too deeply (or in a cycle) to be a checkpoint") from error
