@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from adamerging_jax.coefficient_formats import TensorNames
 from adamerging_jax.core.checkpoint import write_json_atomic
 from adamerging_jax.models.clip import ClipConfig, ConfigError, TextConfig, VisionConfig, init_params
 
@@ -625,9 +626,25 @@ def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_wid
                                  allow_nonfinite=allow_nonfinite)
 
 
-def tensor_names(config: ClipConfig | VisionConfig) -> Iterable[str]:
-    """The HF ``CLIPVisionModel`` tensor names of an image tower, one per merged tensor (q, k, v apart)."""
-    vision_config = config.vision if isinstance(config, ClipConfig) else config
-    yield from (hf for _, hf, _ in _VISION)
-    for i in range(vision_config.layers):
-        yield from (f"encoder.layers.{i}.{hf}" for _, hf, _ in _BLOCK)
+# transformers' CLIPVisionModel parameter order inside "encoder.layers.i." (its named_parameters(): the
+# attention's k, v, q, out projections, then layer_norm1, mlp, layer_norm2, as the modules are created).
+_HF_BLOCK_ORDER = [f"self_attn.{p}_proj.{leaf}" for p in ["k", "v", "q", "out"] for leaf in ["weight", "bias"]] + [
+    f"{module}.{leaf}" for module in ["layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"] for leaf in ["weight", "bias"]]
+
+
+def lambda_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
+    """The HF ``CLIPVisionModel`` tensor name of every (leaf path, layer) of our image tower tree, e.g.
+    ("layers/attn/q/kernel", 3) → "vision_model.encoder.layers.3.self_attn.q_proj.weight" and
+    ("pos_embedding", None) → "vision_model.embeddings.position_embedding.weight", with ``order`` the tower's
+    ``named_parameters()`` order (199 tensors for ViT-B/32, FusionBench's columns). Leaf paths are those of
+    ``params["vision"]``, the tree merging acts on."""
+    layers = (config.vision if isinstance(config, ClipConfig) else config).layers
+    names: dict[tuple[str, int | None], str] = {(ours, None): VISION_PREFIX + hf for ours, hf, _ in _VISION}
+    for ours, hf, _ in _BLOCK:
+        names.update({("layers/" + ours, i): f"{VISION_PREFIX}encoder.layers.{i}.{hf}" for i in range(layers)})
+    top = [VISION_PREFIX + hf for hf in ["embeddings.class_embedding", "embeddings.patch_embedding.weight",
+                                         "embeddings.position_embedding.weight", "pre_layrnorm.weight",
+                                         "pre_layrnorm.bias"]]
+    blocks = [f"{VISION_PREFIX}encoder.layers.{i}.{hf}" for i in range(layers) for hf in _HF_BLOCK_ORDER]
+    order = (*top, *blocks, VISION_PREFIX + "post_layernorm.weight", VISION_PREFIX + "post_layernorm.bias")
+    return TensorNames(names, order)
