@@ -114,7 +114,8 @@ def _mismatch(manifest: dict, expected: list[tuple[str, np.dtype, tuple[int, ...
         return f"it holds {len(stored)} leaves, the tree has {len(expected)}"
     for (name, dtype, shape), (want_name, want_dtype, want_shape) in zip(stored, expected):
         if (name, dtype, shape) != (want_name, want_dtype.name, want_shape):
-            return f"leaf {name!r} is {dtype}{list(shape)}, the tree wants {want_name!r} as {want_dtype.name}{list(want_shape)}"
+            wanted = f"{want_name!r} as {want_dtype.name}{list(want_shape)}"
+            return f"leaf {name!r} is {dtype}{list(shape)}, the tree wants {wanted}"
     return None
 
 
@@ -136,9 +137,12 @@ def _read(path: str, like: PyTree) -> tuple[PyTree | None, str]:
             for name, dtype, shape in expected:
                 stored = data[name]
                 if stored.shape != shape or stored.dtype.itemsize != dtype.itemsize:
-                    return None, f"leaf {name!r} is stored as {stored.dtype}{list(stored.shape)}, not {dtype.name}{list(shape)}"
+                    stored_as = f"{stored.dtype}{list(stored.shape)}"
+                    return None, f"leaf {name!r} is stored as {stored_as}, not {dtype.name}{list(shape)}"
                 leaves.append(stored.view(dtype))
-            entries = [(name, dtype.name, shape, leaf.tobytes()) for (name, dtype, shape), leaf in zip(expected, leaves)]
+            entries = [
+                (name, dtype.name, shape, leaf.tobytes()) for (name, dtype, shape), leaf in zip(expected, leaves)
+            ]
             if _checksum(entries) != manifest["sha256"]:
                 return None, "its values do not match its sha256 checksum"
     except Exception as error:  # truncated or bit-flipped zips and malformed manifests fail in many ways

@@ -220,7 +220,8 @@ def test_truncated_and_mislabelled_storages_are_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"storage 0 declares 6 float32 elements \(24 bytes\)"):
         read_torch_file(tmp_path / "zip.pt")
     # the dtype's size must divide the bytes the same way: 24 bytes are not 6 float64 elements
-    write_zip(tmp_path / "dtype.pt", state_dict_pickle({"w": tensor_pickle(storage="DoubleStorage")}), {"0": FLOATS.tobytes()})
+    doubles = state_dict_pickle({"w": tensor_pickle(storage="DoubleStorage")})
+    write_zip(tmp_path / "dtype.pt", doubles, {"0": FLOATS.tobytes()})
     with pytest.raises(UnsafeCheckpointError, match=r"6 float64 elements \(48 bytes\)"):
         read_torch_file(tmp_path / "dtype.pt")
     write_zip(tmp_path / "missing.pt", state_dict_pickle({"w": tensor_pickle()}), {})

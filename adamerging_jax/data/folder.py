@@ -48,7 +48,9 @@ def list_class_folders(root: str) -> list[str]:
     return [name for name in _visible(os.listdir(root)) if os.path.isdir(os.path.join(root, name))]
 
 
-def list_images(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = False) -> list[str]:
+def list_images(
+    folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = False
+) -> list[str]:
     """Paths of the images in ``folder``, sorted by their path below it (the file policy of the module docstring).
 
     ``recursive`` walks visible subfolders too; otherwise subfolders are ignored. ``FileNotFoundError`` when

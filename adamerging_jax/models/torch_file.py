@@ -289,7 +289,9 @@ def _read_legacy(file: BinaryIO, source: str, size: int) -> tuple[Any, dict[str,
             raise UnsafeCheckpointError(f"{source}: the file ends before storage {key}")
         (count,) = struct.unpack("<q" if little_endian else ">q", header)
         if count != storage.numel:
-            raise UnsafeCheckpointError(f"{source}: storage {key} has {count} elements, the pickle says {storage.numel}")
+            raise UnsafeCheckpointError(
+                f"{source}: storage {key} has {count} elements, the pickle says {storage.numel}"
+            )
         available = min(storage.numel * storage.dtype.itemsize, size - file.tell())
         raw = file.read(_storage_bytes_needed(source, storage, available))
         storage.data = _decode_storage(raw, storage.dtype, little_endian)
