@@ -4,10 +4,9 @@ The public API works on any pytree of parameters and any `apply_fn(params, input
 """
 
 from adamerging_jax.core.coefficients import Coefficients, init_coefficients
-from adamerging_jax.core.evaluate import Accuracy, evaluate
+from adamerging_jax.core.evaluate import Accuracy, PerTask, evaluate, evaluate_models
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.methods import (
-    MERGE_METHODS,
     dare,
     dare_task_arithmetic,
     task_arithmetic,
@@ -18,6 +17,18 @@ from adamerging_jax.core.methods import (
 from adamerging_jax.core.objective import SharedBackbone, entropy, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, AdaMergingResult, adamerging, load_coefficients, make_step
 from adamerging_jax.core.parallel import data_mesh
+from adamerging_jax.core.protocol import MergeSettings, MethodRecord, run_methods
+from adamerging_jax.core.registry import (
+    REGISTRY,
+    AdaptContext,
+    Merged,
+    MergeMethod,
+    MethodSpec,
+    Parameter,
+    get_method,
+    method_spec,
+    register,
+)
 from adamerging_jax.core.task_vectors import task_vectors
 from adamerging_jax.core.transforms import disjoint_reduce, drop, elect_sign, keep_agreeing, trim
 from adamerging_jax.core.trees import path_str
@@ -28,8 +39,16 @@ __all__ = [
     "Accuracy",
     "AdaMergingConfig",
     "AdaMergingResult",
+    "AdaptContext",
     "Coefficients",
-    "MERGE_METHODS",
+    "MergeMethod",
+    "MergeSettings",
+    "Merged",
+    "MethodRecord",
+    "MethodSpec",
+    "Parameter",
+    "PerTask",
+    "REGISTRY",
     "SharedBackbone",
     "adamerging",
     "dare",
@@ -41,12 +60,17 @@ __all__ = [
     "entropy",
     "entropy_objective",
     "evaluate",
+    "evaluate_models",
+    "get_method",
     "init_coefficients",
     "keep_agreeing",
     "load_coefficients",
     "make_step",
     "merge",
+    "method_spec",
     "path_str",
+    "register",
+    "run_methods",
     "task_arithmetic",
     "task_vectors",
     "ties_merging",

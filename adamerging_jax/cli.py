@@ -1,4 +1,12 @@
-"""Command line: `adamerging-jax demo` runs the offline real benchmark (see README)."""
+"""The command line, one entry point: ``adamerging-jax demo | paper <command>``.
+
+- ``adamerging-jax demo``: the offline real benchmark (EfficientNet-Lite0 on packaged tasks; see README);
+- ``adamerging-jax paper {prepare-data,table1,table2,generalization,robustness}``: the paper's CLIP
+  experiments (``experiments/*.py`` call these).
+
+Settings are validated, and the output folder checked, before any compute; results are written after each
+seed, so an interrupt loses only the unfinished one.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +17,35 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _enable_compilation_cache() -> None:
     import jax
 
-    cache = os.environ.get("ADAMERGING_JAX_CACHE", str(Path.home() / ".cache" / "adamerging_jax" / "jax"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    cache = os.environ.get("ADAMERGING_JAX_CACHE", str(Path.home() / ".cache" / "adamerging_jax"))
+    jax.config.update("jax_compilation_cache_dir", str(Path(cache) / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _demo_parser(subparsers) -> None:
+def check_output_dir(path: Path) -> None:
+    """Refuse an output that is a file or cannot be written, before any work starts."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"error: --output {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: --output {path} is not writable: {error.strerror or error}") from None
+
+
+def comma_list(text: str | None) -> list[str] | None:
+    return None if text is None else [item for item in text.split(",") if item]
+
+
+def _demo_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
         help="fine-tune ImageNet EfficientNet-Lite0 on real packaged tasks, merge, evaluate (offline)",
@@ -28,16 +53,16 @@ def _demo_parser(subparsers) -> None:
         "Fashion-MNIST, Animal-MNIST and scikit-learn digits, merged by every method, evaluated on each test split.",
     )
     p.add_argument("--quick", action="store_true", help="small and fast (32 px, few images and steps): a smoke test")
-    p.add_argument("--config", type=Path, help="JSON file of DemoConfig fields; flags override it")
+    p.add_argument("--config", type=Path, help="JSON file of DemoConfig fields (merge: {methods, adamerging}); flags override it")
     p.add_argument("--tasks", help="comma-separated packaged tasks (mnist, fashion_mnist, animal_mnist, digits, textures)")
     p.add_argument("--task-folder", action="append", default=[], metavar="NAME=PATH",
                    help="add a user task from a folder of class subfolders (or train/ and test/ with class subfolders)")
     p.add_argument("--resolution", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-test", type=int)
-    p.add_argument("--steps", type=int, dest="adamerging_steps", help="AdaMerging steps")
-    p.add_argument("--lr", type=float, dest="adamerging_lr", help="AdaMerging learning rate (Adam)")
-    p.add_argument("--methods", help="comma-separated subset of the methods")
+    p.add_argument("--steps", type=int, help="AdaMerging steps")
+    p.add_argument("--lr", type=float, help="AdaMerging learning rate (Adam)")
+    p.add_argument("--methods", help="comma-separated registry methods (default: the paper's Table 1 rows)")
     p.add_argument("--head", choices=["prototype", "logistic"])
     p.add_argument("--shots", type=int)
     p.add_argument("--head-scale", type=float)
@@ -49,64 +74,99 @@ def _demo_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _demo_config(args):
+def demo_config(args: argparse.Namespace) -> Any:
+    """The `DemoConfig` of the command line: defaults (or ``--quick``'s), then ``--config``, then the flags."""
     from adamerging_jax.demo.pipeline import DemoConfig
 
     fields = json.loads(args.config.read_text()) if args.config else {}
-    for name in ("resolution", "n_train", "n_test", "adamerging_steps", "adamerging_lr", "head", "shots", "head_scale"):
+    for name in ("resolution", "n_train", "n_test", "head", "shots", "head_scale"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.tasks:
-        fields["tasks"] = tuple(t for t in args.tasks.split(",") if t)
-    if args.methods:
-        fields["methods"] = tuple(m for m in args.methods.split(",") if m)
-    for key in ("tasks", "methods", "clamp"):
-        if isinstance(fields.get(key), list):
-            fields[key] = tuple(fields[key])
+        fields["tasks"] = comma_list(args.tasks)
+    if isinstance(fields.get("tasks"), list):
+        fields["tasks"] = tuple(fields["tasks"])
     known = {f.name for f in dataclasses.fields(DemoConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise SystemExit(f"error: unknown demo settings {unknown} in {args.config}; known: {sorted(known)}")
-    return DemoConfig.quick(**fields) if args.quick else DemoConfig(**fields)
+    base = DemoConfig.quick() if args.quick else DemoConfig()
+    merge = fields.pop("merge", {}) or {}
+    adamerging = dict(merge.get("adamerging", {}))
+    adamerging.update({k: v for k, v in [("steps", args.steps), ("lr", args.lr)] if v is not None})
+    if isinstance(adamerging.get("clamp"), list):
+        adamerging["clamp"] = tuple(adamerging["clamp"])
+    methods = comma_list(args.methods) or merge.get("methods")
+    try:
+        return dataclasses.replace(base, **fields, merge=base.merge.with_changes(methods, **adamerging))
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
-def run_demo_command(args) -> int:
+def run_demo_command(args: argparse.Namespace) -> int:
+    config = demo_config(args)
+    check_output_dir(args.output)
     _enable_compilation_cache()
     from adamerging_jax.data import packaged
     from adamerging_jax.demo.pipeline import DEFAULT_CACHE, run_demo
-    from adamerging_jax.demo.report import write_report
 
-    base = _demo_config(args)
     cache = None if args.no_cache else (args.cache or DEFAULT_CACHE)
-    runs = []
+    runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     for seed in args.seeds:
-        config = dataclasses.replace(base, seed=seed)
-        tasks = packaged.load_tasks(config.tasks, seed, config.n_train, config.n_test, skip_unavailable=True)
+        seeded = dataclasses.replace(config, seed=seed)
+        tasks = packaged.load_tasks(seeded.tasks, seed, seeded.n_train, seeded.n_test, skip_unavailable=True)
         for spec in args.task_folder:
             name, _, path = spec.partition("=")
             if not path:
                 raise SystemExit(f"error: --task-folder expects NAME=PATH, got {spec!r}")
-            tasks.append(packaged.task_from_folder(path, name=name, image_size=max(config.resolution, 28), seed=seed))
-        print(f"[demo] seed {seed}: tasks {[t.name for t in tasks]}, {config.resolution} px", flush=True)
-        run = run_demo(config, tasks=tasks, cache_dir=cache, quiet=args.quiet)
+            tasks.append(packaged.task_from_folder(path, name=name, image_size=max(seeded.resolution, 28), seed=seed))
+        print(f"[demo] seed {seed}: tasks {[t.name for t in tasks]}, {seeded.resolution} px", flush=True)
+        run = run_demo(seeded, tasks=tasks, cache_dir=cache, quiet=args.quiet)
         runs.append(run)
-        print(f"[demo] seed {seed} done in {run['seconds']['total']:.0f} s", flush=True)
-    files = write_report(runs, args.output, plots=not args.no_plots)
+        files = write_demo_report(runs, args.output, plots=not args.no_plots)
+        print(f"[demo] seed {seed} done in {run['seconds']['total']:.0f} s; results so far in {args.output}", flush=True)
     print(files["table"].read_text())
     print(f"[demo] {len(runs)} run(s) in {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
 
+def write_demo_report(runs: Sequence[dict[str, Any]], output: Path, plots: bool = True) -> dict[str, Path]:
+    """``results.json`` with every run so far, ``table.md`` (mean ± std over seeds) and the first run's plots."""
+    from adamerging_jax import report
+
+    report.check_finite(runs)
+    seeds = [run["settings"]["seed"] for run in runs]
+    title = f"Mean top-1 accuracy (%) over seeds {seeds}" if len(runs) > 1 else f"Top-1 accuracy (%), seed {seeds[0]}"
+    clamp = runs[0]["settings"]["merge"]["adamerging"]["clamp"]
+    return report.write_report(output, {"runs": list(runs)}, f"{title}\n\n" + report.markdown_table(runs),
+                               plot_run=runs[0] if plots else None, clamp=tuple(clamp) if clamp else None)
+
+
+PAPER_COMMANDS = ("prepare-data", "table1", "table2", "generalization", "robustness")
+
+
+def _paper_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "paper", help="the paper's CLIP experiments (Table 1, Table 2, generalization, robustness)",
+        description="The paper's experiments on CLIP; `adamerging-jax paper COMMAND --help` lists each one's flags.")
+    p.add_argument("experiment", choices=PAPER_COMMANDS, help="which experiment")
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="its flags")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adamerging-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="adamerging-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
+    _paper_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo_command(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    from adamerging_jax.paper.cli import COMMANDS
+
+    _enable_compilation_cache()
+    return COMMANDS[args.experiment](args.arguments)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """AdaMerging generalization: merge 6 seen tasks, evaluate on them and on 2 unseen tasks (both splits of
 the paper).
 
-    python experiments/generalization.py --tfds-dir ~/tensorflow_datasets --output runs/generalization
+    adamerging-jax paper generalization --tfds-dir ~/tensorflow_datasets --output runs/generalization
 """
 import sys
 
-from adamerging_jax.paper.cli import generalization
+from adamerging_jax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(generalization(sys.argv[1:]))
+    sys.exit(main(["paper", "generalization", *sys.argv[1:]]))

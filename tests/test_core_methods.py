@@ -128,7 +128,7 @@ def test_dare_task_arithmetic_is_task_arithmetic_on_dropped_vectors():
     pre, finetuned = random_tree(np.random.default_rng(1), 3)
     tv = am.task_vectors(pre, finetuned)
     expected = flat(pre) + 0.3 * flat_tasks(am.dare(tv, 0.5, 7), 3).sum(0)
-    np.testing.assert_allclose(flat(am.MERGE_METHODS["dare"](pre, tv, p=0.5, seed=7)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flat(am.dare_task_arithmetic(pre, tv, p=0.5, seed=7)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_method_arguments_are_rejected():

@@ -10,7 +10,7 @@ from PIL import Image
 from adamerging_jax.cli import main
 from adamerging_jax.data import packaged
 from adamerging_jax.demo.pipeline import METHODS, DemoConfig, finetune_cache_key
-from adamerging_jax.finetune import FinetuneConfig
+from adamerging_jax.demo.finetune import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adamerging_jax.demo.report import markdown_table
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import cli, published
@@ -18,9 +17,10 @@ from adamerging_jax.paper.settings import (
     Checkpoints,
     DataConfig,
     ExperimentConfig,
-    MergeConfig,
+    merge_settings,
 )
 from adamerging_jax.paper.sources import task_test_set
+from adamerging_jax.report import markdown_table
 from adamerging_jax.paper.tasks import (
     ALL_TASKS,
     GENERALIZATION_SPLITS,
@@ -67,21 +67,24 @@ def test_published_generalization_means():
 
 
 def test_presets_hold_the_two_reference_settings():
-    official, fusionbench = MergeConfig.preset("official").adamerging, MergeConfig.preset("fusionbench").adamerging
+    official, fusionbench = merge_settings("official").adamerging, merge_settings("fusionbench").adamerging
     assert (official.steps, official.batches_per_task, official.batch_size, official.clamp, official.entropy_eps,
             official.lr) == (500, 2, 16, (0.0, 1.0), None, 1e-3)
     assert (fusionbench.steps, fusionbench.batches_per_task, fusionbench.clamp, fusionbench.entropy_eps) == (
         1000, 1, None, 1e-8)
-    merge = MergeConfig()
-    assert merge.adamerging_for("task_wise_adamerging++").granularity == "task"
-    assert merge.adamerging_for("layer_wise_adamerging").granularity == "layer"
-    assert merge.adamerging_for("layer_wise_adamerging").stacked("layers/attn/q/kernel")
-    assert (merge.task_arithmetic_scale, merge.ties_density, merge.ties_reduce, merge.ties_scale) == (
-        0.3, 0.2, "sum", 0.3)
-    with pytest.raises(ValueError, match="unknown methods"):
-        MergeConfig(methods=("fisher",))
+    merge = merge_settings()
+    assert [s.name for s in merge.methods] == list(METHODS)
+    specs = {s.name: s for s in merge.methods}
+    assert dict(specs["task_wise_adamerging++"].method.fixed) == {"granularity": "task", "task_vectors_kind": "ties"}
+    assert dict(specs["layer_wise_adamerging"].method.fixed)["granularity"] == "layer"
+    assert merge.adamerging.stacked("layers/attn/q/kernel")
+    assert specs["task_arithmetic"].params == {"scale": 0.3}
+    assert {k: specs["ties"].params[k] for k in ("density", "reduce", "scale")} == {
+        "density": 0.2, "reduce": "sum", "scale": 0.3}
+    with pytest.raises(ValueError, match="unknown merge method 'fisher'"):
+        merge_settings(methods=("fisher",))
     with pytest.raises(ValueError, match="preset"):
-        MergeConfig.preset("paper")
+        merge_settings("paper")
 
 
 def test_experiment_config_checks_its_tasks_and_records_its_settings():
@@ -188,5 +191,6 @@ def test_flags_land_in_the_config(tmp_path):
     assert config.data.file_lists == {"resisc45": "/lists/resisc45-test.txt"}
     ada = config.merge.adamerging
     assert (ada.steps, ada.accumulate, ada.clamp, ada.entropy_eps, ada.batches_per_task) == (7, "fused", None, 1e-8, 1)
-    assert config.merge.methods == ("ties", "layer_wise_adamerging") and config.merge.ties_total_size == 99
+    assert [s.name for s in config.merge.methods] == ["ties", "layer_wise_adamerging"]
+    assert [s.params["total_size"] for s in config.merge.methods] == [99, 99]
     assert config.devices == 2 and config.checkpoint_runs

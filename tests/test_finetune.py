@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from adamerging_jax.finetune import FinetuneConfig, classification_loss, finetune, learning_rate_schedule
+from adamerging_jax.demo.finetune import FinetuneConfig, classification_loss, finetune, learning_rate_schedule
 from adamerging_jax.heads.prototype import prototype_head
 from adamerging_jax.models import efficientnet
 from adamerging_jax.models.efficientnet import EfficientNetConfig, StageSpec

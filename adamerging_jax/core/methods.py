@@ -1,4 +1,4 @@
-"""Data-free merge methods as pure functions `(θ0, τ, ...) -> θ`, and a registry that names them.
+"""Data-free merge methods as pure functions `(θ0, τ, ...) -> θ` (the registry, `core.registry`, names them).
 
 Each method takes the pretrained tree and stacked task vectors (`task_vectors`), checks that they are stacked
 for it (`check_stacked`, at trace time) and returns merged params. Sums over tasks run in at least float32
@@ -8,7 +8,7 @@ and in float64 for float64 inputs (`trees.accumulation_dtype`); the result has �
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +81,3 @@ def dare(task_vectors: PyTree, p: float = 0.9, seed: int | jax.Array = 0) -> PyT
 def dare_task_arithmetic(pretrained: PyTree, task_vectors: PyTree, p: float = 0.9, seed: int = 0, scale: float = 0.3) -> PyTree:
     """Task arithmetic on DARE task vectors."""
     return task_arithmetic(pretrained, dare(task_vectors, p, seed), scale)
-
-
-MERGE_METHODS: dict[str, Callable[..., PyTree]] = {
-    "weight_average": weight_average,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties_merging,
-    "dare": dare_task_arithmetic,
-}

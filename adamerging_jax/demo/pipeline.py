@@ -1,4 +1,5 @@
-"""Fine-tune → merge → evaluate on real weights and real data that ship in registry packages.
+"""The offline demo's binding: real weights and real data that ship in registry packages, run through the
+one merging protocol (`adamerging_jax.core.protocol`).
 
 The paper's protocol (AdaMerging, Yang et al., ICLR 2024, Table 1) transposed to what can be had offline:
 
@@ -9,8 +10,10 @@ The paper's protocol (AdaMerging, Yang et al., ICLR 2024, Table 1) transposed to
   logits = scale · cos(feature, prototype). (A logistic-regression head is selectable: it is too strong,
   and entropy minimisation then lowers accuracy; see the README.)
 - θ_k: the backbone fine-tuned on task k with its head frozen; τ_k = θ_k − θ0;
-- methods: pretrained, individual, weight averaging, task arithmetic, TIES, task-/layer-wise AdaMerging and
-  AdaMerging++, all evaluated on each task's test split (the transductive protocol of the paper).
+- methods: every registry method (by default the rows of the paper's Table 1), evaluated on each task's test
+  split (the transductive protocol of the paper).
+
+This module holds only what differs from other scenarios: the model, the heads, the data and the settings.
 """
 
 from __future__ import annotations
@@ -28,21 +31,54 @@ import numpy as np
 
 import adamerging_jax as am
 from adamerging_jax.core.checkpoint import write_npz_atomic
+from adamerging_jax.core.protocol import MergeSettings, records_json, run_methods
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.data import packaged
-from adamerging_jax.finetune import FinetuneConfig, finetune
+from adamerging_jax.demo.finetune import FinetuneConfig, finetune
 from adamerging_jax.heads.prototype import LinearHead, apply_head, logistic_head, prototype_head, select_shots
 from adamerging_jax.models import efficientnet
 from adamerging_jax.models.efficientnet_checkpoint import load_pretrained
 
-ADAMERGING_METHODS = ("task_wise_adamerging", "layer_wise_adamerging", "task_wise_adamerging++", "layer_wise_adamerging++")
-METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "ties") + ADAMERGING_METHODS
+METHODS = (
+    "pretrained",
+    "individual",
+    "weight_average",
+    {"name": "task_arithmetic", "scale": 0.3},
+    {"name": "ties", "density": 0.2, "reduce": "mean", "scale": 1.0},
+    "task_wise_adamerging",
+    "layer_wise_adamerging",
+    {"name": "task_wise_adamerging++", "density": 0.2},
+    {"name": "layer_wise_adamerging++", "density": 0.2},
+)
+"""The demo's rows: the paper's Table 1 (TIES as in the TIES paper: disjoint mean, λ = 1)."""
+
+ADAMERGING = am.AdaMergingConfig(steps=100, lr=1e-2, clamp=(0.0, 1.0), batches_per_task=1, batch_size=16)
+"""The demo's AdaMerging: 100 steps of Adam at 1e-2, λ from 0.3 clamped to [0, 1], 16 test images per task."""
+
 DEFAULT_CACHE = Path.home() / ".cache" / "adamerging_jax" / "demo"
+
+
+def default_merge() -> MergeSettings:
+    return MergeSettings(METHODS, ADAMERGING)
+
+
+def _check(condition: bool, field: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ValueError(f"DemoConfig.{field} must be {requirement}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Settings of one demo run; the defaults are the measured recipe (see the README)."""
+    """Settings of one demo run; the defaults are the measured recipe (see the README). Validated when built:
+    a wrong type or range raises a ValueError naming the field, before any work starts."""
 
     tasks: tuple[str, ...] = packaged.DEFAULT_TASKS
     resolution: int = 48
@@ -55,44 +91,37 @@ class DemoConfig:
     finetune_lr: float = 1e-4
     finetune_epochs: int = 2
     finetune_batch: int = 32
-    adamerging_steps: int = 100
-    adamerging_lr: float = 1e-2
-    adamerging_batch: int = 16
-    clamp: tuple[float, float] | None = (0.0, 1.0)
-    task_arithmetic_scale: float = 0.3
-    ties_density: float = 0.2
-    ties_reduce: str = "mean"
-    ties_scale: float = 1.0
-    methods: tuple[str, ...] = METHODS
+    merge: MergeSettings = dataclasses.field(default_factory=default_merge)
     eval_batch: int = 500
 
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """A small, fast run for tests and smoke checks (minutes become seconds; numbers mean little)."""
-        defaults = dict(resolution=32, n_train=256, n_test=128, finetune_epochs=1, adamerging_steps=8, adamerging_batch=8)
+        merge = MergeSettings(METHODS, dataclasses.replace(ADAMERGING, steps=8, batch_size=8))
+        defaults = dict(resolution=32, n_train=256, n_test=128, finetune_epochs=1, merge=merge)
         return cls(**{**defaults, **overrides})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
-        if self.head not in ("prototype", "logistic"):
-            raise ValueError(f"head must be 'prototype' or 'logistic', got {self.head!r}")
+        _check(isinstance(self.tasks, tuple) and all(isinstance(t, str) and t for t in self.tasks), "tasks",
+               self.tasks, "a tuple of task names")
+        for field in ("resolution", "n_train", "n_test", "shots", "finetune_epochs", "finetune_batch", "eval_batch"):
+            value = getattr(self, field)
+            _check(_is_int(value) and value >= 1, field, value, "an integer ≥ 1")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+        _check(self.resolution >= 16, "resolution", self.resolution, "at least 16 (EfficientNet's stride is 32)")
+        _check(self.head in ("prototype", "logistic"), "head", self.head, "'prototype' or 'logistic'")
+        for field in ("head_scale", "finetune_lr"):
+            value = getattr(self, field)
+            _check(_is_number(value) and value > 0, field, value, "a finite number > 0")
+        _check(isinstance(self.merge, MergeSettings), "merge", self.merge, "a MergeSettings")
 
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(self.finetune_lr, self.finetune_epochs, self.finetune_batch, seed=self.seed)
 
-@dataclasses.dataclass
-class MethodResult:
-    """Accuracy per task; for AdaMerging also λ per leaf, the loss per step, and the summed mean entropy on
-    a fixed probe of test images (the first `adamerging_batch` of each task) at λ_init and at λ_final."""
-
-    accuracy: dict[str, float]
-    coefficients: dict[str, list] | None = None
-    entropy: list[float] | None = None
-    probe_entropy: tuple[float, float] | None = None
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(list(self.accuracy.values())))
+    def describe(self) -> dict[str, Any]:
+        """Every setting as JSON (the merge settings as the registry describes them)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "merge"}
+        return {**fields, "tasks": list(self.tasks), "merge": self.merge.describe()}
 
 
 def _digest(obj: Any) -> str:
@@ -147,6 +176,39 @@ def make_heads(config: DemoConfig, tasks, pretrained_features: Callable, train_i
     return heads
 
 
+def finetuned_backbones(config: DemoConfig, tasks, train_inputs, heads, weights, batch_stats, cache_dir,
+                        quiet: bool, log: Callable[[str], None]) -> list[Any]:
+    """θ_k per task: fine-tuned with its head frozen, or read from the cache under a key of every setting."""
+    pretrained = jax.tree_util.tree_map(jnp.asarray, weights.params)
+    finetune_config = config.finetune_config()
+    finetuned = []
+    for task, inputs, head in zip(tasks, train_inputs, heads):
+        key = finetune_cache_key(task, config, finetune_config, weights.params)
+        path = Path(cache_dir) / f"finetuned-{task.name}-{key}.npz" if cache_dir is not None else None
+        if path is not None and path.exists():
+            log(f"[demo] {task.name}: fine-tuned backbone from cache {path}")
+            finetuned.append(_load_tree(path, pretrained))
+            continue
+        result = finetune(pretrained, batch_stats, head, inputs, task.train_y, finetune_config, quiet=quiet,
+                          description=f"fine-tune {task.name}")
+        finetuned.append(result.params)
+        if path is not None:
+            _save_tree(path, result.params)
+    return finetuned
+
+
+def adaptation_batches(config: DemoConfig, test_inputs: Sequence[np.ndarray]) -> Callable[[int], list[np.ndarray]]:
+    """Step s's unlabeled batches: per task `batch_size` test images drawn without replacement, seeded by
+    (seed, s), so a run resumes at any step."""
+    size = config.merge.adamerging.batch_size
+
+    def batches(step: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([config.seed, step])
+        return [x[rng.choice(len(x), size, replace=False)] for x in test_inputs]
+
+    return batches
+
+
 def run_demo(
     config: DemoConfig = DemoConfig(),
     *,
@@ -155,10 +217,10 @@ def run_demo(
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the whole benchmark; returns a JSON-able dict (settings, per-method accuracies, λ, entropy, times).
+    """Run the whole benchmark; returns a JSON-able run (settings, per-method records, times).
 
-    Fine-tuned backbones and heads are cached under `cache_dir`, keyed by every setting and the data they
-    were made from, so a changed setting never reuses a stale cache (`cache_dir=None` disables it).
+    Fine-tuned backbones are cached under `cache_dir`, keyed by every setting and the data they were made
+    from, so a changed setting never reuses a stale cache (`cache_dir=None` disables it).
     """
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -176,88 +238,30 @@ def run_demo(
 
     pretrained_features = lambda x: efficientnet.features_in_batches(pretrained, batch_stats, x, config.eval_batch)  # noqa: E731
     heads = make_heads(config, tasks, pretrained_features, train_inputs)
-
     apply_fn = am.SharedBackbone(
         features=lambda params, x: efficientnet.features(params, batch_stats, x),
         head=lambda f, task: apply_head(heads[task], f),
     )
+    started = time.perf_counter()
+    finetuned = finetuned_backbones(config, tasks, train_inputs, heads, weights, batch_stats, cache_dir, quiet, log)
+    times["finetune"] = time.perf_counter() - started
 
-    finetune_config = FinetuneConfig(config.finetune_lr, config.finetune_epochs, config.finetune_batch, seed=config.seed)
-    finetuned = []
-    t0 = time.perf_counter()
-    for task, inputs, head in zip(tasks, train_inputs, heads):
-        key = finetune_cache_key(task, config, finetune_config, weights.params)
-        path = Path(cache_dir) / f"finetuned-{task.name}-{key}.npz" if cache_dir is not None else None
-        if path is not None and path.exists():
-            log(f"[demo] {task.name}: fine-tuned backbone from cache {path}")
-            finetuned.append(_load_tree(path, pretrained))
-            continue
-        result = finetune(pretrained, batch_stats, head, inputs, task.train_y, finetune_config, quiet=quiet, description=f"fine-tune {task.name}")
-        finetuned.append(result.params)
-        if path is not None:
-            _save_tree(path, result.params)
-    times["finetune"] = time.perf_counter() - t0
-
-    test_sets = [(x, t.test_y) for x, t in zip(test_inputs, tasks)]
-    evaluate = lambda params: am.evaluate(apply_fn, params, test_sets, names, config.eval_batch).per_task  # noqa: E731
-    tv = am.task_vectors(pretrained, finetuned)
-    results: dict[str, MethodResult] = {}
-    t0 = time.perf_counter()
-    for method in config.methods:
-        log(f"[demo] {method}")
-        if method == "pretrained":
-            results[method] = MethodResult(evaluate(pretrained))
-        elif method == "individual":
-            accuracy = {}
-            for t, (name, params) in enumerate(zip(names, finetuned)):
-                single = lambda p, x, _, t=t: apply_fn(p, x, t)  # noqa: E731
-                accuracy[name] = am.evaluate(single, params, [test_sets[t]], [name], config.eval_batch).per_task[name]
-            results[method] = MethodResult(accuracy)
-        elif method == "weight_average":
-            results[method] = MethodResult(evaluate(am.weight_average(pretrained, tv)))
-        elif method == "task_arithmetic":
-            results[method] = MethodResult(evaluate(am.task_arithmetic(pretrained, tv, config.task_arithmetic_scale)))
-        elif method == "ties":
-            merged = am.ties_merging(pretrained, tv, config.ties_density, config.ties_reduce, config.ties_scale)
-            results[method] = MethodResult(evaluate(merged))
-        else:
-            results[method] = _adamerging(method, config, apply_fn, pretrained, tv, test_inputs, evaluate, quiet)
-        times[method] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+    merge = config.merge
+    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, seed=config.seed, quiet=quiet))
+    records = run_methods(
+        merge, pretrained, am.task_vectors(pretrained, finetuned), apply_fn=apply_fn,
+        test_sets=[(x, t.test_y) for x, t in zip(test_inputs, tasks)], task_names=names,
+        adaptation=adaptation_batches(config, test_inputs),
+        probe=[x[: merge.adamerging.batch_size] for x in test_inputs],
+        mesh=am.data_mesh(jax.devices()[:1]), eval_batch_size=config.eval_batch, log=log)
+    times.update({name: record.seconds["build"] for name, record in records.items()})
+    times["evaluate"] = next(iter(records.values())).seconds["evaluate"]
     times["total"] = time.perf_counter() - start
     return dict(
-        settings=dataclasses.asdict(config),
+        settings=config.describe(),
         tasks=names,
         leaves=[name for name, _ in named_leaves(pretrained)],
-        methods={m: dict(dataclasses.asdict(r), mean=r.mean) for m, r in results.items()},
+        methods=records_json(records),
         seconds=times,
         devices=[str(d) for d in jax.devices()],
     )
-
-
-def _adamerging(method, config, apply_fn, pretrained, tv, test_inputs, evaluate, quiet) -> MethodResult:
-    """Task-/layer-wise AdaMerging (++ on TIES-preprocessed task vectors) from λ = 0.3."""
-    if method.endswith("++"):
-        tv = am.ties_task_vectors(tv, config.ties_density)
-    granularity = "task" if method.startswith("task_wise") else "layer"
-
-    def batches(step):
-        rng = np.random.default_rng([config.seed, step])
-        return [x[rng.choice(len(x), config.adamerging_batch, replace=False)] for x in test_inputs]
-
-    ada_config = am.AdaMergingConfig(
-        steps=config.adamerging_steps,
-        granularity=granularity,
-        lr=config.adamerging_lr,
-        clamp=config.clamp,
-        batches_per_task=1,
-        batch_size=config.adamerging_batch,
-        seed=config.seed,
-        quiet=quiet,
-    )
-    result = am.adamerging(apply_fn, pretrained, tv, batches, ada_config, mesh=am.data_mesh(jax.devices()[:1]))
-    lam = {path: np.asarray(value).tolist() for path, value in result.coefficients.per_leaf().items()}
-    probe = [x[: config.adamerging_batch] for x in test_inputs]
-    initial = am.merge(pretrained, tv, am.init_coefficients(pretrained, len(test_inputs), granularity), clamp=config.clamp)
-    probe_entropy = tuple(float(am.entropy_objective(apply_fn, params, probe)[0]) for params in (initial, result.params))
-    return MethodResult(evaluate(result.params), lam, result.history["loss"].sum(1).tolist(), probe_entropy)

@@ -7,7 +7,7 @@ Without a text tower the **prototype head** takes the same form with image featu
     p_c = normalise( mean_{i ∈ S_c} normalise(f(x_i)) ),   logits_c(x) = scale · ⟨normalise(f(x)), p_c⟩,
 
 where S_c holds ``shots`` labelled train examples of class c and f is the *pretrained* backbone (default
-1 shot, scale 30). Measured on the offline benchmark (issue 4), this reproduces the paper's regime: weak
+1 shot, scale 30). Measured on the offline benchmark, this reproduces the paper's regime: weak
 pretrained heads that fine-tuning and AdaMerging improve. A **logistic-regression head** fit on all
 pretrained train features is kept for comparison: it is so strong already that entropy minimisation lowers
 accuracy, so it is not the default.

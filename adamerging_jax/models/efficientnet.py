@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.evaluate import pad_batch
+
 PyTree = Any
 
 BN_EPSILON = 1e-3
@@ -252,8 +254,7 @@ def features_in_batches(
     out = np.empty((len(images), config.head_channels), np.float32)
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), np.float32)])
-        batch_features = _jitted_features(params, batch_stats, padded, config=config)
+        batch_features = _jitted_features(params, batch_stats, pad_batch(batch, batch_size), config=config)
         out[start : start + len(batch)] = np.asarray(batch_features)[: len(batch)]
     return out
 

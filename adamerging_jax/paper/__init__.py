@@ -3,7 +3,7 @@ generalization to unseen tasks and robustness to corrupted test data.
 
 One idea a module: `tasks` (the 8 tasks' names across sources), `published` (the paper's numbers),
 `settings` (every hyper-parameter, with the official and FusionBench presets), `models` (checkpoints and
-zero-shot heads), `sources` (test sets from tfds or folders), `evaluation` (all methods on all tasks in one
-pass over the data), `methods` (baselines and AdaMerging runs), `experiments` (the three protocols),
-`report` (JSON and the paper-shaped markdown tables) and `cli` (the commands in ``experiments/``).
+zero-shot heads), `sources` (test sets from tfds or folders), `experiments` (the three protocols, each a
+binding of the one merging protocol `adamerging_jax.core.protocol`), `report` (the paper-shaped markdown
+tables over `adamerging_jax.report`) and `cli` (``adamerging-jax paper ...``, which ``experiments/`` call).
 """

@@ -10,13 +10,14 @@ run, ``results.json`` + ``table.md`` in ``--output``, the table printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adamerging_jax.cli import check_output_dir
 from adamerging_jax.paper import published, report
+from adamerging_jax.report import write_report
 from adamerging_jax.paper.experiments import run_merging, run_robustness
 from adamerging_jax.paper.settings import (
     CHECKPOINTS,
@@ -26,7 +27,7 @@ from adamerging_jax.paper.settings import (
     Checkpoints,
     DataConfig,
     ExperimentConfig,
-    MergeConfig,
+    merge_settings,
 )
 from adamerging_jax.paper.tasks import (
     ALL_TASKS,
@@ -104,17 +105,20 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
         max_test_images=args.max_test_images)
     adamerging = {k: v for k, v in [("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                      ("accumulate", args.accumulate), ("param_dtype", args.param_dtype)] if v is not None}
-    merge = MergeConfig.preset(args.preset, methods=tuple(m for m in args.methods.split(",") if m),
-                               ties_total_size=args.ties_total_size)
-    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, **adamerging))
-    return ExperimentConfig(name, canonical(merge_tasks), canonical(eval_tasks), checkpoints, data, merge,
-                            seed=args.seed, devices=args.devices, cache_dir=args.cache_dir,
-                            checkpoint_runs=not args.no_resume,
-                            quiet=args.quiet)
+    try:
+        merge = merge_settings(args.preset, [m for m in args.methods.split(",") if m], args.ties_total_size,
+                               **adamerging)
+        config = ExperimentConfig(name, canonical(merge_tasks), canonical(eval_tasks), checkpoints, data, merge,
+                                  seed=args.seed, devices=args.devices, cache_dir=args.cache_dir,
+                                  checkpoint_runs=not args.no_resume, quiet=args.quiet)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    check_output_dir(args.output)
+    return config
 
 
 def _finish(args: argparse.Namespace, result: dict[str, Any], markdown: str, started: float) -> int:
-    files = report.write_outputs(args.output, result, markdown)
+    files = write_report(args.output, result, markdown)
     print(markdown)
     print(f"[done] {time.perf_counter() - started:.0f} s; wrote {files['json']} and {files['table']}", flush=True)
     return 0
@@ -156,15 +160,21 @@ def generalization(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: 'individual' has no model for the unseen tasks; leave it out of --methods")
     started = time.perf_counter()
     splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
+    configs = {split: config_from_args(args, f"generalization{split}", *_seen_and_all(split)) for split in splits}
     results, markdown = {}, ""
-    for split in splits:
+    for split, config in configs.items():
         seen, unseen = GENERALIZATION_SPLITS[split]
-        config = config_from_args(args, f"generalization{split}", seen, seen + unseen)
         results[split] = run_merging(config, output_dir=args.output / f"split{split}")
         title = (f"Generalization {split}: merged {', '.join(map(report.COLUMN_TITLES.get, seen))}; "
                  f"unseen {', '.join(map(report.COLUMN_TITLES.get, unseen))}")
         markdown += report.generalization_markdown(results[split], title, published.GENERALIZATION[split]) + "\n"
+        write_report(args.output, {"experiment": "generalization", "splits": results}, markdown)  # after each split
     return _finish(args, {"experiment": "generalization", "splits": results}, markdown, started)
+
+
+def _seen_and_all(split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    seen, unseen = GENERALIZATION_SPLITS[split]
+    return tuple(seen), tuple(seen) + tuple(unseen)
 
 
 def robustness(argv: Sequence[str] | None = None) -> int:
@@ -204,3 +214,13 @@ def prepare_data(argv: Sequence[str] | None = None) -> int:
                 download_dir=args.download_dir, offline=args.offline)
         print(f"[prepare] {task} ready in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
+
+
+COMMANDS = {
+    "prepare-data": prepare_data,
+    "table1": table1,
+    "table2": table2,
+    "generalization": generalization,
+    "robustness": robustness,
+}
+"""``adamerging-jax paper COMMAND``: each takes its own flags (``--help`` lists them)."""

@@ -10,6 +10,7 @@ AdaMerging is transductive here, as in the paper: λ is learned on the very test
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,11 +20,11 @@ import jax
 
 import adamerging_jax as am
 from adamerging_jax.core.objective import SharedBackbone
-from adamerging_jax.data.pipeline import Source
-from adamerging_jax.paper import evaluation, sources
-from adamerging_jax.paper.methods import adamerging_model, data_free_model
+from adamerging_jax.core.protocol import records_json, run_methods
+from adamerging_jax.data.pipeline import AdaptationBatches, Source, clip_preprocess, evaluation_batches
+from adamerging_jax.paper import sources
 from adamerging_jax.paper.models import ClipModels, load_models
-from adamerging_jax.paper.settings import ADAMERGING_METHODS, ExperimentConfig
+from adamerging_jax.paper.settings import ExperimentConfig
 
 
 def conditions() -> tuple[str, ...]:
@@ -46,40 +47,30 @@ def evaluate_methods(
     state_dir: str | None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build every method's model on ``task_vectors`` (AdaMerging adapts on the merged tasks' ``eval_sources``),
-    evaluate all of them in one pass over ``eval_sources``; the run as a dict (accuracy, λ, entropy, times).
-    ``apply_fn`` is ``models.apply_fn()``, made once per experiment so that its compiled steps are reused."""
+    """Every method of ``config.merge`` through the protocol (AdaMerging adapts on the merged tasks'
+    ``eval_sources``), all evaluated in one pass over ``eval_sources``; the run as a dict (accuracy, λ,
+    entropy, times). ``apply_fn`` is ``models.apply_fn()``, made once per experiment so that its compiled
+    steps are reused."""
     num_merged = len(config.merge_tasks)
-    adaptation = sources.adaptation_view(eval_sources[:num_merged], config.data, models.image_size)
-    built, runs, seconds = {}, {}, {}
-    for method in config.merge.methods:
-        started = time.perf_counter()
-        if method in ADAMERGING_METHODS:
-            built[method], runs[method] = adamerging_model(
-                method, apply_fn, models.pretrained, task_vectors, adaptation, config.merge,
-                image_size=models.image_size, seed=config.seed, num_threads=config.data.num_threads,
-                checkpoint_dir=state_dir, quiet=config.quiet, devices=config.devices, log=log)
-        else:
-            built[method] = data_free_model(method, models.pretrained, task_vectors, config.merge)
-        seconds[method] = time.perf_counter() - started
-    started = time.perf_counter()
-    accuracy = evaluation.accuracies(
-        apply_fn, built, eval_sources, config.eval_tasks, [len(h) for h in models.heads],
-        image_size=models.image_size, batch_size=config.data.eval_batch_size, num_threads=config.data.num_threads,
-        quiet=config.quiet, log=log)
-    seconds["evaluation"] = time.perf_counter() - started
-    methods = {}
-    for method in built:
-        record: dict[str, Any] = {"accuracy": accuracy[method], "mean": _mean(accuracy[method])}
-        if method in runs:
-            record.update(coefficients=runs[method].coefficients, entropy=runs[method].entropy)
-        methods[method] = record
-    return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks), "methods": methods,
-            "seconds": seconds}
-
-
-def _mean(accuracy: dict[str, float]) -> float:
-    return sum(accuracy.values()) / len(accuracy)
+    size = models.image_size
+    adaptation = AdaptationBatches(
+        sources.adaptation_view(eval_sources[:num_merged], config.data, size),
+        batch_size=config.merge.adamerging.batch_size, n_batches=config.merge.adamerging.batches_per_task,
+        seed=config.seed, preprocess=functools.partial(clip_preprocess, size=size),
+        num_threads=config.data.num_threads)
+    batch_size, threads = config.data.eval_batch_size, config.data.num_threads
+    test_sets = [evaluation_batches(source, batch_size, functools.partial(clip_preprocess, size=size),
+                                    num_threads=threads) for source in eval_sources]
+    merge = config.merge.with_changes(seed=config.seed, quiet=config.quiet)
+    records = run_methods(
+        merge, models.pretrained, task_vectors, apply_fn=apply_fn, test_sets=test_sets,
+        task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
+        mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
+        eval_batch_size=batch_size, quiet=config.quiet, log=log)
+    seconds = {name: record.seconds["build"] for name, record in records.items()}
+    seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]
+    return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks),
+            "methods": records_json(records), "seconds": seconds}
 
 
 def _prepare(config: ExperimentConfig, log: Callable[[str], None]) -> tuple[ClipModels, Any, list[Source]]:

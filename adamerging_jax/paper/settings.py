@@ -1,27 +1,29 @@
 """Every hyper-parameter of the paper's experiments, in one place, with the official and FusionBench presets.
 
 An :class:`ExperimentConfig` holds the checkpoints (:class:`Checkpoints`), where the test sets come from
-(:class:`DataConfig`) and the merge methods' settings (:class:`MergeConfig`, whose ``adamerging`` field is the
-core's :class:`~adamerging_jax.AdaMergingConfig`: ``official()`` = 500 steps, 2 x 16 test images per task per
-step, λ clamped to [0, 1]; ``fusionbench()`` = 1000 steps, 1 x 16, no clamp, entropy eps 1e-8).  Task
-arithmetic λ = 0.3; TIES: top 20% over the whole model, disjoint *sum*, scale 0.3 (the official AdaMerging
-script's baseline, also what AdaMerging++ preprocesses with).
+(:class:`DataConfig`) and the merge settings (the protocol's :class:`~adamerging_jax.core.protocol.MergeSettings`
+made by :func:`merge_settings`: registry methods, and the core's :class:`~adamerging_jax.AdaMergingConfig`:
+``official()`` = 500 steps, 2 x 16 test images per task per step, λ clamped to [0, 1]; ``fusionbench()`` =
+1000 steps, 1 x 16, no clamp, entropy eps 1e-8).  Task arithmetic λ = 0.3; TIES: top 20% over the whole model,
+disjoint *sum*, scale 0.3 (the official AdaMerging script's baseline, also what AdaMerging++ preprocesses with).
+Every config is validated when it is built; an error names the field.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from adamerging_jax.core.optimize import AdaMergingConfig
+from adamerging_jax.core.protocol import MergeSettings, jsonable
+from adamerging_jax.core.registry import method_spec, method_specs
 from adamerging_jax.models.clip import stacked
 
-ADAMERGING_METHODS = (
-    "task_wise_adamerging", "task_wise_adamerging++", "layer_wise_adamerging", "layer_wise_adamerging++")
-METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "ties") + ADAMERGING_METHODS
-"""Table 1's rows, in the paper's order."""
+METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "ties", "task_wise_adamerging",
+           "task_wise_adamerging++", "layer_wise_adamerging", "layer_wise_adamerging++")
+"""Table 1's rows, in the paper's order (registry names)."""
 
 PRESETS = ("official", "fusionbench")
 DEFAULT_CACHE = Path(os.environ.get("ADAMERGING_JAX_CACHE_DIR", Path.home() / ".cache" / "adamerging_jax"))
@@ -32,6 +34,11 @@ CHECKPOINTS = {
     "L/14": ("openai/clip-vit-large-patch14", "tanganke/clip-vit-large-patch14_{task}"),
 }
 """Per CLIP variant: the pretrained CLIP (θ0, projection, text tower) and FusionBench's fine-tuned towers."""
+
+
+def _positive_int(field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field} must be an integer ≥ 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,36 +89,28 @@ class DataConfig:
     num_threads: int = 8
     max_test_images: int | None = None
 
-
-@dataclasses.dataclass(frozen=True)
-class MergeConfig:
-    """The methods to run and their settings."""
-
-    methods: tuple[str, ...] = METHODS
-    task_arithmetic_scale: float = 0.3
-    ties_density: float = 0.2
-    ties_reduce: str = "sum"
-    ties_scale: float = 0.3
-    ties_total_size: int | None = None
-    adamerging: AdaMergingConfig = dataclasses.field(default_factory=lambda: AdaMergingConfig.official(stacked=stacked))
-
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+        for field in ("eval_batch_size", "num_threads"):
+            _positive_int(f"DataConfig.{field}", getattr(self, field))
+        if self.max_test_images is not None:
+            _positive_int("DataConfig.max_test_images", self.max_test_images)
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> MergeConfig:
-        """``official`` (EnnengYang/AdaMerging) or ``fusionbench`` (FusionBench 0.2.33) AdaMerging settings."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; the presets are {PRESETS}")
-        make = AdaMergingConfig.official if name == "official" else AdaMergingConfig.fusionbench
-        return cls(**{"adamerging": make(stacked=stacked), **overrides})
 
-    def adamerging_for(self, method: str, **overrides: Any) -> AdaMergingConfig:
-        """The AdaMerging settings of ``method`` (task- or layer-wise; ++ changes the task vectors, not these)."""
-        granularity = "task" if method.startswith("task_wise") else "layer"
-        return dataclasses.replace(self.adamerging, granularity=granularity, stacked=stacked, **overrides)
+def merge_settings(preset: str = "official", methods: Sequence[Any] = METHODS, ties_total_size: int | None = None,
+                   **adamerging: Any) -> MergeSettings:
+    """The paper's `MergeSettings`: `methods` (registry names or specs; the registry's defaults are the
+    official script's: task arithmetic 0.3, TIES 20% / dis-sum / 0.3) with the ``official`` (EnnengYang/
+    AdaMerging) or ``fusionbench`` (FusionBench 0.2.33) AdaMerging settings, CLIP's stacked layers declared;
+    ``ties_total_size`` (the official ++ count, text side included) goes to TIES and AdaMerging++."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; the presets are {PRESETS}")
+    make = AdaMergingConfig.official if preset == "official" else AdaMergingConfig.fusionbench
+    specs = []
+    for spec in method_specs(methods):
+        if ties_total_size is not None and "total_size" in spec.params:
+            spec = method_spec(spec, total_size=ties_total_size)
+        specs.append(spec)
+    return MergeSettings(tuple(specs), make(stacked=stacked, **adamerging))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +125,7 @@ class ExperimentConfig:
     eval_tasks: tuple[str, ...]
     checkpoints: Checkpoints = Checkpoints()
     data: DataConfig = DataConfig()
-    merge: MergeConfig = MergeConfig()
+    merge: MergeSettings = dataclasses.field(default_factory=merge_settings)
     seed: int = 0
     devices: int | None = None
     cache_dir: str = str(DEFAULT_CACHE)
@@ -134,6 +133,12 @@ class ExperimentConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"ExperimentConfig.seed must be an integer ≥ 0, got {self.seed!r}")
+        if self.devices is not None:
+            _positive_int("ExperimentConfig.devices", self.devices)
+        if not isinstance(self.merge, MergeSettings):
+            raise ValueError(f"ExperimentConfig.merge must be a MergeSettings, got {self.merge!r}")
         if tuple(self.eval_tasks[: len(self.merge_tasks)]) != tuple(self.merge_tasks):
             raise ValueError(f"eval_tasks {self.eval_tasks} must start with the merged tasks {self.merge_tasks}")
         if len(self.merge_tasks) < 2:
@@ -141,14 +146,6 @@ class ExperimentConfig:
 
     def settings(self) -> dict[str, Any]:
         """A JSON-able record of every setting (callables by name)."""
-        return _jsonable(dataclasses.asdict(self))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return getattr(value, "__qualname__", None) or type(value).__name__
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "merge"}
+        fields = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in fields.items()}
+        return {**jsonable(fields), "merge": self.merge.describe()}

@@ -4,7 +4,7 @@ The paper fine-tunes CLIP's image encoder per task with the zero-shot head froze
 vectors τ_k = θ_k − θ0. Here the backbone ``params`` are trained on one task's labelled train images by
 minimising the cross-entropy of ``apply_head(head, features_fn(params, batch_stats, x))``; the head and the
 BatchNorm statistics ``batch_stats`` are inputs of the step, not trained, so they come out unchanged (BN
-runs in inference mode). Recipe (measured in issue 4's study): Adam 1e-4, linear warm-up over the first
+runs in inference mode). Recipe (measured on this project's CPU machine): Adam 1e-4, linear warm-up over the first
 10% of steps from 0 then cosine decay to 0, batch 32, 2 epochs; each epoch visits a fresh permutation drawn
 from ``numpy.random.default_rng(seed)`` and drops the last incomplete batch (one compiled shape).
 """

@@ -1,0 +1,238 @@
+"""The merging protocol, written once: run a list of registry methods on (θ0, τ), evaluate every merged model
+in one pass over each test set, and return one record per method.
+
+    θ0, θ_k ──task_vectors──▶ τ ──method.build──▶ θ (data-free)                 ┐
+                                └─(adaptive)─ λ ──adamerging(apply_fn, batches)─▶ θ(λ) ├─▶ evaluate_models ─▶ MethodRecord
+                                                                                 ┘
+
+Every scenario (the offline demo, the paper's CLIP experiments, a user's own checkpoints) is a binding that
+supplies only the model (`apply_fn`, θ0, τ), the unlabeled adaptation batches, the labelled test sets and the
+`MergeSettings`; this module imports no model and no dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from adamerging_jax.core.evaluate import PerTask, evaluate_models
+from adamerging_jax.core.objective import ApplyFn, entropy_objective
+from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
+from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, method_specs
+from adamerging_jax.core.trees import PyTree
+
+MethodLike = Any
+"""A method name, a mapping ``{"name": ..., **parameters}`` or a `MethodSpec`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSettings:
+    """The methods a run compares and the AdaMerging settings its adaptive methods share.
+
+    ``methods`` are validated registry methods (names, ``{"name": ..., **parameters}`` mappings or
+    `MethodSpec`s are accepted and turned into specs); ``adamerging`` is the core's `AdaMergingConfig`
+    (each AdaMerging method sets its own granularity on it).
+    """
+
+    methods: tuple[MethodSpec, ...]
+    adamerging: AdaMergingConfig = AdaMergingConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", method_specs(self.methods))
+        if not self.methods:
+            raise ValueError("MergeSettings.methods is empty: name at least one merge method")
+        if not isinstance(self.adamerging, AdaMergingConfig):
+            raise ValueError(f"MergeSettings.adamerging must be an AdaMergingConfig, got {self.adamerging!r}")
+
+    def with_changes(self, methods: Sequence[MethodLike] | None = None, **adamerging: Any) -> MergeSettings:
+        """These settings with other methods and/or AdaMerging fields. A method given by name keeps the
+        parameters it has here (e.g. a binding's TIES settings) and takes the registry's defaults otherwise."""
+        fields = {f.name for f in dataclasses.fields(AdaMergingConfig)}
+        unknown = sorted(set(adamerging) - fields)
+        if unknown:
+            raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(fields)}")
+        if methods is not None:
+            known = {spec.name: spec for spec in self.methods}
+            methods = tuple(known.get(m, m) if isinstance(m, str) else m for m in methods)
+        return MergeSettings(methods if methods is not None else self.methods,
+                             dataclasses.replace(self.adamerging, **adamerging))
+
+    @property
+    def needs_data(self) -> bool:
+        return any(spec.method.needs_data for spec in self.methods)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record of the methods and the AdaMerging settings."""
+        adamerging = {f.name: jsonable(getattr(self.adamerging, f.name)) for f in dataclasses.fields(self.adamerging)}
+        return {"methods": [spec.describe() for spec in self.methods], "adamerging": adamerging}
+
+
+@dataclasses.dataclass
+class MethodRecord:
+    """One method's result.
+
+    Attributes:
+      accuracy: top-1 per evaluated task (tasks the method has no model for are absent).
+      coefficients: λ per leaf path (adaptive methods), ``[K]`` or ``[K, L]`` as nested lists.
+      loss: per step, the entropy L_t of each task before that step's update (``[steps, K]``).
+      probe_entropy: Σ_t L_t on the fixed probe batches at the initial λ and at the learned λ.
+      seconds: time to build the model and (shared among the models) to evaluate.
+    """
+
+    name: str
+    label: str
+    params: dict[str, Any]
+    accuracy: dict[str, float]
+    coefficients: dict[str, list] | None = None
+    loss: list[list[float]] | None = None
+    probe_entropy: tuple[float, float] | None = None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        """Unweighted mean accuracy over the evaluated tasks (the paper's Avg.)."""
+        return float(np.mean(list(self.accuracy.values())))
+
+    @property
+    def entropy(self) -> list[float] | None:
+        """Σ_t L_t per step."""
+        return None if self.loss is None else [float(sum(row)) for row in self.loss]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), mean=self.mean, entropy=self.entropy)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with mappings, sequences and scalars kept and anything else (a callable, an optimizer) by name."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "__qualname__", None) or type(value).__name__
+
+
+def file_stem(method: str) -> str:
+    """A file-system-safe name for `method` ("+" → "p", other unsafe characters → "_")."""
+    return re.sub(r"[^\w.-]", lambda m: "p" if m[0] == "+" else "_", method)
+
+
+def state_folder(root: str | Path | None, method: str) -> str | None:
+    """Where `method`'s resumable state lives under `root` (None without a root)."""
+    return None if root is None else str(Path(root) / file_stem(method))
+
+
+def probe_entropy(apply_fn: ApplyFn, merged: Merged, probe: Sequence[Any]) -> tuple[float, float] | None:
+    """Σ_t mean H on the probe batches at λ_init and at λ_final (adaptive methods only)."""
+    if merged.initial_params is None:
+        return None
+    return tuple(float(entropy_objective(apply_fn, params, probe)[0]) for params in (merged.initial_params, merged.params))
+
+
+def build_models(
+    settings: MergeSettings,
+    pretrained: PyTree,
+    task_vectors: PyTree,
+    *,
+    apply_fn: ApplyFn,
+    adaptation: BatchSource | None = None,
+    probe: Sequence[Any] | None = None,
+    state_dir: str | Path | None = None,
+    mesh: Any = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Merged], dict[str, MethodRecord]]:
+    """Build every method's model; the models and their records (accuracy still empty)."""
+    if settings.needs_data and adaptation is None:
+        needing = [s.name for s in settings.methods if s.method.needs_data]
+        raise ValueError(f"methods {needing} learn from unlabeled data, but no adaptation batches were given")
+    models: dict[str, Merged] = {}
+    records: dict[str, MethodRecord] = {}
+    for spec in settings.methods:
+        log(f"[merge] {spec.name}")
+        started = time.perf_counter()
+        context = None
+        if spec.method.needs_data:
+            context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name))
+        merged = spec.build(pretrained, task_vectors, context)
+        seconds = time.perf_counter() - started
+        models[spec.name] = merged
+        records[spec.name] = _record(spec, merged, apply_fn, probe, seconds)
+        log(f"[merge] {spec.name}: built in {seconds:.1f} s" + _entropy_note(records[spec.name]))
+    return models, records
+
+
+def _record(spec: MethodSpec, merged: Merged, apply_fn: ApplyFn, probe: Sequence[Any] | None, seconds: float
+            ) -> MethodRecord:
+    coefficients = None
+    if merged.coefficients is not None:
+        coefficients = {path: np.asarray(value).tolist() for path, value in merged.coefficients.per_leaf().items()}
+    loss = None
+    if merged.history is not None:
+        loss = np.asarray(merged.history["loss"], np.float64).tolist()
+    return MethodRecord(
+        spec.name, spec.label, spec.describe()["params"], {}, coefficients, loss,
+        probe_entropy(apply_fn, merged, probe) if probe is not None else None, {"build": seconds})
+
+
+def _entropy_note(record: MethodRecord) -> str:
+    entropy = record.entropy
+    return f"; summed entropy {entropy[0]:.4f} -> {entropy[-1]:.4f}" if entropy else ""
+
+
+def run_methods(
+    settings: MergeSettings,
+    pretrained: PyTree,
+    task_vectors: PyTree,
+    *,
+    apply_fn: ApplyFn,
+    test_sets: Sequence[Any],
+    task_names: Sequence[str],
+    adaptation: BatchSource | None = None,
+    probe: Sequence[Any] | None = None,
+    state_dir: str | Path | None = None,
+    mesh: Any = None,
+    eval_batch_size: int = 256,
+    quiet: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, MethodRecord]:
+    """Run every method of `settings` and evaluate all of them in one pass over each test set.
+
+    Args:
+      settings: the methods and the shared AdaMerging settings.
+      pretrained, task_vectors: θ0 and the stacked τ ``[K, ...]`` of the merged tasks.
+      apply_fn: ``apply_fn(params, inputs, task) -> logits``; task t < K is a merged task; test sets beyond
+        the K merged tasks are unseen tasks (evaluated, never adapted on).
+      test_sets, task_names: per evaluated task, ``(inputs, labels)`` arrays or an iterable of batches, and
+        its name (the merged tasks first).
+      adaptation: the unlabeled batches of the adaptive methods (``step -> [batch per merged task]``).
+      probe: fixed unlabeled batches per merged task; records the summed entropy at λ_init and λ_final.
+      state_dir: resumable AdaMerging state, one folder per method.
+      mesh: devices for AdaMerging (None: all).
+      eval_batch_size: evaluation batch size (shorter batches padded to it).
+
+    Returns:
+      method name → `MethodRecord`, in the order of ``settings.methods``.
+    """
+    if len(test_sets) != len(task_names):
+        raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
+    models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
+                                   probe=probe, state_dir=state_dir, mesh=mesh, log=log)
+    started = time.perf_counter()
+    to_evaluate = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
+    accuracy = evaluate_models(apply_fn, to_evaluate, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
+    seconds = time.perf_counter() - started
+    for name, record in records.items():
+        record.accuracy = accuracy[name].per_task
+        record.seconds["evaluate"] = seconds
+    return records
+
+
+def records_json(records: Mapping[str, MethodRecord]) -> dict[str, Any]:
+    """``{method: record as JSON}`` (for ``results.json``)."""
+    return {name: record.to_json() for name, record in records.items()}

@@ -1,0 +1,310 @@
+"""Merge methods as values: a name, a label, a paper, declared parameters, whether unlabeled data is needed,
+and how the merged model is built. One registry names them all; a user's own method runs everywhere a
+built-in one does once `register`ed.
+
+A method builds a `Merged` model from the pretrained tree θ0 and the stacked task vectors τ (`[K, ...]` per
+leaf):
+
+- data-free methods: ``build(θ0, τ, **parameters)`` — weight averaging, task arithmetic, TIES, DARE, and the
+  two reference rows of the paper's tables (pretrained θ0, and the individual fine-tuned models θ0 + τ_t);
+- adaptive methods (``needs_data=True``): ``build(θ0, τ, context, **parameters)`` with an `AdaptContext`
+  holding ``apply_fn``, the unlabeled batches and the `AdaMergingConfig`. The four AdaMerging rows of the
+  paper are one method with two parameters, not four names: the granularity of λ (``"task"``: one λ per task;
+  ``"layer"``: one per task and tensor) and the task vectors λ scales (``"raw"`` τ, or ``"ties"``: TIES's
+  trimmed, sign-agreeing τ̂, i.e. AdaMerging++).
+
+    spec = method_spec("ties", density=0.1)              # validated; unknown names and bad values raise
+    merged = spec.build(theta0, tau)                      # Merged(params=...)
+    register(MergeMethod("my_merge", "My merge", "me", build=lambda p, t, alpha: ..., parameters=(
+        Parameter("alpha", 0.5, "mixing weight", minimum=0.0, maximum=1.0),)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+
+from adamerging_jax.core import methods as core_methods
+from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.core.merge import merge
+from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource, adamerging
+from adamerging_jax.core.trees import PyTree
+
+PerTaskParams = Callable[[int], "PyTree | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A declared method parameter: its default, a help line, and what values are allowed.
+
+    The type is the default's (``float`` also takes ints; a ``None`` default takes ``kind``); ``choices``,
+    ``minimum`` and ``maximum`` (inclusive) bound the value; ``optional`` allows ``None``.
+    """
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    kind: type | None = None
+    optional: bool = False
+
+    @property
+    def type(self) -> type:
+        return self.kind or type(self.default)
+
+    def validate(self, method: str, value: Any) -> Any:
+        """`value` converted to the parameter's type, or a ValueError naming the method and parameter."""
+        where = f"method {method!r}: parameter {self.name!r}"
+        if value is None and (self.optional or self.default is None):
+            return None
+        expected = self.type
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"{where} must be a {expected.__name__}, got {value!r}")
+        if expected is float and not math.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{where} must be ≥ {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{where} must be ≤ {self.maximum}, got {value!r}")
+        return value
+
+
+@dataclasses.dataclass
+class Merged:
+    """What a method built: one merged tree for every task (``params``) or one per task (``per_task``,
+    returning None where the method has no model, e.g. an individual model for an unseen task); for
+    adaptive methods also λ, the loss history ``{"loss": [steps, K]}``, the task vectors λ scaled and the
+    model at the initial λ (for the entropy before and after)."""
+
+    params: PyTree | None = None
+    per_task: PerTaskParams | None = None
+    coefficients: Coefficients | None = None
+    history: dict[str, Any] | None = None
+    initial_params: PyTree | None = None
+
+    def for_task(self, task: int) -> PyTree | None:
+        return self.per_task(task) if self.per_task is not None else self.params
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptContext:
+    """What an adaptive method gets besides θ0 and τ.
+
+    Attributes:
+      apply_fn: ``apply_fn(params, inputs, task) -> logits``.
+      batches: the unlabeled batches, ``step -> [batch per task]`` or an iterable (see `adamerging`).
+      config: the shared `AdaMergingConfig` (steps, lr, clamp, ...); a method sets its own granularity.
+      mesh: devices to run on (None: all).
+      checkpoint_dir: where this method's run state is kept (None: not resumable).
+    """
+
+    apply_fn: Callable[..., Any]
+    batches: BatchSource
+    config: AdaMergingConfig
+    mesh: Any = None
+    checkpoint_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """A merge method as a value (see the module docstring).
+
+    Attributes:
+      name: the registry key (also the key of its results).
+      label: the row title in tables.
+      paper: where the method comes from.
+      build: ``(θ0, τ, **parameters) -> Merged``, or ``(θ0, τ, context, **parameters)`` when `needs_data`.
+      parameters: the declared, user-settable parameters with their defaults.
+      needs_data: whether the method learns from unlabeled batches (gets an `AdaptContext`).
+      fixed: parameters of `build` this method sets and users cannot (e.g. a variant's granularity).
+    """
+
+    name: str
+    label: str
+    paper: str
+    build: Callable[..., Merged]
+    parameters: tuple[Parameter, ...] = ()
+    needs_data: bool = False
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def parameter(self, name: str) -> Parameter:
+        for parameter in self.parameters:
+            if parameter.name == name:
+                return parameter
+        allowed = [p.name for p in self.parameters]
+        raise ValueError(f"method {self.name!r} has no parameter {name!r}; its parameters: {allowed or 'none'}")
+
+    def configure(self, **values: Any) -> MethodSpec:
+        """This method with its parameters: defaults filled in, every value validated."""
+        chosen = {p.name: p.default for p in self.parameters}
+        for name, value in values.items():
+            chosen[name] = self.parameter(name).validate(self.name, value)
+        return MethodSpec(self, tuple(chosen.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered method with its parameter values: one row of a run."""
+
+    method: MergeMethod
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def label(self) -> str:
+        return self.method.label
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def build(self, pretrained: PyTree, task_vectors: PyTree, context: AdaptContext | None = None) -> Merged:
+        arguments = {**self.params, **dict(self.method.fixed)}
+        if not self.method.needs_data:
+            return self.method.build(pretrained, task_vectors, **arguments)
+        if context is None:
+            raise ValueError(f"method {self.name!r} learns from unlabeled data: give it the batches and apply_fn")
+        return self.method.build(pretrained, task_vectors, context, **arguments)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record: name, label, paper, parameters."""
+        params = {**self.params, **dict(self.method.fixed)}
+        return dict(name=self.name, label=self.label, paper=self.method.paper, params=params)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod, *, replace: bool = False) -> MergeMethod:
+    """Add `method` to the registry (an existing name needs ``replace=True``); returns it."""
+    if not method.name or not isinstance(method.name, str):
+        raise ValueError(f"a method needs a non-empty name, got {method.name!r}")
+    if method.name in REGISTRY and not replace:
+        raise ValueError(f"method {method.name!r} is registered already; pass replace=True to replace it")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called `name`; an unknown name lists the known ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown merge method {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def method_spec(method: str | MethodSpec | Mapping[str, Any], **values: Any) -> MethodSpec:
+    """A `MethodSpec` from a name (+ parameter values), a mapping ``{"name": ..., **parameters}`` (config
+    files), or a spec (returned as is, or reconfigured with `values`)."""
+    if isinstance(method, MethodSpec):
+        return method.method.configure(**{**method.params, **values}) if values else method
+    if isinstance(method, Mapping):
+        fields = dict(method)
+        if "name" not in fields:
+            raise ValueError(f"a method entry needs a 'name', got {fields}")
+        return method_spec(fields.pop("name"), **fields, **values)
+    if not isinstance(method, str):
+        raise ValueError(f"a method is a name, a mapping with a 'name' or a MethodSpec, got {method!r}")
+    return get_method(method).configure(**values)
+
+
+def method_specs(methods: Iterable[str | MethodSpec | Mapping[str, Any]]) -> tuple[MethodSpec, ...]:
+    """`method_spec` of each; a name given twice is refused (results are keyed by method name)."""
+    specs = tuple(method_spec(m) for m in methods)
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"methods listed more than once: {duplicates}")
+    return specs
+
+
+# --- the built-in methods ------------------------------------------------------------------------------------
+
+def _pretrained(pretrained: PyTree, task_vectors: PyTree) -> Merged:
+    return Merged(params=pretrained)
+
+
+def _individual(pretrained: PyTree, task_vectors: PyTree) -> Merged:
+    add = jax.jit(lambda p, tv, t: jax.tree_util.tree_map(lambda a, b: (a + b[t]).astype(a.dtype), p, tv))
+    count = jax.tree_util.tree_leaves(task_vectors)[0].shape[0]
+    return Merged(per_task=lambda task: add(pretrained, task_vectors, task) if task < count else None)
+
+
+def _data_free(function: Callable[..., PyTree]) -> Callable[..., Merged]:
+    return lambda pretrained, task_vectors, **values: Merged(params=function(pretrained, task_vectors, **values))
+
+
+DENSITY = Parameter("density", 0.2, "fraction of each task vector's entries kept by magnitude", minimum=0.0, maximum=1.0)
+TOTAL_SIZE = Parameter("total_size", None, "count the top-k over this many entries (the official ++ count)",
+                       kind=int, minimum=1, optional=True)
+SCOPE = Parameter("scope", "model", "trim over the whole model or per leaf", choices=("model", "leaf"))
+
+
+def _adamerging(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, granularity: str,
+                task_vectors_kind: str, density: float, total_size: int | None, scope: str) -> Merged:
+    """AdaMerging (Yang et al., ICLR 2024): λ learned by entropy minimisation on the unlabeled batches;
+    AdaMerging++ when ``task_vectors_kind == "ties"`` (λ scales TIES's τ̂ instead of τ)."""
+    if task_vectors_kind == "ties":
+        task_vectors = core_methods.ties_task_vectors(task_vectors, density, scope, total_size)
+    config = dataclasses.replace(context.config, granularity=granularity, checkpoint_dir=context.checkpoint_dir)
+    result = adamerging(context.apply_fn, pretrained, task_vectors, context.batches, config, mesh=context.mesh)
+    initial = jax.tree_util.tree_map(lambda lam: lam * 0 + config.init_value, result.coefficients)
+    return Merged(params=result.params, coefficients=result.coefficients, history=result.history,
+                  initial_params=merge(pretrained, task_vectors, initial, clamp=config.clamp))
+
+
+ADAMERGING_PARAMETERS = (
+    Parameter("granularity", "layer", "one λ per task, or per task and tensor", choices=("task", "layer")),
+    Parameter("task_vectors_kind", "raw", "λ scales raw τ, or TIES's trimmed sign-agreeing τ̂ (AdaMerging++)",
+              choices=("raw", "ties")),
+    DENSITY, TOTAL_SIZE, SCOPE,
+)
+ADAMERGING_PAPER = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
+
+
+def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
+    """An AdaMerging variant as data: the shared build with some of its parameters fixed (e.g.
+    ``granularity="layer", task_vectors_kind="ties"`` is layer-wise AdaMerging++)."""
+    parameters = tuple(p for p in ADAMERGING_PARAMETERS if p.name not in fixed)
+    return MergeMethod(name, label, ADAMERGING_PAPER, _adamerging, parameters, needs_data=True,
+                       fixed=tuple(fixed.items()))
+
+
+for _method in (
+    MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained),
+    MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual),
+    MergeMethod("weight_average", "Weight averaging", "Wortsman et al., Model soups, ICML 2022",
+                _data_free(core_methods.weight_average)),
+    MergeMethod("task_arithmetic", "Task arithmetic",
+                "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+                _data_free(core_methods.task_arithmetic),
+                (Parameter("scale", 0.3, "λ for every task vector"),)),
+    MergeMethod("ties", "TIES-merging", "Yadav et al., TIES-Merging, NeurIPS 2023",
+                _data_free(core_methods.ties_merging),
+                (DENSITY, Parameter("reduce", "sum", "disjoint mean or sum of the agreeing entries",
+                                    choices=("mean", "sum")),
+                 Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE)),
+    MergeMethod("dare", "DARE + task arithmetic", "Yu et al., Language Models are Super Mario, ICML 2024",
+                _data_free(core_methods.dare_task_arithmetic),
+                (Parameter("p", 0.9, "drop probability", minimum=0.0, maximum=0.999),
+                 Parameter("seed", 0, "random seed of the drop mask"),
+                 Parameter("scale", 0.3, "λ for every task vector"))),
+    adamerging_method("adamerging", "AdaMerging"),
+    adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task", task_vectors_kind="raw"),
+    adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer", task_vectors_kind="raw"),
+    adamerging_method("task_wise_adamerging++", "Task-wise AdaMerging++", granularity="task", task_vectors_kind="ties"),
+    adamerging_method("layer_wise_adamerging++", "Layer-wise AdaMerging++", granularity="layer",
+                      task_vectors_kind="ties"),
+):
+    register(_method)
