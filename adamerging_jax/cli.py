@@ -19,13 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _enable_compilation_cache() -> None:
-    import jax
-
-    cache = os.environ.get("ADAMERGING_JAX_CACHE", str(Path.home() / ".cache" / "adamerging_jax"))
-    jax.config.update("jax_compilation_cache_dir", str(Path(cache) / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+from adamerging_jax.cache import cache_dir, enable_compilation_cache
 
 
 def check_output_dir(path: Path) -> None:
@@ -68,7 +62,8 @@ def _demo_parser(subparsers: Any) -> None:
     p.add_argument("--head-scale", type=float)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table gives mean ± std")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--cache", type=Path, help="cache of fine-tuned backbones (default ~/.cache/adamerging_jax/demo)")
+    p.add_argument("--cache", type=Path, help="cache of fine-tuned backbones (default: $ADAMERGING_JAX_CACHE/finetuned, "
+                   "$ADAMERGING_JAX_CACHE defaulting to ~/.cache/adamerging_jax)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -106,11 +101,11 @@ def demo_config(args: argparse.Namespace) -> Any:
 def run_demo_command(args: argparse.Namespace) -> int:
     config = demo_config(args)
     check_output_dir(args.output)
-    _enable_compilation_cache()
+    enable_compilation_cache(1.0)
     from adamerging_jax.data import packaged
-    from adamerging_jax.demo.pipeline import DEFAULT_CACHE, run_demo
+    from adamerging_jax.demo.pipeline import run_demo
 
-    cache = None if args.no_cache else (args.cache or DEFAULT_CACHE)
+    cache = None if args.no_cache else (args.cache or cache_dir("finetuned"))
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     for seed in args.seeds:
@@ -165,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo_command(args)
     from adamerging_jax.paper.cli import COMMANDS
 
-    _enable_compilation_cache()
+    enable_compilation_cache(1.0)
     return COMMANDS[args.experiment](args.arguments)
 
 

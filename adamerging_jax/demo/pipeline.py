@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import adamerging_jax as am
-from adamerging_jax.core.checkpoint import write_npz_atomic
+from adamerging_jax import cache
 from adamerging_jax.core.protocol import MergeSettings, records_json, run_methods
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.data import packaged
@@ -54,9 +54,6 @@ METHODS = (
 
 ADAMERGING = am.AdaMergingConfig(steps=100, lr=1e-2, clamp=(0.0, 1.0), batches_per_task=1, batch_size=16)
 """The demo's AdaMerging: 100 steps of Adam at 1e-2, λ from 0.3 clamped to [0, 1], 16 test images per task."""
-
-DEFAULT_CACHE = Path.home() / ".cache" / "adamerging_jax" / "demo"
-
 
 def default_merge() -> MergeSettings:
     return MergeSettings(METHODS, ADAMERGING)
@@ -135,19 +132,6 @@ def _array_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_tree(path: Path, tree: Any) -> None:
-    write_npz_atomic(path, {name: np.asarray(leaf) for name, leaf in named_leaves(tree)})
-
-
-def _load_tree(path: Path, like: Any) -> Any:
-    with np.load(path) as data:
-        names = [name for name, _ in named_leaves(like)]
-        if sorted(names) != sorted(data.files):
-            raise ValueError(f"cached tree {path} does not match the model's leaves; delete it to rebuild")
-        leaves = [jnp.asarray(data[name]) for name in names]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
-
-
 def finetune_cache_key(task: packaged.Task, config: DemoConfig, finetune_config: FinetuneConfig, pretrained: Any) -> str:
     """Digest of everything a fine-tuned backbone depends on: the task's training data, the resolution,
     the head (kind, shots, scale, seed), the fine-tuning settings and the pretrained weights."""
@@ -185,15 +169,16 @@ def finetuned_backbones(config: DemoConfig, tasks, train_inputs, heads, weights,
     for task, inputs, head in zip(tasks, train_inputs, heads):
         key = finetune_cache_key(task, config, finetune_config, weights.params)
         path = Path(cache_dir) / f"finetuned-{task.name}-{key}.npz" if cache_dir is not None else None
-        if path is not None and path.exists():
+        cached = cache.load_tree(path, pretrained) if path is not None else None
+        if cached is not None:
             log(f"[demo] {task.name}: fine-tuned backbone from cache {path}")
-            finetuned.append(_load_tree(path, pretrained))
+            finetuned.append(jax.tree_util.tree_map(jnp.asarray, cached))
             continue
         result = finetune(pretrained, batch_stats, head, inputs, task.train_y, finetune_config, quiet=quiet,
                           description=f"fine-tune {task.name}")
         finetuned.append(result.params)
         if path is not None:
-            _save_tree(path, result.params)
+            cache.save_tree(path, result.params)
     return finetuned
 
 
@@ -213,14 +198,15 @@ def run_demo(
     config: DemoConfig = DemoConfig(),
     *,
     tasks: Sequence[packaged.Task] | None = None,
-    cache_dir: str | Path | None = DEFAULT_CACHE,
+    cache_dir: str | Path | None = None,
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the whole benchmark; returns a JSON-able run (settings, per-method records, times).
 
-    Fine-tuned backbones are cached under `cache_dir`, keyed by every setting and the data they were made
-    from, so a changed setting never reuses a stale cache (`cache_dir=None` disables it).
+    Fine-tuned backbones are cached under `cache_dir` (e.g. ``adamerging_jax.cache.cache_dir("finetuned")``),
+    keyed by every setting and the data they were made from, so a changed setting never reuses a stale cache;
+    a damaged or wrong cache file is a warned miss, recomputed and replaced (`cache_dir=None`: no cache).
     """
     times: dict[str, float] = {}
     start = time.perf_counter()

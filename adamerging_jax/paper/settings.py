@@ -11,11 +11,10 @@ Every config is validated when it is built; an error names the field.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from adamerging_jax.cache import cache_root
 from adamerging_jax.core.optimize import AdaMergingConfig
 from adamerging_jax.core.protocol import MergeSettings, jsonable
 from adamerging_jax.core.registry import method_spec, method_specs
@@ -26,7 +25,7 @@ METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "tie
 """Table 1's rows, in the paper's order (registry names)."""
 
 PRESETS = ("official", "fusionbench")
-DEFAULT_CACHE = Path(os.environ.get("ADAMERGING_JAX_CACHE_DIR", Path.home() / ".cache" / "adamerging_jax"))
+DEFAULT_CACHE = cache_root()
 
 CHECKPOINTS = {
     "B/32": ("openai/clip-vit-base-patch32", "tanganke/clip-vit-base-patch32_{task}"),
