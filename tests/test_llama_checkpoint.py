@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from adamerging_jax.coefficient_formats import named_lambdas
+from adamerging_jax.core.coefficients import init_coefficients
+from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.models import llama
 from adamerging_jax.models import llama_checkpoint as ck
 from test_text_data import write_tokenizer
@@ -43,17 +46,36 @@ def checkpoint_with(directory, name, tensors):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_name_mapping_covers_every_tensor_once(name):
-    config = ck.read_config(fixture_dir(name))
-    names = ck.tensor_names(config)
-    flat = [n for per_leaf in names.values() for n in per_leaf]
-    assert sorted(flat) == sorted(hf_tensors(name))  # tied qwen2: no lm_head.weight
-    for path, per_leaf in names.items():
-        assert len(per_leaf) == (config.num_layers if llama.stacked(path) else 1)
-        for i, hf in enumerate(per_leaf):
-            assert ck.tree_path(hf) == (path, i if llama.stacked(path) else None)
+    config, params = ck.load_hf_causal_lm(fixture_dir(name))
+    names = ck.lambda_tensor_names(config)
+    assert sorted(names.values()) == sorted(hf_tensors(name)) == sorted(names.order)  # tied qwen2: no lm_head
+    expected_entries = {(path, i) for path, leaf in named_leaves(params)
+                        for i in (range(leaf.shape[0]) if llama.stacked(path) else [None])}
+    assert set(names) == expected_entries
+    for (path, layer), hf in names.items():
+        assert ck.tree_path(hf) == (path, layer) and ck.hf_name(path, layer) == hf
     assert ck.hf_name("layers/attn/q/kernel", 3) == "model.layers.3.self_attn.q_proj.weight"
     assert ck.hf_name("layers/mlp_norm/scale", 0) == "model.layers.0.post_attention_layernorm.weight"
     assert ck.tree_path("lm_head.weight") == ("lm_head/kernel", None)
+
+
+def test_layer_wise_lambda_by_tensor_name():
+    config, params = ck.load_hf_causal_lm(fixture_dir("llama"))
+    lam = init_coefficients(params, 3, "layer", 0.3, llama.stacked)
+    named = named_lambdas(lam, ck.lambda_tensor_names(config))
+    assert len(named) == len(hf_tensors("llama")) and named["model.layers.1.mlp.down_proj.bias"] == [
+        pytest.approx(0.3)] * 3
+
+
+def test_order_is_transformers_named_parameters():
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for name in NAMES:
+        with open(os.path.join(fixture_dir(name), "config.json")) as f:
+            hf_config = transformers.AutoConfig.for_model(**json.load(f))
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        order = ck.lambda_tensor_names(ck.read_config(fixture_dir(name))).order
+        assert order == tuple(n for n, _ in model.named_parameters())
 
 
 def test_name_mapping_errors():
@@ -178,6 +200,10 @@ def test_export_replaces_folder_whole_and_copies_tokenizer(tmp_path):
     files = set(os.listdir(out))
     assert files == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary folder left
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        ck.save_hf_causal_lm(out, params, config)
+    assert (out / "notes.txt").exists()
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         ck.save_hf_causal_lm(tmp_path / "other", params, config, tokenizer_dir=tmp_path)
     assert not (tmp_path / "other").exists()

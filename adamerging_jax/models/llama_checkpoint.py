@@ -11,7 +11,7 @@ with <block> = attn_norm/scale ↔ input_layernorm.weight, attn/{q,k,v,o}/{kerne
 self_attn.{q,k,v,o}_proj.{weight,bias}, mlp_norm/scale ↔ post_attention_layernorm.weight,
 mlp/{gate,up,down}/{kernel,bias} ↔ mlp.{gate,up,down}_proj.{weight,bias}. Linear weights are transposed
 ([out, in] in torch, [in, out] here). A stacked leaf of L layers is L HF tensors, so a layer-wise λ of shape
-[K, L] reads as one coefficient per task per HF tensor (:func:`tensor_names`).
+[K, L] reads as one coefficient per task per HF tensor (:func:`lambda_tensor_names`).
 
 Input: a folder with ``config.json`` and ``model.safetensors`` or a sharded ``model.safetensors.index.json``,
 tensors in fp32, fp16 or bf16. A tied model (``tie_word_embeddings``) needs no ``lm_head.weight`` (one that is
@@ -21,22 +21,22 @@ and ``AutoTokenizer.from_pretrained`` load with no missing or unexpected keys.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
 import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from adamerging_jax.core.checkpoint import _umask
+from adamerging_jax.coefficient_formats import TensorNames
+from adamerging_jax.core.checkpoint import write_json_atomic
 from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.models.clip_checkpoint import CONFIG, SAFETENSORS, SAFETENSORS_INDEX, _read_checkpoint_dir
+from adamerging_jax.models import clip_checkpoint
+from adamerging_jax.models.clip_checkpoint import (CONFIG, SAFETENSORS, SAFETENSORS_INDEX, _read_checkpoint_dir,
+                                                   atomic_directory)
 from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
 
 StateDict = Mapping[str, np.ndarray]
@@ -58,8 +58,9 @@ _HF_TO_BLOCK = {hf: ours for ours, hf in _BLOCK}
 _HF_TO_TOP = {hf: ours for ours, hf in _TOP}
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some older checkpoints saved
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# CLIP's tokenizer files plus sentencepiece's (Llama 2) and a chat template
+TOKENIZER_FILES = (*clip_checkpoint.TOKENIZER_FILES, "tokenizer.model", "chat_template.jinja")
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -101,12 +102,22 @@ def leaf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in named_leaves(shapes)}
 
 
-def tensor_names(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
-    """Per leaf path the HF tensor names it holds: one per layer (in layer order) for a stacked leaf, else one.
-
-    λ of a stacked leaf, [K, L], is then reported as ``λ[k, i]`` for tensor ``tensor_names(config)[path][i]``.
-    """
-    return {path: _names_of(path, config) for path in leaf_shapes(config)}
+def lambda_tensor_names(config: LlamaConfig) -> TensorNames:
+    """The HF tensor name of every (leaf path, layer) of our tree, e.g. ("layers/attn/q/kernel", 3) →
+    "model.layers.3.self_attn.q_proj.weight", ("embed", None) → "model.embed_tokens.weight", with ``order``
+    transformers' ``named_parameters()`` order (embedding; per layer q, k, v, o, gate, up, down (weight then
+    bias), input and post-attention norms; final norm; untied head). λ of a stacked leaf, [K, L], is then
+    reported per tensor (``adamerging_jax.coefficient_formats.named_lambdas``)."""
+    paths = leaf_shapes(config)
+    names = {(path, i if stacked(path) else None): name for path in paths
+             for i, name in enumerate(_names_of(path, config))}
+    block = [f"{p}/{leaf}" for p in ["attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"]
+             for leaf in ["kernel", "bias"]] + ["attn_norm/scale", "mlp_norm/scale"]
+    order = [hf_name("embed")]
+    for i in range(config.num_layers):
+        order += [hf_name("layers/" + inner, i) for inner in block if "layers/" + inner in paths]
+    order += [hf_name(path) for path in ["norm/scale", "lm_head/kernel"] if path in paths]
+    return TensorNames(names, tuple(order))
 
 
 def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -224,28 +235,6 @@ def _shards(state: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str
     return shards
 
 
-@contextlib.contextmanager
-def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temporary folder beside ``directory`` to fill; it replaces ``directory`` (and whatever was there)
-    when the block succeeds and is removed when it fails, so ``directory`` is never seen half written."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: LlamaConfig,
                       tokenizer_dir: str | os.PathLike | None = None, *, dtype: Any = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
@@ -254,7 +243,8 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
     ``max_shard_bytes``) and the tokenizer files of ``tokenizer_dir``. The folder appears whole or not at all.
 
     ``dtype`` (e.g. ``jnp.bfloat16``) converts the weights; by default each keeps its own dtype. A tied model
-    writes no ``lm_head.weight``, as transformers does.
+    writes no ``lm_head.weight``, as transformers does. An existing ``directory`` is replaced only when it holds
+    nothing but what an export writes; otherwise FileExistsError names the files that would be lost.
     """
     from safetensors.numpy import save_file
 
@@ -267,19 +257,26 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
             raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {str(tokenizer_dir)!r}")
     dtypes = {a.dtype.name for a in state.values()}
     hf_config = dict(config.to_hf(), dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-    with _atomic_directory(directory) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_directory(directory, _replaceable(directory)) as tmp:
+        write_json_atomic(os.path.join(tmp, CONFIG), hf_config)
         shards = _shards(state, max_shard_bytes)
         if len(shards) == 1:
-            save_file(state, str(tmp / SAFETENSORS), {"format": "pt"})
+            save_file(state, os.path.join(tmp, SAFETENSORS), {"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / filename), {"format": "pt"})
+                save_file(shard, os.path.join(tmp, filename), {"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, filename))
             index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+                     "weight_map": weight_map}
+            write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), index)
         for path in tokenizer_files:
-            shutil.copyfile(path, tmp / os.path.basename(path))
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+
+
+def _replaceable(directory: str | os.PathLike) -> list[str]:
+    """The names an earlier export into ``directory`` may have left: the fixed ones and its shards."""
+    present = os.listdir(directory) if os.path.isdir(directory) else []
+    return [CONFIG, SAFETENSORS, SAFETENSORS_INDEX, "generation_config.json", *TOKENIZER_FILES,
+            *filter(_SHARD.fullmatch, present)]
