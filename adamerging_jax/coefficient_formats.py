@@ -56,7 +56,8 @@ class TensorNames(Mapping):
     def __getitem__(self, entry: Entry) -> str:
         if entry not in self.names:
             path, layer = entry
-            raise KeyError(f"no checkpoint tensor name for leaf {path!r}" + ("" if layer is None else f" layer {layer}"))
+            where = f"leaf {path!r}" + ("" if layer is None else f" layer {layer}")
+            raise KeyError(f"no checkpoint tensor name for {where}")
         return self.names[entry]
 
     def __iter__(self) -> Iterator[Entry]:
@@ -73,7 +74,8 @@ def _entries_by_leaf(tensor_names: Mapping[Entry, str]) -> dict[str, list[tuple[
     return by_leaf
 
 
-def _leaf_entries(path: str, lam_shape: tuple[int, ...], by_leaf: Mapping[str, list]) -> list[tuple[Optional[int], str]]:
+def _leaf_entries(path: str, lam_shape: tuple[int, ...], by_leaf: Mapping[str, list]
+                  ) -> list[tuple[Optional[int], str]]:
     """The (layer, tensor name) entries of one leaf, checked against its λ: `[K, L]` needs layers 0..L−1."""
     if path not in by_leaf:
         raise KeyError(f"the tensor naming has no name for leaf {path!r}")

@@ -117,6 +117,10 @@ def hf_tensors(tree):
     return ck.hf_state_dict(tree, None, "vision")
 
 
+def merged_tree(theta0, tau, coefficients):
+    return jax.tree_util.tree_map(np.asarray, am.merge(theta0, tau, coefficients))
+
+
 def test_layouts_merge_as_their_codes_do(tower):
     """θ from our merge with λ read from each layout equals, tensor by tensor in HF names, FusionBench's
     θ0[j] + Σ_k w[k, j] τ_k[j] and the official Σ_i lambdas[j, i] · paramslist_i[j] (θ0, then τ_1..τ_K)."""
@@ -130,13 +134,13 @@ def test_layouts_merge_as_their_codes_do(tower):
     theta0_hf = hf_tensors(vision)
     tau_hf = [hf_tensors(jax.tree_util.tree_map(lambda t, k=k: np.asarray(t[k]), tau)) for k in range(K)]
 
-    merged = hf_tensors(jax.tree_util.tree_map(np.asarray, am.merge(vision, tau, cf.from_fusionbench(w, like, names.order, names))))
+    merged = hf_tensors(merged_tree(vision, tau, cf.from_fusionbench(w, like, names.order, names)))
     for j, name in enumerate(names.order):
         want = theta0_hf[name] + sum(w[k, j] * tau_hf[k][name] for k in range(K))
         np.testing.assert_allclose(merged[name], want, rtol=0, atol=1e-6, err_msg=name)
 
     official = np.concatenate([np.ones((len(names.order), 1), np.float32), w.T], axis=1)
-    merged = hf_tensors(jax.tree_util.tree_map(np.asarray, am.merge(vision, tau, cf.from_official(official, like, names.order, names))))
+    merged = hf_tensors(merged_tree(vision, tau, cf.from_official(official, like, names.order, names)))
     params_hf = [theta0_hf, *tau_hf]  # the official paramslist: θ0, then the task vectors
     for j, name in enumerate(names.order):
         want = sum(official[j, i] * params_hf[i][name] for i in range(1 + K))

@@ -628,8 +628,9 @@ def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_wid
 
 # transformers' CLIPVisionModel parameter order inside "encoder.layers.i." (its named_parameters(): the
 # attention's k, v, q, out projections, then layer_norm1, mlp, layer_norm2, as the modules are created).
-_HF_BLOCK_ORDER = [f"self_attn.{p}_proj.{leaf}" for p in ["k", "v", "q", "out"] for leaf in ["weight", "bias"]] + [
-    f"{module}.{leaf}" for module in ["layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"] for leaf in ["weight", "bias"]]
+_HF_BLOCK_ORDER = [f"{module}.{leaf}" for module in ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
+                                                    "self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2",
+                                                    "layer_norm2"] for leaf in ["weight", "bias"]]
 
 
 def lambda_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
