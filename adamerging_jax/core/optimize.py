@@ -143,8 +143,10 @@ class AdaMergingConfig:
             )
         _check_real("init_value", self.init_value)
         _check_real("lr", self.lr, positive=True)
-        if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))):
-            raise TypeError(f"AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got {self.optimizer!r}")
+        if self.optimizer is not None and not all(callable(getattr(self.optimizer, m, None)) for m in ("init", "update")):
+            raise TypeError(
+                f"AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got {self.optimizer!r}"
+            )
         if self.clamp is not None:
             object.__setattr__(self, "clamp", _checked_clamp(self.clamp))
         if self.entropy_eps is not None:
@@ -162,8 +164,10 @@ class AdaMergingConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"AdaMergingConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_dir is not None:
-            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
-                raise TypeError(f"AdaMergingConfig.checkpoint_dir must be None or a non-empty path, got {self.checkpoint_dir!r}")
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+                raise TypeError(f"AdaMergingConfig.checkpoint_dir must be None or a path, got {self.checkpoint_dir!r}")
+            if not os.fspath(self.checkpoint_dir):
+                raise ValueError("AdaMergingConfig.checkpoint_dir must be None or a non-empty path, got ''")
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
@@ -521,7 +525,8 @@ def _prepare(
     pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
     task_vectors = place_tree(task_vectors, mesh, config.shard_task_vectors, skip_leading=1)
     coefficients = replicated_copy(coefficients, mesh)
-    run = _Run(pretrained, task_vectors, coefficients, replicated_copy(config.make_optimizer().init(coefficients), mesh), mesh)
+    opt_state = replicated_copy(config.make_optimizer().init(coefficients), mesh)
+    run = _Run(pretrained, task_vectors, coefficients, opt_state, mesh)
     cast_note = f" (after the cast to param_dtype={config.param_dtype})" if config.param_dtype else ""
     for tree, what in ((pretrained, "the pretrained parameters θ0"), (task_vectors, "the task vectors τ")):
         bad = _non_finite_leaves(tree)
@@ -550,7 +555,9 @@ def _restore(run: _Run, checkpointer: RunCheckpointer, fingerprint: dict[str, An
     def check(step: int, metadata: dict[str, Any]) -> None:
         differences = fingerprint_differences(metadata.get("fingerprint"), fingerprint)
         if differences:
-            raise ValueError(f"checkpoint step {step} in {where} was written by another run: {'; '.join(differences)}; {afresh}")
+            raise ValueError(
+                f"checkpoint step {step} in {where} was written by another run: {'; '.join(differences)}; {afresh}"
+            )
         if step > config.steps:
             raise ValueError(f"checkpoint in {where} is at step {step}, past steps={config.steps}; {afresh}")
 
@@ -604,15 +611,18 @@ def _run_steps(
     healthy = jax.device_put(jnp.asarray(True), replicated(run.mesh))
     pending: list[tuple[jax.Array, ...]] = []
     ran_out = object()
-    progress = tqdm(range(run.step, config.steps), desc="AdaMerging", disable=config.quiet, initial=run.step, total=config.steps)
+    progress = tqdm(
+        range(run.step, config.steps), desc="AdaMerging", disable=config.quiet, initial=run.step, total=config.steps
+    )
     try:
         for step in progress:
             step_batches = next(stream, ran_out)
             if step_batches is ran_out:
                 raise ValueError(f"the batch source ran out at step {step} of {config.steps}")
             _check_batches(step_batches, k, step)
+            placed = shard_batches(step_batches, run.mesh)
             run.coefficients, run.opt_state, healthy, per_task, inputs_finite = step_fn(
-                run.coefficients, run.opt_state, healthy, run.pretrained, run.task_vectors, shard_batches(step_batches, run.mesh)
+                run.coefficients, run.opt_state, healthy, run.pretrained, run.task_vectors, placed
             )
             pending.append((per_task, healthy, inputs_finite))
             done = step + 1
@@ -673,7 +683,9 @@ def adamerging(
     checkpointer = fingerprint = None
     if config.checkpoint_dir:
         data, batches = _data_identity(batches, mesh)
-        fingerprint = _run_fingerprint(config, run.coefficients, run.opt_state, run.pretrained, run.task_vectors, data, mesh)
+        fingerprint = _run_fingerprint(
+            config, run.coefficients, run.opt_state, run.pretrained, run.task_vectors, data, mesh
+        )
         checkpointer = RunCheckpointer(config.checkpoint_dir, config.checkpoint_every)
     try:
         if checkpointer is not None:
