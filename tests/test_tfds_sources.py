@@ -3,12 +3,19 @@ source files (in the layout of the real downloads), read back through ``tfds.dat
 
 Every test runs the catalog's own ``_split_generators``/``_generate_examples`` (sun397: our Pillow example
 loop) and tfds's own archive extraction; downloads are served from a local folder with ``offline=True``.
+The last tests check the data modules' import graph: the tensorflow stand-in depends on neither the task
+table nor GTSRB, GTSRB on the stand-in only, and no data module imports another in a circle.
 """
+import ast
 import gzip
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +23,7 @@ import scipy.io
 from PIL import Image
 
 import tensorflow_datasets as tfds
-from adamerging_jax.data import tfds_sources
+from adamerging_jax.data import tf_standin, tfds_sources
 
 
 def _jpeg(pixels, quality=95):
@@ -229,7 +236,7 @@ def test_dtd(tmp_path, downloads, rng):
 
 
 def test_sun397_standard_partition_1(tmp_path, downloads, rng):
-    from adamerging_jax.data.tfds_sources import _sun397_jpeg
+    from adamerging_jax.data.tf_standin import _sun397_jpeg
 
     members, partitions = {}, {"Training_01.txt": [], "Testing_01.txt": []}
     expected = {}
@@ -289,7 +296,7 @@ def test_sun397_labels_follow_task_vectors_class_order(tmp_path, downloads, rng)
 
 
 def test_sun397_resize_keeps_aspect_and_pixel_budget():
-    from adamerging_jax.data.tfds_sources import _sun397_jpeg
+    from adamerging_jax.data.tf_standin import _sun397_jpeg
 
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((400, 500, 3), np.uint8)).save(buffer, format="BMP")
@@ -324,3 +331,76 @@ def test_tensorflow_stand_in_is_restored_after_preparing(tmp_path, downloads):
     with pytest.raises(FileNotFoundError):
         _prepare("svhn", tmp_path)
     assert extractor.__dict__["tf"] is before
+
+
+def test_catalog_class_keeps_the_catalogs_identity_and_registration():
+    mnist = tf_standin.tensorflow_free_catalog_class("mnist")
+    catalog = tfds.builder_cls("mnist")
+    assert mnist is not catalog and issubclass(mnist, catalog) and issubclass(mnist, tf_standin.TensorflowFreeBuilder)
+    assert (mnist.name, mnist.__name__, mnist.__module__) == (catalog.name, catalog.__name__, catalog.__module__)
+    assert tfds.builder_cls("mnist") is catalog  # not registered over the catalog's class
+    sun397 = tf_standin.tensorflow_free_catalog_class("sun397")
+    assert sun397.__mro__[1] is tf_standin._Sun397PillowExamples  # the Pillow loop before the catalog's own
+    assert tf_standin._Sun397PillowExamples not in mnist.__mro__
+    assert tf_standin.as_text(b"caf\xc3\xa9") == tf_standin.as_text("caf\u00e9") == "caf\u00e9"
+
+
+DATA = Path(tfds_sources.__file__).resolve().parent
+PACKAGE = "adamerging_jax.data"
+
+
+def _data_imports(path: Path) -> set[str]:
+    """The sibling data modules ``path`` imports anywhere (top level or inside a function), by module name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level <= 1:  # absolute, or relative to this package
+            base = node.module or "" if node.level == 0 else ".".join(filter(None, (PACKAGE, node.module)))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name[len(PACKAGE) + 1:] for name in names if name.startswith(PACKAGE + "."))
+    siblings = {p.stem for p in DATA.glob("*.py")}
+    return {name.split(".")[0] for name in found} & siblings - {path.stem}
+
+
+def test_data_modules_import_each_other_without_a_circle():
+    graph = {path.stem: _data_imports(path) for path in DATA.glob("*.py") if path.stem != "__init__"}
+    assert graph["tf_standin"] == set()
+    assert graph["gtsrb"] == {"tf_standin"}
+    assert graph["tfds_sources"] == {"gtsrb", "tf_standin"}
+    done, on_path = set(), []
+
+    def visit(module):  # depth-first search; meeting a module already on the path is a circle
+        assert module not in on_path, f"import circle: {' -> '.join(on_path[on_path.index(module):] + [module])}"
+        if module not in done:
+            on_path.append(module)
+            for imported in sorted(graph[module]):
+                visit(imported)
+            on_path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_each_tfds_module_imports_first_in_a_fresh_interpreter():
+    """Importing a module first succeeds, and loads none of the modules that must not depend on it."""
+    code = (
+        "import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('adamerging_jax.data.'))))"
+    )
+    must_not_load = {"tf_standin": {"gtsrb", "tfds_sources"}, "gtsrb": {"tfds_sources"}, "tfds_sources": set()}
+    runs = {
+        module: subprocess.Popen([sys.executable, "-c", code, f"{PACKAGE}.{module}"], cwd=DATA.parents[1],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for module in must_not_load
+    }
+    loaded = {}
+    for module, run in runs.items():
+        out, err = run.communicate(timeout=180)
+        assert run.returncode == 0, f"import {PACKAGE}.{module} first: {err[-2000:]}"
+        loaded[module] = {name.removeprefix(PACKAGE + ".") for name in json.loads(out.splitlines()[-1])}
+        assert module in loaded[module] and not loaded[module] & must_not_load[module], (module, loaded[module])
+    assert loaded["tfds_sources"] >= {"tf_standin", "gtsrb"}  # the task table brings the builder and the adapter

@@ -13,6 +13,10 @@ Splits: ``train`` (Final_Training) and ``test`` (Final_Test), the test split bei
 AdaMerging evaluate on.  Images are re-encoded from PPM to lossless PNG; nothing is cropped to the ROI
 (task_vectors uses the full image).  A CSV row naming a missing image, a class folder without its CSV, or
 a split with no image raises an error naming the file or split.
+
+The builder prepares without tensorflow through :class:`~adamerging_jax.data.tf_standin.TensorflowFreeBuilder`
+(local downloads included); it is task ``"gtsrb"`` of :mod:`adamerging_jax.data.tfds_sources`, which prepares
+and reads it.  This module imports the adapter only, never the task table.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from collections.abc import Iterator
 from PIL import Image
 
 import tensorflow_datasets as tfds
-from adamerging_jax.data.tfds_sources import TensorflowFreeBuilder
+from adamerging_jax.data.tf_standin import TensorflowFreeBuilder
 
 NUM_CLASSES = 43
 _BASE_URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
