@@ -1,5 +1,7 @@
-"""The command line, one entry point: ``adamerging-jax demo | paper <command>``.
+"""The command line, one entry point: ``adamerging-jax demo | merge | paper <command>``.
 
+- ``adamerging-jax merge CONFIG.yaml --output DIR``: a user's own CLIP checkpoints and unlabeled images in,
+  the merged Hugging Face model, named λ and a report out (``--dry-run`` checks and prints the plan);
 - ``adamerging-jax demo``: the offline real benchmark (EfficientNet-Lite0 on packaged tasks; see README);
 - ``adamerging-jax paper {prepare-data,table1,table2,generalization,robustness}``: the paper's CLIP
   experiments (``experiments/*.py`` call these).
@@ -138,6 +140,57 @@ def write_demo_report(runs: Sequence[dict[str, Any]], output: Path, plots: bool 
                                plot_run=runs[0] if plots else None, clamp=tuple(clamp) if clamp else None)
 
 
+def _merge_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge your own CLIP checkpoints (YAML config) into one Hugging Face model",
+        description="Merge a pretrained CLIP and K fine-tuned image towers with the config's methods (AdaMerging "
+        "learns λ on each task's unlabeled images); write OUT/model (Hugging Face), OUT/lambdas.json and "
+        ".safetensors, results.json, table.md, plots, and resumable state under OUT/state. Flags override the "
+        "config's fields.")
+    p.add_argument("config", type=Path, help="the YAML config (see examples/merge.yaml)")
+    p.add_argument("--output", type=Path, required=True, help="output folder (a rerun resumes in it)")
+    p.add_argument("--methods", help="comma-separated registry methods (parameters as in the config: use the YAML)")
+    p.add_argument("--steps", type=int, help="AdaMerging steps")
+    p.add_argument("--lr", type=float, help="AdaMerging learning rate (Adam)")
+    p.add_argument("--preset", choices=["official", "fusionbench"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--devices", type=int, help="AdaMerging runs on the first N devices")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
+    p.add_argument("--export", choices=["vision_with_projection", "clip"], help="the exported model's kind")
+    p.add_argument("--weights", help="apply these λ (lambdas.json / .safetensors, FusionBench .pt, official "
+                   "layout) with the exported AdaMerging method, no training")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; no compute")
+    p.add_argument("--trust-pickle", action="store_true", default=None,
+                   help="allow open_clip files that are pickled modules (they run code when loaded)")
+    p.add_argument("--offline", action="store_true", default=None, help="never download from the Hugging Face hub")
+
+
+def run_merge_command(args: argparse.Namespace) -> int:
+    from adamerging_jax.merging.config import ConfigError, load_config
+    from adamerging_jax.merging.plan import fail
+
+    overrides = {name: getattr(args, name) for name in
+                 ("steps", "lr", "preset", "seed", "devices", "precision", "export", "trust_pickle", "offline")}
+    overrides["methods"] = comma_list(args.methods)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        raise fail(error) from None
+    from adamerging_jax.merging.plan import prepare
+
+    plan = prepare(config, args.output, args.weights)
+    print(plan.describe(), flush=True)
+    if args.dry_run:
+        print("[merge] dry run: every check passed; nothing was computed", flush=True)
+        return 0
+    check_output_dir(args.output)
+    enable_compilation_cache(1.0)
+    from adamerging_jax.merging.run import run_plan
+
+    run_plan(plan)
+    return 0
+
+
 PAPER_COMMANDS = ("prepare-data", "table1", "table2", "generalization", "robustness")
 
 
@@ -154,10 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
+    _merge_parser(subparsers)
     _paper_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo_command(args)
+    if args.command == "merge":
+        return run_merge_command(args)
     from adamerging_jax.paper.cli import COMMANDS
 
     enable_compilation_cache(1.0)

@@ -1,0 +1,313 @@
+"""The ``merge`` command's YAML file: its schema, checked field by field, and the command-line overrides.
+
+    pretrained: openai/clip-vit-base-patch32    # full CLIPModel (its text tower builds the zero-shot heads)
+    pretrained_vision: null                     # optional θ0 image tower (HF folder / id or open_clip file)
+    tasks:
+      - name: cars
+        finetuned: /ckpt/clip-vit-b32-cars      # HF CLIPVisionModel folder / id, or an open_clip .pt/.pth/.bin
+        unlabeled: {folder: /data/cars/unlabeled}   # | {class_folders: DIR} | {tfds: NAME, split, data_dir}
+                                                    # | {file_list: FILE}; optional for data-free methods
+        classes: [...]                          # or classes_file: one class name per line
+        templates: ["a photo of a {}."]         # optional ({} is the class name); CLIP's defaults otherwise
+        test: /data/cars/test                   # optional class folders named as the classes → accuracy
+    methods: [layer_wise_adamerging, {name: ties, density: 0.2}]
+    export_method: null                         # default: the first method
+    preset: official                            # or fusionbench; adamerging: {...} overrides its fields
+    precision: float32                          # or bfloat16: θ0 and τ storage during AdaMerging
+    export: vision_with_projection              # or clip
+    seed: 0
+    devices: null
+
+Relative paths are read from the YAML file's folder. Every error is one line naming the field
+(``tasks[1].unlabeled.folder``) and, for an unknown key, the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.core.optimize import AdaMergingConfig
+
+PRESETS = ("official", "fusionbench")
+PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
+EXPORTS = ("vision_with_projection", "clip")
+SOURCE_KINDS = ("folder", "class_folders", "tfds", "file_list")
+SOURCE_OPTIONS = {"folder": ("recursive",), "class_folders": (), "tfds": ("split", "data_dir"), "file_list": ()}
+OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+INSTALL = {"models": 'pip install "adamerging-jax[models]"', "data": 'pip install "adamerging-jax[data]"'}
+
+
+class ConfigError(ValueError):
+    """A config field that breaks the schema; the message names the field."""
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Import ``module`` or stop with one line naming the extra that provides it."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"error: {purpose} needs the Python package {module!r}: {INSTALL[extra]}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unlabeled:
+    """A task's unlabeled images: ``kind`` one of SOURCE_KINDS, ``path`` (a folder, list file or tfds name)."""
+
+    kind: str
+    path: str
+    split: str | None = None
+    data_dir: str | None = None
+    recursive: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """One merged task: its fine-tuned tower, unlabeled images, class names, prompt templates, test folder."""
+
+    name: str
+    finetuned: str
+    classes: tuple[str, ...]
+    templates: tuple[str, ...] | None = None
+    unlabeled: Unlabeled | None = None
+    test: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """The whole ``merge`` config (module docstring); ``source`` is the YAML file it was read from."""
+
+    pretrained: str
+    tasks: tuple[TaskConfig, ...]
+    methods: tuple[Any, ...] = ("layer_wise_adamerging",)
+    export_method: str | None = None
+    preset: str = "official"
+    adamerging: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    precision: str = "float32"
+    export: str = "vision_with_projection"
+    seed: int = 0
+    devices: int | None = None
+    eval_batch_size: int = 256
+    pretrained_vision: str | None = None
+    trust_pickle: bool = False
+    offline: bool = False
+    source: str = "<config>"
+
+    def settings(self) -> MergeSettings:
+        """The methods and the AdaMerging settings: the preset, then ``adamerging:``, seed and precision."""
+        make = AdaMergingConfig.official if self.preset == "official" else AdaMergingConfig.fusionbench
+        fields = dict(self.adamerging)
+        if isinstance(fields.get("clamp"), list):
+            fields["clamp"] = tuple(fields["clamp"])
+        try:
+            adamerging = make(**{"seed": self.seed, "param_dtype": PRECISIONS[self.precision], **fields})
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{self.source}: adamerging: {error}") from None
+        try:
+            return MergeSettings(self.methods, adamerging)
+        except ValueError as error:
+            raise ConfigError(f"{self.source}: methods: {error}") from None
+
+    @property
+    def exported(self) -> str:
+        """The method whose model is exported: ``export_method`` or the first method's name."""
+        return self.export_method or self.settings().methods[0].name
+
+
+TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}
+TASK_KEYS = {"name", "finetuned", "unlabeled", "classes", "classes_file", "templates", "test"}
+
+
+def _known(where: str, mapping: Any, known: set[str] | Sequence[str]) -> dict[str, Any]:
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(mapping).__name__}")
+    if unknown := sorted(set(map(str, mapping)) - set(known)):
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return dict(mapping)
+
+
+def _string(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(where: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _integer(where: str, value: Any, minimum: int, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where} must be an integer ≥ {minimum}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
+def _boolean(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _path(base: Path, value: str) -> str:
+    """``value`` joined to the config's folder when relative."""
+    return value if os.path.isabs(value) else str(base / value)
+
+
+def _location(base: Path, value: str) -> str:
+    """A checkpoint: a path (relative ones joined to the config's folder) or a hub id kept as it is."""
+    joined = _path(base, value)
+    return value if not os.path.exists(joined) and HUB_ID.fullmatch(value) else joined
+
+
+def _strings(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of strings, got {value!r}")
+    return tuple(_string(f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
+def _unlabeled(where: str, value: Any, base: Path) -> Unlabeled:
+    fields = _known(where, value, [*SOURCE_KINDS, *{o for opts in SOURCE_OPTIONS.values() for o in opts}])
+    kinds = [kind for kind in SOURCE_KINDS if kind in fields]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where} needs exactly one of {list(SOURCE_KINDS)}, got {sorted(fields)}")
+    kind = kinds[0]
+    if extra := sorted(set(fields) - {kind, *SOURCE_OPTIONS[kind]}):
+        raise ConfigError(f"{where}: {extra} do not apply to a {kind!r} source; it takes {list(SOURCE_OPTIONS[kind])}")
+    path = _string(f"{where}.{kind}", fields[kind])
+    data_dir = fields.get("data_dir")
+    return Unlabeled(kind, path if kind == "tfds" else _path(base, path),
+                     split=_string(f"{where}.split", fields["split"]) if "split" in fields else None,
+                     data_dir=_path(base, _string(f"{where}.data_dir", data_dir)) if data_dir is not None else None,
+                     recursive=_boolean(f"{where}.recursive", fields.get("recursive", False)))
+
+
+def _classes(where: str, fields: dict[str, Any], base: Path) -> tuple[str, ...]:
+    if ("classes" in fields) == ("classes_file" in fields):
+        raise ConfigError(f"{where} needs exactly one of 'classes' or 'classes_file'")
+    if "classes" in fields:
+        return _strings(f"{where}.classes", fields["classes"])
+    path = _path(base, _string(f"{where}.classes_file", fields["classes_file"]))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}.classes_file: {path!r} is missing")
+    with open(path, encoding="utf-8") as file:
+        names = tuple(line.strip() for line in file if line.strip())
+    if not names:
+        raise ConfigError(f"{where}.classes_file: {path!r} names no class")
+    return names
+
+
+def _templates(where: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    templates = _strings(where, value)
+    for i, template in enumerate(templates):
+        if template.count("{}") != 1:
+            raise ConfigError(f"{where}[{i}] must hold one {{}} where the class name goes, got {template!r}")
+    return templates
+
+
+def _task(where: str, value: Any, base: Path) -> TaskConfig:
+    fields = _known(where, value, TASK_KEYS)
+    for key in ("name", "finetuned"):
+        if key not in fields:
+            raise ConfigError(f"{where}.{key} is required")
+    return TaskConfig(
+        name=_string(f"{where}.name", fields["name"]),
+        finetuned=_location(base, _string(f"{where}.finetuned", fields["finetuned"])),
+        classes=_classes(where, fields, base),
+        templates=_templates(f"{where}.templates", fields.get("templates")),
+        unlabeled=_unlabeled(f"{where}.unlabeled", fields["unlabeled"], base) if fields.get("unlabeled") else None,
+        test=_path(base, _string(f"{where}.test", fields["test"])) if fields.get("test") is not None else None,
+    )
+
+
+def parse_config(document: Any, source: str = "<config>", base: str | os.PathLike = ".") -> MergeConfig:
+    """A `MergeConfig` from the YAML document (a mapping), every field checked; ConfigError names the field."""
+    where = source
+    fields = _known(where, document, TOP_KEYS)
+    base = Path(base)
+    for key in ("pretrained", "tasks"):
+        if key not in fields:
+            raise ConfigError(f"{where}: {key} is required")
+    if not isinstance(fields["tasks"], list) or not fields["tasks"]:
+        raise ConfigError(f"{where}: tasks must be a non-empty list")
+    tasks = tuple(_task(f"{where}: tasks[{i}]", task, base) for i, task in enumerate(fields["tasks"]))
+    names = [task.name for task in tasks]
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(f"{where}: tasks: names listed more than once: {duplicates}")
+    methods = fields.get("methods", list(MergeConfig.methods))
+    if isinstance(methods, (str, Mapping)):
+        methods = [methods]
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError(f"{where}: methods must be a non-empty list of names or {{name: ..., parameter: ...}}")
+    config = MergeConfig(
+        pretrained=_location(base, _string(f"{where}: pretrained", fields["pretrained"])),
+        pretrained_vision=(_location(base, _string(f"{where}: pretrained_vision", fields["pretrained_vision"]))
+                           if fields.get("pretrained_vision") is not None else None),
+        tasks=tasks,
+        methods=tuple(methods),
+        export_method=(_string(f"{where}: export_method", fields["export_method"])
+                       if fields.get("export_method") is not None else None),
+        preset=_choice(f"{where}: preset", fields.get("preset", "official"), PRESETS),
+        adamerging=_known(f"{where}: adamerging", fields.get("adamerging") or {}, _adamerging_keys()),
+        precision=_choice(f"{where}: precision", fields.get("precision", "float32"), list(PRECISIONS)),
+        export=_choice(f"{where}: export", fields.get("export", "vision_with_projection"), EXPORTS),
+        seed=_integer(f"{where}: seed", fields.get("seed", 0), 0),
+        devices=_integer(f"{where}: devices", fields.get("devices"), 1, optional=True),
+        eval_batch_size=_integer(f"{where}: eval_batch_size", fields.get("eval_batch_size", 256), 1),
+        trust_pickle=_boolean(f"{where}: trust_pickle", fields.get("trust_pickle", False)),
+        offline=_boolean(f"{where}: offline", fields.get("offline", False)),
+        source=source,
+    )
+    settings = config.settings()
+    names = [spec.name for spec in settings.methods]
+    if config.export_method is not None and config.export_method not in names:
+        raise ConfigError(f"{where}: export_method {config.export_method!r} is not among the methods {names}")
+    if config.exported == "individual":
+        raise ConfigError(f"{where}: export_method 'individual' has one model per task, not one merged model")
+    if settings.needs_data:
+        needing = [spec.name for spec in settings.methods if spec.method.needs_data]
+        for i, task in enumerate(tasks):
+            if task.unlabeled is None:
+                raise ConfigError(f"{where}: tasks[{i}].unlabeled is required: {needing} learn from unlabeled images")
+    return config
+
+
+def _adamerging_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(AdaMergingConfig)} - {"optimizer", "stacked", "checkpoint_dir"}
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
+    """Read and check the YAML file ``path``; ``overrides`` (the command line's flags) replace its fields
+    (``steps`` and ``lr`` go into ``adamerging``)."""
+    require("yaml", "models", "reading the merge config")
+    import yaml
+
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise ConfigError(f"config file {source!r} is missing")
+    try:
+        with open(source, encoding="utf-8") as file:
+            document = yaml.safe_load(file)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
+    document = dict(document) if isinstance(document, Mapping) else document
+    if isinstance(document, dict):
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key in ("steps", "lr"):
+                document["adamerging"] = {**(document.get("adamerging") or {}), key: value}
+            else:
+                document[key] = value
+    return parse_config(document, source, Path(source).resolve().parent)

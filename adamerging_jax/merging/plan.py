@@ -1,0 +1,183 @@
+"""Every check of a ``merge`` run, before any compute, and the plan it prints (``--dry-run``).
+
+Checked, in order: the output folder can be written; the methods and their parameters (by the config
+schema); each task's unlabeled images exist, are non-empty and every one decodes; each test folder holds class
+folders named as the task's classes, every image decoding; every checkpoint loads and every image tower has
+θ0's config; a ``--weights`` file reads and fits the model. Each failure is one line ``error: ...`` naming the
+file, task or field (a `SystemExit`), never a traceback. A real run makes the same plan and runs from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from adamerging_jax.core.binding import ModelBinding
+from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
+from adamerging_jax.merging.config import MergeConfig, TaskConfig, Unlabeled, require
+
+
+def fail(message: str) -> SystemExit:
+    """The command's one-line error."""
+    return SystemExit("error: " + " ".join(str(message).split()))
+
+
+def check_writable(output: Path) -> None:
+    """``output`` is a folder, or can be made: its nearest existing ancestor is a writable folder (nothing is
+    created, so a dry run leaves no trace)."""
+    if output.exists() and not output.is_dir():
+        raise fail(f"--output {output} exists and is not a folder")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise fail(f"--output {output} is not writable ({existing} does not let this user write)")
+
+
+def unlabeled_source(task: TaskConfig, unlabeled: Unlabeled) -> Any:
+    """The task's unlabeled images as a random-access source (labels, if any, are never read)."""
+    from adamerging_jax.data.folder import FolderImages
+    from adamerging_jax.data.unlabeled import ImageFileList, UnlabeledFolder
+
+    if unlabeled.kind == "folder":
+        return UnlabeledFolder(unlabeled.path, recursive=unlabeled.recursive)
+    if unlabeled.kind == "class_folders":
+        root, split = os.path.split(os.path.normpath(unlabeled.path))
+        return FolderImages(root, split)
+    if unlabeled.kind == "file_list":
+        return ImageFileList(unlabeled.path)
+    require("tensorflow_datasets", "data", f"task {task.name!r}: a tfds source")
+    from adamerging_jax.data.tfds_sources import split_source
+
+    if unlabeled.data_dir is None:
+        raise ValueError("a tfds source needs data_dir (the folder it was prepared in)")
+    return split_source(unlabeled.path, unlabeled.data_dir, unlabeled.split)
+
+
+def test_source(task: TaskConfig) -> Any:
+    """The task's labelled test images: class folders under ``task.test`` named as its classes."""
+    from adamerging_jax.data.folder import FolderImages
+
+    root, split = os.path.split(os.path.normpath(task.test))
+    return FolderImages(root, split, classes=task.classes)
+
+
+def _decodes(source: Any, what: str) -> None:
+    """Every image of a path-backed source decodes; ValueError naming the first one that does not."""
+    from adamerging_jax.data.unlabeled import check_images
+
+    if hasattr(source, "paths") and (bad := check_images(source)):
+        path, reason = next(iter(bad.items()))
+        raise ValueError(f"{what}: {len(bad)} unreadable image(s), first {path!r}: {reason}")
+
+
+def source_identity(source: Any) -> str:
+    """What identifies a source's data beyond the sampled images the batch fingerprint reads: every file's
+    path and size for a path-backed source, else its description and length."""
+    if hasattr(source, "paths"):
+        entries = [(path, os.path.getsize(path)) for path in source.paths]
+    else:
+        entries = [repr(source), len(source)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Plan:
+    """A checked run: the config, the settings with the model's stacked layers, the loaded checkpoints, the
+    unlabeled and test sources (None when not given), the λ of ``--weights`` and the output folder."""
+
+    config: MergeConfig
+    settings: MergeSettings
+    towers: ClipTowers
+    heads: TaskHeads
+    binding: ModelBinding
+    unlabeled: list[Any] | None
+    tests: list[Any] | None
+    weights: Coefficients | None
+    output: Path
+    weights_file: str | None = None
+
+    @property
+    def export_spec(self) -> Any:
+        return next(spec for spec in self.settings.methods if spec.name == self.config.exported)
+
+    def describe(self) -> str:
+        """The plan as text: model, tasks with their data, methods with their λ count per task, output."""
+        config, vision = self.config, self.towers.config.vision
+        lines = [f"pretrained: {config.pretrained} (image tower {vision.width} wide, {vision.layers} layers, "
+                 f"{vision.image_size} px)"]
+        for k, task in enumerate(config.tasks):
+            data = f"{len(self.unlabeled[k])} unlabeled images" if self.unlabeled else "no unlabeled images"
+            test = f", {len(self.tests[k])} test images" if self.tests else ""
+            lines.append(f"task {task.name}: {task.finetuned}; {len(task.classes)} classes; {data}{test}")
+        for spec in self.settings.methods:
+            params = spec.describe()["params"]
+            count = (f"; {self.binding.lambdas_per_task(self.towers.pretrained, params['granularity'])} λ per task"
+                     if spec.method.needs_data else "")
+            lines.append(f"method {spec.name} {params}{count}")
+        adamerging = self.settings.adamerging
+        lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
+                     f"{adamerging.batches_per_task}x{adamerging.batch_size} images per task and step, clamp "
+                     f"{adamerging.clamp}, precision {config.precision}")
+        if self.weights is not None:
+            lines.append(f"λ given by --weights: {config.exported} applies them, no training")
+        lines.append(f"export: {config.exported} as {config.export} to {self.output / 'model'}")
+        return "\n".join(lines)
+
+
+def _guarded(what: str, action: Callable[[], Any]) -> Any:
+    """``action()``, with a file, value or key error turned into one line prefixed by ``what``."""
+    try:
+        return action()
+    except SystemExit:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise fail(f"{what}: {message}") from None
+
+
+def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None = None,
+            log: Callable[[str], None] = print) -> Plan:
+    """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
+    require("flax", "models", "the merge command")
+    require("transformers", "models", "the merge command")
+    require("safetensors", "models", "the merge command")
+    output = Path(output)
+    check_writable(output)
+    settings = _guarded(config.source, config.settings)
+    unlabeled = tests = None
+    if any(task.unlabeled for task in config.tasks):
+        if missing := [task.name for task in config.tasks if not task.unlabeled]:
+            raise fail(f"{config.source}: tasks {missing} have no unlabeled images; give them to every task or none")
+        require("grain", "data", "reading unlabeled images")
+        unlabeled = []
+        for task in config.tasks:
+            what = f"task {task.name!r} unlabeled"
+            source = _guarded(what, lambda task=task: unlabeled_source(task, task.unlabeled))
+            _guarded(what, lambda: _decodes(source, what))
+            unlabeled.append(source)
+    if any(task.test for task in config.tasks):
+        if missing := [task.name for task in config.tasks if not task.test]:
+            raise fail(f"{config.source}: tasks {missing} have no test folder; give one to every task or to none")
+        tests = []
+        for task in config.tasks:
+            what = f"task {task.name!r} test"
+            source = _guarded(what, lambda task=task: test_source(task))
+            _guarded(what, lambda: _decodes(source, what))
+            tests.append(source)
+    towers = _guarded("checkpoints", lambda: load_towers(config, log))
+    heads = TaskHeads(towers, config.tasks, config.pretrained)
+    binding = clip_binding(towers, heads)
+    plan = Plan(config, binding.merge_settings(settings), towers, heads, binding, unlabeled, tests, None, output)
+    if weights is not None:
+        from adamerging_jax.merging.run import read_weights
+
+        plan.weights_file = weights
+        plan.weights = _guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
+    return plan

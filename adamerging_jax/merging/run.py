@@ -1,0 +1,181 @@
+"""Run a checked `Plan` and write its output folder (resumable in place):
+
+    OUT/model/               the exported method's model as an HF folder (save_hf_clip), tokenizer files,
+                             preprocessor_config.json and the model card README.md
+    OUT/lambdas.json         λ by checkpoint tensor name → one value per task (adaptive methods or --weights)
+    OUT/lambdas.safetensors  the same, tensor name → float32 [K]
+    OUT/results.json, table.md, *.png   the report (adamerging_jax.report)
+    OUT/state/<method>/      AdaMerging's resumable state: a rerun continues it; one with other settings,
+                             data or task vectors is refused with the difference named
+
+``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
+without training (FusionBench's ``method.weights=``): our ``lambdas.json`` / ``lambdas.safetensors``,
+FusionBench's layer-wise ``[K, n]`` ``.pt`` / ``.npy`` (columns in the HF parameter order; read without
+running pickled code), or the official ``[n, 1 + K]`` layout (rows in the HF parameter order, or one
+task-wise row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+import adamerging_jax as am
+from adamerging_jax import coefficient_formats as formats
+from adamerging_jax.core.checkpoint import write_atomic
+from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.core.evaluate import PerTask, evaluate_models
+from adamerging_jax.core.methods import ties_task_vectors
+from adamerging_jax.core.optimize import adamerging
+from adamerging_jax.core.protocol import build_models, records_json
+from adamerging_jax.core.registry import MergeMethod, Merged, MethodSpec
+from adamerging_jax.merging.card import lambda_summary, model_card
+from adamerging_jax.merging.plan import Plan, fail, source_identity
+
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+
+
+def _granularity(spec: MethodSpec) -> str:
+    return spec.describe()["params"]["granularity"]
+
+
+def read_weights(path: str, plan: Plan) -> Coefficients:
+    """λ of a ``--weights`` file (module docstring) in the layout of the exported AdaMerging method."""
+    spec = plan.export_spec
+    if not spec.method.needs_data:
+        raise ValueError(f"λ apply to an AdaMerging method; the exported method is {spec.name!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError("no such file")
+    binding, k = plan.binding, len(plan.config.tasks)
+    like = binding.init_coefficients(plan.towers.pretrained, k, _granularity(spec))
+    names, order = binding.tensor_names, binding.tensor_order
+    if path.endswith(".json"):
+        return formats.coefficients_from_named(formats.read_named_json(path), like, names)
+    if path.endswith(".safetensors"):
+        return formats.coefficients_from_named(formats.read_named_safetensors(path), like, names)
+    if not path.endswith((".pt", ".pth", ".npy")):
+        raise ValueError("expected .json, .safetensors (named λ), or .pt / .pth / .npy (FusionBench or official)")
+    array = formats.read_fusionbench(path)
+    if array.shape == (k, len(order)):
+        return formats.from_fusionbench(array, like, order, names)
+    if array.shape[1] == k + 1 and array.shape[0] in (1, len(order)):
+        return formats.from_official(array, like, None if array.shape[0] == 1 else order, names)
+    raise ValueError(f"shape {array.shape} is neither FusionBench's [K, n] = ({k}, {len(order)}) nor the official "
+                     f"[n, 1 + K] = ({len(order)}, {k + 1}) or task-wise (1, {k + 1}) for {k} tasks")
+
+
+def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: Plan, mesh: Any) -> MethodSpec:
+    """``spec`` as a data-free method that applies ``coefficients`` (its τ, or τ̂ for AdaMerging++) through
+    the optimiser's own merge with zero steps, so the model is bit-identical to a trained run's at those λ."""
+    params = spec.describe()["params"]
+    config = dataclasses.replace(plan.settings.adamerging, steps=0, granularity=params["granularity"],
+                                 checkpoint_dir=None, quiet=True)
+
+    def build(pretrained: Any, task_vectors: Any) -> Merged:
+        if params["task_vectors_kind"] == "ties":
+            task_vectors = ties_task_vectors(task_vectors, params["density"], params["scope"], params["total_size"])
+        result = adamerging(plan.binding.apply_fn, pretrained, task_vectors, [], config, coefficients=coefficients,
+                            mesh=mesh)
+        return Merged(params=result.params, coefficients=result.coefficients)
+
+    method = MergeMethod(spec.name, f"{spec.label} (given λ)", spec.method.paper, build)
+    return MethodSpec(method, ())
+
+
+def adaptation_batches(plan: Plan) -> Any:
+    """The unlabeled batches of every task, fingerprinted by the sampler's settings (batch size, batches per
+    task, seed), sampled images and every source's files (`source_identity`)."""
+    from adamerging_jax.data.pipeline import AdaptationBatches, clip_preprocess
+
+    identity = [source_identity(source) for source in plan.unlabeled]
+
+    class Batches(AdaptationBatches):
+        def fingerprint(self, examples_per_source: int = 4) -> str:
+            return f"{super().fingerprint(examples_per_source)}-{'.'.join(identity)}"
+
+    settings = plan.settings.adamerging
+    size = plan.towers.config.vision.image_size
+    return Batches(plan.unlabeled, batch_size=settings.batch_size, n_batches=settings.batches_per_task,
+                   seed=plan.config.seed, preprocess=functools.partial(clip_preprocess, size=size),
+                   num_threads=min(8, os.cpu_count() or 1))
+
+
+def run_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build every method's model (AdaMerging resumable under ``OUT/state``), evaluate them on the test
+    folders when given, export the chosen one and write the report; returns ``results.json``'s content."""
+    config, output = plan.config, plan.output
+    output.mkdir(parents=True, exist_ok=True)
+    plan.heads.build(log)
+    towers = plan.towers
+    task_vectors = am.task_vectors(towers.pretrained, towers.finetuned)
+    mesh = am.data_mesh(jax.devices()[: config.devices] if config.devices else None)
+    settings = plan.settings.with_changes(quiet=True)
+    adaptation = None
+    if plan.weights is not None:
+        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, mesh)])
+    elif settings.needs_data:
+        adaptation = adaptation_batches(plan)
+    names = [task.name for task in config.tasks]
+    try:
+        models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
+                                       adaptation=adaptation, state_dir=output / "state", mesh=mesh, log=log)
+    except ValueError as error:
+        raise fail(error) from None
+    if plan.tests is not None:
+        from adamerging_jax.data.pipeline import clip_preprocess, evaluation_batches
+
+        size = towers.config.vision.image_size
+        test_sets = [evaluation_batches(source, config.eval_batch_size, functools.partial(clip_preprocess, size=size))
+                     for source in plan.tests]
+        evaluated = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
+        accuracy = evaluate_models(plan.binding.apply_fn, evaluated, test_sets, names, config.eval_batch_size,
+                                   quiet=True, log=log)
+        for name, record in records.items():
+            record.accuracy = accuracy[name].per_task
+    run = {"tasks": names, "merged_tasks": names, "methods": records_json(records), "export": config.exported,
+           "weights": plan.weights_file, "settings": settings.describe(), "config": config.source}
+    return write_outputs(plan, models[config.exported], run, log)
+
+
+def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The model folder with its card, the named λ and the report (module docstring)."""
+    from adamerging_jax import report
+    from adamerging_jax.models.clip_checkpoint import TOKENIZER_FILES, atomic_directory, save_hf_clip
+
+    config, output, towers = plan.config, plan.output, plan.towers
+    summary = None
+    if merged.coefficients is not None:
+        named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
+        formats.write_named_json(output / "lambdas.json", named)
+        formats.write_named_safetensors(output / "lambdas.safetensors", named)
+        summary = lambda_summary(named, run["tasks"])
+    run["lambda_summary"] = summary
+    report.check_finite([run])
+    tested = plan.tests is not None
+    table = report.markdown_table([run]) if tested else None
+    markdown = table or "No test folders were given: no accuracy.\n"
+    try:
+        import matplotlib  # noqa: F401
+        plot_run = run
+    except ImportError:
+        log('[merge] matplotlib is missing: no plots (pip install "adamerging-jax[demo]")')
+        plot_run = None
+    clamp = plan.settings.adamerging.clamp
+    files = report.write_report(output, run, markdown, plot_run=plot_run, clamp=clamp)
+    record = run["methods"][config.exported]
+    method = dict(name=config.exported, label=record["label"], params=record["params"],
+                  paper=plan.export_spec.method.paper)
+    card = model_card(config, method, run["settings"], summary, table, run.get("weights"))
+    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
+    with atomic_directory(output / "model", (*EXPORT_FILES, *TOKENIZER_FILES)) as folder:
+        save_hf_clip(folder, vision, towers.full, towers.config, kind=config.export, tokenizer_dir=towers.tokenizer_dir)
+        write_atomic(Path(folder, "README.md"), card.encode())
+    log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
+        str(path) for path in files.values()))
+    return run
