@@ -38,7 +38,8 @@ class Predictions:
     weights: jax.Array
 
 
-ApplyFn = Callable[[PyTree, Any, int], Union[jax.Array, Predictions]]
+Output = Union[jax.Array, Predictions]  # what an apply_fn returns for one task
+ApplyFn = Callable[[PyTree, Any, int], Output]
 
 _CONTRACT = "expected floating logits [N, C] or Predictions(logits [N, T, C], weights [N, T])"
 
@@ -55,9 +56,9 @@ class SharedBackbone:
     """
 
     features: Callable[[PyTree, jax.Array], jax.Array]
-    head: Callable[[jax.Array, int], Union[jax.Array, Predictions]]
+    head: Callable[[jax.Array, int], Output]
 
-    def __call__(self, params: PyTree, inputs: jax.Array, task: int) -> Union[jax.Array, Predictions]:
+    def __call__(self, params: PyTree, inputs: jax.Array, task: int) -> Output:
         return self.head(self.features(params, inputs), task)
 
 
@@ -113,7 +114,7 @@ def check_predictions(output: Any, task: int, size: int | None) -> None:
         )
 
 
-def mean_entropy(output: Union[jax.Array, Predictions], eps: float | None = None) -> jax.Array:
+def mean_entropy(output: Output, eps: float | None = None) -> jax.Array:
     """The mean prediction entropy of one task's output.
 
     Logits `[N, C]`: (1/N) Σ_i H(p_i). `Predictions(z, w)`: Σ_i w_i H(p_i) / Σ_i w_i over every prediction i
