@@ -177,10 +177,14 @@ def test_peft_adapter_read(tmp_path, base):
                                                             init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     tau = dict(named_leaves(lora.lora_task_vector(lora.read_lora_adapter(tmp_path / "adapter"), params)))
-    layer = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    layers = peft_model.base_model.model.model.layers
     with torch.no_grad():
-        np.testing.assert_allclose(np.asarray(tau["layers/attn/q/kernel"][1]),
-                                   layer.get_delta_weight("default").numpy().T, rtol=1e-5, atol=1e-6)
+        for i in range(config.num_layers):
+            for path, module in [("layers/attn/q/kernel", layers[i].self_attn.q_proj),
+                                 ("layers/mlp/down/kernel", layers[i].mlp.down_proj)]:
+                np.testing.assert_allclose(np.asarray(tau[path][i]), module.get_delta_weight("default").numpy().T,
+                                           rtol=1e-5, atol=1e-6, err_msg=f"{path} layer {i}")
+    assert not np.asarray(tau["layers/attn/k/kernel"]).any()
 
 
 def test_errors_name_the_field_or_tensor(tmp_path, base):
