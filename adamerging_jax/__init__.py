@@ -14,7 +14,7 @@ from adamerging_jax.core.methods import (
     ties_task_vectors,
     weight_average,
 )
-from adamerging_jax.core.objective import SharedBackbone, entropy, entropy_objective
+from adamerging_jax.core.objective import Predictions, SharedBackbone, entropy, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, AdaMergingResult, adamerging, load_coefficients, make_step
 from adamerging_jax.core.parallel import data_mesh
 from adamerging_jax.core.protocol import MergeSettings, MethodRecord, run_methods
@@ -29,7 +29,7 @@ from adamerging_jax.core.registry import (
     method_spec,
     register,
 )
-from adamerging_jax.core.task_vectors import task_vectors
+from adamerging_jax.core.task_vectors import check_stacked, task_vectors
 from adamerging_jax.core.transforms import disjoint_reduce, drop, elect_sign, keep_agreeing, trim
 from adamerging_jax.core.trees import path_str
 
@@ -48,9 +48,11 @@ __all__ = [
     "MethodSpec",
     "Parameter",
     "PerTask",
+    "Predictions",
     "REGISTRY",
     "SharedBackbone",
     "adamerging",
+    "check_stacked",
     "dare",
     "dare_task_arithmetic",
     "data_mesh",

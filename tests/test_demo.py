@@ -3,14 +3,35 @@
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+import adamerging_jax as am
 from adamerging_jax.cli import main
+from adamerging_jax.core import registry
 from adamerging_jax.data import packaged
-from adamerging_jax.demo.pipeline import METHODS, DemoConfig, finetune_cache_key
+from adamerging_jax.demo import pipeline
 from adamerging_jax.demo.finetune import FinetuneConfig
+from adamerging_jax.demo.pipeline import METHODS, DemoConfig, finetune_cache_key
+
+DEMO_METHODS = [m if isinstance(m, str) else m["name"] for m in METHODS]
+
+
+def _user_method(name, scale):
+    """A method of one's own: every task vector scaled by `scale` (NaN to poison the model)."""
+    build = lambda p, tv: am.Merged(params=jax.tree_util.tree_map(lambda a, t: a + scale * t.sum(0), p, tv))  # noqa: E731
+    return am.MergeMethod(name, f"User method ({name})", "a test", build)
+
+
+@pytest.fixture(scope="module")
+def user_methods():
+    """A user-registered method, and one whose model gives NaN logits."""
+    methods = [am.register(_user_method("half_sum", 0.5)), am.register(_user_method("nan_sum", float("nan")))]
+    yield methods
+    for method in methods:
+        del registry.REGISTRY[method.name]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +48,11 @@ def user_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, user_folder):
+def quick_run(tmp_path_factory, user_folder, user_methods):
     out = tmp_path_factory.mktemp("demo")
     code = main(
         ["demo", "--quick", "--tasks", "mnist,digits", "--task-folder", f"squares={user_folder}",
+         "--methods", ",".join(DEMO_METHODS + ["half_sum"]),
          "--output", str(out), "--cache", str(out / "cache"), "--quiet"]
     )
     assert code == 0
@@ -42,7 +64,7 @@ def test_quick_demo_writes_the_table_json_and_plots(quick_run):
     header = next(line for line in table if line.startswith("| Method"))
     assert header == "| Method | mnist | digits | squares | Avg. |"
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| Method")]
-    assert len(rows) == len(METHODS)
+    assert len(rows) == len(METHODS) + 1
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 5
@@ -51,7 +73,9 @@ def test_quick_demo_writes_the_table_json_and_plots(quick_run):
         assert abs(np.mean(values[:3]) - values[3]) < 0.06  # the average column is the mean of the tasks
     run = json.loads((quick_run / "results.json").read_text())["runs"][0]
     assert run["tasks"] == ["mnist", "digits", "squares"]
-    assert set(run["methods"]) == set(METHODS)
+    assert list(run["methods"]) == DEMO_METHODS + ["half_sum"]
+    assert run["methods"]["ties"]["params"]["reduce"] == "mean"  # the demo's TIES settings kept
+    assert any(row.startswith("| User method (half_sum) |") for row in rows)
     for name in ["accuracy.png", "entropy.png", "lambda_layer_wise_adamerging.png", "lambda_layer_wise_adamergingpp.png"]:
         assert (quick_run / name).stat().st_size > 1000, name
 
@@ -85,9 +109,47 @@ def test_finetuned_backbones_are_cached_under_keys_of_every_setting(quick_run):
     assert key not in changed and len(set(changed)) == len(changed)
 
 
+def test_a_user_method_is_scored_like_a_built_in(quick_run):
+    """A registered user method gets a record like a built-in data-free one: every task scored, its label."""
+    run = json.loads((quick_run / "results.json").read_text())["runs"][0]
+    record = run["methods"]["half_sum"]
+    assert set(record["accuracy"]) == set(run["tasks"]) and record["label"] == "User method (half_sum)"
+    assert record["coefficients"] is None and record["entropy"] is None
+
+
+def test_nan_results_write_no_table(quick_run, user_methods, tmp_path):
+    """A model with NaN logits stops the run before any table is written (the fine-tuned backbones come
+    from the first run's cache)."""
+    out = tmp_path / "nan"
+    with pytest.raises(ValueError, match="model 'nan_sum' gives NaN or inf logits"):
+        main(["demo", "--quick", "--tasks", "mnist,digits", "--methods", "pretrained,nan_sum",
+              "--output", str(out), "--cache", str(quick_run / "cache"), "--quiet", "--no-plots"])
+    assert not (out / "table.md").exists() and not (out / "results.json").exists()
+
+
+def test_each_seed_is_written_before_the_next_starts(tmp_path, monkeypatch):
+    """An interrupt during seed 1 keeps seed 0's results."""
+    def fake_run_demo(config, **_):
+        if config.seed == 1:
+            raise KeyboardInterrupt
+        accuracy = {"mnist": 0.5, "digits": 0.75}
+        return dict(settings=config.describe(), tasks=list(accuracy), seconds={"total": 0.0},
+                    methods={"pretrained": {"accuracy": accuracy, "mean": 0.625, "label": "Pretrained"}})
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--quick", "--tasks", "mnist,digits", "--seeds", "0", "1", "--output", str(tmp_path),
+              "--no-plots", "--quiet"])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [run["settings"]["seed"] for run in runs] == [0]
+    assert "| Pretrained | 50.0 | 75.0 | 62.5 |" in (tmp_path / "table.md").read_text()
+
+
 def test_bad_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown methods"):
-        DemoConfig(methods=("task_arithmetic", "magic"))
+    with pytest.raises(ValueError, match="unknown merge method 'magic'"):
+        dataclasses.replace(DemoConfig(), merge=DemoConfig().merge.with_changes(["task_arithmetic", "magic"]))
+    with pytest.raises(ValueError, match="DemoConfig.n_test must be an integer ≥ 1, got -5"):
+        DemoConfig(n_test=-5)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"resolutoin": 32}))
     with pytest.raises(SystemExit, match="resolutoin"):

@@ -1,0 +1,106 @@
+"""Bad input to evaluation, the method registry and the commands' settings is refused with the culprit named,
+before any compute: one row per case (``CASES``), one test over them."""
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adamerging_jax as am
+from adamerging_jax.cli import main
+from adamerging_jax.demo.pipeline import DemoConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    description: str  # one line, as a README table shows it
+    expected: type[BaseException]
+    fragment: str  # the part of the message that names the culprit
+    run: Callable[[Any], Any]  # called with pytest's tmp_path
+
+
+X = np.zeros((6, 3), np.float32)
+LABELS = np.array([0, 1, 2, 0, 1, 2])
+
+
+def logits(value: Any = None) -> Callable:
+    """apply_fn giving 3-class logits, or `value(x)`."""
+    return lambda params, x, task: value(x) if value is not None else jnp.zeros((x.shape[0], 3)) + params
+
+
+def evaluate(apply_fn=None, labels=LABELS, names=None, test_sets=None) -> Callable[[Any], Any]:
+    return lambda _: am.evaluate(apply_fn or logits(), jnp.float32(0.0), test_sets or [(X, labels)], names, batch_size=4)
+
+
+def demo(*flags: str) -> Callable[[Any], Any]:
+    return lambda tmp: main(["demo", "--quick", "--no-cache", "--output", str(tmp / "out"), *flags])
+
+
+def demo_output_is_a_file(tmp) -> Any:
+    (tmp / "file").write_text("x")
+    return main(["demo", "--quick", "--output", str(tmp / "file")])
+
+
+def demo_config_file(fields: dict) -> Callable[[Any], Any]:
+    def run(tmp):
+        (tmp / "c.json").write_text(json.dumps(fields))
+        return main(["demo", "--config", str(tmp / "c.json"), "--output", str(tmp / "out")])
+
+    return run
+
+
+CASES = [
+    Case("eval-labels-2d", "evaluate: labels of shape [N, 1] (would broadcast to N × N)", ValueError,
+         "labels must be 1-D integers", evaluate(labels=LABELS[:, None])),
+    Case("eval-labels-float", "evaluate: float labels", ValueError, "labels must be 1-D integers",
+         evaluate(labels=LABELS.astype(np.float32))),
+    Case("eval-labels-range", "evaluate: a label outside [0, C) of the model's classes", ValueError,
+         "label 3 outside [0, 3)", evaluate(labels=np.array([0, 1, 3, 0, 1, 2]))),
+    Case("eval-labels-count", "evaluate: fewer labels than inputs", ValueError, "6 inputs but 5 labels",
+         evaluate(labels=LABELS[:5])),
+    Case("eval-duplicate-tasks", "evaluate: two tasks with one name (one would be dropped)", ValueError,
+         "repeated: ['a']", evaluate(names=["a", "a"], test_sets=[(X, LABELS), (X, LABELS)])),
+    Case("eval-nan-logits", "evaluate: NaN logits (the argmax of NaN is meaningless)", ValueError,
+         "NaN or inf logits on task '0'", evaluate(logits(lambda x: jnp.full((x.shape[0], 3), jnp.nan)))),
+    Case("eval-logits-shape", "evaluate: logits that are not [N, C]", ValueError, "task 0: apply_fn must return",
+         evaluate(logits(lambda x: jnp.zeros((x.shape[0],))))),
+    Case("eval-empty", "evaluate: an empty test set", ValueError, "test set of task '0' is empty",
+         evaluate(test_sets=[[]])),
+    Case("method-unknown", "a merge method that is not registered", ValueError, "unknown merge method 'magic'",
+         lambda _: am.MergeSettings(["task_arithmetic", "magic"])),
+    Case("method-parameter", "a method parameter out of its range", ValueError, "parameter 'density' must be ≤ 1.0",
+         lambda _: am.method_spec("ties", density=2.0)),
+    Case("method-twice", "a method listed twice (results are keyed by method)", ValueError,
+         "listed more than once: ['ties']", lambda _: am.MergeSettings(["ties", "ties"])),
+    Case("demo-config-type", "demo settings: a string where a number belongs", ValueError,
+         "DemoConfig.resolution must be an integer ≥ 1, got '48'", lambda _: DemoConfig(resolution="48")),
+    Case("demo-config-range", "demo settings: a zero resolution", ValueError, "DemoConfig.resolution",
+         lambda _: DemoConfig(resolution=0)),
+    Case("cli-negative-steps", "`demo --steps -1`: refused before any work", SystemExit, "steps", demo("--steps", "-1")),
+    Case("cli-unknown-method", "`demo --methods magic`: refused before any work", SystemExit,
+         "unknown merge method 'magic'", demo("--methods", "magic")),
+    Case("cli-output-file", "`demo --output` naming an existing file: refused before any work", SystemExit,
+         "exists and is not a folder", demo_output_is_a_file),
+    Case("cli-config-key", "`demo --config` with an unknown key", SystemExit, "unknown demo settings ['resolutoin']",
+         demo_config_file({"resolutoin": 32})),
+    Case("cli-config-adamerging", "`demo --config` with an unknown AdaMerging setting", SystemExit,
+         "unknown AdaMerging settings ['step']", demo_config_file({"merge": {"adamerging": {"step": 3}}})),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_naming_the_culprit(case: Case, tmp_path):
+    with pytest.raises(case.expected) as error:
+        case.run(tmp_path)
+    message = str(error.value)
+    assert case.fragment in message, message
+    assert "\n" not in message.strip(), "one line"
+
+
+def test_cases_are_well_formed():
+    ids = [c.id for c in CASES]
+    assert len(set(ids)) == len(ids)
+    assert all(c.description and "\n" not in c.description for c in CASES)
