@@ -13,9 +13,16 @@ Rows of the table, all measured in this one run on the same sizes:
   fp32 (matmul precision "highest": true fp32, as the peer's fp32), tf32, bf16 (θ0/τ stored in bf16, model run
   in bf16, λ/softmax/loss in fp32), each fused or with per-task gradient accumulation.
 - ``jax-floor``: one plain forward+backward of the unmerged tower on the K·B images as one batch (no merge).
-- ``fusion-bench`` / ``torch-floor``: ``../shared/bench/peer_torch.py`` (FusionBench 0.2.33's own
-  `LayerWiseMergedModel`) run in its own Python (``--peer-python``); sizes other than the peer's own
-  (``tiny`` = its ``--tiny``, ``B/32`` = its default) are run by patching only its `vision_config`.
+- ``fusion-bench`` / ``torch-floor``: the peer script, run in its own Python (``--peer-python`` or
+  ``$ADAMERGING_JAX_PEER_PYTHON``, default this interpreter): FusionBench 0.2.33's own AdaMerging step
+  (`LayerWiseMergedModel`, imported from PyPI ``fusion-bench``, not copied) and, with ``--floor``, one plain
+  torch forward+backward of the same images.  The script is not part of this repository: give its path with
+  ``--peer-script PATH`` or ``$ADAMERGING_JAX_PEER_SCRIPT``; without either, the peer rows are skipped (one
+  printed line says so).  Its interface: flags ``--k --batch --steps --warmup --seed [--tiny] [--tf32 | --bf16]
+  [--floor] --device cpu|cuda``, a module-level ``vision_config(tiny)`` returning an HF `CLIPVisionConfig` and
+  ``main(argv)``; it prints one JSON line starting ``{"bench"`` with ``ms_per_step_median``,
+  ``ms_per_step_min``, ``steps`` and optionally ``peak_mem_gb``.  Sizes other than the peer's own (``tiny`` =
+  its ``--tiny``, ``B/32`` = its default) are run by patching only its ``vision_config``.
 
 Times are the median (and min) of ``--steps`` (≥ 20 by default) steps after ``--warmup`` untimed steps; the
 project's compile time is measured separately (`lower().compile()`). Memory: on GPU the device's
@@ -27,9 +34,9 @@ task vectors in several memory modes and prints analytic sizes of θ0, τ, merge
 XLA's compiled peak estimate; ``--memory-run`` also runs each feasible configuration and measures.
 
 Examples:
-    python benchmarks/step_benchmark.py --sizes tiny,small --out bench_cpu.json            # CPU
-    python benchmarks/step_benchmark.py --sizes B/32,L/14 --out bench_gpu.json             # GPU
-    python benchmarks/step_benchmark.py --sizes tiny --no-peer --steps 3 --profile /tmp/prof
+    python benchmarks/step_benchmark.py --sizes tiny,small --peer-script PEER --out bench_cpu.json  # CPU
+    python benchmarks/step_benchmark.py --sizes B/32,L/14 --peer-script PEER --out bench_gpu.json  # GPU
+    python benchmarks/step_benchmark.py --sizes tiny --no-peer --steps 3 --profile prof
     python benchmarks/step_benchmark.py --memory-report --simulate-devices 8 --out memory.json
 """
 from __future__ import annotations
@@ -45,14 +52,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PEER_SCRIPT = REPO.parent / "shared" / "bench" / "peer_torch.py"
-DEFAULT_PEER_PYTHON = os.environ.get("ADAMERGING_PEER_PYTHON", "/work/peer-venv/bin/python")
+PEER_SCRIPT_ENV = "ADAMERGING_JAX_PEER_SCRIPT"
+PEER_PYTHON_ENV = "ADAMERGING_JAX_PEER_PYTHON"
 
 # The 8 tasks of the ViT-B/32 AdaMerging benchmark and their class counts (the peer's TASKS); K > 8 cycles.
 CLASS_COUNTS = (397, 196, 45, 10, 10, 43, 10, 47)
@@ -69,7 +76,7 @@ class Size:
     heads: int
     mlp_dim: int
     projection_dim: int
-    peer_flag: str | None  # "--tiny" / "" when peer_torch.py has this size built in, None otherwise
+    peer_flag: str | None  # "--tiny" / "" when the peer script has this size built in, None otherwise
 
     def hf_config(self) -> dict[str, Any]:
         return dict(hidden_size=self.width, intermediate_size=self.mlp_dim, num_hidden_layers=self.layers,
@@ -78,21 +85,23 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size(32, 8, 32, 2, 4, 128, 16, "--tiny"),  # peer_torch.py --tiny
+    "tiny": Size(32, 8, 32, 2, 4, 128, 16, "--tiny"),  # the peer script's --tiny
     "small": Size(64, 16, 256, 4, 4, 1024, 128, None),  # a CPU size with ~3M parameters, 17 tokens
     "B/32": Size(224, 32, 768, 12, 12, 3072, 512, ""),  # openai/clip-vit-base-patch32 (peer default)
     "L/14": Size(224, 14, 1024, 24, 16, 4096, 768, None),  # openai/clip-vit-large-patch14
 }
 
-# Patches only the peer's size; everything else is peer_torch.py's own code path.
+# Patches only the peer's size; everything else is the peer script's own code path.
 PEER_LAUNCHER = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import peer_torch
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+spec = importlib.util.spec_from_file_location("peer", sys.argv[1])
+peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peer)
 from transformers import CLIPVisionConfig
 config = json.loads(sys.argv[2])
-peer_torch.vision_config = lambda tiny: CLIPVisionConfig(**config)
-peer_torch.main(sys.argv[3:])
+peer.vision_config = lambda tiny: CLIPVisionConfig(**config)
+peer.main(sys.argv[3:])
 """
 
 
@@ -113,8 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-task-vectors", action="store_true", help="shard θ0/τ over the mesh")
     p.add_argument("--no-peer", action="store_true", help="skip FusionBench and the torch floor")
     p.add_argument("--no-jax-floor", action="store_true", help="skip the plain JAX forward+backward")
-    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the venv with fusion-bench")
-    p.add_argument("--peer-script", default=str(DEFAULT_PEER_SCRIPT), help="path of peer_torch.py")
+    p.add_argument("--peer-python", default=None, help=f"python of the venv with fusion-bench (default: "
+                   f"${PEER_PYTHON_ENV}, else this interpreter)")
+    p.add_argument("--peer-script", default=None, help=f"path of the peer script (default: ${PEER_SCRIPT_ENV}; "
+                   "without either, the FusionBench and torch-floor rows are skipped)")
     p.add_argument("--peer-modes", default=None, help="comma list of fp32, bf16, tf32, floor-fp32, floor-tf32, "
                    "floor-bf16 (default: fp32,floor-fp32 on CPU; all but tf32 on GPU)")
     p.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds per peer run")
@@ -134,19 +145,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.k < 1 or args.batch < 1 or args.rounds < 1:
         p.error("--steps ≥ 1, --warmup ≥ 0, --k ≥ 1, --batch ≥ 1 and --rounds ≥ 1 are required")
+    args.peer_script, args.peer_python = peer_paths(args.peer_script, args.peer_python, os.environ)
+    if args.peer_script is not None and not os.path.isfile(args.peer_script):
+        p.error(f"peer script {args.peer_script!r} (--peer-script or ${PEER_SCRIPT_ENV}) is not a file")
     return args
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def peak_rss_gb() -> float:
@@ -265,8 +270,9 @@ def project_config(precision: str, mode: str, shard: bool):
     import adamerging_jax as am
 
     bf16 = precision == "bf16"
-    return am.AdaMergingConfig.fusionbench(accumulate="per_task" if mode == "per_task" else "fused", param_dtype="bfloat16" if bf16 else None,
-                                           shard_task_vectors=shard, quiet=True)
+    return am.AdaMergingConfig.fusionbench(accumulate="per_task" if mode == "per_task" else "fused",
+                                           param_dtype="bfloat16" if bf16 else None, shard_task_vectors=shard,
+                                           quiet=True)
 
 
 def placed_inputs(problem: Problem, config, mesh):
@@ -459,6 +465,24 @@ def summarize_trace(trace: Path, steps: int, hlo_text: str, limit: int = 12) -> 
 # ------------------------------------------------------------------------------------------------ peer
 
 
+def peer_paths(script: str | None, python: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(peer script, its python): each flag when given, else its environment variable; the script has no default
+    (None: no peer rows), the python defaults to this interpreter."""
+    return script or environ.get(PEER_SCRIPT_ENV) or None, python or environ.get(PEER_PYTHON_ENV) or sys.executable
+
+
+def peer_modes_to_run(args: argparse.Namespace, modes: list[str]) -> list[str]:
+    """``modes``, or none (printing one line that says how to point at the peer) when no peer script is given."""
+    if args.no_peer:
+        return []
+    if args.peer_script is None:
+        print(f"peer rows skipped: no peer script; pass --peer-script PATH or set ${PEER_SCRIPT_ENV} (the script "
+              "runs FusionBench's AdaMerging step and a plain torch forward+backward in its own venv, "
+              f"--peer-python or ${PEER_PYTHON_ENV})", file=sys.stderr)
+        return []
+    return modes
+
+
 def peer_command(args, size_name: str, mode: str) -> list[str]:
     size = SIZES[size_name]
     precision = mode.removeprefix("floor-")
@@ -471,12 +495,12 @@ def peer_command(args, size_name: str, mode: str) -> list[str]:
         raise ValueError(f"the peer supports at most {len(CLASS_COUNTS)} tasks, got --k {args.k}")
     if size.peer_flag is not None:
         return [args.peer_python, args.peer_script, *([size.peer_flag] if size.peer_flag else []), *flags]
-    return [args.peer_python, "-c", PEER_LAUNCHER, str(Path(args.peer_script).parent),
+    return [args.peer_python, "-c", PEER_LAUNCHER, str(Path(args.peer_script).resolve()),
             json.dumps(size.hf_config()), *flags]
 
 
 def bench_peer(args, size_name: str, mode: str, device: str) -> dict[str, Any]:
-    """Run peer_torch.py (FusionBench or the torch floor) in its own interpreter; parse its JSON line."""
+    """Run the peer script (FusionBench or the torch floor) in its own interpreter; parse its JSON line."""
     command = peer_command(args, size_name, mode) + ["--device", device]
     impl = "torch-floor" if mode.startswith("floor-") else "fusion-bench"
     row = dict(impl=impl, variant=mode.removeprefix("floor-"), precision=mode.removeprefix("floor-"))
@@ -549,8 +573,8 @@ def run_benchmark(args) -> dict[str, Any]:
     sizes = (args.sizes or ("B/32,L/14" if gpu else "tiny,small")).split(",")
     variants = (args.variants or ("fp32,tf32,bf16,fp32-generic,fp32-per_task" if gpu
                                   else "fp32,bf16,fp32-generic,fp32-per_task")).split(",")
-    peer_modes = (args.peer_modes or ("fp32,bf16,floor-fp32,floor-tf32,floor-bf16" if gpu else "fp32,floor-fp32")
-                  ).split(",")
+    peer_modes = peer_modes_to_run(args, (args.peer_modes or ("fp32,bf16,floor-fp32,floor-tf32,floor-bf16" if gpu
+                                                               else "fp32,floor-fp32")).split(","))
     for name in sizes:
         if name not in SIZES:
             raise ValueError(f"unknown size {name!r}; known: {sorted(SIZES)}")
@@ -577,9 +601,8 @@ def run_benchmark(args) -> dict[str, Any]:
                     record(dict(impl="project", variant=variant, error=f"{type(e).__name__}: {e}"[:300]))
             if not args.no_jax_floor:
                 record(bench_jax_floor(problem, args))
-            if not args.no_peer:
-                for mode in peer_modes:
-                    record(bench_peer(args, name, mode, "cuda" if gpu else "cpu"))
+            for mode in peer_modes:
+                record(bench_peer(args, name, mode, "cuda" if gpu else "cpu"))
         del problem
     rows = combine_rounds(round_rows)
     add_speedups(rows)
@@ -731,6 +754,9 @@ def main(argv=None) -> dict[str, Any]:
     else:
         report = run_benchmark(args)
         print_table(report["rows"])
+    # imported here, not at the top: it imports jax, which must load after --simulate-devices set XLA_FLAGS
+    from adamerging_jax.core.checkpoint import write_json_atomic
+
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return report

@@ -1,19 +1,25 @@
 """benchmarks/step_benchmark.py in its tiny CPU mode: it runs, and its JSON has the fields the report needs.
 
-Speed is not asserted. The FusionBench peer is replaced by a stand-in `peer_torch.py` that prints a fixed
+Speed is not asserted. The FusionBench peer is replaced by a stand-in peer script that prints a fixed
 JSON line, so the side-by-side plumbing (command, parsing, speed-up column) is exercised without the peer's
-venv; `--no-peer` is covered by the memory-report test.
+venv; `--no-peer` is covered by the memory-report test, and where the peer script comes from (flag,
+environment, or nowhere: rows skipped with one line) by in-process tests of the benchmark's functions.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "step_benchmark.py"
+PEER_ENV = ("ADAMERGING_JAX_PEER_SCRIPT", "ADAMERGING_JAX_PEER_PYTHON")
 
 FAKE_PEER = """
 import json, sys
@@ -25,8 +31,9 @@ print(json.dumps({"bench": "torch_floor" if floor else "fusion_bench_layerwise_a
 """
 
 
-def run_script(*flags: str, cwd: Path) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+def run_script(*flags: str, cwd: Path, **extra_env: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in PEER_ENV}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra_env)
     done = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,9 +45,10 @@ def test_tiny_cpu_mode_writes_the_table_and_json(tmp_path):
     peer.write_text(FAKE_PEER)
     out = tmp_path / "bench.json"
     done = run_script("--sizes", "tiny", "--k", "2", "--batch", "4", "--steps", "2", "--warmup", "1",
-                      "--variants", "fp32", "--rounds", "2", "--peer-python", sys.executable, "--peer-script", str(peer),
-                      "--profile", str(tmp_path / "trace"), "--out", str(out), cwd=tmp_path)
+                      "--variants", "fp32", "--rounds", "2", "--profile", str(tmp_path / "trace"), "--out", str(out),
+                      cwd=tmp_path, ADAMERGING_JAX_PEER_SCRIPT=str(peer))  # the peer's python: this interpreter
     report = json.loads(out.read_text())
+    assert sorted(p.name for p in tmp_path.glob("*bench.json*")) == ["bench.json"]  # no temporary left behind
     assert report["bench"] == "adamerging_layerwise_step"
     assert report["k"] == 2 and report["batch_per_task"] == 4 and report["steps"] == 2
     assert report["machine"]["platform"] == "cpu" and report["machine"]["jax"]
@@ -94,3 +102,62 @@ def test_memory_report_compiles_without_running(tmp_path):
     sharded = modes["bf16", "per_task", True]["xla_memory_per_device"]["argument_bytes"]
     replicated = modes["bf16", "per_task", False]["xla_memory_per_device"]["argument_bytes"]
     assert 0 < sharded < replicated
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/step_benchmark.py as a module (it imports jax only inside its functions)."""
+    spec = importlib.util.spec_from_file_location("step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_peer_script_comes_from_the_flag_or_the_environment_and_has_no_default(bench, tmp_path):
+    env = {"ADAMERGING_JAX_PEER_SCRIPT": "env.py", "ADAMERGING_JAX_PEER_PYTHON": "env-python"}
+    assert bench.peer_paths("flag.py", "flag-python", env) == ("flag.py", "flag-python")
+    assert bench.peer_paths(None, None, env) == ("env.py", "env-python")
+    assert bench.peer_paths(None, None, {}) == (None, sys.executable)
+    assert bench.peer_paths(None, None, {"ADAMERGING_JAX_PEER_SCRIPT": ""}) == (None, sys.executable)
+    with pytest.raises(SystemExit):  # a given script that is not there is an error, not a silent skip
+        bench.parse_args(["--peer-script", str(tmp_path / "missing.py")])
+
+
+def test_without_a_peer_script_the_peer_rows_are_skipped_with_one_line(bench, capsys):
+    modes = ["fp32", "floor-fp32"]
+    assert bench.peer_modes_to_run(argparse.Namespace(no_peer=False, peer_script=None), modes) == []
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--peer-script" in lines[0] and "ADAMERGING_JAX_PEER_SCRIPT" in lines[0]
+    assert bench.peer_modes_to_run(argparse.Namespace(no_peer=False, peer_script="p.py"), modes) == modes
+    assert bench.peer_modes_to_run(argparse.Namespace(no_peer=True, peer_script="p.py"), modes) == []
+    assert capsys.readouterr().err == ""
+
+
+LAUNCHED_PEER = """
+import json, sys
+def vision_config(tiny):
+    raise AssertionError("the launcher replaces vision_config")
+def main(argv):
+    config = vision_config(False)
+    print(json.dumps({"bench": "x", "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+                      "argv": argv}))
+"""
+
+
+def test_a_size_the_peer_lacks_is_launched_with_only_its_vision_config_patched(bench, tmp_path):
+    pytest.importorskip("transformers")
+    peer = tmp_path / "any_name.py"  # the launcher loads the script by path, whatever its name
+    peer.write_text(LAUNCHED_PEER)
+    args = argparse.Namespace(k=2, batch=4, steps=1, warmup=0, seed=0, peer_python=sys.executable,
+                              peer_script=str(peer))
+    command = bench.peer_command(args, "small", "floor-fp32")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = json.loads(done.stdout.splitlines()[-1])
+    small = bench.SIZES["small"]
+    assert (line["hidden_size"], line["layers"]) == (small.width, small.layers)
+    assert line["argv"] == ["--k", "2", "--batch", "4", "--steps", "1", "--warmup", "0", "--seed", "0", "--floor"]
