@@ -17,7 +17,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
 forward = jax.jit(llama.forward, static_argnums=3, static_argnames="remat")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name):
     directory = os.path.join(FIXTURES, name)
     config, params = ck.load_hf_causal_lm(directory)

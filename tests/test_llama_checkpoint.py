@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from test_text_data import write_tokenizer
 
 from adamerging_jax.coefficient_formats import named_lambdas
 from adamerging_jax.core.coefficients import init_coefficients
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.models import llama
 from adamerging_jax.models import llama_checkpoint as ck
-from test_text_data import write_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
 NAMES = ["llama", "qwen2"]
@@ -132,7 +132,7 @@ def test_sharded_write_and_read(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
 def test_half_precision_files_read(tmp_path, dtype):
     state = {k: v.astype(dtype) for k, v in hf_tensors("qwen2").items()}
-    config, params = ck.load_hf_causal_lm(checkpoint_with(tmp_path / "m", "qwen2", state))
+    _, params = ck.load_hf_causal_lm(checkpoint_with(tmp_path / "m", "qwen2", state))
     np.testing.assert_array_equal(params["layers"]["attn"]["v"]["kernel"][1],
                                   state["model.layers.1.self_attn.v_proj.weight"].astype(np.float32).T)
     assert params["embed"].dtype == np.float32

@@ -53,8 +53,9 @@ def three_adapters(tmp_path):
                       + [("lm_head", None, 4)], seed=0),
         write_adapter(tmp_path / "a1", [(1, "q_proj", 2), (0, "up_proj", 2), (1, "up_proj", 2)], seed=1, r=2,
                       alpha=16, use_rslora=True),
-        write_adapter(tmp_path / "a2", [(i, n, 8 if n == "q_proj" else 3) for i in (0, 1) for n in ("q_proj", "o_proj")],
-                      seed=2, r=3, alpha=6, rank_pattern={"q_proj": 8}, alpha_pattern={"layers.1.self_attn.o_proj": 1}),
+        write_adapter(tmp_path / "a2",
+                      [(i, n, 8 if n == "q_proj" else 3) for i in (0, 1) for n in ("q_proj", "o_proj")], seed=2,
+                      r=3, alpha=6, rank_pattern={"q_proj": 8}, alpha_pattern={"layers.1.self_attn.o_proj": 1}),
     ]
 
 
@@ -77,7 +78,7 @@ def numpy_task_vector(base_params, tensors, scale_of):
 
 
 def test_dense_task_vector_matches_numpy(tmp_path, base):
-    config, params = base
+    _, params = base
     (d0, t0), (d1, t1), (d2, t2) = three_adapters(tmp_path)
     expected = [numpy_task_vector(params, t0, lambda m, r: 8 / 4),
                 numpy_task_vector(params, t1, lambda m, r: 16 / np.sqrt(2)),  # rsLoRA: α / √r
@@ -107,7 +108,7 @@ def test_scales_read_from_the_config(tmp_path):
 
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_factored_sum_equals_dense(tmp_path, base, granularity):
-    config, params = base
+    _, params = base
     adapters = [lora.read_lora_adapter(d) for d, _ in three_adapters(tmp_path)]
     taus = [dict(named_leaves(lora.lora_task_vector(a, params))) for a in adapters]
     factors = lora.lora_factors(adapters, params)
@@ -126,7 +127,7 @@ def test_factored_sum_equals_dense(tmp_path, base, granularity):
         np.testing.assert_allclose(got, dense, atol=1e-5, rtol=1e-5, err_msg=path)
         # the λ-gradient of ⟨G, Σ_k λ_k τ_k⟩ is ⟨G, τ_k⟩ (per layer for [K, L])
         g = rng.normal(size=dense.shape).astype(np.float32)
-        grad = np.asarray(jax.grad(lambda x: jnp.sum(g * lora.low_rank_weighted_sum(x, f)))(jnp.asarray(lam)))
+        grad = np.asarray(jax.grad(lambda x, g=g, f=f: jnp.sum(g * lora.low_rank_weighted_sum(x, f)))(jnp.asarray(lam)))
         axes = tuple(range(lam.ndim - 1, g.ndim))  # keep the layer axis of a [K, L] λ
         want = np.stack([(g * np.asarray(taus[k][path])).sum(axis=axes) for k in range(3)])
         np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-3, err_msg=path)
@@ -148,16 +149,16 @@ def test_merged_adapter_matches_torch(tmp_path, base):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config, params = base
-    directory, tensors = three_adapters(tmp_path)[2]
-    merged = jax.tree_util.tree_map(jnp.add, params, lora.lora_task_vector(lora.read_lora_adapter(directory), params))
+    adapter = lora.read_lora_adapter(three_adapters(tmp_path)[2][0])
+    merged = jax.tree_util.tree_map(jnp.add, params, lora.lora_task_vector(adapter, params))
     model = transformers.AutoModelForCausalLM.from_pretrained(LLAMA, attn_implementation="eager").float()
-    adapter = lora.read_lora_adapter(directory)
     with torch.no_grad():
         for module, m in adapter.modules.items():
             weight = model.get_submodule(module).weight
             weight += torch.from_numpy(m.scale * (m.b @ m.a))
     expected = dict(np.load(os.path.join(LLAMA, "expected.npz")))
-    ids, mask, positions = (torch.from_numpy(expected[k]).long() for k in ["input_ids", "attention_mask", "position_ids"])
+    ids, mask, positions = (torch.from_numpy(expected[k]).long()
+                            for k in ["input_ids", "attention_mask", "position_ids"])
     with torch.no_grad():
         theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
     ours = np.asarray(jax.jit(llama.forward, static_argnums=3)(merged, expected["input_ids"],
@@ -210,7 +211,7 @@ def test_errors_name_the_field_or_tensor(tmp_path, base):
     directory, _ = write_adapter(tmp_path / "deep", [(5, "q_proj", 4)], seed=0)
     with pytest.raises(ValueError, match="layer 5"):
         lora.lora_task_vector(lora.read_lora_adapter(directory), params)
-    qwen2_config, qwen2 = ck.load_hf_causal_lm(os.path.join(os.path.dirname(LLAMA), "qwen2"))
+    _, qwen2 = ck.load_hf_causal_lm(os.path.join(os.path.dirname(LLAMA), "qwen2"))
     directory, _ = write_adapter(tmp_path / "shape", [(0, "q_proj", 4)], seed=0)
     with pytest.raises(ValueError, match=r"q_proj.*do not fit the base kernel \(32, 32\)"):
         lora.lora_task_vector(lora.read_lora_adapter(directory), qwen2)

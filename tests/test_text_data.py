@@ -1,6 +1,5 @@
 """Prompt files, tokenization with a checkpoint's tokenizer, buckets, and the resumable per-step text batches."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -144,7 +144,7 @@ class TextBatches:
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], tokenizer_dir: str | os.PathLike, *,
                    field: str | None = None, max_length: int = 256, min_length: int = 16, **kwargs: Any
-                   ) -> "TextBatches":
+                   ) -> TextBatches:
         """Batches over one prompt file per task, tokenized with the tokenizer in ``tokenizer_dir``.
 
         The pad id is the tokenizer's pad token, else its EOS token, else 0 (padding is masked either way).

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -122,7 +123,7 @@ class LlamaConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, hf: Mapping[str, Any]) -> LlamaConfig:
         """The config of an HF ``config.json`` (``model_type`` "llama" or "qwen2"); errors name the field.
 
         RoPE is read from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x and
@@ -266,7 +267,7 @@ class _Attention(nn.Module):
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array) -> jax.Array:
         c = self.config
         n, t, _ = h.shape
-        dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, name=name)  # noqa: E731
+        dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, name=name)
         q = dense(c.num_heads * c.head_dim, c.qkv_bias, "q")(h).reshape(n, t, c.num_kv_heads, c.kv_groups, c.head_dim)
         k = dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "k")(h).reshape(n, t, c.num_kv_heads, c.head_dim)
         v = dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "v")(h).reshape(n, t, c.num_kv_heads, c.head_dim)

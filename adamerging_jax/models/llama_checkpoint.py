@@ -26,7 +26,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,8 +36,13 @@ from adamerging_jax.coefficient_formats import TensorNames
 from adamerging_jax.core.checkpoint import write_json_atomic
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.models import clip_checkpoint
-from adamerging_jax.models.clip_checkpoint import (CONFIG, SAFETENSORS, SAFETENSORS_INDEX, _read_checkpoint_dir,
-                                                   atomic_directory)
+from adamerging_jax.models.clip_checkpoint import (
+    CONFIG,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    _read_checkpoint_dir,
+    atomic_directory,
+)
 from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
 
 StateDict = Mapping[str, np.ndarray]
@@ -97,7 +103,7 @@ def tree_path(name: str) -> tuple[str, int | None]:
 def leaf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Our leaf paths and shapes for ``config`` (traced from the model, nothing allocated; do not mutate)."""
     ids = jax.ShapeDtypeStruct((1, 1), np.int32)
-    init = lambda key, *inputs: LlamaForCausalLM(config).init(key, *inputs)["params"]  # noqa: E731
+    init = lambda key, *inputs: LlamaForCausalLM(config).init(key, *inputs)["params"]
     shapes = jax.eval_shape(init, jax.random.key(0), ids, ids, ids)
     return {path: tuple(leaf.shape) for path, leaf in named_leaves(shapes)}
 

@@ -18,7 +18,7 @@ same. DoRA, trained biases, embedding LoRA and ``modules_to_save`` are refused w
 Factored form. With K adapters, AdaMerging's merge needs Σ_k λ_k τ_k. Dense, the τ_k cost K·m·n numbers per
 adapted m×n kernel (per layer); the factors A_k, B_k cost K·r·(m + n). :func:`low_rank_weighted_sum` computes
 
-    Σ_k λ_k s_k (B_k A_k)ᵀ = Ãᵀ B̃ᵀ,   Ã = [λ_1 s_1 A_1; …; λ_K s_K A_K]  [K r, in],  B̃ = [B_1 … B_K]  [out, K r]
+    Σ_k λ_k s_k (B_k A_k)ᵀ = Ãᵀ B̃ᵀ,  Ã = [λ_1 s_1 A_1; …; λ_K s_K A_K] [K r, in],  B̃ = [B_1 … B_K] [out, K r]
 
 as one contraction over (k, r), so only the m×n result is ever formed, and its gradient in λ contracts the
 output's gradient with the factors the same way (∂/∂λ_k = s_k ⟨G, A_kᵀ B_kᵀ⟩ = s_k tr(B_kᵀ Gᵀ A_kᵀ)).
