@@ -146,7 +146,7 @@ class LlamaConfig:
             raise ValueError(f"config.json field 'pretraining_tp' is {hf['pretraining_tp']}; only 1 is supported")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        if "head_dim" not in hf and hf["hidden_size"] % heads:
+        if not hf.get("head_dim") and hf["hidden_size"] % heads:
             raise ValueError(f"config.json field 'num_attention_heads' ({heads}) does not divide 'hidden_size' "
                              f"({hf['hidden_size']}) and no 'head_dim' is given")
         theta, scaling = _rope_from_hf(hf)
