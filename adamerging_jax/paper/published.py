@@ -1,10 +1,12 @@
 """The published numbers the experiments are compared with (top-1 accuracy, %).
 
-Transcribed from ``shared/reference/paper-numbers.md``: the AdaMerging paper's tables (Yang et al., ICLR 2024)
-as its official logs and later papers (EMR-Merging, WUDI-Merging, StatsMerging) reprint them, and FusionBench's
-re-runs on its own Hugging Face checkpoints.  Each table maps method -> {task or "mean": value}; a number the
-sources do not give is absent (shown as "–").  "AdaMerging" without qualifier in the generalization and
-robustness experiments is the layer-wise one.
+Transcribed from the AdaMerging paper (Yang et al., ICLR 2024) -- Table 1 (ViT-B/32, 8 tasks), Table 2
+(ViT-L/14) and its generalization experiment (merge 6 tasks, test on the 2 unseen), the numbers agreeing with
+the official repository's logs and with later papers' reprints (EMR-Merging, WUDI-Merging, StatsMerging) --
+and from FusionBench's published tables: its re-runs on its own Hugging Face checkpoints (ViT-B/32 and
+ViT-L/14) and its robustness experiment (ViT-B/32, clean and 7 corruptions).  Each table maps method ->
+{task or "mean": value}; a number the sources do not give is absent (shown as "–").  "AdaMerging" without
+qualifier in the generalization and robustness experiments is the layer-wise one.
 """
 from __future__ import annotations
 
