@@ -15,7 +15,15 @@ from adamerging_jax.core.methods import (
     weight_average,
 )
 from adamerging_jax.core.objective import Predictions, SharedBackbone, entropy, entropy_objective
-from adamerging_jax.core.optimize import AdaMergingConfig, AdaMergingResult, adamerging, load_coefficients, make_step
+from adamerging_jax.core.checkpoint import CorruptCheckpointError
+from adamerging_jax.core.optimize import (
+    AdaMergingConfig,
+    AdaMergingResult,
+    NonFiniteError,
+    adamerging,
+    load_coefficients,
+    make_step,
+)
 from adamerging_jax.core.parallel import data_mesh
 from adamerging_jax.core.protocol import MergeSettings, MethodRecord, run_methods
 from adamerging_jax.core.registry import (
@@ -41,11 +49,13 @@ __all__ = [
     "AdaMergingResult",
     "AdaptContext",
     "Coefficients",
+    "CorruptCheckpointError",
     "MergeMethod",
     "MergeSettings",
     "Merged",
     "MethodRecord",
     "MethodSpec",
+    "NonFiniteError",
     "Parameter",
     "PerTask",
     "Predictions",

@@ -114,7 +114,8 @@ def lambda_matrix(coefficients: Mapping[str, Any]) -> np.ndarray:
 
 
 def plots(run: Mapping[str, Any], output_dir: Path, clamp: tuple[float, float] | None = None) -> dict[str, Path]:
-    """Accuracy per method and task, summed entropy per step, and a λ heatmap per layer-wise method."""
+    """Accuracy per method and task (when any was evaluated), summed entropy per step, and a λ heatmap per
+    layer-wise method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,15 +124,17 @@ def plots(run: Mapping[str, Any], output_dir: Path, clamp: tuple[float, float] |
     files: dict[str, Path] = {}
     methods, tasks = list(run["methods"]), list(run["tasks"])
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 4))
-    width = 0.8 / len(tasks)
-    for i, task in enumerate(tasks):
-        heights = [100 * run["methods"][m]["accuracy"].get(task, np.nan) for m in methods]
-        ax.bar(np.arange(len(methods)) + i * width, heights, width, label=task)
-    ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, [_label(run, m) for m in methods], rotation=30, ha="right")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=8)
-    files["accuracy_plot"] = _save(fig, output_dir / "accuracy.png")
+    if any(run["methods"][m]["accuracy"] for m in methods):
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 4))
+        width = 0.8 / len(tasks)
+        for i, task in enumerate(tasks):
+            heights = [100 * run["methods"][m]["accuracy"].get(task, np.nan) for m in methods]
+            ax.bar(np.arange(len(methods)) + i * width, heights, width, label=task)
+        ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, [_label(run, m) for m in methods], rotation=30,
+                      ha="right")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.legend(fontsize=8)
+        files["accuracy_plot"] = _save(fig, output_dir / "accuracy.png")
 
     adaptive = [m for m in methods if run["methods"][m].get("entropy")]
     if adaptive:

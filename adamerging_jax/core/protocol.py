@@ -94,9 +94,9 @@ class MethodRecord:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
-    def mean(self) -> float:
-        """Unweighted mean accuracy over the evaluated tasks (the paper's Avg.)."""
-        return float(np.mean(list(self.accuracy.values())))
+    def mean(self) -> float | None:
+        """Unweighted mean accuracy over the evaluated tasks (the paper's Avg.); None when none was evaluated."""
+        return float(np.mean(list(self.accuracy.values()))) if self.accuracy else None
 
     @property
     def entropy(self) -> list[float] | None:
@@ -223,6 +223,21 @@ def run_methods(
         raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
     models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
                                    probe=probe, state_dir=state_dir, mesh=mesh, log=log)
+    return score_models(apply_fn, models, records, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
+
+
+def score_models(
+    apply_fn: ApplyFn,
+    models: Mapping[str, Merged],
+    records: Mapping[str, MethodRecord],
+    test_sets: Sequence[Any],
+    task_names: Sequence[str],
+    eval_batch_size: int = 256,
+    *,
+    quiet: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, MethodRecord]:
+    """Fill the records' accuracy: every model of `build_models` evaluated in one pass over each test set."""
     started = time.perf_counter()
     to_evaluate = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
     accuracy = evaluate_models(apply_fn, to_evaluate, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
@@ -230,7 +245,7 @@ def run_methods(
     for name, record in records.items():
         record.accuracy = accuracy[name].per_task
         record.seconds["evaluate"] = seconds
-    return records
+    return dict(records)
 
 
 def records_json(records: Mapping[str, MethodRecord]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.coefficients import Coefficients

@@ -30,10 +30,9 @@ import adamerging_jax as am
 from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.checkpoint import write_atomic
 from adamerging_jax.core.coefficients import Coefficients
-from adamerging_jax.core.evaluate import PerTask, evaluate_models
 from adamerging_jax.core.methods import ties_task_vectors
 from adamerging_jax.core.optimize import adamerging
-from adamerging_jax.core.protocol import build_models, records_json
+from adamerging_jax.core.protocol import build_models, records_json, score_models
 from adamerging_jax.core.registry import MergeMethod, Merged, MethodSpec
 from adamerging_jax.merging.card import lambda_summary, model_card
 from adamerging_jax.merging.plan import Plan, fail, source_identity
@@ -133,11 +132,7 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
         size = towers.config.vision.image_size
         test_sets = [evaluation_batches(source, config.eval_batch_size, functools.partial(clip_preprocess, size=size))
                      for source in plan.tests]
-        evaluated = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
-        accuracy = evaluate_models(plan.binding.apply_fn, evaluated, test_sets, names, config.eval_batch_size,
-                                   quiet=True, log=log)
-        for name, record in records.items():
-            record.accuracy = accuracy[name].per_task
+        score_models(plan.binding.apply_fn, models, records, test_sets, names, config.eval_batch_size, log=log)
     run = {"tasks": names, "merged_tasks": names, "methods": records_json(records), "export": config.exported,
            "weights": plan.weights_file, "settings": settings.describe(), "config": config.source}
     return write_outputs(plan, models[config.exported], run, log)
