@@ -204,7 +204,7 @@ def test_export_replaces_folder_whole_and_copies_tokenizer(tmp_path):
     with pytest.raises(FileExistsError, match="notes.txt"):
         ck.save_hf_causal_lm(out, params, config)
     assert (out / "notes.txt").exists()
-    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+    with pytest.raises(FileNotFoundError, match="holds neither vocab.json"):
         ck.save_hf_causal_lm(tmp_path / "other", params, config, tokenizer_dir=tmp_path)
     assert not (tmp_path / "other").exists()
 

@@ -17,10 +17,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -240,3 +242,36 @@ def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     write_atomic(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, replaceable: Iterable[str]) -> Iterator[str]:
+    """A fresh folder beside ``directory`` to write into, renamed to ``directory`` when the block succeeds
+    and removed when it fails, so ``directory`` is never seen half written.
+
+    An existing ``directory`` is replaced only when it holds nothing but names in ``replaceable`` (an earlier
+    export); otherwise FileExistsError names the files that would be lost.
+    """
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise FileExistsError(f"{target!r} exists and is not a directory")
+        if foreign := sorted(set(os.listdir(target)) - set(replaceable)):
+            raise FileExistsError(f"{target!r} exists and holds files an export does not write: {foreign[:5]}; "
+                                  f"choose an empty or new directory")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    os.mkdir(tmp)  # mode 0777 & ~umask, as a folder made by hand
+    try:
+        yield tmp
+        if os.path.exists(target):
+            old = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.old")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)

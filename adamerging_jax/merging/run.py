@@ -141,7 +141,9 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
 def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The model folder with its card, the named λ and the report (module docstring)."""
     from adamerging_jax import report
-    from adamerging_jax.models.clip_checkpoint import TOKENIZER_FILES, atomic_directory, save_hf_clip
+    from adamerging_jax.core.checkpoint import atomic_directory
+    from adamerging_jax.models.clip_checkpoint import save_hf_clip
+    from adamerging_jax.models.hf_files import TOKENIZER_FILES
 
     config, output, towers = plan.config, plan.output, plan.towers
     summary = None

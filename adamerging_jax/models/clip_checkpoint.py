@@ -26,27 +26,30 @@ one fused ``attn.in_proj_weight`` [3W, W] (rows q; k; v), ``proj`` is already [W
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import uuid
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
 from adamerging_jax.coefficient_formats import TensorNames
-from adamerging_jax.core.checkpoint import write_json_atomic
+from adamerging_jax.core.checkpoint import atomic_directory, write_json_atomic
+from adamerging_jax.models.hf_files import (
+    CONFIG,
+    SAFETENSORS,
+    TOKENIZER_FILES,
+    read_checkpoint_dir,
+    read_safetensors,
+    tokenizer_files,
+)
 from adamerging_jax.models.clip import ClipConfig, ConfigError, TextConfig, VisionConfig, init_params
 
 Params = dict[str, Any]
 StateDict = Mapping[str, np.ndarray]
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-CONFIG = "config.json"
 VISION_PREFIX = "vision_model."
 
 # (our path inside a block, HF name inside "encoder.layers.i.", is a torch Linear weight)
@@ -81,44 +84,6 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 # ------------------------------------------------------------------------------------------- file reading
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a ``.safetensors`` file as numpy arrays; bf16 comes back as float32 (numpy has no bf16)."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no safetensors file at {path!r}")
-    try:
-        with safe_open(path, framework="flax") as f:
-            return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError on a corrupt header
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    array = np.asarray(array)
-    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
-
-
-def _read_checkpoint_dir(directory: str) -> dict[str, np.ndarray]:
-    single = os.path.join(directory, SAFETENSORS)
-    index = os.path.join(directory, SAFETENSORS_INDEX)
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(os.path.join(directory, shard)))
-        return tensors
-    present = sorted(os.listdir(directory))
-    hint = " (pytorch_model.bin is not read: re-save it with safe_serialization=True)" if (
-        "pytorch_model.bin" in present) else ""
-    raise FileNotFoundError(f"no {SAFETENSORS} or {SAFETENSORS_INDEX} in {directory!r}; it holds {present}{hint}")
 
 
 def resolve_checkpoint(path_or_id: str, *, allow_download: bool = True) -> str:
@@ -332,7 +297,7 @@ def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bo
             raise ValueError(f"{config_path!r} is not a usable CLIP config: missing key {err}") from err
         except ValueError as err:
             raise ValueError(f"{config_path!r} is not a usable CLIP config: {err}") from err
-    state = _read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
+    state = read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
     _check_shapes(state, config, location)
     return config, params_from_hf_state_dict(state, source=location, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
@@ -359,10 +324,6 @@ def _check_shapes(state: StateDict, config: ClipConfig, source: str) -> None:
 
 EXPORT_KINDS = ("vision_with_projection", "clip")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-# The tokenizer files of both layouts: openai/clip-vit-* (vocab.json, merges.txt) and transformers 5
-# (tokenizer.json, tokenizer_config.json), with the optional special-token files.
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 
 
 def hf_text_config(config: TextConfig) -> dict[str, Any]:
@@ -432,63 +393,19 @@ def _hf_tensors(vision_params: Params, pretrained_full: Params | None, kind: str
     return state
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, replaceable: Iterable[str]) -> Iterator[str]:
-    """A fresh folder beside ``directory`` to write into, renamed to ``directory`` when the block succeeds
-    and removed when it fails, so ``directory`` is never seen half written.
-
-    An existing ``directory`` is replaced only when it holds nothing but names in ``replaceable`` (an earlier
-    export); otherwise FileExistsError names the files that would be lost.
-    """
-    target = os.path.abspath(os.fspath(directory))
-    if os.path.exists(target):
-        if not os.path.isdir(target):
-            raise FileExistsError(f"{target!r} exists and is not a directory")
-        if foreign := sorted(set(os.listdir(target)) - set(replaceable)):
-            raise FileExistsError(f"{target!r} exists and holds files an export does not write: {foreign[:5]}; "
-                                  f"choose an empty or new directory")
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-    os.mkdir(tmp)  # mode 0777 & ~umask, as a folder made by hand
-    try:
-        yield tmp
-        if os.path.exists(target):
-            old = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.old")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
 def _write_hf_folder(directory: str | os.PathLike, state: Mapping[str, np.ndarray], config_json: dict[str, Any],
                      extra_json: Mapping[str, dict[str, Any]], tokenizer_dir: str | None) -> None:
     """config.json, model.safetensors, ``extra_json`` files and the tokenizer files, as one atomic folder."""
     from safetensors.numpy import save_file
 
-    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    copied = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     with atomic_directory(directory, [CONFIG, SAFETENSORS, PREPROCESSOR_CONFIG, *TOKENIZER_FILES]) as tmp:
         write_json_atomic(os.path.join(tmp, CONFIG), config_json)
         for name, obj in extra_json.items():
             write_json_atomic(os.path.join(tmp, name), obj)
         save_file(dict(state), os.path.join(tmp, SAFETENSORS), {"format": "pt"})
-        for path in tokenizer_files:
+        for path in copied:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-
-
-def _tokenizer_files(directory: str) -> list[str]:
-    """The tokenizer files present in ``directory``; one complete layout must be there."""
-    present = [os.path.join(directory, name) for name in TOKENIZER_FILES
-               if os.path.isfile(os.path.join(directory, name))]
-    names = {os.path.basename(path) for path in present}
-    if not ({"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names):
-        raise FileNotFoundError(f"tokenizer_dir {directory!r} holds neither vocab.json + merges.txt nor "
-                                f"tokenizer.json")
-    return present
 
 
 def save_hf_clip(directory: str | os.PathLike, vision_params: Params, pretrained_full: Params,

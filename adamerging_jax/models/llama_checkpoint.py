@@ -33,15 +33,15 @@ import jax
 import numpy as np
 
 from adamerging_jax.coefficient_formats import TensorNames
-from adamerging_jax.core.checkpoint import write_json_atomic
+from adamerging_jax.core.checkpoint import atomic_directory, write_json_atomic
 from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.models import clip_checkpoint
-from adamerging_jax.models.clip_checkpoint import (
+from adamerging_jax.models.hf_files import (
     CONFIG,
     SAFETENSORS,
     SAFETENSORS_INDEX,
-    _read_checkpoint_dir,
-    atomic_directory,
+    TOKENIZER_FILES,
+    read_checkpoint_dir,
+    tokenizer_files,
 )
 from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
 
@@ -65,7 +65,6 @@ _HF_TO_TOP = {hf: ours for ours, hf in _TOP}
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some older checkpoints saved
 # CLIP's tokenizer files plus sentencepiece's (Llama 2) and a chat template
-TOKENIZER_FILES = (*clip_checkpoint.TOKENIZER_FILES, "tokenizer.model", "chat_template.jinja")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -201,7 +200,7 @@ def load_hf_causal_lm(directory: str, *, dtype: Any = np.float32, allow_nonfinit
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint folder at {directory!r}")
     config = read_config(directory)
-    state = _read_checkpoint_dir(directory)
+    state = read_checkpoint_dir(directory)
     return config, params_from_hf_state_dict(state, config, source=directory, dtype=dtype,
                                              allow_nonfinite=allow_nonfinite)
 
@@ -255,12 +254,7 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
     from safetensors.numpy import save_file
 
     state = hf_state_dict(params, config, dtype=dtype)
-    tokenizer_files = []
-    if tokenizer_dir is not None:
-        tokenizer_files = [os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES
-                           if os.path.isfile(os.path.join(tokenizer_dir, f))]
-        if not tokenizer_files:
-            raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {str(tokenizer_dir)!r}")
+    copied = tokenizer_files(os.fspath(tokenizer_dir)) if tokenizer_dir is not None else []
     dtypes = {a.dtype.name for a in state.values()}
     hf_config = dict(config.to_hf(), dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
     with atomic_directory(directory, _replaceable(directory)) as tmp:
@@ -277,7 +271,7 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
             index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
                      "weight_map": weight_map}
             write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), index)
-        for path in tokenizer_files:
+        for path in copied:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
 
 
