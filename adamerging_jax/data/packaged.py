@@ -4,7 +4,7 @@ Every source returns a ``Task``: raw images (uint8, [N, H, W] grayscale or [N, H
 labels, already split into train and test deterministically by ``seed`` and balanced per class as far as
 the pool allows. ``preprocess`` turns images into the network's input at a chosen resolution.
 
-Sources (see ``shared/reference/offline-assets.md`` for files, formats and licenses):
+Sources (the files, formats and licenses as each package ships them):
 
 ==============  ===========================================================  =======  ======================
 name            data                                                          classes  ships in
