@@ -221,3 +221,20 @@ def test_errors_name_the_field_or_tensor(tmp_path, base):
     with pytest.raises(ValueError, match="λ of shape"):
         f = lora.lora_factors([lora.read_lora_adapter(d) for d, _ in three_adapters(tmp_path)], params)
         lora.low_rank_weighted_sum(jnp.ones((3, 5)), f["layers/attn/q/kernel"])
+
+
+def test_factored_tree_merges_like_the_dense_task_vectors(tmp_path, base):
+    """merge(θ0, factored_task_vectors, λ) = θ0 + Σ_k λ_k τ_k with the dense τ_k of each adapter (layer-wise λ)."""
+    import adamerging_jax as am
+
+    _, params = base
+    adapters = [lora.read_lora_adapter(d) for d, _ in three_adapters(tmp_path)]
+    factored = lora.factored_task_vectors(adapters, params)
+    assert isinstance(factored["embed"], lora.LoraFactors) and factored["embed"].a.shape[-2] == 0  # nothing stored
+    assert factored["layers"]["attn_norm"]["scale"].shape == (3, *params["layers"]["attn_norm"]["scale"].shape)
+    dense = am.task_vectors(params, [am.core.task_vectors.add_to_pretrained(params, lora.lora_task_vector(a, params))
+                                     for a in adapters])
+    lam = am.init_coefficients(params, 3, "layer", np.asarray([0.7, -0.4, 1.3]), llama.stacked)
+    got, want = am.merge(params, factored, lam), am.merge(params, dense, lam)
+    for (path, x), (_, y) in zip(named_leaves(got), named_leaves(want)):
+        np.testing.assert_allclose(x, y, atol=1e-5, err_msg=path)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.low_rank import shape_view
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, named_leaves
 
 Granularity = Union[Literal["task", "layer"], Callable[[str], str]]
@@ -112,10 +113,11 @@ def init_coefficients(
 
 
 def check_coefficients(coefficients: Coefficients, stacked_task_vectors: PyTree) -> None:
-    """Raise a ValueError when λ was made for another tree, another K, or has the wrong shape for a leaf."""
+    """Raise a ValueError when λ was made for another tree, another K, or has the wrong shape for a leaf (a
+    `LoraFactors` leaf is read as the dense `[K, *shape]` it stands for)."""
     if not isinstance(coefficients, Coefficients):
         raise TypeError(f"coefficients must be a Coefficients (see init_coefficients), got {type(coefficients).__name__}")
-    named = named_leaves(stacked_task_vectors)
+    named = named_leaves(shape_view(stacked_task_vectors))
     paths = [p for p, _ in named]
     coefficient_paths = [p for p, _ in coefficients.leaf_groups]
     if paths != coefficient_paths:

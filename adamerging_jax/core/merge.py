@@ -1,4 +1,8 @@
-"""The merge θ = θ0 + Σ_k λ_k ⊙ τ_k (task arithmetic with learnable λ; AdaMerging eq. 3/4)."""
+"""The merge θ = θ0 + Σ_k λ_k ⊙ τ_k (task arithmetic with learnable λ; AdaMerging eq. 3/4).
+
+A τ leaf is a dense `[K, *shape]` array or `LoraFactors` (`core.low_rank`), whose Σ_k λ_k s_k (B_k A_k)ᵀ is one
+contraction over (task, rank) inside the same jitted function, so the K dense matrices are never formed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from adamerging_jax.core.coefficients import Coefficients, check_coefficients
+from adamerging_jax.core.low_rank import LoraFactors, is_factors, low_rank_weighted_sum
 from adamerging_jax.core.task_vectors import check_stacked
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, map_with_path
 
@@ -31,6 +36,13 @@ def _weighted_sum(lam: jax.Array, tau: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(lam, tau, cpu=weighted_sum_by_contraction, default=weighted_sum_by_reduction)
 
 
+def task_vector_sum(lam: jax.Array, tau: jax.Array | LoraFactors, dtype) -> jax.Array:
+    """Σ_k λ[k] τ[k] in `dtype` for a dense τ leaf `[K, ...]` or its `LoraFactors` (factors cast to `dtype`)."""
+    if is_factors(tau):
+        return low_rank_weighted_sum(lam, jax.tree_util.tree_map(lambda x: x.astype(dtype), tau))
+    return _weighted_sum(lam, tau)
+
+
 @partial(jax.jit, static_argnames=("clamp", "dtype"))
 def merge(
     pretrained: PyTree,
@@ -48,7 +60,8 @@ def merge(
 
     Args:
       pretrained: θ0.
-      task_vectors: stacked τ, leaves `[K, *leaf.shape]` (see `task_vectors`; checked by `check_stacked`).
+      task_vectors: stacked τ, leaves `[K, *leaf.shape]` (see `task_vectors`; checked by `check_stacked`) or
+        `LoraFactors` standing for them (see `core.low_rank`).
       coefficients: λ from `init_coefficients`.
       clamp: ``(lo, hi)`` clips λ inside the forward, as the official AdaMerging code does with (0, 1);
         the gradient is zero where λ lies outside. ``None`` (FusionBench's default) does not clip.
@@ -58,11 +71,11 @@ def merge(
     check_coefficients(coefficients, task_vectors)
 
     def merge_leaf(path, theta0, tau):
-        acc = accumulation_dtype(theta0.dtype, tau.dtype)
+        acc = accumulation_dtype(theta0.dtype, *(jnp.result_type(x) for x in jax.tree_util.tree_leaves(tau)))
         lam = coefficients.for_leaf(path).astype(acc)
         if clamp is not None:
             lam = jnp.clip(lam, clamp[0], clamp[1])
-        merged = theta0.astype(acc) + _weighted_sum(lam, tau)
+        merged = theta0.astype(acc) + task_vector_sum(lam, tau, acc)
         return merged.astype(dtype or theta0.dtype)
 
     return map_with_path(merge_leaf, pretrained, task_vectors)

@@ -47,11 +47,12 @@ from tqdm.auto import tqdm
 
 from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest, write_json_atomic, write_npz_atomic
 from adamerging_jax.core.coefficients import Coefficients, Granularity, check_coefficients, init_coefficients
+from adamerging_jax.core.low_rank import cast_task_vectors
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.objective import ApplyFn, entropy_objective, task_entropy
 from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy, shard_batches
-from adamerging_jax.core.task_vectors import num_tasks
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_same_structure, is_float_dtype, named_leaves
+from adamerging_jax.core.task_vectors import check_stacked, num_tasks
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, is_float_dtype, named_leaves
 
 Batches = Sequence[Any]
 BatchSource = Union[Callable[[int], Batches], Iterable[Batches]]
@@ -514,14 +515,13 @@ def _prepare(
     """Check the inputs, cast θ0 and τ to `param_dtype`, place everything on the mesh and make the initial
     state. λ and the optimiser state are copies (the step donates them; the caller's arrays stay usable).
     θ0 and τ must be finite (one reduction per leaf, once)."""
-    check_same_structure(pretrained, task_vectors, "the task-vector tree")
-    k = num_tasks(task_vectors)
+    k = check_stacked(pretrained, task_vectors)
     if coefficients is None:
         coefficients = init_coefficients(pretrained, k, config.granularity, config.init_value, config.stacked)
     check_coefficients(coefficients, task_vectors)
     if config.param_dtype:
-        cast = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), tree)  # noqa: E731
-        pretrained, task_vectors = cast(pretrained), cast(task_vectors)
+        pretrained = jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), pretrained)
+        task_vectors = cast_task_vectors(task_vectors, config.param_dtype)
     pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
     task_vectors = place_tree(task_vectors, mesh, config.shard_task_vectors, skip_leading=1)
     coefficients = replicated_copy(coefficients, mesh)
@@ -659,7 +659,9 @@ def adamerging(
     Args:
       apply_fn: `apply_fn(params, inputs, task_index) -> logits`; `task_index` is a Python int (the head).
       pretrained: θ0.
-      task_vectors: stacked τ `[K, ...]` from `task_vectors` (or `ties_task_vectors` for ++).
+      task_vectors: stacked τ `[K, ...]` from `task_vectors` (or `ties_task_vectors` for ++); a leaf may be
+        `LoraFactors` (`core.low_rank`, e.g. `models.lora.factored_task_vectors`), merged inside the step
+        without forming the dense τ.
       batches: per step, a sequence of K unlabeled input batches (task t's batch goes with head t); either a
         function `step -> batches` (resumable at any step) or an iterable (fast-forwarded on resume). A
         source with a `fingerprint()` method (e.g. `data.pipeline.AdaptationBatches`) is identified by it in

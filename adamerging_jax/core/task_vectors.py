@@ -2,7 +2,8 @@
 
 The K task vectors are kept *stacked*: one tree with the structure of θ0 whose leaves have shape
 `[K, *leaf.shape]`. Every merge method and the AdaMerging optimiser act on this layout, so a merge is one
-`tree_map` with a reduction over the leading axis.
+`tree_map` with a reduction over the leading axis. A leaf may also be `LoraFactors` standing for its dense
+`[K, *leaf.shape]` (`core.low_rank`): `num_tasks` and `check_stacked` read the shape the factors stand for.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.low_rank import shape_view
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_same_structure, is_float_dtype, named_leaves
 
 
@@ -90,9 +92,10 @@ def num_tasks(stacked: PyTree) -> int:
     """K, the length of the leading axis shared by every leaf of stacked task vectors.
 
     Raises:
-      ValueError naming the first leaf that is a scalar or whose leading axis differs from the first leaf's.
+      ValueError naming the first leaf that is a scalar or whose leading axis differs from the first leaf's
+      (or LoRA factors whose a, b and scale do not fit together).
     """
-    named = named_leaves(stacked)
+    named = named_leaves(shape_view(stacked))
     if not named:
         raise ValueError("the task-vector tree has no leaves")
     first_name, first_leaf = named[0]
@@ -121,9 +124,10 @@ def check_stacked(pretrained: PyTree, task_vectors: PyTree) -> int:
       ValueError naming the leaf and both shapes (or the leaves missing from one tree, or the leaf whose
       leading axis is not K).
     """
-    check_same_structure(pretrained, task_vectors, "the task-vector tree")
+    view = shape_view(task_vectors)
+    check_same_structure(pretrained, view, "the task-vector tree")
     k = num_tasks(task_vectors)
-    for (name, theta0), (_, tau) in zip(named_leaves(pretrained), named_leaves(task_vectors)):
+    for (name, theta0), (_, tau) in zip(named_leaves(pretrained), named_leaves(view)):
         expected = (k, *np.shape(theta0))
         if tuple(np.shape(tau)) != expected:
             raise ValueError(

@@ -16,15 +16,12 @@ describes the base layer's torch layout, and PEFT forces it off for ``nn.Linear`
 same. DoRA, trained biases, embedding LoRA and ``modules_to_save`` are refused with the field named.
 
 Factored form. With K adapters, AdaMerging's merge needs Σ_k λ_k τ_k. Dense, the τ_k cost K·m·n numbers per
-adapted m×n kernel (per layer); the factors A_k, B_k cost K·r·(m + n). :func:`low_rank_weighted_sum` computes
-
-    Σ_k λ_k s_k (B_k A_k)ᵀ = Ãᵀ B̃ᵀ,  Ã = [λ_1 s_1 A_1; …; λ_K s_K A_K] [K r, in],  B̃ = [B_1 … B_K] [out, K r]
-
-as one contraction over (k, r), so only the m×n result is ever formed, and its gradient in λ contracts the
-output's gradient with the factors the same way (∂/∂λ_k = s_k ⟨G, A_kᵀ B_kᵀ⟩ = s_k tr(B_kᵀ Gᵀ A_kᵀ)).
-Adapters of different ranks are zero-padded to the largest rank of each leaf (zero rows add nothing).
-For a 7B Llama with r = 16 on q, k, v, o (4096 × 4096 each, 32 layers) and K = 4 adapters: dense 8.6 G numbers,
-factored 67 M.
+adapted m×n kernel (per layer); the factors A_k, B_k cost K·r·(m + n). :func:`lora_factors` stacks the K
+adapters' factors per kernel (:class:`~adamerging_jax.core.low_rank.LoraFactors`, ranks zero-padded to each
+leaf's largest: zero rows add nothing) and :func:`factored_task_vectors` makes the whole task-vector tree that
+``core.merge.merge`` and ``core.optimize.adamerging`` take, the sum being computed inside the jitted step by
+``core.low_rank.low_rank_weighted_sum`` without forming the K dense matrices. For a 7B Llama with r = 16 on
+q, k, v, o (4096 × 4096 each, 32 layers) and K = 4 adapters: dense 8.6 G numbers, factored 67 M.
 """
 from __future__ import annotations
 
@@ -36,10 +33,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.low_rank import LoraFactors, factored_sizes, low_rank_weighted_sum, zero_task_vector
 from adamerging_jax.core.trees import map_with_path, named_leaves
 from adamerging_jax.models.clip_checkpoint import read_safetensors
 from adamerging_jax.models.llama import Params, stacked
@@ -47,6 +44,9 @@ from adamerging_jax.models.llama_checkpoint import tree_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+__all__ = ["LoraAdapter", "LoraFactors", "LoraModule", "factored_sizes", "factored_task_vectors", "lora_factors",
+           "lora_task_vector", "low_rank_weighted_sum", "read_lora_adapter"]  # the factored type lives in the core
+
 _KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
@@ -67,17 +67,6 @@ class LoraAdapter:
 
     source: str
     modules: Mapping[str, LoraModule]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraFactors:
-    """The K adapters' factors of one kernel leaf: a [K, (L,) r, in], b [K, (L,) out, r], scale [K] or [K, L]
-    (zero where an adapter leaves the leaf or layer alone). A pytree: every field is a leaf."""
-
-    a: jax.Array
-    b: jax.Array
-    scale: jax.Array
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -196,24 +185,12 @@ def lora_factors(adapters: Sequence[LoraAdapter], base: Params) -> dict[str, Lor
     return out
 
 
-def low_rank_weighted_sum(lam: jax.Array, factors: LoraFactors) -> jax.Array:
-    """Σ_k λ_k s_k (B_k A_k)ᵀ, [(L,) in, out], as one contraction over (k, r): the K dense matrices are never
-    formed. ``lam`` is [K], or [K, L] for a stacked leaf (one λ per task per layer)."""
-    stacked_leaf = factors.a.ndim == 4
-    lam = jnp.asarray(lam, factors.scale.dtype)
-    if stacked_leaf and lam.ndim == 1:
-        lam = lam[:, None]
-    if lam.shape not in (factors.scale.shape, factors.scale.shape[:1] + (1,) * stacked_leaf):
-        raise ValueError(f"λ of shape {lam.shape} does not fit factors with scale {factors.scale.shape}")
-    scaled_a = (lam * factors.scale)[..., None, None] * factors.a
-    if stacked_leaf:
-        return jnp.einsum("klri,klor->lio", scaled_a, factors.b)
-    return jnp.einsum("kri,kor->io", scaled_a, factors.b)
-
-
-def factored_sizes(factors: Mapping[str, LoraFactors]) -> tuple[int, int]:
-    """(numbers held by the factors, K·r·(m + n) per kernel and layer at the padded rank; numbers the dense τ
-    of the same leaves would hold, K·m·n per kernel and layer)."""
-    held = sum(f.a.size + f.b.size for f in factors.values())
-    dense = sum(f.a.size // f.a.shape[-2] * f.b.shape[-2] for f in factors.values())
-    return int(held), int(dense)
+def factored_task_vectors(adapters: Sequence[LoraAdapter], base: Params) -> Params:
+    """The K adapters' task vectors as a tree shaped like ``base`` for ``core.merge.merge`` / ``adamerging``:
+    :class:`LoraFactors` on adapted kernels, and on every other leaf the zero τ of
+    ``core.low_rank.zero_task_vector`` (zero-rank factors for matrices such as the embedding, dense zeros
+    [K, *shape] for the small vector leaves: norm gains and biases)."""
+    factors = lora_factors(adapters, base)
+    k = len(adapters)
+    return map_with_path(lambda path, x: factors[path] if path in factors
+                         else zero_task_vector(x.shape, k, int(stacked(path)), x.dtype), base)
