@@ -7,7 +7,9 @@ One step (Yang et al., ICLR 2024, Algorithm 1), jitted as one function:
     λ ← optax_update(∇_λ L, λ)
 
 Only λ is trained; θ0, τ and the heads (inside `apply_fn`) are frozen. The step runs on a device mesh with
-each task's batch sharded on its example axis; the result equals the single-device one.
+each task's batch sharded on its example axis, θ0 and τ replicated or sharded along a parameter axis (a 1-D
+"data" mesh, or the "fsdp" axis of a 2-D data × fsdp mesh, see `core.parallel`); the result equals the
+single-device one.
 
 `adamerging` reads as four parts: `_prepare` (checks, casts, placement, the initial state), `_restore` (resume
 from a checkpoint), `_run_steps` (the loop) and `_result`.
@@ -50,7 +52,15 @@ from adamerging_jax.core.coefficients import Coefficients, Granularity, check_co
 from adamerging_jax.core.low_rank import cast_task_vectors
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.objective import ApplyFn, entropy_objective, task_entropy
-from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy, shard_batches
+from adamerging_jax.core.parallel import (
+    constrain_like,
+    data_mesh,
+    place_tree,
+    replicated,
+    replicated_copy,
+    shard_batches,
+    shards_parameters,
+)
 from adamerging_jax.core.task_vectors import check_stacked, num_tasks
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, is_float_dtype, named_leaves
 
@@ -103,7 +113,8 @@ class AdaMergingConfig:
       param_dtype: storage dtype of θ0 and τ on the device (e.g. "bfloat16" halves their memory).
       compute_dtype: dtype of the merged parameters the model runs in (default: `param_dtype` or θ0's).
         λ, the softmax and the loss stay in float32.
-      shard_task_vectors: shard θ0 and τ along a parameter axis over the mesh instead of replicating them.
+      shard_task_vectors: shard θ0 and τ along a parameter axis over a 1-D mesh instead of replicating them
+        (on a mesh with an "fsdp" axis they are always sharded along it).
       checkpoint_dir, checkpoint_every: resumable run state (λ, optimiser state, step, history), saved every
         `checkpoint_every` ≥ 1 steps.
       seed: recorded with the run (≥ 0); data sources derive their shuffling from it.
@@ -298,15 +309,29 @@ def _depending_on(inputs: Any, tree: PyTree) -> Any:
     return jax.tree_util.tree_map(lambda x: x + token.astype(x.dtype), inputs)
 
 
+def shards_frozen(config: AdaMergingConfig, mesh: Mesh | None) -> bool:
+    """Whether θ0 and τ are sharded on `mesh`: ``shard_task_vectors``, or a mesh with an "fsdp" axis."""
+    return mesh is not None and (config.shard_task_vectors or shards_parameters(mesh))
+
+
 def make_step(
-    apply_fn: ApplyFn, optimizer: optax.GradientTransformation, config: AdaMergingConfig
+    apply_fn: ApplyFn, optimizer: optax.GradientTransformation, config: AdaMergingConfig, *, mesh: Mesh | None = None
 ) -> Callable[..., tuple[Coefficients, Any, jax.Array]]:
-    """The (unjitted) step `(λ, opt_state, θ0, τ, batches) -> (λ', opt_state', per-task loss [K])`."""
+    """The (unjitted) step `(λ, opt_state, θ0, τ, batches) -> (λ', opt_state', per-task loss [K])`.
+
+    With a `mesh` on which θ0 and τ are sharded (`shards_frozen`), the merged θ(λ) is constrained to θ0's
+    sharding (`core.parallel.constrain_like`): never replicated, gathered per tensor where the forward uses it.
+    """
     dtype_name = config.compute_dtype or config.param_dtype
     compute_dtype = jnp.dtype(dtype_name) if dtype_name else None
+    shard = shards_frozen(config, mesh)
+
+    def merge_sharded(coefficients, pretrained, task_vectors, dtype):
+        params = merge(pretrained, task_vectors, coefficients, clamp=config.clamp, dtype=dtype)
+        return constrain_like(params, mesh, shard)
 
     def merged(coefficients, pretrained, task_vectors):
-        return merge(pretrained, task_vectors, coefficients, clamp=config.clamp, dtype=compute_dtype)
+        return merge_sharded(coefficients, pretrained, task_vectors, compute_dtype)
 
     def fused_gradients(coefficients, pretrained, task_vectors, batches):
         def loss(c):
@@ -320,9 +345,7 @@ def make_step(
         # ∂L/∂θ is accumulated over tasks in at least float32 (float64 for float64 θ0), whatever θ0's storage
         # dtype; each task's forward runs in the compute dtype (default: θ0's leaf dtype).
         acc = accumulation_dtype(*(leaf.dtype for leaf in jax.tree_util.tree_leaves(pretrained)))
-        params, merge_vjp = jax.vjp(
-            lambda c: merge(pretrained, task_vectors, c, clamp=config.clamp, dtype=acc), coefficients
-        )
+        params, merge_vjp = jax.vjp(lambda c: merge_sharded(c, pretrained, task_vectors, acc), coefficients)
         run_params = jax.tree_util.tree_map(lambda p, p0: p.astype(compute_dtype or p0.dtype), params, pretrained)
         grad_params = jax.tree_util.tree_map(jnp.zeros_like, params)
         losses = []
@@ -373,25 +396,27 @@ def guarded_step(step: Callable[..., tuple[Coefficients, Any, jax.Array]]) -> Ca
     return guarded
 
 
-def _jit_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
+def _jit_step(apply_fn: ApplyFn, config: AdaMergingConfig, mesh: Mesh | None) -> Callable[..., tuple]:
     # λ and the optimiser state are donated: `adamerging` passes only arrays it made (never the caller's).
-    return jax.jit(guarded_step(make_step(apply_fn, config.make_optimizer(), config)), donate_argnums=(0, 1))
+    step = make_step(apply_fn, config.make_optimizer(), config, mesh=mesh)
+    return jax.jit(guarded_step(step), donate_argnums=(0, 1))
 
 
-def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
+def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig, mesh: Mesh | None = None) -> Callable[..., tuple]:
     """The jitted guarded step, shared by runs whose step computes the same thing (configs equal up to their
-    run-only fields, see `AdaMergingConfig.step_settings`; e.g. AdaMerging and ++)."""
+    run-only fields, see `AdaMergingConfig.step_settings`; e.g. AdaMerging and ++) on the same mesh layout."""
     key = config.step_settings()
+    sharded_on = mesh if shards_frozen(config, mesh) else None  # the step depends on the mesh only then
     try:
         hash((apply_fn, key))
     except TypeError:  # an unhashable apply_fn or optimizer: compile for this run only
-        return _jit_step(apply_fn, config)
-    return _cached_step(apply_fn, key)
+        return _jit_step(apply_fn, config, mesh)
+    return _cached_step(apply_fn, key, sharded_on)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig) -> Callable[..., tuple]:
-    return _jit_step(apply_fn, config)
+def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig, sharded_on: Mesh | None) -> Callable[..., tuple]:
+    return _jit_step(apply_fn, config, sharded_on)
 
 
 def _check_batches(batches: Batches, k: int, step: int) -> None:
@@ -522,8 +547,9 @@ def _prepare(
     if config.param_dtype:
         pretrained = jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), pretrained)
         task_vectors = cast_task_vectors(task_vectors, config.param_dtype)
-    pretrained = place_tree(pretrained, mesh, config.shard_task_vectors)
-    task_vectors = place_tree(task_vectors, mesh, config.shard_task_vectors, skip_leading=1)
+    shard = shards_frozen(config, mesh)
+    pretrained = place_tree(pretrained, mesh, shard)
+    task_vectors = place_tree(task_vectors, mesh, shard, skip_leading=1)
     coefficients = replicated_copy(coefficients, mesh)
     opt_state = replicated_copy(config.make_optimizer().init(coefficients), mesh)
     run = _Run(pretrained, task_vectors, coefficients, opt_state, mesh)
@@ -638,8 +664,10 @@ def _run_steps(
 
 
 def _result(run: _Run, config: AdaMergingConfig) -> AdaMergingResult:
-    """λ, θ(λ) merged as in training (clamped) and the loss history."""
-    params = merge(run.pretrained, run.task_vectors, run.coefficients, clamp=config.clamp)
+    """λ, θ(λ) merged as in training (clamped, laid out like θ0 on the mesh) and the loss history."""
+    shard = shards_frozen(config, run.mesh)
+    merged = jax.jit(lambda *args: constrain_like(merge(*args, clamp=config.clamp), run.mesh, shard))
+    params = merged(run.pretrained, run.task_vectors, run.coefficients)
     return AdaMergingResult(run.coefficients, params, run.history())
 
 
@@ -668,7 +696,8 @@ def adamerging(
         checkpoints; any other by a digest of its step-0 batches.
       config: see `AdaMergingConfig`.
       coefficients: initial λ (default: `init_coefficients` from the config); copied, never consumed.
-      mesh: devices to run on (default: a 1-D "data" mesh over all devices); batches are split over it.
+      mesh: devices to run on (default: a 1-D "data" mesh over all devices); batches are split over its "data"
+        axis; on a `make_mesh(data=, fsdp=)` mesh θ0 and τ are sharded along "fsdp" (see `core.parallel`).
 
     Returns:
       `AdaMergingResult` with λ, θ(λ) and the loss history. With `config.checkpoint_dir` set, a run that
@@ -693,7 +722,7 @@ def adamerging(
         if checkpointer is not None:
             _restore(run, checkpointer, fingerprint, config)
         stream = _batch_stream(batches, run.step)
-        _run_steps(_compiled_step(apply_fn, config), run, stream, config, checkpointer, fingerprint)
+        _run_steps(_compiled_step(apply_fn, config, mesh), run, stream, config, checkpointer, fingerprint)
     finally:
         if checkpointer is not None:
             checkpointer.close()
