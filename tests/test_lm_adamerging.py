@@ -168,7 +168,7 @@ def one_device():
 def test_layerwise_adamerging_through_the_protocol_lowers_the_entropy(lm):
     binding = causal_lm_binding(CONFIG)
     settings = binding.merge_settings(MergeSettings(["task_arithmetic", "adamerging"], lm_config(steps=6)))
-    models, records = build_models(settings, lm.pretrained, lm.dense, apply_fn=binding.apply_fn,
+    _, records = build_models(settings, lm.pretrained, lm.dense, apply_fn=binding.apply_fn,
                                    adaptation=lm.batches, probe=lm.batches(0), mesh=one_device(), log=lambda _: None)
     record = records["adamerging"]
     assert record.entropy[-1] < record.entropy[0] - 1e-3

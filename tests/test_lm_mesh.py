@@ -8,7 +8,12 @@ from jax.sharding import PartitionSpec as P
 from test_lm_adamerging import CONFIG, lm_config, lm_problem, one_device
 
 import adamerging_jax as am
-from adamerging_jax.core.parallel import FSDP_AXIS, make_mesh, parameter_sharding, tree_shardings
+from adamerging_jax.core.parallel import (
+    FSDP_AXIS,
+    make_mesh,
+    parameter_sharding,
+    tree_shardings,
+)
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 
