@@ -1,7 +1,8 @@
 """The command line, one entry point: ``adamerging-jax demo | merge | paper <command>``.
 
-- ``adamerging-jax merge CONFIG.yaml --output DIR``: a user's own CLIP checkpoints and unlabeled images in,
-  the merged Hugging Face model, named λ and a report out (``--dry-run`` checks and prints the plan);
+- ``adamerging-jax merge CONFIG.yaml --output DIR``: a user's own CLIP checkpoints and unlabeled images, or
+  causal language models (full fine-tunes or LoRA adapters) and unlabeled prompts, in; the merged Hugging Face
+  model, named λ and a report out (``--dry-run`` checks and prints the plan);
 - ``adamerging-jax demo``: the offline real benchmark (EfficientNet-Lite0 on packaged tasks; see README);
 - ``adamerging-jax paper {prepare-data,table1,table2,generalization,robustness}``: the paper's CLIP
   experiments (``experiments/*.py`` call these).
@@ -142,12 +143,12 @@ def write_demo_report(runs: Sequence[dict[str, Any]], output: Path, plots: bool 
 
 def _merge_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "merge", help="merge your own CLIP checkpoints (YAML config) into one Hugging Face model",
-        description="Merge a pretrained CLIP and K fine-tuned image towers with the config's methods (AdaMerging "
-        "learns λ on each task's unlabeled images); write OUT/model (Hugging Face), OUT/lambdas.json and "
-        ".safetensors, results.json, table.md, plots, and resumable state under OUT/state. Flags override the "
-        "config's fields.")
-    p.add_argument("config", type=Path, help="the YAML config (see examples/merge.yaml)")
+        "merge", help="merge your own CLIP or causal-LM checkpoints (YAML config) into one Hugging Face model",
+        description="Merge a pretrained CLIP and K fine-tuned image towers, or (model: causal_lm) a Llama / Qwen2 "
+        "and K fine-tuned models or LoRA adapters, with the config's methods (AdaMerging learns λ on each task's "
+        "unlabeled images or prompts); write OUT/model (Hugging Face), OUT/lambdas.json and .safetensors, "
+        "results.json, table.md, plots, and resumable state under OUT/state. Flags override the config's fields.")
+    p.add_argument("config", type=Path, help="the YAML config (see examples/merge.yaml, examples/merge_llm.yaml)")
     p.add_argument("--output", type=Path, required=True, help="output folder (a rerun resumes in it)")
     p.add_argument("--methods", help="comma-separated registry methods (parameters as in the config: use the YAML)")
     p.add_argument("--steps", type=int, help="AdaMerging steps")
@@ -156,7 +157,8 @@ def _merge_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--devices", type=int, help="AdaMerging runs on the first N devices")
     p.add_argument("--precision", choices=["float32", "bfloat16"], help="θ0 and τ storage during AdaMerging")
-    p.add_argument("--export", choices=["vision_with_projection", "clip"], help="the exported model's kind")
+    p.add_argument("--export", choices=["vision_with_projection", "clip"], help="the exported CLIP model's kind")
+    p.add_argument("--max-length", type=int, help="causal LM: prompts are cut to this many tokens")
     p.add_argument("--weights", help="apply these λ (lambdas.json / .safetensors, FusionBench .pt, official "
                    "layout) with the exported AdaMerging method, no training")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; no compute")
@@ -170,7 +172,8 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from adamerging_jax.merging.plan import fail
 
     overrides = {name: getattr(args, name) for name in
-                 ("steps", "lr", "preset", "seed", "devices", "precision", "export", "trust_pickle", "offline")}
+                 ("steps", "lr", "preset", "seed", "devices", "precision", "export", "trust_pickle", "offline",
+                  "max_length")}
     overrides["methods"] = comma_list(args.methods)
     try:
         config = load_config(args.config, overrides)

@@ -53,7 +53,7 @@ CASES = [
     Case("missing_file", "a fine-tuned checkpoint that does not exist", {"task": {"finetuned": "{world}/nowhere"}},
          "nowhere"),
     Case("mismatched_shapes", "a fine-tuned tower with another layer count", {"task": {"finetuned": "{world}/other"}},
-         "task 'cats' finetuned"),
+         "task 'cats' fine"),  # 'finetuned' or 'fine-tuned tower', both name the task
     Case("empty_folder", "an unlabeled folder without images", {"task": {"unlabeled": {"folder": "{world}/empty"}}},
          "holds no images"),
     Case("unreadable_image", "an image that does not decode", {"task": {"unlabeled": {"folder": "{world}/broken"}}},

@@ -1,4 +1,5 @@
-"""The model card (``model/README.md``) of a merged model: method, settings, tasks, λ per task, results."""
+"""The model card (``model/README.md``) of a merged model (CLIP image tower or causal LM): method, settings,
+tasks, λ per task, results."""
 
 from __future__ import annotations
 
@@ -35,10 +36,44 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
               f"clamp {adamerging['clamp']}, seed {adamerging['seed']}", "", "## Tasks", "",
               "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
     lines += [f"| {task.name} | `{task.finetuned}` | {len(task.classes)} |" for task in config.tasks]
-    if summary:
-        lines += ["", "## λ per task (over the checkpoint tensors)", "", "| Task | mean | min | max |",
-                  "|---|---|---|---|"]
-        lines += [f"| {task} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |" for task, s in summary.items()]
+    lines += lambda_lines(summary)
     if table:
         lines += ["", "## Top-1 accuracy (%) on the given test folders", "", table.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+    """The card's "λ per task" section (none without λ)."""
+    if not summary:
+        return []
+    lines = ["", "## λ per task (over the checkpoint tensors)", "", "| Task | mean | min | max |", "|---|---|---|---|"]
+    return lines + [f"| {task} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |" for task, s in summary.items()]
+
+
+def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any],
+                  summary: Mapping[str, Mapping[str, float]] | None, entropy_table: str | None,
+                  weights: str | None) -> str:
+    """Markdown for a merged causal LM: what was merged and how, λ per task, the prompts' entropy per method."""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [model-merging, adamerging]", "---", "",
+             f"# {method['label']} of {len(config.tasks)} fine-tuned language models", "",
+             "Merged with adamerging_jax: θ = θ0 + Σ_k λ_k τ_k, τ_k = θ_k − θ0 (a LoRA adapter's τ = s (B A)ᵀ); "
+             f"method `{method['name']}` ({method['paper']}), parameters `{method['params']}`.", "",
+             f"- pretrained (θ0, tokenizer): `{config.pretrained}`",
+             f"- precision during AdaMerging: `{config.precision}`, prompts cut to {config.max_length} tokens"]
+    if weights:
+        lines.append(f"- λ given by `{weights}`, not trained")
+    adamerging = settings["adamerging"]
+    lines += [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
+              f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled prompts per task and step, "
+              f"clamp {adamerging['clamp']}, seed {adamerging['seed']}", "", "## Tasks", "",
+              "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]
+    for task in config.tasks:
+        kind = "adapter" + (", factored" if task.factored else "") if task.adapter else "full"
+        prompts = f"`{task.prompts.path}`" if task.prompts else "–"
+        answers = ", ".join(repr(c) for c in task.candidates) if task.candidates else "next token"
+        lines.append(f"| {task.name} | `{task.checkpoint}` ({kind}) | {prompts} | {answers} |")
+    lines += lambda_lines(summary)
+    if entropy_table:
+        lines += ["", "## Entropy of the predictions on the unlabeled prompts", "", entropy_table.rstrip()]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,25 @@
     seed: 0
     devices: null
 
+A causal language model (Llama / Qwen2) takes ``model: causal_lm`` and, per task, a full fine-tuned folder or
+a PEFT LoRA adapter and its unlabeled prompts:
+
+    model: causal_lm
+    pretrained: /models/base                    # HF causal-LM folder: config.json, safetensors, tokenizer files
+    tasks:
+      - name: math
+        finetuned: /models/base-math            # a full fine-tuned folder, or
+        # adapter: /adapters/math               # a PEFT LoRA adapter folder (factored: true keeps B·A factored)
+        prompts: {file: math.txt}               # one prompt a line, or {jsonl: data.jsonl, field: prompt}
+        # candidates: [" A", " B"]              # optional: classification over these one-token answers
+    methods: [layer_wise_adamerging, task_arithmetic]
+    max_length: 256                             # prompts are cut to this many tokens
+    mesh: {data: 1, fsdp: 1}                    # optional 2-D device mesh (else devices: N, a 1-D data mesh)
+    precision: bfloat16
+
+``pretrained_vision``, ``export``, ``trust_pickle``, ``offline`` and ``eval_batch_size`` are CLIP's;
+``max_length`` and ``mesh`` are the language model's.
+
 Relative paths are read from the YAML file's folder. Every error is one line naming the field
 (``tasks[1].unlabeled.folder``) and, for an unknown key, the known ones.
 """
@@ -31,16 +50,17 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.core.optimize import AdaMergingConfig
+from adamerging_jax.core.protocol import MergeSettings
 
 PRESETS = ("official", "fusionbench")
 PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
 EXPORTS = ("vision_with_projection", "clip")
 SOURCE_KINDS = ("folder", "class_folders", "tfds", "file_list")
 SOURCE_OPTIONS = {"folder": ("recursive",), "class_folders": (), "tfds": ("split", "data_dir"), "file_list": ()}
-OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+MODELS = ("clip", "causal_lm")
+PROMPT_OPTIONS = {"file": (), "jsonl": ("field",)}
 INSTALL = {"models": 'pip install "adamerging-jax[models]"', "data": 'pip install "adamerging-jax[data]"'}
 
 
@@ -68,15 +88,34 @@ class Unlabeled:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prompts:
+    """A task's unlabeled prompts: a text file (one a line) or a JSONL file with the prompt under ``field``."""
+
+    path: str
+    field: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """One merged task: its fine-tuned tower, unlabeled images, class names, prompt templates, test folder."""
+    """One merged task. CLIP: its fine-tuned tower, unlabeled images, class names, prompt templates, test
+    folder. Causal LM: its full fine-tuned folder or LoRA ``adapter`` (``factored``: τ kept as B·A factors),
+    its ``prompts`` and optional answer ``candidates``."""
 
     name: str
-    finetuned: str
-    classes: tuple[str, ...]
+    finetuned: str | None = None
+    classes: tuple[str, ...] = ()
     templates: tuple[str, ...] | None = None
     unlabeled: Unlabeled | None = None
     test: str | None = None
+    adapter: str | None = None
+    factored: bool = False
+    prompts: Prompts | None = None
+    candidates: tuple[str, ...] | None = None
+
+    @property
+    def checkpoint(self) -> str:
+        """The task's checkpoint: its fine-tuned model, else its adapter."""
+        return self.finetuned or self.adapter or ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +136,9 @@ class MergeConfig:
     pretrained_vision: str | None = None
     trust_pickle: bool = False
     offline: bool = False
+    model: str = "clip"
+    max_length: int = 256
+    mesh: tuple[int, int] | None = None
     source: str = "<config>"
 
     def settings(self) -> MergeSettings:
@@ -120,8 +162,11 @@ class MergeConfig:
         return self.export_method or self.settings().methods[0].name
 
 
+CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size"}
+LM_ONLY_KEYS = {"max_length", "mesh"}
 TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}
 TASK_KEYS = {"name", "finetuned", "unlabeled", "classes", "classes_file", "templates", "test"}
+LM_TASK_KEYS = {"name", "finetuned", "adapter", "factored", "prompts", "candidates"}
 
 
 def _known(where: str, mapping: Any, known: set[str] | Sequence[str]) -> dict[str, Any]:
@@ -231,17 +276,97 @@ def _task(where: str, value: Any, base: Path) -> TaskConfig:
     )
 
 
+def _prompts(where: str, value: Any, base: Path) -> Prompts:
+    fields = _known(where, value, [*PROMPT_OPTIONS, *{o for opts in PROMPT_OPTIONS.values() for o in opts}])
+    kinds = [kind for kind in PROMPT_OPTIONS if kind in fields]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where} needs exactly one of {list(PROMPT_OPTIONS)}, got {sorted(fields)}")
+    kind = kinds[0]
+    if extra := sorted(set(fields) - {kind, *PROMPT_OPTIONS[kind]}):
+        raise ConfigError(f"{where}: {extra} do not apply to a {kind!r} file; it takes {list(PROMPT_OPTIONS[kind])}")
+    path = _path(base, _string(f"{where}.{kind}", fields[kind]))
+    if kind == "file":
+        return Prompts(path)
+    if not path.endswith(".jsonl"):
+        raise ConfigError(f"{where}.jsonl must name a .jsonl file, got {path!r}")
+    if "field" not in fields:
+        raise ConfigError(f"{where}.field is required: the JSONL key that holds the prompt")
+    return Prompts(path, _string(f"{where}.field", fields["field"]))
+
+
+def _lm_task(where: str, value: Any, base: Path) -> TaskConfig:
+    fields = _known(where, value, LM_TASK_KEYS)
+    if "name" not in fields:
+        raise ConfigError(f"{where}.name is required")
+    if ("finetuned" in fields) == ("adapter" in fields):
+        raise ConfigError(f"{where} needs exactly one of 'finetuned' (a full model folder) or 'adapter' (a PEFT "
+                          "LoRA folder)")
+    factored = _boolean(f"{where}.factored", fields.get("factored", False))
+    if factored and "adapter" not in fields:
+        raise ConfigError(f"{where}.factored applies to an adapter; a full fine-tuned model has no factors")
+    candidates = fields.get("candidates")
+    if candidates is not None:
+        candidates = _strings(f"{where}.candidates", candidates)
+        if len(candidates) < 2 or len(set(candidates)) < len(candidates):
+            raise ConfigError(f"{where}.candidates must be at least 2 distinct answers, got {list(candidates)}")
+    return TaskConfig(
+        name=_string(f"{where}.name", fields["name"]),
+        finetuned=_path(base, _string(f"{where}.finetuned", fields["finetuned"])) if "finetuned" in fields else None,
+        adapter=_path(base, _string(f"{where}.adapter", fields["adapter"])) if "adapter" in fields else None,
+        factored=factored,
+        prompts=_prompts(f"{where}.prompts", fields["prompts"], base) if fields.get("prompts") else None,
+        candidates=candidates,
+    )
+
+
+def _mesh(where: str, value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    fields = _known(where, value, ["data", "fsdp"])
+    return (_integer(f"{where}.data", fields.get("data", 1), 1), _integer(f"{where}.fsdp", fields.get("fsdp", 1), 1))
+
+
+def _check_lm(where: str, fields: Mapping[str, Any], tasks: Sequence[TaskConfig], settings: MergeSettings) -> None:
+    """The causal-LM rules that span fields: candidates and factored adapters for every task or none, factored
+    τ only with AdaMerging on raw τ, prompts for every task when a method learns from them."""
+    if any(task.candidates for task in tasks) and not all(task.candidates for task in tasks):
+        missing = [task.name for task in tasks if not task.candidates]
+        raise ConfigError(f"{where}: tasks {missing} have no candidates; give candidates to every task or none")
+    if any(task.factored for task in tasks):
+        if unfactored := [task.name for task in tasks if not task.factored]:
+            raise ConfigError(f"{where}: tasks {unfactored} are not factored adapters; factored: true needs every "
+                              "task to be an adapter with factored: true")
+        dense = [spec.name for spec in settings.methods
+                 if not (spec.method.needs_data and spec.describe()["params"].get("task_vectors_kind") == "raw")]
+        if dense:
+            raise ConfigError(f"{where}: methods {dense} need dense task vectors; factored: true works with "
+                              "AdaMerging on raw τ only (drop factored, or those methods)")
+    if settings.needs_data:
+        needing = [spec.name for spec in settings.methods if spec.method.needs_data]
+        for i, task in enumerate(tasks):
+            if task.prompts is None:
+                raise ConfigError(f"{where}: tasks[{i}].prompts is required: {needing} learn from unlabeled prompts")
+    if fields.get("mesh") is not None and fields.get("devices") is not None:
+        raise ConfigError(f"{where}: give mesh or devices, not both")
+
+
 def parse_config(document: Any, source: str = "<config>", base: str | os.PathLike = ".") -> MergeConfig:
     """A `MergeConfig` from the YAML document (a mapping), every field checked; ConfigError names the field."""
     where = source
     fields = _known(where, document, TOP_KEYS)
     base = Path(base)
+    model = _choice(f"{where}: model", fields.get("model", "clip"), MODELS)
+    lm = model == "causal_lm"
+    if foreign := sorted(set(fields) & (CLIP_ONLY_KEYS if lm else LM_ONLY_KEYS)):
+        raise ConfigError(f"{where}: {foreign} do not apply to model: {model} (they are "
+                          f"{'CLIP' if lm else 'causal_lm'} settings)")
     for key in ("pretrained", "tasks"):
         if key not in fields:
             raise ConfigError(f"{where}: {key} is required")
     if not isinstance(fields["tasks"], list) or not fields["tasks"]:
         raise ConfigError(f"{where}: tasks must be a non-empty list")
-    tasks = tuple(_task(f"{where}: tasks[{i}]", task, base) for i, task in enumerate(fields["tasks"]))
+    parse_task = _lm_task if lm else _task
+    tasks = tuple(parse_task(f"{where}: tasks[{i}]", task, base) for i, task in enumerate(fields["tasks"]))
     names = [task.name for task in tasks]
     if duplicates := sorted({name for name in names if names.count(name) > 1}):
         raise ConfigError(f"{where}: tasks: names listed more than once: {duplicates}")
@@ -250,8 +375,9 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         methods = [methods]
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"{where}: methods must be a non-empty list of names or {{name: ..., parameter: ...}}")
+    pretrained = _string(f"{where}: pretrained", fields["pretrained"])
     config = MergeConfig(
-        pretrained=_location(base, _string(f"{where}: pretrained", fields["pretrained"])),
+        pretrained=_path(base, pretrained) if lm else _location(base, pretrained),
         pretrained_vision=(_location(base, _string(f"{where}: pretrained_vision", fields["pretrained_vision"]))
                            if fields.get("pretrained_vision") is not None else None),
         tasks=tasks,
@@ -267,6 +393,9 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         eval_batch_size=_integer(f"{where}: eval_batch_size", fields.get("eval_batch_size", 256), 1),
         trust_pickle=_boolean(f"{where}: trust_pickle", fields.get("trust_pickle", False)),
         offline=_boolean(f"{where}: offline", fields.get("offline", False)),
+        model=model,
+        max_length=_integer(f"{where}: max_length", fields.get("max_length", 256), 2),
+        mesh=_mesh(f"{where}: mesh", fields.get("mesh")),
         source=source,
     )
     settings = config.settings()
@@ -275,7 +404,9 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         raise ConfigError(f"{where}: export_method {config.export_method!r} is not among the methods {names}")
     if config.exported == "individual":
         raise ConfigError(f"{where}: export_method 'individual' has one model per task, not one merged model")
-    if settings.needs_data:
+    if lm:
+        _check_lm(where, fields, tasks, settings)
+    elif settings.needs_data:
         needing = [spec.name for spec in settings.methods if spec.method.needs_data]
         for i, task in enumerate(tasks):
             if task.unlabeled is None:

@@ -3,7 +3,9 @@
 Checked, in order: the output folder can be written; the methods and their parameters (by the config
 schema); each task's unlabeled images exist, are non-empty and every one decodes; each test folder holds class
 folders named as the task's classes, every image decoding; every checkpoint loads and every image tower has
-θ0's config; a ``--weights`` file reads and fits the model. Each failure is one line ``error: ...`` naming the
+θ0's config; a ``--weights`` file reads and fits the model. A causal language model (``model: causal_lm``)
+is checked by :mod:`~adamerging_jax.merging.lm` instead (checkpoints and adapters against θ0, the tokenizer,
+the prompts, the candidates). Each failure is one line ``error: ...`` naming the
 file, task or field (a `SystemExit`), never a traceback. A real run makes the same plan and runs from it.
 """
 
@@ -105,7 +107,12 @@ class Plan:
 
     @property
     def export_spec(self) -> Any:
-        return next(spec for spec in self.settings.methods if spec.name == self.config.exported)
+        return export_spec(self.settings, self.config)
+
+    @property
+    def pretrained(self) -> Any:
+        """θ0, the tree λ is laid out over."""
+        return self.towers.pretrained
 
     def describe(self) -> str:
         """The plan as text: model, tasks with their data, methods with their λ count per task, output."""
@@ -131,7 +138,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def _guarded(what: str, action: Callable[[], Any]) -> Any:
+def export_spec(settings: MergeSettings, config: MergeConfig) -> Any:
+    """The `MethodSpec` of the method whose model is exported."""
+    return next(spec for spec in settings.methods if spec.name == config.exported)
+
+
+def guarded(what: str, action: Callable[[], Any]) -> Any:
     """``action()``, with a file, value or key error turned into one line prefixed by ``what``."""
     try:
         return action()
@@ -143,14 +155,19 @@ def _guarded(what: str, action: Callable[[], Any]) -> Any:
 
 
 def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None = None,
-            log: Callable[[str], None] = print) -> Plan:
-    """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
+            log: Callable[[str], None] = print) -> Any:
+    """Check everything (module docstring) and return the plan (a `Plan`, or for a causal LM an
+    `adamerging_jax.merging.lm.LmPlan`); `SystemExit` with one line on a failure."""
     require("flax", "models", "the merge command")
     require("transformers", "models", "the merge command")
     require("safetensors", "models", "the merge command")
     output = Path(output)
     check_writable(output)
-    settings = _guarded(config.source, config.settings)
+    if config.model == "causal_lm":
+        from adamerging_jax.merging.lm import prepare_lm
+
+        return prepare_lm(config, output, weights, log)
+    settings = guarded(config.source, config.settings)
     unlabeled = tests = None
     if any(task.unlabeled for task in config.tasks):
         if missing := [task.name for task in config.tasks if not task.unlabeled]:
@@ -159,8 +176,8 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
         unlabeled = []
         for task in config.tasks:
             what = f"task {task.name!r} unlabeled"
-            source = _guarded(what, lambda task=task: unlabeled_source(task, task.unlabeled))
-            _guarded(what, lambda: _decodes(source, what))
+            source = guarded(what, lambda task=task: unlabeled_source(task, task.unlabeled))
+            guarded(what, lambda: _decodes(source, what))
             unlabeled.append(source)
     if any(task.test for task in config.tasks):
         if missing := [task.name for task in config.tasks if not task.test]:
@@ -168,10 +185,10 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
         tests = []
         for task in config.tasks:
             what = f"task {task.name!r} test"
-            source = _guarded(what, lambda task=task: test_source(task))
-            _guarded(what, lambda: _decodes(source, what))
+            source = guarded(what, lambda task=task: test_source(task))
+            guarded(what, lambda: _decodes(source, what))
             tests.append(source)
-    towers = _guarded("checkpoints", lambda: load_towers(config, log))
+    towers = guarded("checkpoints", lambda: load_towers(config, log))
     heads = TaskHeads(towers, config.tasks, config.pretrained)
     binding = clip_binding(towers, heads)
     plan = Plan(config, binding.merge_settings(settings), towers, heads, binding, unlabeled, tests, None, output)
@@ -179,5 +196,5 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
         from adamerging_jax.merging.run import read_weights
 
         plan.weights_file = weights
-        plan.weights = _guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
+        plan.weights = guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
     return plan

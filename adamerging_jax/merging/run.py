@@ -33,7 +33,7 @@ from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.methods import ties_task_vectors
 from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
-from adamerging_jax.core.registry import MergeMethod, Merged, MethodSpec
+from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.merging.card import lambda_summary, model_card
 from adamerging_jax.merging.plan import Plan, fail, source_identity
 
@@ -52,7 +52,7 @@ def read_weights(path: str, plan: Plan) -> Coefficients:
     if not os.path.isfile(path):
         raise FileNotFoundError("no such file")
     binding, k = plan.binding, len(plan.config.tasks)
-    like = binding.init_coefficients(plan.towers.pretrained, k, _granularity(spec))
+    like = binding.init_coefficients(plan.pretrained, k, _granularity(spec))
     names, order = binding.tensor_names, binding.tensor_order
     if path.endswith(".json"):
         return formats.coefficients_from_named(formats.read_named_json(path), like, names)
@@ -105,9 +105,14 @@ def adaptation_batches(plan: Plan) -> Any:
                    num_threads=min(8, os.cpu_count() or 1))
 
 
-def run_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every method's model (AdaMerging resumable under ``OUT/state``), evaluate them on the test
-    folders when given, export the chosen one and write the report; returns ``results.json``'s content."""
+    folders when given, export the chosen one and write the report; returns ``results.json``'s content.
+    A causal LM's plan runs through `adamerging_jax.merging.lm.run_lm_plan`."""
+    if plan.config.model == "causal_lm":
+        from adamerging_jax.merging.lm import run_lm_plan
+
+        return run_lm_plan(plan, log)
     config, output = plan.config, plan.output
     output.mkdir(parents=True, exist_ok=True)
     plan.heads.build(log)
@@ -138,6 +143,32 @@ def run_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
     return write_outputs(plan, models[config.exported], run, log)
 
 
+def write_lambdas(plan: Any, merged: Merged, run: dict[str, Any]) -> None:
+    """``lambdas.json`` / ``lambdas.safetensors`` by checkpoint tensor name when the model has λ, and their
+    per-task summary in ``run["lambda_summary"]`` (None without λ)."""
+    summary = None
+    if merged.coefficients is not None:
+        named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
+        formats.write_named_json(plan.output / "lambdas.json", named)
+        formats.write_named_safetensors(plan.output / "lambdas.safetensors", named)
+        summary = lambda_summary(named, run["tasks"])
+    run["lambda_summary"] = summary
+
+
+def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[str], None]) -> dict[str, Path]:
+    """``results.json``, ``table.md`` and the plots (when matplotlib is installed); refuses non-finite results."""
+    from adamerging_jax import report
+
+    report.check_finite([run])
+    try:
+        import matplotlib  # noqa: F401
+        plot_run = run
+    except ImportError:
+        log('[merge] matplotlib is missing: no plots (pip install "adamerging-jax[demo]")')
+        plot_run = None
+    return report.write_report(plan.output, run, markdown, plot_run=plot_run, clamp=plan.settings.adamerging.clamp)
+
+
 def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The model folder with its card, the named λ and the report (module docstring)."""
     from adamerging_jax import report
@@ -146,25 +177,12 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     from adamerging_jax.models.hf_files import TOKENIZER_FILES
 
     config, output, towers = plan.config, plan.output, plan.towers
-    summary = None
-    if merged.coefficients is not None:
-        named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
-        formats.write_named_json(output / "lambdas.json", named)
-        formats.write_named_safetensors(output / "lambdas.safetensors", named)
-        summary = lambda_summary(named, run["tasks"])
-    run["lambda_summary"] = summary
-    report.check_finite([run])
+    write_lambdas(plan, merged, run)
+    summary = run["lambda_summary"]
     tested = plan.tests is not None
     table = report.markdown_table([run]) if tested else None
     markdown = table or "No test folders were given: no accuracy.\n"
-    try:
-        import matplotlib  # noqa: F401
-        plot_run = run
-    except ImportError:
-        log('[merge] matplotlib is missing: no plots (pip install "adamerging-jax[demo]")')
-        plot_run = None
-    clamp = plan.settings.adamerging.clamp
-    files = report.write_report(output, run, markdown, plot_run=plot_run, clamp=clamp)
+    files = write_report(plan, run, markdown, log)
     record = run["methods"][config.exported]
     method = dict(name=config.exported, label=record["label"], params=record["params"],
                   paper=plan.export_spec.method.paper)

@@ -1,0 +1,371 @@
+"""The causal-LM side of ``adamerging-jax merge`` (``model: causal_lm``): Llama / Qwen2 checkpoints and
+PEFT LoRA adapters in, a merged Hugging Face causal LM, named λ and an entropy report out.
+
+Task vectors (Ilharco et al., ICLR 2023; a LoRA adapter's as in ``models.lora``):
+
+    τ_k = θ_k − θ0                    for a full fine-tuned folder (same architecture as θ0)
+    τ_k = s (B A)ᵀ on adapted kernels  for an adapter (0 elsewhere); ``factored: true`` keeps (A, B, s)
+
+and θ = θ0 + Σ_k clamp(λ_k) τ_k with λ learned by AdaMerging (Yang et al., ICLR 2024) on each task's unlabeled
+prompts: the mask-weighted mean next-token entropy, or with ``candidates`` the entropy over the candidate
+answers' tokens at the prompt's last position (`merging.lm_binding.causal_lm_binding`).
+
+Checked before any compute (`prepare_lm`, each failure one line naming the task, file or field): θ0 loads;
+every fine-tuned folder has θ0's architecture and loads (every tensor's shape); every adapter reads and each
+adapted module fits θ0's kernel; the tokenizer in θ0's folder loads; every prompt file reads, is non-empty
+and tokenizes to ids inside the model's vocabulary; every candidate answer is one token; the mesh fits the
+devices and splits the batches. `run_lm_plan` then writes
+
+    OUT/model/               the exported method's model (save_hf_causal_lm: config.json, safetensors, the
+                             tokenizer files) and the model card README.md
+    OUT/lambdas.json         λ by HF tensor name → one value per task (adaptive methods or --weights)
+    OUT/lambdas.safetensors  the same, tensor name → float32 [K]
+    OUT/results.json, table.md, *.png   per method the prompts' entropy per task (θ0's as a reference row),
+                             AdaMerging's entropy per step and its λ
+    OUT/state/<method>/      AdaMerging's resumable state; a rerun with other settings, prompts or τ is refused
+
+The prompts' identity in that state is `PromptBatches.fingerprint`: a digest of every tokenized prompt and of
+the sampler's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import adamerging_jax as am
+from adamerging_jax.core.binding import ModelBinding
+from adamerging_jax.core.checkpoint import atomic_directory, write_atomic
+from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.core.objective import task_entropy
+from adamerging_jax.core.protocol import MergeSettings, build_models, records_json
+from adamerging_jax.core.registry import Merged
+from adamerging_jax.data.text import TextBatches, bucket_lengths, load_tokenizer, read_prompts, tokenize_prompts
+from adamerging_jax.merging.card import lm_model_card
+from adamerging_jax.merging.config import MergeConfig
+from adamerging_jax.merging.lm_binding import causal_lm_binding
+from adamerging_jax.merging.plan import export_spec, fail, guarded
+from adamerging_jax.merging.run import given_lambdas, read_weights, write_lambdas, write_report
+from adamerging_jax.models.llama import LlamaConfig, Params
+from adamerging_jax.models.llama_checkpoint import load_hf_causal_lm, read_config, save_hf_causal_lm
+from adamerging_jax.models.lora import (
+    LoraAdapter,
+    factored_task_vectors,
+    lora_factors,
+    lora_task_vector,
+    read_lora_adapter,
+)
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclasses.dataclass
+class LanguageModels:
+    """θ0 and its config, the stacked task vectors ``[K, ...]`` (dense, or `LoraFactors` leaves when
+    factored), the folder holding θ0's tokenizer and each task's adapter (None for a full model)."""
+
+    config: LlamaConfig
+    pretrained: Params
+    task_vectors: Params
+    tokenizer_dir: str
+    adapters: list[LoraAdapter | None]
+
+
+def _same_architecture(found: LlamaConfig, reference: LlamaConfig) -> None:
+    """``found`` has θ0's architecture (every config field but the special token ids)."""
+    differences = [f"{f.name} {getattr(found, f.name)!r} (θ0: {getattr(reference, f.name)!r})"
+                   for f in dataclasses.fields(LlamaConfig)
+                   if f.name not in TOKEN_ID_FIELDS and getattr(found, f.name) != getattr(reference, f.name)]
+    if differences:
+        raise ValueError("config.json differs from the pretrained model's: " + ", ".join(differences))
+
+
+def _stack(task_vectors: Sequence[Params]) -> Params:
+    """Per-task τ trees with a leading task axis of 1 each, concatenated to ``[K, ...]``."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *task_vectors)
+
+
+def load_language_models(config: MergeConfig, log: Callable[[str], None] = print) -> LanguageModels:
+    """θ0, every task's τ (module docstring) and the tokenizer folder; `SystemExit` naming the task and file
+    when a checkpoint does not load or does not fit θ0."""
+    log(f"[models] pretrained {config.pretrained}")
+    lm_config, pretrained = guarded(f"pretrained {config.pretrained}", lambda: load_hf_causal_lm(config.pretrained))
+    dense, adapters = [], []
+    for task in config.tasks:
+        if task.finetuned:
+            what = f"task {task.name!r} finetuned {task.finetuned}"
+            log(f"[models] {task.name}: fine-tuned model {task.finetuned}")
+            guarded(what, lambda task=task: _same_architecture(read_config(task.finetuned), lm_config))
+            _, params = guarded(what, lambda task=task: load_hf_causal_lm(task.finetuned))
+            dense.append(guarded(what, lambda params=params: am.task_vectors(pretrained, [params])))
+            adapters.append(None)
+            continue
+        what = f"task {task.name!r} adapter"
+        log(f"[models] {task.name}: LoRA adapter {task.adapter}{' (factored)' if task.factored else ''}")
+        adapter = guarded(what, lambda task=task: read_lora_adapter(task.adapter))
+        guarded(what, lambda adapter=adapter: lora_factors([adapter], pretrained))  # every module fits θ0
+        adapters.append(adapter)
+        if not task.factored:
+            dense.append(jax.tree_util.tree_map(lambda x: x[None], lora_task_vector(adapter, pretrained)))
+    if all(task.factored for task in config.tasks):
+        task_vectors = factored_task_vectors(adapters, pretrained)
+    else:
+        task_vectors = _stack(dense)
+    return LanguageModels(lm_config, pretrained, task_vectors, config.pretrained, adapters)
+
+
+class PromptBatches(TextBatches):
+    """`TextBatches` whose `fingerprint` identifies the data of a resumable run: every tokenized prompt of
+    every task (ids and lengths) and the sampler's settings (batch size, batches per step, seed, buckets,
+    padding)."""
+
+    def fingerprint(self) -> str:
+        settings = [self.batch_size, self.n_batches, self.seed, list(self.buckets), self.pad_id, self.padding_side]
+        digest = hashlib.sha256(json.dumps(settings).encode())
+        for sequences in self.tasks:
+            digest.update(np.int64(len(sequences)).tobytes())
+            for ids in sequences:
+                ids = np.asarray(ids, np.int32)
+                digest.update(np.int64(ids.size).tobytes() + ids.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def tokenized_prompts(config: MergeConfig, tokenizer: Any, vocab_size: int) -> list[list[np.ndarray]] | None:
+    """Every task's prompts as token ids (None when no task has prompts); one line naming the task and file for
+    a missing, unreadable or empty file, or ids outside the model's vocabulary (tokenizer of another model)."""
+    if not any(task.prompts for task in config.tasks):
+        return None
+    if missing := [task.name for task in config.tasks if not task.prompts]:
+        raise fail(f"{config.source}: tasks {missing} have no prompts; give prompts to every task or to none")
+    tasks = []
+    for task in config.tasks:
+        what = f"task {task.name!r} prompts {task.prompts.path}"
+        prompts = guarded(what, lambda task=task: read_prompts(task.prompts.path, task.prompts.field))
+        ids = guarded(what, lambda prompts=prompts, task=task: tokenize_prompts(
+            prompts, tokenizer, config.max_length, task=f"task {task.name!r} prompts"))
+        largest = max(int(sequence.max()) for sequence in ids)
+        if largest >= vocab_size:
+            raise fail(f"{what}: token id {largest} is outside the model's vocabulary of {vocab_size} (the "
+                       "tokenizer does not belong to this model)")
+        tasks.append(ids)
+    return tasks
+
+
+def candidate_ids(config: MergeConfig, tokenizer: Any) -> list[tuple[int, ...]] | None:
+    """Per task, the token id of each candidate answer (None without candidates); each answer must be exactly
+    one token (no special tokens added) and the answers distinct tokens."""
+    if not config.tasks[0].candidates:
+        return None
+    out = []
+    for task in config.tasks:
+        ids = []
+        for i, answer in enumerate(task.candidates):
+            tokens = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+            if len(tokens) != 1:
+                raise fail(f"task {task.name!r} candidates[{i}] {answer!r} is {len(tokens)} tokens {tokens}, not one; "
+                           "each answer must be a single token of the tokenizer")
+            ids.append(tokens[0])
+        if len(set(ids)) < len(ids):
+            raise fail(f"task {task.name!r} candidates {list(task.candidates)} share token ids {ids}")
+        out.append(tuple(ids))
+    return out
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The pad id `TextBatches.from_files` uses: the pad token, else the EOS token, else 0 (always masked)."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def lm_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
+    """The devices AdaMerging runs on: ``mesh: {data, fsdp}`` as a 2-D mesh of the first data × fsdp devices,
+    else a 1-D data mesh of the first ``devices`` (all by default); each task's n·B prompts must split evenly
+    over the data axis."""
+    from adamerging_jax.core.parallel import data_mesh, data_size, make_mesh
+
+    devices = jax.devices()
+    wanted = (config.mesh[0] * config.mesh[1]) if config.mesh else (config.devices or len(devices))
+    if wanted > len(devices):
+        raise fail(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
+                   f"this machine has {len(devices)}")
+    if config.mesh:
+        mesh = make_mesh(config.mesh[0], config.mesh[1], devices[:wanted])
+    else:
+        mesh = data_mesh(devices[:wanted])
+    rows = settings.adamerging.batches_per_task * settings.adamerging.batch_size
+    if settings.needs_data and rows % data_size(mesh):
+        raise fail(f"{config.source}: {rows} prompts per task and step do not split over the mesh's data axis of "
+                   f"{data_size(mesh)} devices; change adamerging.batch_size or the mesh")
+    return mesh
+
+
+@dataclasses.dataclass
+class LmPlan:
+    """A checked causal-LM run: the config, the settings with the decoder's stacked layers, the loaded models,
+    the binding, the prompt batches (None without prompts), the candidates' token ids, the mesh, the output
+    folder and the λ of ``--weights``."""
+
+    config: MergeConfig
+    settings: MergeSettings
+    models: LanguageModels
+    binding: ModelBinding
+    batches: PromptBatches | None
+    candidates: list[tuple[int, ...]] | None
+    mesh: Any
+    output: Path
+    weights: Coefficients | None = None
+    weights_file: str | None = None
+
+    @property
+    def export_spec(self) -> Any:
+        return export_spec(self.settings, self.config)
+
+    @property
+    def pretrained(self) -> Params:
+        """θ0, the tree λ is laid out over."""
+        return self.models.pretrained
+
+    def describe(self) -> str:
+        """The plan as text: model, tasks with their checkpoints and prompts, methods with their λ count per
+        task, AdaMerging's settings, the mesh and the output."""
+        config, lm = self.config, self.models.config
+        lines = [f"pretrained: {config.pretrained} ({lm.model_type}, hidden {lm.hidden_size}, {lm.num_layers} "
+                 f"layers, vocabulary {lm.vocab_size}; tokenizer from the same folder)"]
+        for k, task in enumerate(config.tasks):
+            adapter = self.models.adapters[k]
+            if adapter is None:
+                source = f"full fine-tuned {task.finetuned}"
+            else:
+                source = (f"LoRA adapter {task.adapter} ({len(adapter.modules)} modules"
+                          f"{', factored' if task.factored else ''})")
+            data = "no prompts"
+            if self.batches is not None:
+                sequences = self.batches.tasks[k]
+                data = f"{len(sequences)} prompts (longest {max(len(s) for s in sequences)} tokens)"
+            answers = f"; answers {list(task.candidates)} → ids {list(self.candidates[k])}" if self.candidates else ""
+            lines.append(f"task {task.name}: {source}; {data}{answers}")
+        for spec in self.settings.methods:
+            params = spec.describe()["params"]
+            count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
+                     if spec.method.needs_data else "")
+            lines.append(f"method {spec.name} {params}{count}")
+        adamerging = self.settings.adamerging
+        objective = "entropy over the candidate answers" if self.candidates else "next-token entropy"
+        lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
+                     f"{adamerging.batches_per_task}x{adamerging.batch_size} prompts per task and step (at most "
+                     f"{config.max_length} tokens), {objective}, clamp {adamerging.clamp}, "
+                     f"precision {config.precision}")
+        lines.append("devices: " + " × ".join(f"{name} {size}" for name, size in self.mesh.shape.items()))
+        if self.weights is not None:
+            lines.append(f"λ given by --weights: {config.exported} applies them, no training")
+        lines.append(f"export: {config.exported} to {self.output / 'model'}")
+        return "\n".join(lines)
+
+
+def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
+               log: Callable[[str], None] = print) -> LmPlan:
+    """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
+    settings = guarded(config.source, config.settings)
+    models = load_language_models(config, log)
+    tokenizer = guarded(f"pretrained {config.pretrained}: the tokenizer does not load",
+                        lambda: load_tokenizer(config.pretrained))
+    prompts = tokenized_prompts(config, tokenizer, models.config.vocab_size)
+    candidates = candidate_ids(config, tokenizer)
+    binding = causal_lm_binding(models.config, candidates=candidates)
+    settings = binding.merge_settings(settings)
+    batches = None
+    if prompts is not None:
+        adamerging = settings.adamerging
+        batches = PromptBatches(prompts, batch_size=adamerging.batch_size, n_batches=adamerging.batches_per_task,
+                                seed=config.seed, buckets=bucket_lengths(config.max_length, min(16, config.max_length)),
+                                pad_id=pad_id_of(tokenizer))
+    plan = LmPlan(config, settings, models, binding, batches, candidates, lm_mesh(config, settings), output)
+    if weights is not None:
+        plan.weights_file = weights
+        plan.weights = guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
+    return plan
+
+
+def prompt_entropy(plan: LmPlan, models: dict[str, Merged], records: dict[str, Any], probe: Sequence[Any]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per model (θ0 as "pretrained", then each method), L_t = the binding's mean entropy on task t's step-0
+    prompts, their sum Σ_t L_t, and for an adaptive method the sum at λ_init (the record's probe entropy)."""
+    names = [task.name for task in plan.config.tasks]
+    entropy = jax.jit(lambda params, batch, task: task_entropy(plan.binding.apply_fn, params, batch, task),
+                      static_argnums=2)
+
+    def measure(params_of: Callable[[int], Params], initial: float | None) -> dict[str, Any]:
+        per_task = {name: float(entropy(params_of(t), probe[t], t)) for t, name in enumerate(names)}
+        return {"per_task": per_task, "sum": float(sum(per_task.values())), "initial": initial}
+
+    out = {"pretrained": measure(lambda _: plan.pretrained, None)}
+    for name, merged in models.items():
+        params_of = merged.per_task if merged.per_task is not None else (lambda _, p=merged.params: p)
+        initial = records[name].probe_entropy[0] if records[name].probe_entropy else None
+        out[name] = measure(params_of, initial)
+    return out
+
+
+def entropy_table(run: dict[str, Any], candidates: bool) -> str:
+    """Markdown: models × tasks entropy (nats), Σ over tasks, and Σ at λ_init for adaptive methods."""
+    tasks = run["tasks"]
+    what = "over the candidate answers" if candidates else "of the next token"
+    lines = [f"Mean entropy {what} (nats) on each task's step-0 prompts; lower is more confident.", "",
+             "| Model | " + " | ".join(tasks) + " | Σ | Σ at λ_init |", "|" + "---|" * (len(tasks) + 3)]
+    for name, values in run["entropy"].items():
+        label = run["methods"][name]["label"] if name in run["methods"] else "θ0 (pretrained)"
+        initial = "–" if values["initial"] is None else f"{values['initial']:.4f}"
+        cells = [f"{values['per_task'][task]:.4f}" for task in tasks] + [f"{values['sum']:.4f}", initial]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def export_files(directory: Path) -> list[str]:
+    """The names an earlier export into ``directory`` may hold: those `save_hf_causal_lm` replaces, and the card."""
+    from adamerging_jax.models.llama_checkpoint import _replaceable
+
+    return [*_replaceable(directory), "README.md"]
+
+
+def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build every method's model (AdaMerging resumable under ``OUT/state``), measure the prompts' entropy,
+    export the chosen model with its card and write the named λ and the report; returns ``results.json``'s
+    content."""
+    config, output, models_in = plan.config, plan.output, plan.models
+    output.mkdir(parents=True, exist_ok=True)
+    settings = plan.settings.with_changes(quiet=True)
+    if plan.weights is not None:
+        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, plan.mesh)])
+    probe = plan.batches(0) if plan.batches is not None else None
+    try:
+        models, records = build_models(settings, models_in.pretrained, models_in.task_vectors,
+                                       apply_fn=plan.binding.apply_fn,
+                                       adaptation=plan.batches if settings.needs_data else None, probe=probe,
+                                       state_dir=output / "state", mesh=plan.mesh, log=log)
+    except ValueError as error:
+        raise fail(error) from None
+    names = [task.name for task in config.tasks]
+    run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json(records),
+           "entropy": prompt_entropy(plan, models, records, probe) if probe is not None else None,
+           "export": config.exported, "weights": plan.weights_file, "settings": settings.describe(),
+           "config": config.source}
+    merged = models[config.exported]
+    write_lambdas(plan, merged, run)
+    table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
+    files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log)
+    record = run["methods"][config.exported]
+    method = dict(name=config.exported, label=record["label"], params=record["params"],
+                  paper=plan.export_spec.method.paper)
+    card = lm_model_card(config, method, run["settings"], run["lambda_summary"], table, run.get("weights"))
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
+    with atomic_directory(output / "model", export_files(output / "model")) as folder:
+        save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir)
+        write_atomic(Path(folder, "README.md"), card.encode())
+    log(f"[merge] wrote {output / 'model'} ({config.exported}), " + ", ".join(str(p) for p in files.values()))
+    return run
