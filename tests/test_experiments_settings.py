@@ -11,7 +11,8 @@ from adamerging_jax.heads import zero_shot
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import cli, published
 from adamerging_jax.paper.experiments import run_robustness
-from adamerging_jax.paper.models import checkpoint_location, load_models, padded_rows
+from adamerging_jax.heads.zero_shot import padded_rows
+from adamerging_jax.paper.models import checkpoint_location, load_models
 from adamerging_jax.paper.settings import (
     METHODS,
     Checkpoints,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Sequence
@@ -140,19 +142,77 @@ def clip_zero_shot_head(params: dict, config: ClipConfig, tokenizer: Any, classn
                           float(params["logit_scale"]), config.text.context_length)
 
 
+
+PROMPT_ROWS = 32
+"""Prompts per text-encoder call: every task's templates (1 to 18 of them) fit, so one compiled encoder serves all."""
+
+
+def padded_rows(encode: Callable[[np.ndarray], Any], rows: int = PROMPT_ROWS) -> Callable[[np.ndarray], Any]:
+    """``encode`` called on ``ids`` padded (with copies of its first row) to a multiple of ``rows`` rows, the
+    padding's outputs dropped: the same result, one compiled shape for every number of templates."""
+
+    def padded(ids: np.ndarray) -> Any:
+        count = len(ids)
+        extra = -count % rows
+        return encode(np.concatenate([ids, np.repeat(ids[:1], extra, axis=0)]) if extra else ids)[:count]
+
+    return padded
+
+
+def head_builder(params: dict, config: ClipConfig, tokenizer_dir: str
+                 ) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """``(classnames, templates) -> head [C, D]`` of a full CLIP tree, its text encoder compiled once for every
+    task (prompt batches padded to `PROMPT_ROWS`); the tokenizer is read from `tokenizer_dir` when first used."""
+    if config.text is None or "text" not in params:
+        raise ValueError("zero-shot heads need a full CLIP checkpoint (text tower), not a vision tower alone")
+    encode = padded_rows(clip_text_encoder(params, config))
+
+    def build(classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        return zero_shot_head(encode, load_tokenizer(tokenizer_dir), classnames, templates,
+                              float(params["logit_scale"]), config.text.context_length)
+
+    return build
+
+
+def head_cache_path(root: str | os.PathLike, model_id: str, name: str) -> str:
+    """``root/<model id made file-system safe>/<name>.npz``; a local model is keyed by its absolute path."""
+    model = os.path.abspath(model_id) if os.path.exists(model_id) else model_id
+    folder = re.sub(r"[^\w.-]+", "_", model.strip("/"))[-80:]
+    return os.path.join(os.fspath(root), folder, re.sub(r"[^\w.-]+", "_", name) + ".npz")
+
+
+def _stored_head(path: str, key: str) -> np.ndarray | None:
+    """The head at `path` when it was built for `key` and its checksum holds; else None (with a warning when
+    the file is there but unreadable or damaged)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as stored:
+            head, stored_key, checksum = stored["head"], str(stored["key"]), str(stored["checksum"])
+    except Exception as error:  # a truncated or bit-flipped file: a miss, rebuilt
+        warnings.warn(f"zero-shot head cache {path} is unreadable ({error}); rebuilding it", stacklevel=3)
+        return None
+    if stored_key != key:
+        return None
+    if hashlib.sha256(np.ascontiguousarray(head).tobytes()).hexdigest() != checksum:
+        warnings.warn(f"zero-shot head cache {path} fails its checksum; rebuilding it", stacklevel=3)
+        return None
+    return head
+
+
 def cached_head(path: str, classnames: Sequence[str], templates: Sequence[str], model_id: str,
                 build: Callable[[], np.ndarray]) -> np.ndarray:
-    """The head stored at ``path`` (.npz) if it was built for these class names, templates and model id,
-    else ``build()``, written atomically to ``path`` and returned."""
+    """The head stored at ``path`` (.npz) if it was built for these class names, templates and model id and
+    its checksum holds, else ``build()``, written atomically to ``path`` and returned."""
     key = hashlib.sha256(json.dumps([list(classnames), list(templates), model_id]).encode()).hexdigest()
-    if os.path.isfile(path):
-        with np.load(path) as stored:
-            if str(stored["key"]) == key:
-                return stored["head"]
+    stored = _stored_head(path, key)
+    if stored is not None:
+        return stored
     head = np.asarray(build(), dtype=np.float32)
     if head.shape[0] != len(classnames):
         raise ValueError(f"head for {path!r} has {head.shape[0]} rows for {len(classnames)} class names")
-    write_npz_atomic(path, {"head": head, "key": np.array(key)})
+    checksum = hashlib.sha256(np.ascontiguousarray(head).tobytes()).hexdigest()
+    write_npz_atomic(path, {"head": head, "key": np.array(key), "checksum": np.array(checksum)})
     return head
 
 

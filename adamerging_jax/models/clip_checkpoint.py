@@ -26,11 +26,13 @@ one fused ``attn.in_proj_weight`` [3W, W] (rows q; k; v), ``proj`` is already [W
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -566,3 +568,62 @@ def lambda_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
     blocks = [f"{VISION_PREFIX}encoder.layers.{i}.{hf}" for i in range(layers) for hf in _HF_BLOCK_ORDER]
     order = (*top, *blocks, VISION_PREFIX + "post_layernorm.weight", VISION_PREFIX + "post_layernorm.bias")
     return TensorNames(names, order)
+
+
+# ------------------------------------------------------------------------------ θ0 and the fine-tuned towers
+
+OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass
+class ClipTowers:
+    """What a merge of CLIP image towers starts from: ``full`` the pretrained CLIP tree (text tower,
+    projections, logit_scale), ``pretrained`` θ0's image tower, ``finetuned`` one image tower per task, and
+    ``tokenizer_dir`` the folder holding the pretrained CLIP's tokenizer files."""
+
+    config: ClipConfig
+    full: Params
+    pretrained: Params
+    finetuned: list[Params]
+    tokenizer_dir: str
+
+
+def load_image_tower(location: str, what: str, *, trust_pickle: bool = False, allow_download: bool = True
+                     ) -> tuple[ClipConfig, Params]:
+    """(config, {"vision", maybe "visual_projection", "text", ...}) from an HF folder / hub id or an open_clip
+    state dict (``.pt``/``.pth``/``.bin``); errors name `what` and the location."""
+    try:
+        if location.endswith(OPEN_CLIP_SUFFIXES):
+            return load_open_clip_checkpoint(location, trust_pickle=trust_pickle)
+        return load_hf_clip(location, allow_download=allow_download)
+    except OSError as error:
+        raise FileNotFoundError(f"{what}: cannot load {location!r}: {error}") from error
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{what}: cannot load {location!r}: {error}") from error
+
+
+def load_clip_towers(pretrained: str, finetuned: Sequence[tuple[str, str]], *, pretrained_vision: str | None = None,
+                     trust_pickle: bool = False, allow_download: bool = True,
+                     log: Callable[[str], None] = print) -> ClipTowers:
+    """θ0 from the full pretrained CLIP `pretrained` (or its image tower from `pretrained_vision`, e.g. an
+    open_clip ``zeroshot.pt``) and each ``(task, location)`` of `finetuned`; every tower must have θ0's
+    config (the error names the task and file)."""
+    load = functools.partial(load_image_tower, trust_pickle=trust_pickle, allow_download=allow_download)
+    log(f"[models] pretrained CLIP {pretrained}")
+    config, full = load(pretrained, "pretrained CLIP")
+    if config.text is None or "text" not in full or "visual_projection" not in full:
+        raise ValueError(f"pretrained CLIP {pretrained!r} has no text tower or visual projection: the zero-shot heads "
+                         "need a full CLIPModel checkpoint (e.g. openai/clip-vit-base-patch32)")
+    towers = [(None, pretrained_vision)] if pretrained_vision else []
+    loaded = []
+    for task, location in [*towers, *finetuned]:
+        what = "pretrained image tower" if task is None else f"task {task!r} fine-tuned tower"
+        log(f"[models] {what} {location}")
+        found, tower = load(location, what)
+        if found.vision != config.vision:
+            raise ValueError(f"{what} ({location!r}) has image tower {found.vision}, θ0 has {config.vision}")
+        loaded.append(tower["vision"])
+    directory = resolve_checkpoint(pretrained, allow_download=allow_download)
+    directory = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    theta0 = loaded.pop(0) if pretrained_vision else full["vision"]
+    return ClipTowers(config, full, theta0, loaded, directory)

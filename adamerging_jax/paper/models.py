@@ -21,16 +21,11 @@ import numpy as np
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import (
-    load_hf_clip,
-    load_open_clip_checkpoint,
-    resolve_checkpoint,
-)
+from adamerging_jax.models.clip_checkpoint import load_clip_towers
 from adamerging_jax.paper.settings import Checkpoints
 from adamerging_jax.paper.tasks import paper_task
 
 Params = dict[str, Any]
-OPEN_CLIP_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 @dataclasses.dataclass
@@ -66,83 +61,32 @@ def checkpoint_location(template: str, task: str) -> str:
     return template.replace("{task}", spec.head).replace("{dataset}", spec.dataset)
 
 
-def load_image_tower(location: str, checkpoints: Checkpoints, what: str) -> tuple[clip.ClipConfig, Params]:
-    """(config, {"vision", maybe "visual_projection"}) from an HF directory/id or an open_clip state dict."""
-    try:
-        if location.endswith(OPEN_CLIP_SUFFIXES):
-            return load_open_clip_checkpoint(location, trust_pickle=checkpoints.trust_pickle)
-        return load_hf_clip(location, allow_download=checkpoints.allow_download)
-    except OSError as error:
-        raise FileNotFoundError(f"{what}: cannot load {location!r}: {error}") from error
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"{what}: cannot load {location!r}: {error}") from error
-
-
-def _same_tower(config: clip.ClipConfig, reference: clip.ClipConfig, what: str, location: str) -> None:
-    if config.vision != reference.vision:
-        raise ValueError(f"{what} ({location!r}) has image tower {config.vision}, θ0 has {reference.vision}")
-
-
 def load_models(checkpoints: Checkpoints, merge_tasks: Sequence[str], eval_tasks: Sequence[str],
                 head_cache: str | None, log: Callable[[str], None] = print) -> ClipModels:
     """Load θ0, the merged tasks' fine-tuned towers and the evaluated tasks' heads (built once, then cached)."""
-    log(f"[models] pretrained CLIP {checkpoints.pretrained}")
-    config, full = load_image_tower(checkpoints.pretrained, checkpoints, "pretrained CLIP")
-    if config.text is None or "text" not in full:
-        raise ValueError(f"pretrained CLIP {checkpoints.pretrained!r} has no text tower: the zero-shot heads need a "
-                         "full CLIPModel checkpoint (e.g. openai/clip-vit-base-patch32)")
-    pretrained = full["vision"]
-    if checkpoints.pretrained_vision:
-        log(f"[models] θ0 image tower {checkpoints.pretrained_vision}")
-        vision_config, tower = load_image_tower(checkpoints.pretrained_vision, checkpoints, "pretrained image tower")
-        _same_tower(vision_config, config, "pretrained image tower", checkpoints.pretrained_vision)
-        pretrained = tower["vision"]
-    finetuned = []
-    for task in merge_tasks:
-        location = checkpoint_location(checkpoints.finetuned, task)
-        log(f"[models] {task}: fine-tuned image tower {location}")
-        task_config, tower = load_image_tower(location, checkpoints, f"task {task!r} fine-tuned tower")
-        _same_tower(task_config, config, f"task {task!r} fine-tuned tower", location)
-        finetuned.append(tower["vision"])
-    heads = [task_head(full, config, checkpoints, task, head_cache, log) for task in eval_tasks]
-    return ClipModels(config, pretrained, finetuned, np.asarray(full["visual_projection"]["kernel"]), heads)
+    towers = load_clip_towers(
+        checkpoints.pretrained, [(task, checkpoint_location(checkpoints.finetuned, task)) for task in merge_tasks],
+        pretrained_vision=checkpoints.pretrained_vision, trust_pickle=checkpoints.trust_pickle,
+        allow_download=checkpoints.allow_download, log=log)
+    build = zero_shot.head_builder(towers.full, towers.config, towers.tokenizer_dir)
+    heads = [task_head(build, checkpoints, task, head_cache, log) for task in eval_tasks]
+    return ClipModels(towers.config, towers.pretrained, towers.finetuned,
+                      np.asarray(towers.full["visual_projection"]["kernel"]), heads)
 
 
-PROMPT_ROWS = 32
-"""Prompts per text-encoder call: every task's templates (1 to 18 of them) fit, so one compiled encoder serves all."""
-
-
-def padded_rows(encode: Callable[[np.ndarray], Any], rows: int) -> Callable[[np.ndarray], Any]:
-    """``encode`` called on ``ids`` padded (with copies of its first row) to a multiple of ``rows`` rows, the
-    padding's outputs dropped: the same result, one compiled shape for every number of templates."""
-
-    def padded(ids: np.ndarray) -> Any:
-        count = len(ids)
-        extra = -count % rows
-        return encode(np.concatenate([ids, np.repeat(ids[:1], extra, axis=0)]) if extra else ids)[:count]
-
-    return padded
-
-
-def task_head(full: Params, config: clip.ClipConfig, checkpoints: Checkpoints, task: str, cache: str | None,
-              log: Callable[[str], None] = print) -> np.ndarray:
-    """Task ``task``'s zero-shot head [C, D] from the pretrained CLIP's text tower (cached under ``cache``)."""
+def task_head(build: Callable[[Sequence[str], Sequence[str]], np.ndarray], checkpoints: Checkpoints, task: str,
+              cache: str | None, log: Callable[[str], None] = print) -> np.ndarray:
+    """Task ``task``'s zero-shot head [C, D] (task_vectors' class names and templates) from `build`
+    (`zero_shot.head_builder` of the pretrained CLIP), cached under ``cache/heads``."""
     classnames, templates = zero_shot.task_prompts(paper_task(task).head)
 
-    def build() -> np.ndarray:
+    def make() -> np.ndarray:
         log(f"[models] {task}: zero-shot head, {len(classnames)} classes x {len(templates)} templates")
-        directory = resolve_checkpoint(checkpoints.pretrained, allow_download=checkpoints.allow_download)
-        directory = directory if os.path.isdir(directory) else os.path.dirname(directory)
-        tokenizer = zero_shot.load_tokenizer(directory)
-        encode = padded_rows(zero_shot.clip_text_encoder(full, config), PROMPT_ROWS)
-        return zero_shot.zero_shot_head(encode, tokenizer, classnames, templates, float(full["logit_scale"]),
-                                        config.text.context_length)
+        return build(classnames, templates)
 
     if cache is None:
-        return build()
+        return make()
     model_id = checkpoints.pretrained
-    if os.path.exists(model_id):
-        model_id = os.path.abspath(model_id)
-    folder = re.sub(r"[^\w.-]+", "_", model_id.strip("/"))[-80:]
-    path = os.path.join(cache, "heads", folder, f"{paper_task(task).head}.npz")
-    return zero_shot.cached_head(path, classnames, templates, model_id, build)
+    model_id = os.path.abspath(model_id) if os.path.exists(model_id) else model_id
+    path = zero_shot.head_cache_path(os.path.join(cache, "heads"), model_id, paper_task(task).head)
+    return zero_shot.cached_head(path, classnames, templates, model_id, make)
