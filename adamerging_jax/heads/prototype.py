@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.models.clip import l2_normalize
+
 DEFAULT_SHOTS = 1
 DEFAULT_SCALE = 30.0
 
@@ -41,16 +43,14 @@ class LinearHead:
         return self.weight.shape[1]
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """``x / max(‖x‖₂, eps)`` along ``axis``."""
-    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+EPS = 1e-12
+"""The floor of ‖x‖ when features are normalised, so a zero feature stays finite."""
 
 
 def apply_head(head: LinearHead, features: jax.Array) -> jax.Array:
     """Logits [N, C] of features [N, D]."""
     if head.normalize:
-        features = l2_normalize(features)
+        features = l2_normalize(features, eps=EPS)
     return features @ head.weight + head.bias
 
 
@@ -73,14 +73,14 @@ def prototype_head(
     features: jax.Array, labels: np.ndarray, num_classes: int, scale: float = DEFAULT_SCALE
 ) -> LinearHead:
     """Prototype head from the (pretrained) features of the chosen shots; every class needs ≥ 1 example."""
-    features = l2_normalize(jnp.asarray(features, jnp.float32))
+    features = l2_normalize(jnp.asarray(features, jnp.float32), eps=EPS)
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=num_classes)
     if len(counts) > num_classes or (counts == 0).any():
         raise ValueError(f"every class in [0, {num_classes}) needs at least one example, got counts {counts.tolist()}")
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # [N, C]
     means = (one_hot.T @ features) / counts[:, None]  # [C, D]
-    prototypes = l2_normalize(means)
+    prototypes = l2_normalize(means, eps=EPS)
     return LinearHead(scale * prototypes.T, jnp.zeros(num_classes, jnp.float32), normalize=True)
 
 

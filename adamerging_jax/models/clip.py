@@ -309,9 +309,10 @@ class CLIP(nn.Module):
 # ------------------------------------------------------------------------------------- functional API
 
 
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / ‖x‖₂ along ``axis``."""
-    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 0.0) -> jax.Array:
+    """x / max(‖x‖₂, eps) along ``axis``: CLIP's feature normalisation (eps = 0, as HF's x / ‖x‖); a positive
+    eps keeps a zero vector finite."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def init_params(variant: str | ClipConfig, key: jax.Array) -> Params:
