@@ -25,7 +25,6 @@ def images_nhwc(expected):
 def test_fixture_config_is_the_tiny_variant(checkpoint):
     config, _, _ = checkpoint
     assert config == clip.get_config("Ti/8")
-    assert clip.variant_name(config) == "Ti/8"
 
 
 def test_vision_tower_matches_torch(checkpoint):

@@ -5,7 +5,7 @@ import skimage.data
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from adamerging_jax.data.clip_preprocess import preprocess, preprocess_batch
+from adamerging_jax.data.clip_preprocess import preprocess
 
 
 def reference(image, size):
@@ -33,7 +33,7 @@ def test_matches_clip_image_processor(name, size):
 
 def test_batch_and_pil_input():
     images = [PHOTOS["coffee"], Image.fromarray(PHOTOS["astronaut"])]
-    batch = preprocess_batch(images, 64)
+    batch = np.stack([preprocess(image, 64) for image in images])
     assert batch.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(batch[1], preprocess(PHOTOS["astronaut"], 64))
 

@@ -195,3 +195,18 @@ def test_flags_land_in_the_config(tmp_path):
     assert [s.name for s in config.merge.methods] == ["ties", "layer_wise_adamerging"]
     assert [s.params["total_size"] for s in config.merge.methods] == [99, 99]
     assert config.devices == 2 and config.checkpoint_runs
+
+
+def test_task_vectors_data_location_serves_its_class_folder_tasks(tmp_path):
+    """--task-vectors-data: EuroSAT's test split from task_vectors' EuroSAT_splits/test class folders."""
+    split = tmp_path / "EuroSAT_splits" / "test"
+    for c in range(10):
+        (split / f"class{c}").mkdir(parents=True)
+        Image.fromarray(np.full((4, 4, 3), c, np.uint8)).save(split / f"class{c}" / "0.png")
+    source = task_test_set("eurosat", DataConfig(task_vectors_dir=str(tmp_path)))
+    assert len(source) == 10 and [source[i][1] for i in range(10)] == list(range(10))
+    (split / "class9" / "0.png").rename(split / "class8" / "1.png")
+    (split / "class9").rmdir()
+    with pytest.raises(ValueError, match="has 9 class folders, its head has 10 classes"):
+        task_test_set("eurosat", DataConfig(task_vectors_dir=str(tmp_path)))
+

@@ -8,7 +8,6 @@ float32 HWC (channels last, the layout of ``adamerging_jax.models.clip``).
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -62,8 +61,3 @@ def normalize(images):
 def preprocess(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
     """One image → float32 [size, size, 3], CLIP-normalised."""
     return normalize(resize_crop(image, size).astype(np.float32)).astype(np.float32)
-
-
-def preprocess_batch(images: Iterable[Image.Image | np.ndarray], size: int = 224) -> np.ndarray:
-    """Images → float32 [B, size, size, 3]."""
-    return np.stack([preprocess(image, size) for image in images])

@@ -170,11 +170,6 @@ def get_config(variant: str | ClipConfig) -> ClipConfig:
     return VARIANTS[variant]
 
 
-def variant_name(config: ClipConfig) -> str | None:
-    """The name of the known variant whose image tower is ``config.vision`` (None when none matches)."""
-    return next((name for name, known in VARIANTS.items() if known.vision == config.vision), None)
-
-
 def stacked(path: str) -> bool:
     """True for leaves stacked over layers (leading axis L), e.g. "vision/layers/attn/q/kernel"."""
     return "layers" in path.split("/")

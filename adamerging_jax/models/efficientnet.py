@@ -265,11 +265,6 @@ def stacked(path: str) -> bool:
     return False
 
 
-def param_count(tree: PyTree) -> int:
-    """Total number of values in the leaves of ``tree``."""
-    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _check_input(x: jax.Array) -> None:
     """Raise ValueError unless ``x`` is an NHWC batch with 3 channels."""
     if x.ndim != 4 or x.shape[-1] != 3:

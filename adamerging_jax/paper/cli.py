@@ -63,6 +63,8 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     g.add_argument("--offline", action="store_true", help="never download; hub ids must be in the HF cache")
     g = p.add_argument_group("data")
     g.add_argument("--tfds-dir", help="data_dir of the tfds ArrayRecord datasets (experiments/prepare_data.py)")
+    g.add_argument("--task-vectors-data", help="task_vectors' data location: SUN397, EuroSAT and DTD test splits "
+                   "are read from its class folders (sun397/val, EuroSAT_splits/test, dtd/val)")
     g.add_argument("--folder", action="append", default=[], metavar="TASK=PATH",
                    help="read TASK's test set from a split folder of class subfolders instead of tfds")
     g.add_argument("--file-list", action="append", default=[], metavar="TASK=PATH",
@@ -99,7 +101,7 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
         args.variant, pretrained_vision=args.pretrained_vision, trust_pickle=args.trust_pickle,
         allow_download=not args.offline, **overrides)
     data = DataConfig(
-        tfds_dir=args.tfds_dir, folders=_pairs(args.folder, "--folder"),
+        tfds_dir=args.tfds_dir, task_vectors_dir=args.task_vectors_data, folders=_pairs(args.folder, "--folder"),
         file_lists=_pairs(args.file_list, "--file-list"),
         cache_images=not args.no_image_cache, eval_batch_size=args.eval_batch_size, num_threads=args.num_threads,
         max_test_images=args.max_test_images)

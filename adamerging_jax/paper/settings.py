@@ -72,7 +72,9 @@ class DataConfig:
     """Where each task's test set is read, and how.
 
     ``folders[task]``: a split folder of class subfolders (task_vectors' layout, e.g. ``.../dtd/val``); labels
-    are the sorted class folders' ranks, which is task_vectors' class order.  Other tasks are read from the
+    are the sorted class folders' ranks, which is task_vectors' class order.  ``task_vectors_dir``: task_vectors'
+    data location; the tasks it keeps as class folders (SUN397, EuroSAT, DTD) are read from their test split
+    there (``data.folder.TASK_VECTORS_TEST_FOLDERS``) unless ``folders`` names them.  Other tasks are read from the
     ArrayRecord datasets prepared under ``tfds_dir`` (``adamerging_jax.data.tfds_sources.prepare``);
     ``file_lists[task]`` selects a published file list there (e.g. resisc45-test.txt).
     ``cache_images`` keeps the decoded, resized crops of the images AdaMerging visits (about 150 KB each at
@@ -81,6 +83,7 @@ class DataConfig:
     """
 
     tfds_dir: str | None = None
+    task_vectors_dir: str | None = None
     folders: Mapping[str, str] = dataclasses.field(default_factory=dict)
     file_lists: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cache_images: bool = True
