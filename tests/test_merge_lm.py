@@ -49,6 +49,7 @@ def world(tmp_path_factory):
         lambda a: np.asarray(a) + 0.5 * np.std(a) * rng.standard_normal(np.shape(a)).astype(np.float32), params)
     save_hf_causal_lm(root / "math", finetuned, config)
     write_adapter(root / "code", ADAPTED, seed=3)
+    write_adapter(root / "chat", [(1, "q_proj", 2), (0, "up_proj", 2), ("lm_head", None, 2)], seed=4, r=2)
     (root / "math.txt").write_text("\n".join(prompts(rng, 10)) + "\n", encoding="utf-8")
     (root / "code.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
                                              for i, p in enumerate(prompts(rng, 10))), encoding="utf-8")
@@ -195,6 +196,27 @@ def test_task_arithmetic_export(world):
     assert entropy["task_arithmetic"]["initial"] is None
     assert entropy["task_arithmetic"]["sum"] == pytest.approx(sum(entropy["task_arithmetic"]["per_task"].values()))
     assert "| θ0 (pretrained) |" in (out / "table.md").read_text()
+
+
+def test_factored_adapters_give_the_dense_run(world):
+    """Two adapters, B·A kept factored inside the step or made dense τ first: the same λ and the same model."""
+    runs = {}
+    for factored in (False, True):
+        document_ = document(world, methods=["layer_wise_adamerging"])
+        for task, adapter in zip(document_["tasks"], ("code", "chat")):
+            task.pop("finetuned", None)
+            task.update(adapter=str(world / adapter), factored=factored)
+        config, out = world / f"factored_{factored}.yaml", world / f"out_factored_{factored}"
+        config.write_text(yaml.safe_dump(document_))
+        merge(config, "--output", out)
+        runs[factored] = formats.read_named_json(out / "lambdas.json"), read_checkpoint_dir(str(out / "model"))
+    (dense_lam, dense_model), (factored_lam, factored_model) = runs[False], runs[True]
+    for name, values in dense_lam.items():
+        np.testing.assert_allclose(factored_lam[name], values, atol=1e-5, err_msg=name)
+    assert max(abs(v - 0.3) for values in dense_lam.values() for v in values) > 1e-4
+    for name, value in dense_model.items():
+        # λ agree to ~3e-5 and these τ entries reach ~5 (s B A with unit-normal factors), so θ agrees to ~1e-4
+        np.testing.assert_allclose(factored_model[name], value, atol=5e-5, rtol=1e-4, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ --dry-run
