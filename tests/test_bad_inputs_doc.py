@@ -15,6 +15,7 @@ TABLES = {
     "test_bad_inputs_files": "Files: torch pickles, images, unlabeled folders, caches",
     "test_bad_inputs_clip": "CLIP checkpoints and their config.json",
     "test_merge_config": "`adamerging-jax merge` configs (checked by `--dry-run` and before every run)",
+    "test_merge_lm": "`adamerging-jax merge` for causal language models (checked by `--dry-run`)",
 }
 OUTCOMES = {"warning+None": "warned cache miss (recomputed)", "handled": "read correctly"}
 

@@ -96,6 +96,11 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer: Any, max_length: int, *,
     return sequences
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id padding is written with: the pad token, else the EOS token, else 0 (padding is always masked)."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def pad_batch(sequences: Sequence[np.ndarray], length: int, pad_id: int, padding_side: str = "right") -> Batch:
     """``{"input_ids", "attention_mask"}`` int32 [N, length]: each sequence padded with ``pad_id`` on one side."""
     if padding_side not in ("right", "left"):
@@ -153,8 +158,7 @@ class TextBatches:
         tokenizer = load_tokenizer(tokenizer_dir)
         tasks = [tokenize_prompts(read_prompts(path, field), tokenizer, max_length, task=os.fspath(path))
                  for path in paths]
-        pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-        return cls(tasks, buckets=bucket_lengths(max_length, min(min_length, max_length)), pad_id=pad_id,
+        return cls(tasks, buckets=bucket_lengths(max_length, min(min_length, max_length)), pad_id=pad_id_of(tokenizer),
                    **kwargs)
 
     @property

@@ -28,18 +28,22 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
     if config.pretrained_vision:
         lines.append(f"- θ0 image tower: `{config.pretrained_vision}`")
     lines.append(f"- export: `{config.export}`, precision during AdaMerging: `{config.precision}`")
-    if weights:
-        lines.append(f"- λ given by `{weights}`, not trained")
-    adamerging = settings["adamerging"]
-    lines += [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
-              f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled images per task and step, "
-              f"clamp {adamerging['clamp']}, seed {adamerging['seed']}", "", "## Tasks", "",
-              "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
+    lines += _how(config, settings, weights, "images")
+    lines += ["", "## Tasks", "", "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
     lines += [f"| {task.name} | `{task.finetuned}` | {len(task.classes)} |" for task in config.tasks]
     lines += lambda_lines(summary)
     if table:
         lines += ["", "## Top-1 accuracy (%) on the given test folders", "", table.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _how(config: MergeConfig, settings: Mapping[str, Any], weights: str | None, unlabeled: str) -> list[str]:
+    """The card's lines on where λ came from: given by a file, or AdaMerging's settings."""
+    lines = [f"- λ given by `{weights}`, not trained"] if weights else []
+    adamerging = settings["adamerging"]
+    return lines + [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
+                    f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled {unlabeled} per task and "
+                    f"step, clamp {adamerging['clamp']}, seed {adamerging['seed']}"]
 
 
 def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
@@ -61,13 +65,8 @@ def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapp
              f"method `{method['name']}` ({method['paper']}), parameters `{method['params']}`.", "",
              f"- pretrained (θ0, tokenizer): `{config.pretrained}`",
              f"- precision during AdaMerging: `{config.precision}`, prompts cut to {config.max_length} tokens"]
-    if weights:
-        lines.append(f"- λ given by `{weights}`, not trained")
-    adamerging = settings["adamerging"]
-    lines += [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
-              f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled prompts per task and step, "
-              f"clamp {adamerging['clamp']}, seed {adamerging['seed']}", "", "## Tasks", "",
-              "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]
+    lines += _how(config, settings, weights, "prompts")
+    lines += ["", "## Tasks", "", "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]
     for task in config.tasks:
         kind = "adapter" + (", factored" if task.factored else "") if task.adapter else "full"
         prompts = f"`{task.prompts.path}`" if task.prompts else "–"

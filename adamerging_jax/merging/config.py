@@ -56,7 +56,6 @@ from adamerging_jax.core.protocol import MergeSettings
 PRESETS = ("official", "fusionbench")
 PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
 EXPORTS = ("vision_with_projection", "clip")
-SOURCE_KINDS = ("folder", "class_folders", "tfds", "file_list")
 SOURCE_OPTIONS = {"folder": ("recursive",), "class_folders": (), "tfds": ("split", "data_dir"), "file_list": ()}
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 MODELS = ("clip", "causal_lm")
@@ -78,7 +77,7 @@ def require(module: str, extra: str, purpose: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Unlabeled:
-    """A task's unlabeled images: ``kind`` one of SOURCE_KINDS, ``path`` (a folder, list file or tfds name)."""
+    """A task's unlabeled images: ``kind`` one of SOURCE_OPTIONS, ``path`` (a folder, list file or tfds name)."""
 
     kind: str
     path: str
@@ -220,14 +219,20 @@ def _strings(where: str, value: Any) -> tuple[str, ...]:
     return tuple(_string(f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
-def _unlabeled(where: str, value: Any, base: Path) -> Unlabeled:
-    fields = _known(where, value, [*SOURCE_KINDS, *{o for opts in SOURCE_OPTIONS.values() for o in opts}])
-    kinds = [kind for kind in SOURCE_KINDS if kind in fields]
+def _one_kind(where: str, value: Any, options: Mapping[str, Sequence[str]], what: str) -> tuple[str, dict]:
+    """(kind, fields) of a mapping naming exactly one of ``options``' kinds, with only that kind's options."""
+    fields = _known(where, value, [*options, *{o for opts in options.values() for o in opts}])
+    kinds = [kind for kind in options if kind in fields]
     if len(kinds) != 1:
-        raise ConfigError(f"{where} needs exactly one of {list(SOURCE_KINDS)}, got {sorted(fields)}")
+        raise ConfigError(f"{where} needs exactly one of {list(options)}, got {sorted(fields)}")
     kind = kinds[0]
-    if extra := sorted(set(fields) - {kind, *SOURCE_OPTIONS[kind]}):
-        raise ConfigError(f"{where}: {extra} do not apply to a {kind!r} source; it takes {list(SOURCE_OPTIONS[kind])}")
+    if extra := sorted(set(fields) - {kind, *options[kind]}):
+        raise ConfigError(f"{where}: {extra} do not apply to a {kind!r} {what}; it takes {list(options[kind])}")
+    return kind, fields
+
+
+def _unlabeled(where: str, value: Any, base: Path) -> Unlabeled:
+    kind, fields = _one_kind(where, value, SOURCE_OPTIONS, "source")
     path = _string(f"{where}.{kind}", fields[kind])
     data_dir = fields.get("data_dir")
     return Unlabeled(kind, path if kind == "tfds" else _path(base, path),
@@ -277,13 +282,7 @@ def _task(where: str, value: Any, base: Path) -> TaskConfig:
 
 
 def _prompts(where: str, value: Any, base: Path) -> Prompts:
-    fields = _known(where, value, [*PROMPT_OPTIONS, *{o for opts in PROMPT_OPTIONS.values() for o in opts}])
-    kinds = [kind for kind in PROMPT_OPTIONS if kind in fields]
-    if len(kinds) != 1:
-        raise ConfigError(f"{where} needs exactly one of {list(PROMPT_OPTIONS)}, got {sorted(fields)}")
-    kind = kinds[0]
-    if extra := sorted(set(fields) - {kind, *PROMPT_OPTIONS[kind]}):
-        raise ConfigError(f"{where}: {extra} do not apply to a {kind!r} file; it takes {list(PROMPT_OPTIONS[kind])}")
+    kind, fields = _one_kind(where, value, PROMPT_OPTIONS, "file")
     path = _path(base, _string(f"{where}.{kind}", fields[kind]))
     if kind == "file":
         return Prompts(path)

@@ -41,18 +41,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import adamerging_jax as am
-from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.checkpoint import atomic_directory, write_atomic
-from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.objective import task_entropy
 from adamerging_jax.core.protocol import MergeSettings, build_models, records_json
 from adamerging_jax.core.registry import Merged
-from adamerging_jax.data.text import TextBatches, bucket_lengths, load_tokenizer, read_prompts, tokenize_prompts
+from adamerging_jax.data.text import (
+    TextBatches,
+    bucket_lengths,
+    load_tokenizer,
+    pad_id_of,
+    read_prompts,
+    tokenize_prompts,
+)
 from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.config import MergeConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
-from adamerging_jax.merging.plan import export_spec, fail, guarded
-from adamerging_jax.merging.run import given_lambdas, read_weights, write_lambdas, write_report
+from adamerging_jax.merging.plan import CheckedRun, fail, guarded
+from adamerging_jax.merging.run import given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.llama_checkpoint import load_hf_causal_lm, read_config, save_hf_causal_lm
 from adamerging_jax.models.lora import (
@@ -178,11 +183,6 @@ def candidate_ids(config: MergeConfig, tokenizer: Any) -> list[tuple[int, ...]] 
     return out
 
 
-def pad_id_of(tokenizer: Any) -> int:
-    """The pad id `TextBatches.from_files` uses: the pad token, else the EOS token, else 0 (always masked)."""
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
 def lm_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
     """The devices AdaMerging runs on: ``mesh: {data, fsdp}`` as a 2-D mesh of the first data × fsdp devices,
     else a 1-D data mesh of the first ``devices`` (all by default); each task's n·B prompts must split evenly
@@ -206,29 +206,17 @@ def lm_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
 
 
 @dataclasses.dataclass
-class LmPlan:
-    """A checked causal-LM run: the config, the settings with the decoder's stacked layers, the loaded models,
-    the binding, the prompt batches (None without prompts), the candidates' token ids, the mesh, the output
-    folder and the λ of ``--weights``."""
+class LmPlan(CheckedRun):
+    """A checked causal-LM run: also the loaded models, the prompt batches (None without prompts), the
+    candidates' token ids and the mesh."""
 
-    config: MergeConfig
-    settings: MergeSettings
     models: LanguageModels
-    binding: ModelBinding
     batches: PromptBatches | None
     candidates: list[tuple[int, ...]] | None
     mesh: Any
-    output: Path
-    weights: Coefficients | None = None
-    weights_file: str | None = None
-
-    @property
-    def export_spec(self) -> Any:
-        return export_spec(self.settings, self.config)
 
     @property
     def pretrained(self) -> Params:
-        """θ0, the tree λ is laid out over."""
         return self.models.pretrained
 
     def describe(self) -> str:
@@ -250,11 +238,7 @@ class LmPlan:
                 data = f"{len(sequences)} prompts (longest {max(len(s) for s in sequences)} tokens)"
             answers = f"; answers {list(task.candidates)} → ids {list(self.candidates[k])}" if self.candidates else ""
             lines.append(f"task {task.name}: {source}; {data}{answers}")
-        for spec in self.settings.methods:
-            params = spec.describe()["params"]
-            count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
-                     if spec.method.needs_data else "")
-            lines.append(f"method {spec.name} {params}{count}")
+        lines += self.method_lines()
         adamerging = self.settings.adamerging
         objective = "entropy over the candidate answers" if self.candidates else "next-token entropy"
         lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
@@ -285,10 +269,9 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
         batches = PromptBatches(prompts, batch_size=adamerging.batch_size, n_batches=adamerging.batches_per_task,
                                 seed=config.seed, buckets=bucket_lengths(config.max_length, min(16, config.max_length)),
                                 pad_id=pad_id_of(tokenizer))
-    plan = LmPlan(config, settings, models, binding, batches, candidates, lm_mesh(config, settings), output)
-    if weights is not None:
-        plan.weights_file = weights
-        plan.weights = guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
+    plan = LmPlan(config, settings, binding, output, models=models, batches=batches, candidates=candidates,
+                  mesh=lm_mesh(config, settings))
+    plan.read_given_weights(weights)
     return plan
 
 
@@ -328,9 +311,9 @@ def entropy_table(run: dict[str, Any], candidates: bool) -> str:
 
 def export_files(directory: Path) -> list[str]:
     """The names an earlier export into ``directory`` may hold: those `save_hf_causal_lm` replaces, and the card."""
-    from adamerging_jax.models.llama_checkpoint import _replaceable
+    from adamerging_jax.models.llama_checkpoint import export_files
 
-    return [*_replaceable(directory), "README.md"]
+    return [*export_files(directory), "README.md"]
 
 
 def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:

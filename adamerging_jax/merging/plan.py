@@ -90,20 +90,16 @@ def source_identity(source: Any) -> str:
 
 
 @dataclasses.dataclass
-class Plan:
-    """A checked run: the config, the settings with the model's stacked layers, the loaded checkpoints, the
-    unlabeled and test sources (None when not given), the λ of ``--weights`` and the output folder."""
+class CheckedRun:
+    """What every checked merge run holds: the config, the settings with the model's stacked layers declared,
+    the model binding, the output folder, and the λ of ``--weights`` (`read_given_weights`)."""
 
     config: MergeConfig
     settings: MergeSettings
-    towers: ClipTowers
-    heads: TaskHeads
     binding: ModelBinding
-    unlabeled: list[Any] | None
-    tests: list[Any] | None
-    weights: Coefficients | None
     output: Path
-    weights_file: str | None = None
+    weights: Coefficients | None = dataclasses.field(default=None, kw_only=True)
+    weights_file: str | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def export_spec(self) -> Any:
@@ -112,6 +108,40 @@ class Plan:
     @property
     def pretrained(self) -> Any:
         """θ0, the tree λ is laid out over."""
+        raise NotImplementedError
+
+    def method_lines(self) -> list[str]:
+        """One plan line per method: its parameters and, for an adaptive one, how many λ each task gets."""
+        lines = []
+        for spec in self.settings.methods:
+            params = spec.describe()["params"]
+            count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
+                     if spec.method.needs_data else "")
+            lines.append(f"method {spec.name} {params}{count}")
+        return lines
+
+    def read_given_weights(self, path: str | None) -> None:
+        """Read ``--weights`` (any layout `run.read_weights` knows) for this run's tree; one line on failure."""
+        if path is None:
+            return
+        from adamerging_jax.merging.run import read_weights
+
+        self.weights_file = path
+        self.weights = guarded(f"--weights {path}", lambda: read_weights(path, self))
+
+
+@dataclasses.dataclass
+class Plan(CheckedRun):
+    """A checked CLIP run: also the loaded checkpoints, the heads, and the unlabeled and test sources (None
+    when not given)."""
+
+    towers: ClipTowers
+    heads: TaskHeads
+    unlabeled: list[Any] | None
+    tests: list[Any] | None
+
+    @property
+    def pretrained(self) -> Any:
         return self.towers.pretrained
 
     def describe(self) -> str:
@@ -123,11 +153,7 @@ class Plan:
             data = f"{len(self.unlabeled[k])} unlabeled images" if self.unlabeled else "no unlabeled images"
             test = f", {len(self.tests[k])} test images" if self.tests else ""
             lines.append(f"task {task.name}: {task.finetuned}; {len(task.classes)} classes; {data}{test}")
-        for spec in self.settings.methods:
-            params = spec.describe()["params"]
-            count = (f"; {self.binding.lambdas_per_task(self.towers.pretrained, params['granularity'])} λ per task"
-                     if spec.method.needs_data else "")
-            lines.append(f"method {spec.name} {params}{count}")
+        lines += self.method_lines()
         adamerging = self.settings.adamerging
         lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
                      f"{adamerging.batches_per_task}x{adamerging.batch_size} images per task and step, clamp "
@@ -191,10 +217,7 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
     towers = guarded("checkpoints", lambda: load_towers(config, log))
     heads = TaskHeads(towers, config.tasks, config.pretrained)
     binding = clip_binding(towers, heads)
-    plan = Plan(config, binding.merge_settings(settings), towers, heads, binding, unlabeled, tests, None, output)
-    if weights is not None:
-        from adamerging_jax.merging.run import read_weights
-
-        plan.weights_file = weights
-        plan.weights = guarded(f"--weights {weights}", lambda: read_weights(weights, plan))
+    plan = Plan(config, binding.merge_settings(settings), binding, output, towers=towers, heads=heads,
+                unlabeled=unlabeled, tests=tests)
+    plan.read_given_weights(weights)
     return plan

@@ -257,7 +257,7 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
     copied = tokenizer_files(os.fspath(tokenizer_dir)) if tokenizer_dir is not None else []
     dtypes = {a.dtype.name for a in state.values()}
     hf_config = dict(config.to_hf(), dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-    with atomic_directory(directory, _replaceable(directory)) as tmp:
+    with atomic_directory(directory, export_files(directory)) as tmp:
         write_json_atomic(os.path.join(tmp, CONFIG), hf_config)
         shards = _shards(state, max_shard_bytes)
         if len(shards) == 1:
@@ -275,7 +275,7 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
 
 
-def _replaceable(directory: str | os.PathLike) -> list[str]:
+def export_files(directory: str | os.PathLike) -> list[str]:
     """The names an earlier export into ``directory`` may have left: the fixed ones and its shards."""
     present = os.listdir(directory) if os.path.isdir(directory) else []
     return [CONFIG, SAFETENSORS, SAFETENSORS_INDEX, "generation_config.json", *TOKENIZER_FILES,
