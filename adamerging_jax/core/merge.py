@@ -29,15 +29,28 @@ def weighted_sum_by_contraction(lam: jax.Array, tau: jax.Array) -> jax.Array:
     return jnp.einsum(spec, lam, tau.astype(lam.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
+def cpu_weighted_sum(lam: jax.Array, tau: jax.Array) -> jax.Array:
+    """The formulation `_weighted_sum` compiles for CPU: `weighted_sum_by_contraction`, because XLA:CPU lowers
+    the leading-axis reduction of a broadcast product to a slow fusion (1.5 s instead of ~50 ms for 8 × 3M
+    floats on 2 cores, profiled with benchmarks/step_benchmark.py --profile). The contraction holds a float32
+    copy of a narrower τ while it runs; benchmarks/lm_memory.py rebinds this name to
+    `weighted_sum_by_reduction` so that the step it compiles on CPU is the one accelerators run."""
+    return weighted_sum_by_contraction(lam, tau)
+
+
 def _weighted_sum(lam: jax.Array, tau: jax.Array) -> jax.Array:
-    """Σ_k λ[k] τ[k]: on GPU/TPU one fused reduction; on CPU a contraction, because XLA:CPU lowers the
-    leading-axis reduction of a broadcast product to a slow fusion (1.5 s instead of ~50 ms for 8 × 3M floats
-    on 2 cores, profiled with benchmarks/step_benchmark.py --profile)."""
-    return jax.lax.platform_dependent(lam, tau, cpu=weighted_sum_by_contraction, default=weighted_sum_by_reduction)
+    """Σ_k λ[k] τ[k]: on GPU/TPU one fused reduction; on CPU `cpu_weighted_sum`."""
+    return jax.lax.platform_dependent(
+        lam, tau, cpu=lambda *args: cpu_weighted_sum(*args), default=weighted_sum_by_reduction)
 
 
+@partial(jax.checkpoint, static_argnums=(2,))
 def task_vector_sum(lam: jax.Array, tau: jax.Array | LoraFactors, dtype) -> jax.Array:
-    """Σ_k λ[k] τ[k] in `dtype` for a dense τ leaf `[K, ...]` or its `LoraFactors` (factors cast to `dtype`)."""
+    """Σ_k λ[k] τ[k] in `dtype` for a dense τ leaf `[K, ...]` or its `LoraFactors` (factors cast to `dtype`).
+
+    Rematerialised (`jax.checkpoint`): the backward pass keeps τ in its storage dtype and converts it again,
+    instead of holding the `dtype` copy of every τ leaf from the forward (for bf16 τ, 2× τ's bytes).
+    """
     if is_factors(tau):
         return low_rank_weighted_sum(lam, jax.tree_util.tree_map(lambda x: x.astype(dtype), tau))
     return _weighted_sum(lam, tau)

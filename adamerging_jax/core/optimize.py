@@ -303,9 +303,10 @@ def _depending_on(inputs: Any, tree: PyTree) -> Any:
     A real dependency, not `lax.optimization_barrier`: XLA:CPU drops barriers before scheduling, and then
     runs every task's forward first (all K tasks' activations alive: measured by `memory_analysis()` in
     tests/test_memory_modes.py). A non-finite value in `tree` propagates into `inputs`; the step's gradient
-    is then non-finite anyway.
+    is then non-finite anyway. The element is read by indexing, not `ravel`: flattening a sharded leaf
+    would make XLA gather all of it onto every device.
     """
-    token = sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)) * 0.0
+    token = sum(leaf[(0,) * leaf.ndim].astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree)) * 0.0
     return jax.tree_util.tree_map(lambda x: x + token.astype(x.dtype), inputs)
 
 
@@ -346,8 +347,11 @@ def make_step(
         # dtype; each task's forward runs in the compute dtype (default: θ0's leaf dtype).
         acc = accumulation_dtype(*(leaf.dtype for leaf in jax.tree_util.tree_leaves(pretrained)))
         params, merge_vjp = jax.vjp(lambda c: merge_sharded(c, pretrained, task_vectors, acc), coefficients)
-        run_params = jax.tree_util.tree_map(lambda p, p0: p.astype(compute_dtype or p0.dtype), params, pretrained)
-        grad_params = jax.tree_util.tree_map(jnp.zeros_like, params)
+        # On a sharded mesh the run-dtype θ and the ∂L/∂θ accumulator keep θ0's layout (never replicated).
+        sharded = functools.partial(constrain_like, mesh=mesh, shard=shard)
+        run_params = sharded(
+            jax.tree_util.tree_map(lambda p, p0: p.astype(compute_dtype or p0.dtype), params, pretrained))
+        grad_params = sharded(jax.tree_util.tree_map(jnp.zeros_like, params))
         losses = []
         for task, inputs in enumerate(batches):
             if task:
@@ -356,7 +360,7 @@ def make_step(
             loss_t, grad_t = jax.value_and_grad(
                 lambda p, x=inputs, t=task: task_entropy(apply_fn, p, x, t, config.entropy_eps, config.batches_per_task)
             )(run_params)
-            grad_params = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grad_params, grad_t)
+            grad_params = sharded(jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grad_params, grad_t))
             losses.append(loss_t)
         (grads,) = merge_vjp(grad_params)
         return jnp.stack(losses), grads
