@@ -24,7 +24,8 @@ from adamerging_jax.core.optimize import (
     load_coefficients,
     make_step,
 )
-from adamerging_jax.core.parallel import data_mesh
+from adamerging_jax.core.low_rank import LoraFactors
+from adamerging_jax.core.parallel import data_mesh, make_mesh
 from adamerging_jax.core.protocol import MergeSettings, MethodRecord, run_methods
 from adamerging_jax.core.registry import (
     REGISTRY,
@@ -52,6 +53,7 @@ __all__ = [
     "CorruptCheckpointError",
     "MergeMethod",
     "MergeSettings",
+    "LoraFactors",
     "Merged",
     "MethodRecord",
     "MethodSpec",
@@ -77,6 +79,7 @@ __all__ = [
     "init_coefficients",
     "keep_agreeing",
     "load_coefficients",
+    "make_mesh",
     "make_step",
     "merge",
     "method_spec",

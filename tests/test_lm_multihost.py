@@ -1,19 +1,18 @@
 """Multi-host AdaMerging of a tiny Llama on a data × fsdp mesh: 2 CPU processes under `jax.distributed` (2 devices
 each, one global 4-device mesh) give the single-process λ trajectory, on a 2 × 2 mesh (each process one data row,
 its fsdp group inside the process, reading only its rows) and on a 1 × 4 mesh (θ0 and τ sharded across the two
-processes, each process feeding every row). The launcher is the one of tests/test_multihost.py.
+processes, each process feeding every row). The launcher is tests/multihost_launcher.py.
 
 Run as a script, this file is one worker process: `python test_lm_multihost.py ADDRESS PROCESS_ID OUT.npz`.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
+
+from multihost_launcher import run_workers
 
 PROCESSES, DEVICES_PER_PROCESS, STEPS = 2, 2, 3
 LAYOUTS = ((2, 2), (1, 4))  # (data, fsdp)
@@ -58,32 +57,6 @@ def worker(address: str, process_id: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def _run_workers(out: Path) -> None:
-    from test_multihost import _free_port
-
-    address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, __file__, address, str(i), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(PROCESSES)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: the other would wait for it until the coordinator times out
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = [p.communicate()[0] for p in procs]
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{logs[i][-3000:]}"
-
-
 def test_two_processes_on_a_data_by_fsdp_mesh_give_the_single_process_result(tmp_path):
     import jax
     from test_lm_adamerging import BATCH, CONFIG, lm_config, lm_problem
@@ -92,7 +65,7 @@ def test_two_processes_on_a_data_by_fsdp_mesh_give_the_single_process_result(tmp
     from adamerging_jax.merging.lm_binding import causal_lm_binding
 
     out = tmp_path / "distributed.npz"
-    _run_workers(out)
+    run_workers(__file__, out, PROCESSES, DEVICES_PER_PROCESS, TIMEOUT_S)
     lm = lm_problem()
     single = am.adamerging(causal_lm_binding(CONFIG).apply_fn, lm.pretrained, lm.dense, lm.batches,
                            lm_config(steps=STEPS), mesh=am.data_mesh(jax.devices()[:1]))

@@ -6,14 +6,12 @@ Run as a script, this file is one worker process: `python test_multihost.py ADDR
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from multihost_launcher import run_workers
 
 PROCESSES, DEVICES_PER_PROCESS, STEPS, BATCH = 2, 2, 8, 16
 TIMEOUT_S = 150
@@ -58,36 +56,6 @@ def worker(address: str, process_id: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(out: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, __file__, address, str(i), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(PROCESSES)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: the other would wait for it until the coordinator times out
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        logs = [p.communicate()[0] for p in procs]
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{logs[i][-3000:]}"
-
-
 def test_two_processes_give_the_single_process_result(tmp_path):
     pytest.importorskip("jax")
     import jax
@@ -96,7 +64,7 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     from tiny_problem import batch_source
 
     out = tmp_path / "distributed.npz"
-    _run_workers(out)
+    run_workers(__file__, out, PROCESSES, DEVICES_PER_PROCESS, TIMEOUT_S)
 
     problem, tv = _problem_and_vectors()
     single = am.adamerging(problem.apply, problem.pretrained, tv, batch_source(problem, batch=BATCH), _config(),
