@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,12 @@ from adamerging_jax.cache import cache_dir, enable_compilation_cache
 
 def check_output_dir(path: Path) -> None:
     """Refuse an output that is a file or cannot be written, before any work starts."""
-    if path.exists() and not path.is_dir():
-        raise SystemExit(f"error: --output {path} exists and is not a folder")
+    from adamerging_jax.core.checkpoint import check_writable_folder
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise SystemExit(f"error: --output {path} is not writable: {error.strerror or error}") from None
+        check_writable_folder(path)
+    except ValueError as error:
+        raise SystemExit(f"error: --output {error}") from None
 
 
 def comma_list(text: str | None) -> list[str] | None:

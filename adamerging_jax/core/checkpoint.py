@@ -275,3 +275,17 @@ def atomic_directory(directory: str | os.PathLike, replaceable: Iterable[str]) -
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+def check_writable_folder(path: str | os.PathLike) -> None:
+    """Raise a one-line ValueError unless `path` is a folder this user can write, or can be made one: its
+    nearest existing ancestor is a writable folder. Nothing is created, so a dry run leaves no trace."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} is not writable ({existing} does not let this user write)")
+

@@ -126,6 +126,8 @@ class MergeMethod:
       parameters: the declared, user-settable parameters with their defaults.
       needs_data: whether the method learns from unlabeled batches (gets an `AdaptContext`).
       fixed: parameters of `build` this method sets and users cannot (e.g. a variant's granularity).
+      per_task_models: the method builds one model per task (no single merged model to export, and none for a
+        task it did not merge).
     """
 
     name: str
@@ -135,6 +137,7 @@ class MergeMethod:
     parameters: tuple[Parameter, ...] = ()
     needs_data: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()
+    per_task_models: bool = False
 
     def parameter(self, name: str) -> Parameter:
         for parameter in self.parameters:
@@ -283,7 +286,8 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
 
 for _method in (
     MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained),
-    MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual),
+    MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual,
+                per_task_models=True),
     MergeMethod("weight_average", "Weight averaging", "Wortsman et al., Model soups, ICML 2022",
                 _data_free(core_methods.weight_average)),
     MergeMethod("task_arithmetic", "Task arithmetic",

@@ -401,8 +401,9 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
     names = [spec.name for spec in settings.methods]
     if config.export_method is not None and config.export_method not in names:
         raise ConfigError(f"{where}: export_method {config.export_method!r} is not among the methods {names}")
-    if config.exported == "individual":
-        raise ConfigError(f"{where}: export_method 'individual' has one model per task, not one merged model")
+    exported = next(spec for spec in settings.methods if spec.name == config.exported)
+    if exported.method.per_task_models:
+        raise ConfigError(f"{where}: export_method {config.exported!r} has one model per task, not one merged model")
     if lm:
         _check_lm(where, fields, tasks, settings)
     elif settings.needs_data:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from adamerging_jax.core.binding import ModelBinding
+from adamerging_jax.core.checkpoint import check_writable_folder
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
@@ -31,15 +32,11 @@ def fail(message: str) -> SystemExit:
 
 
 def check_writable(output: Path) -> None:
-    """``output`` is a folder, or can be made: its nearest existing ancestor is a writable folder (nothing is
-    created, so a dry run leaves no trace)."""
-    if output.exists() and not output.is_dir():
-        raise fail(f"--output {output} exists and is not a folder")
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise fail(f"--output {output} is not writable ({existing} does not let this user write)")
+    """``output`` is a folder, or can be made (`check_writable_folder`; nothing is created)."""
+    try:
+        check_writable_folder(output)
+    except ValueError as error:
+        raise fail(f"--output {error}") from None
 
 
 def unlabeled_source(task: TaskConfig, unlabeled: Unlabeled) -> Any:

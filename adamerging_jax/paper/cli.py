@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adamerging_jax.cli import check_output_dir
+from adamerging_jax.core.registry import REGISTRY
 from adamerging_jax.paper import published, report
 from adamerging_jax.report import write_report
 from adamerging_jax.paper.experiments import run_merging, run_robustness
@@ -158,8 +159,9 @@ def generalization(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", choices=[*GENERALIZATION_SPLITS, "both"], default="both",
                    help="1: unseen MNIST, EuroSAT; 2: unseen RESISC45, SVHN")
     args = p.parse_args(argv)
-    if "individual" in args.methods.split(","):
-        raise SystemExit("error: 'individual' has no model for the unseen tasks; leave it out of --methods")
+    per_task = [m for m in args.methods.split(",") if m in REGISTRY and REGISTRY[m].per_task_models]
+    if per_task:
+        raise SystemExit(f"error: {per_task} have no model for the unseen tasks; leave them out of --methods")
     started = time.perf_counter()
     splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
     configs = {split: config_from_args(args, f"generalization{split}", *_seen_and_all(split)) for split in splits}
