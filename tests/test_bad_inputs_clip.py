@@ -4,7 +4,6 @@ Each case copies the committed tiny HF CLIP (tests/fixtures/clip/ti8) with one t
 open_clip layout of the same weights, and states the exception and the part of its message that names the
 tensor or the config.json key at fault.
 """
-import dataclasses
 import json
 import os
 import re
@@ -18,17 +17,9 @@ from safetensors.numpy import load_file, save_file
 
 from adamerging_jax.models import clip
 from adamerging_jax.models import clip_checkpoint as ck
+from bad_inputs import Case
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str  # one line, as a README table shows it
-    expected: type[BaseException]
-    fragment: str  # the part of the message that names the culprit
-    run: Callable[[Path], Any]
 
 
 def fixture_state() -> dict[str, np.ndarray]:

@@ -4,7 +4,6 @@ Each case builds a small tree, task vectors, coefficients or an `apply_fn` with 
 exception and the part of its message that names the leaf, tensor shape, task or argument at fault. The
 objective's cases run under `jax.jit`: the `apply_fn` contract is checked when the step is traced.
 """
-import dataclasses
 import re
 from typing import Any, Callable
 
@@ -15,15 +14,7 @@ import pytest
 
 import adamerging_jax as am
 from adamerging_jax.core.objective import Predictions
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str  # one line, as a README table shows it
-    expected: type[BaseException]
-    fragment: str  # the part of the message that names the culprit
-    run: Callable[[], Any]
+from bad_inputs import Case
 
 
 PRE = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}

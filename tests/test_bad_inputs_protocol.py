@@ -1,6 +1,5 @@
 """Bad input to evaluation, the method registry and the commands' settings is refused with the culprit named,
 before any compute: one row per case (``CASES``), one test over them."""
-import dataclasses
 import json
 from typing import Any, Callable
 
@@ -11,15 +10,7 @@ import pytest
 import adamerging_jax as am
 from adamerging_jax.cli import main
 from adamerging_jax.demo.pipeline import DemoConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str  # one line, as a README table shows it
-    expected: type[BaseException]
-    fragment: str  # the part of the message that names the culprit
-    run: Callable[[Any], Any]  # called with pytest's tmp_path
+from bad_inputs import Case
 
 
 X = np.zeros((6, 3), np.float32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +19,9 @@ import adamerging_jax as am
 from adamerging_jax.core.checkpoint import CorruptCheckpointError
 from adamerging_jax.core.optimize import NonFiniteError
 from tiny_problem import batch_source
+from bad_inputs import Case
 
 FAST = dict(lr=0.02, batches_per_task=1, quiet=True, steps=4)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str
-    expected: type[BaseException]
-    fragment: str
-    trigger: Callable[["Context"], Any]
 
 
 @dataclasses.dataclass
@@ -210,7 +202,7 @@ def test_case_ids_are_unique_and_described():
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_refused_naming_the_culprit(case, problem, tv, finished, tmp_path):
     with pytest.raises(case.expected) as error:
-        case.trigger(Context(problem, tv, finished, tmp_path))
+        case.run(Context(problem, tv, finished, tmp_path))
     message = str(error.value)
     assert type(error.value) is case.expected, f"{type(error.value).__name__}: {message}"
     assert case.fragment in message, message

@@ -11,6 +11,7 @@ from adamerging_jax.cli import main
 from adamerging_jax.merging.config import ConfigError, parse_config
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
+from bad_inputs import Case, fill_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "clip", "ti8")
@@ -41,14 +42,6 @@ def document(world, **changes):
     return {"pretrained": FIXTURE, "tasks": [task], "methods": ["layer_wise_adamerging"], "devices": 1, **changes}
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str
-    expected: dict
-    fragment: str
-
-
 CASES = [
     Case("missing_file", "a fine-tuned checkpoint that does not exist", {"task": {"finetuned": "{world}/nowhere"}},
          "nowhere"),
@@ -67,19 +60,9 @@ CASES = [
 ]
 
 
-def _fill(value, world):
-    if isinstance(value, str):
-        return value.replace("{world}", str(world))
-    if isinstance(value, dict):
-        return {k: _fill(v, world) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, world) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
-    changes = _fill(case.expected, world)
+    changes = fill_world(case.expected, world)
     output = changes.pop("output", str(tmp_path / "out"))
     if case.id == "unwritable_output":
         os.chmod(world / "locked", 0o500)

@@ -7,7 +7,6 @@ The export is checked against numpy: θ0 + Σ_k clamp(λ_k) τ_k per HF tensor w
 (torch) loading it with no missing or unexpected key and giving our logits; ``--weights`` against the trained
 run bit for bit; a changed prompt file against the resumable state. ``--dry-run`` failures are a table.
 """
-import dataclasses
 import json
 import os
 
@@ -25,6 +24,7 @@ from adamerging_jax.merging.config import ConfigError, parse_config
 from adamerging_jax.models import llama
 from adamerging_jax.models.hf_files import read_checkpoint_dir, read_safetensors
 from adamerging_jax.models.llama_checkpoint import lambda_tensor_names, load_hf_causal_lm, save_hf_causal_lm
+from bad_inputs import Case, fill_world
 
 pytestmark = pytest.mark.slow
 
@@ -222,14 +222,6 @@ def test_factored_adapters_give_the_dense_run(world):
 # ------------------------------------------------------------------------------------------------ --dry-run
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    description: str
-    expected: dict
-    fragment: str
-
-
 CASES = [
     Case("missing_prompts", "a prompt file that does not exist", {"tasks": [{"prompts": {"file": "{world}/no.txt"}}]},
          "task 'math' prompts {world}/no.txt"),
@@ -254,19 +246,9 @@ CASES = [
 ]
 
 
-def _fill(value, world):
-    if isinstance(value, str):
-        return value.replace("{world}", str(world))
-    if isinstance(value, dict):
-        return {k: _fill(v, world) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, world) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
-    changes = _fill(case.expected, world)
+    changes = fill_world(case.expected, world)
     tasks = document(world)["tasks"]
     for task, update in zip(tasks, changes.pop("tasks", [])):
         if "adapter" in update:  # the task switches from a full model to an adapter
@@ -278,7 +260,7 @@ def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
         main(["merge", str(path), "--output", str(tmp_path / "out"), "--dry-run"])
     message = str(error.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
-    assert _fill(case.fragment, world) in message, message
+    assert fill_world(case.fragment, world) in message, message
     assert not (tmp_path / "out").exists()
 
 
