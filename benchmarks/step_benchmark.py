@@ -210,8 +210,8 @@ class Problem:
         from adamerging_jax.models import clip
 
         self.size, self.k, self.batch = size, k, batch
-        self.vision = clip.VisionConfig(size.image_size, size.patch_size, size.width, size.layers, size.heads,
-                                        size.mlp_dim)
+        self.vision = clip.VisionConfig(image_size=size.image_size, patch_size=size.patch_size, width=size.width,
+                                        layers=size.layers, heads=size.heads, mlp_dim=size.mlp_dim)
         key = jax.random.key(seed)
         init = lambda: clip.init_params(clip.ClipConfig(self.vision), key)["vision"]  # noqa: E731
         self.pretrained = jax.eval_shape(init) if abstract else init()

@@ -79,18 +79,25 @@ def _check_block_fields(config: Any) -> None:
         raise ConfigError(owner, "layer_norm_eps", eps, "must be a finite number > 0")
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    """ViT image tower: ``image_size``² inputs cut into ``patch_size``² patches, ``layers`` blocks of ``width``."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """The transformer stack both towers share: ``layers`` pre-LayerNorm blocks of ``width`` with ``heads``
+    attention heads and an MLP of ``mlp_dim`` (keyword-only fields)."""
 
-    image_size: int
-    patch_size: int
     width: int
     layers: int
     heads: int
     mlp_dim: int
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(BlockConfig):
+    """ViT image tower: ``image_size``² inputs cut into ``patch_size``² patches, ``layers`` blocks of ``width``."""
+
+    image_size: int
+    patch_size: int
 
     def __post_init__(self) -> None:
         """Refuse impossible towers up front, naming the field (patches must tile the image, heads the width)."""
@@ -104,18 +111,12 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(BlockConfig):
     """Causal text transformer; the pooled token is the first ``eos_token_id`` of each sequence."""
 
     vocab_size: int
     context_length: int
-    width: int
-    layers: int
-    heads: int
-    mlp_dim: int
     eos_token_id: int
-    activation: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         """Refuse impossible towers up front, naming the field (the EOS id must be in the vocabulary)."""
@@ -147,15 +148,20 @@ def _openai_text(width: int, heads: int) -> TextConfig:
                       mlp_dim=4 * width, eos_token_id=49407)
 
 
+def _vit(image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_dim: int) -> VisionConfig:
+    return VisionConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+                        mlp_dim=mlp_dim)
+
+
 VARIANTS: dict[str, ClipConfig] = {
-    "B/32": ClipConfig(VisionConfig(224, 32, 768, 12, 12, 3072), _openai_text(512, 8), 512),
-    "B/16": ClipConfig(VisionConfig(224, 16, 768, 12, 12, 3072), _openai_text(512, 8), 512),
-    "L/14": ClipConfig(VisionConfig(224, 14, 1024, 24, 16, 4096), _openai_text(768, 12), 768),
+    "B/32": ClipConfig(_vit(224, 32, 768, 12, 12, 3072), _openai_text(512, 8), 512),
+    "B/16": ClipConfig(_vit(224, 16, 768, 12, 12, 3072), _openai_text(512, 8), 512),
+    "L/14": ClipConfig(_vit(224, 14, 1024, 24, 16, 4096), _openai_text(768, 12), 768),
     # Test sizes: seconds to compile on CPU. "Ti/8" is the size of the committed torch fixtures.
-    "Ti/8": ClipConfig(VisionConfig(32, 8, 32, 2, 2, 48),
+    "Ti/8": ClipConfig(_vit(32, 8, 32, 2, 2, 48),
                        TextConfig(vocab_size=534, context_length=32, width=40, layers=2, heads=4, mlp_dim=72,
                                   eos_token_id=533), 24),
-    "Ti/4": ClipConfig(VisionConfig(16, 4, 16, 2, 2, 32),
+    "Ti/4": ClipConfig(_vit(16, 4, 16, 2, 2, 32),
                        TextConfig(vocab_size=534, context_length=32, width=16, layers=2, heads=2, mlp_dim=32,
                                   eos_token_id=533), 8),
 }
