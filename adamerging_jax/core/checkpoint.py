@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -86,6 +87,21 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax array reads left behind when a
+    damaged checkpoint was refused: the refusal already said why, in one line (a warning, or the error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "async_deserialize" in message)
+
+
+def _quiet_abandoned_reads() -> None:
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedReads())
+
+
 class RunCheckpointer:
     """Saves and restores `(state pytree, JSON metadata)` every `every` steps, keeping the last two."""
 
@@ -145,6 +161,7 @@ class RunCheckpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
             leaves = [restored["state"][str(i)] for i in range(len(template_leaves))]
         except Exception as error:  # orbax raises many types for unreadable files
+            _quiet_abandoned_reads()
             raise CorruptCheckpointError(f"its arrays cannot be read ({_one_line(error)})") from None
         if _leaves_digest(jax.device_get(leaves)) != record["state_sha256"]:
             raise CorruptCheckpointError("its arrays do not match the digest saved with them")
