@@ -1,11 +1,11 @@
 """The commands behind ``experiments/*.py``: argument parsing onto :mod:`adamerging_jax.paper.settings`, one
 run, ``results.json`` + ``table.md`` in ``--output``, the table printed.
 
-    python experiments/prepare_data.py --data-dir DIR [--manual-dir DIR] [--local-downloads DIR]
-    python experiments/table1_vit_b32.py --tfds-dir DIR --output runs/table1
-    python experiments/table2_vit_l14.py --tfds-dir DIR --output runs/table2
-    python experiments/generalization.py --tfds-dir DIR --output runs/generalization
-    python experiments/robustness.py --tfds-dir DIR --output runs/robustness
+    adamerging-jax paper prepare-data --data-dir DIR [--manual-dir DIR] [--local-downloads DIR]
+    adamerging-jax paper table1 --tfds-dir DIR --output runs/table1
+    adamerging-jax paper table2 --tfds-dir DIR --output runs/table2
+    adamerging-jax paper generalization --tfds-dir DIR --output runs/generalization
+    adamerging-jax paper robustness --tfds-dir DIR --output runs/robustness
 """
 from __future__ import annotations
 
