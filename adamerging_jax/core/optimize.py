@@ -34,8 +34,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
@@ -62,7 +60,7 @@ from adamerging_jax.core.parallel import (
     shards_parameters,
 )
 from adamerging_jax.core.task_vectors import check_stacked, num_tasks
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, is_float_dtype, named_leaves
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, is_float_dtype, check_int, check_number, jsonable, named_leaves
 
 Batches = Sequence[Any]
 BatchSource = Union[Callable[[int], Batches], Iterable[Batches]]
@@ -148,13 +146,13 @@ class AdaMergingConfig:
     quiet: bool = _run_only(False, resume_free=True)
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, minimum=0)
+        check_int("AdaMergingConfig.steps", self.steps, minimum=0)
         if self.granularity not in ("task", "layer") and not callable(self.granularity):
             raise ValueError(
                 f"AdaMergingConfig.granularity must be 'task', 'layer' or a callable path -> group, got {self.granularity!r}"
             )
-        _check_real("init_value", self.init_value)
-        _check_real("lr", self.lr, positive=True)
+        check_number("AdaMergingConfig.init_value", self.init_value)
+        check_number("AdaMergingConfig.lr", self.lr, positive=True)
         if self.optimizer is not None and not all(callable(getattr(self.optimizer, m, None)) for m in ("init", "update")):
             raise TypeError(
                 f"AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got {self.optimizer!r}"
@@ -162,9 +160,9 @@ class AdaMergingConfig:
         if self.clamp is not None:
             object.__setattr__(self, "clamp", _checked_clamp(self.clamp))
         if self.entropy_eps is not None:
-            _check_real("entropy_eps", self.entropy_eps, positive=True)
-        _check_int("batches_per_task", self.batches_per_task, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
+            check_number("AdaMergingConfig.entropy_eps", self.entropy_eps, positive=True)
+        check_int("AdaMergingConfig.batches_per_task", self.batches_per_task, minimum=1)
+        check_int("AdaMergingConfig.batch_size", self.batch_size, minimum=1)
         if self.accumulate not in ("fused", "per_task"):
             raise ValueError(f"AdaMergingConfig.accumulate must be 'fused' or 'per_task', got {self.accumulate!r}")
         if self.stacked is not None and not callable(self.stacked):
@@ -181,8 +179,8 @@ class AdaMergingConfig:
             if not os.fspath(self.checkpoint_dir):
                 raise ValueError("AdaMergingConfig.checkpoint_dir must be None or a non-empty path, got ''")
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("AdaMergingConfig.checkpoint_every", self.checkpoint_every, minimum=1)
+        check_int("AdaMergingConfig.seed", self.seed, minimum=0)
 
     @classmethod
     def official(cls, **overrides: Any) -> "AdaMergingConfig":
@@ -208,33 +206,10 @@ class AdaMergingConfig:
         """The fields a resumed run must share with the run that wrote the checkpoint, as JSON values
         (callables by name; their effect on λ's layout is fingerprinted separately)."""
         return {
-            f.name: _json_value(getattr(self, f.name))
+            f.name: jsonable(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if not f.metadata.get("resume_free")
         }
-
-
-def _json_value(value: Any) -> Any:
-    """`value` as JSON: numbers, strings and None as they are, tuples as lists, anything else by name."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return [_json_value(v) for v in value]
-    return getattr(value, "__qualname__", type(value).__qualname__)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"AdaMergingConfig.{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"AdaMergingConfig.{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value: Any, positive: bool = False) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"AdaMergingConfig.{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"AdaMergingConfig.{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
 
 
 def _checked_clamp(clamp: Any) -> tuple[float, float]:
@@ -242,7 +217,7 @@ def _checked_clamp(clamp: Any) -> tuple[float, float]:
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
         raise TypeError(f"AdaMergingConfig.clamp must be None or a pair (lo, hi), got {clamp!r}")
     for bound in clamp:
-        _check_real("clamp", bound)
+        check_number("AdaMergingConfig.clamp", bound)
     if not clamp[0] < clamp[1]:
         raise ValueError(f"AdaMergingConfig.clamp must have lo < hi, got {tuple(clamp)!r}")
     return float(clamp[0]), float(clamp[1])

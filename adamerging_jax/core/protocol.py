@@ -24,7 +24,7 @@ from adamerging_jax.core.evaluate import PerTask, evaluate_models
 from adamerging_jax.core.objective import ApplyFn, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
 from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, method_specs
-from adamerging_jax.core.trees import PyTree
+from adamerging_jax.core.trees import PyTree, jsonable
 
 MethodLike = Any
 """A method name, a mapping ``{"name": ..., **parameters}`` or a `MethodSpec`."""
@@ -105,17 +105,6 @@ class MethodRecord:
 
     def to_json(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), mean=self.mean, entropy=self.entropy)
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with mappings, sequences and scalars kept and anything else (a callable, an optimizer) by name."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return getattr(value, "__qualname__", None) or type(value).__name__
 
 
 def file_stem(method: str) -> str:

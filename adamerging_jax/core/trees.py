@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+import numbers
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,4 +82,32 @@ def check_same_structure(reference: PyTree, other: PyTree, what: str) -> None:
 def _preview(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(i) for i in items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as JSON: mappings, lists, tuples and scalars kept (tuples as lists), anything else (a callable, an
+    optax optimizer, a named tuple) by its name."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "__qualname__", None) or type(value).__qualname__
+
+
+def check_int(where: str, value: Any, minimum: int) -> None:
+    """A settings field that must be an integer ≥ `minimum`: TypeError or ValueError naming `where`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where} must be >= {minimum}, got {value!r}")
+
+
+def check_number(where: str, value: Any, positive: bool = False) -> None:
+    """A settings field that must be a finite real number (> 0 when `positive`): TypeError or ValueError."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{where} must be a finite number{' > 0' if positive else ''}, got {value!r}")
 

@@ -32,7 +32,7 @@ import numpy as np
 import adamerging_jax as am
 from adamerging_jax import cache
 from adamerging_jax.core.protocol import MergeSettings, records_json, run_methods
-from adamerging_jax.core.trees import named_leaves
+from adamerging_jax.core.trees import check_int, check_number, named_leaves
 from adamerging_jax.data import packaged
 from adamerging_jax.demo.finetune import FinetuneConfig, finetune
 from adamerging_jax.heads.prototype import LinearHead, apply_head, logistic_head, prototype_head, select_shots
@@ -62,14 +62,6 @@ def default_merge() -> MergeSettings:
 def _check(condition: bool, field: str, value: Any, requirement: str) -> None:
     if not condition:
         raise ValueError(f"DemoConfig.{field} must be {requirement}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +94,12 @@ class DemoConfig:
         _check(isinstance(self.tasks, tuple) and all(isinstance(t, str) and t for t in self.tasks), "tasks",
                self.tasks, "a tuple of task names")
         for field in ("resolution", "n_train", "n_test", "shots", "finetune_epochs", "finetune_batch", "eval_batch"):
-            value = getattr(self, field)
-            _check(_is_int(value) and value >= 1, field, value, "an integer ≥ 1")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+            check_int(f"DemoConfig.{field}", getattr(self, field), 1)
+        check_int("DemoConfig.seed", self.seed, 0)
         _check(self.resolution >= 16, "resolution", self.resolution, "at least 16 (EfficientNet's stride is 32)")
         _check(self.head in ("prototype", "logistic"), "head", self.head, "'prototype' or 'logistic'")
         for field in ("head_scale", "finetune_lr"):
-            value = getattr(self, field)
-            _check(_is_number(value) and value > 0, field, value, "a finite number > 0")
+            check_number(f"DemoConfig.{field}", getattr(self, field), positive=True)
         _check(isinstance(self.merge, MergeSettings), "merge", self.merge, "a MergeSettings")
 
     def finetune_config(self) -> FinetuneConfig:

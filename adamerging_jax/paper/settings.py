@@ -16,7 +16,8 @@ from typing import Any
 
 from adamerging_jax.cache import cache_root
 from adamerging_jax.core.optimize import AdaMergingConfig
-from adamerging_jax.core.protocol import MergeSettings, jsonable
+from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.core.trees import check_int, jsonable
 from adamerging_jax.core.registry import method_spec, method_specs
 from adamerging_jax.models.clip import stacked
 
@@ -33,11 +34,6 @@ CHECKPOINTS = {
     "L/14": ("openai/clip-vit-large-patch14", "tanganke/clip-vit-large-patch14_{task}"),
 }
 """Per CLIP variant: the pretrained CLIP (θ0, projection, text tower) and FusionBench's fine-tuned towers."""
-
-
-def _positive_int(field: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field} must be an integer ≥ 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +89,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for field in ("eval_batch_size", "num_threads"):
-            _positive_int(f"DataConfig.{field}", getattr(self, field))
+            check_int(f"DataConfig.{field}", getattr(self, field), 1)
         if self.max_test_images is not None:
-            _positive_int("DataConfig.max_test_images", self.max_test_images)
+            check_int("DataConfig.max_test_images", self.max_test_images, 1)
 
 
 def merge_settings(preset: str = "official", methods: Sequence[Any] = METHODS, ties_total_size: int | None = None,
@@ -135,10 +131,9 @@ class ExperimentConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"ExperimentConfig.seed must be an integer ≥ 0, got {self.seed!r}")
+        check_int("ExperimentConfig.seed", self.seed, 0)
         if self.devices is not None:
-            _positive_int("ExperimentConfig.devices", self.devices)
+            check_int("ExperimentConfig.devices", self.devices, 1)
         if not isinstance(self.merge, MergeSettings):
             raise ValueError(f"ExperimentConfig.merge must be a MergeSettings, got {self.merge!r}")
         if tuple(self.eval_tasks[: len(self.merge_tasks)]) != tuple(self.merge_tasks):
