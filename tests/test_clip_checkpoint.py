@@ -1,9 +1,7 @@
 """CLIP checkpoint paths: HF prefix / no prefix, fp16 / bf16, open_clip layout, HF export, clear errors."""
 import json
-import logging
 import os
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from adamerging_jax.models import clip
 from adamerging_jax.models import clip_checkpoint as ck
+from hf_loading import load_checked
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
 
@@ -148,20 +147,7 @@ def test_hf_export_loads_in_transformers_without_warnings(tmp_path, reference, e
     config, params = reference
     merged = jax.tree_util.tree_map(lambda a: a * 1.01, params["vision"])  # any tower, not just the fixture's
     ck.save_hf_vision_model(str(tmp_path / "out"), merged, config)
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            model, info = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "out"),
-                                                                       output_loading_info=True)
-    finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == []
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"]
+    model = load_checked(transformers.CLIPVisionModel, tmp_path / "out", python_warnings_are_errors=True)
     with torch.no_grad():
         torch_pooled = model(pixel_values=torch.from_numpy(expected["pixel_values_nchw"])).pooler_output.numpy()
     ours = clip.vision_forward(merged, expected["pixel_values_nchw"].transpose(0, 2, 3, 1), config)[1]

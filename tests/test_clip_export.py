@@ -1,7 +1,6 @@
 """Whole-model export: a merged tower written as CLIPVisionModelWithProjection / CLIPModel folders that
 transformers loads with no missing or unexpected keys, reproducing our embeddings; atomic folder writes."""
 import json
-import logging
 import os
 
 import jax
@@ -13,6 +12,7 @@ from adamerging_jax.data.clip_preprocess import preprocess
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models import clip
 from adamerging_jax.models import clip_checkpoint as ck
+from hf_loading import load_checked
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
 SENTENCES = ["a photo of the cat.", "the red dog and the car!", "x"]
@@ -57,23 +57,6 @@ def test_round_trip_through_our_loader(exported, reference):
     _, with_projection = ck.load_hf_clip(str(exported / "vision_with_projection"))
     assert set(with_projection) == {"vision", "visual_projection"}
     np.testing.assert_array_equal(with_projection["visual_projection"]["kernel"], params["visual_projection"]["kernel"])
-
-
-def load_checked(model_class, directory):
-    """from_pretrained with no missing, unexpected or mismatched key, and no transformers warning."""
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        model, info = model_class.from_pretrained(str(directory), output_loading_info=True)
-    finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == []
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
-    assert not info["mismatched_keys"], info
-    return model.eval()
 
 
 def torch_features(output):

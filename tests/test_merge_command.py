@@ -18,6 +18,7 @@ from adamerging_jax.cli import main
 from adamerging_jax.data.clip_preprocess import preprocess
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import lambda_tensor_names, load_hf_clip, save_hf_vision_model
+from hf_loading import load_checked
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +118,7 @@ def test_transformers_loads_the_export_with_our_features(layer_wise, world):
     from transformers import CLIPVisionModelWithProjection
 
     _, out = layer_wise
-    model, info = CLIPVisionModelWithProjection.from_pretrained(str(out / "model"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = load_checked(CLIPVisionModelWithProjection, out / "model")
     rng = np.random.default_rng(1)
     images = np.stack([preprocess(image(rng), 32) for _ in range(3)])
     with torch.no_grad():
@@ -161,8 +161,7 @@ def test_ties_without_unlabeled_data_exports_a_clip_model(world):
     out = world / "out_ties"
     merge(config, "--output", out)
     assert not (out / "lambdas.json").exists() and (out / "table.md").is_file()
-    model, info = CLIPModel.from_pretrained(str(out / "model"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = load_checked(CLIPModel, out / "model")
     rng = np.random.default_rng(2)
     images = np.stack([preprocess(image(rng), 32) for _ in range(2)])
     with torch.no_grad():

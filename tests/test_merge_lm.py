@@ -25,6 +25,7 @@ from adamerging_jax.models import llama
 from adamerging_jax.models.hf_files import read_checkpoint_dir, read_safetensors
 from adamerging_jax.models.llama_checkpoint import lambda_tensor_names, load_hf_causal_lm, save_hf_causal_lm
 from bad_inputs import Case, fill_world
+from hf_loading import load_checked
 
 pytestmark = pytest.mark.slow
 
@@ -156,8 +157,7 @@ def test_transformers_loads_the_export_with_our_logits(layer_wise):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, out = layer_wise
-    model, info = AutoModelForCausalLM.from_pretrained(str(out / "model"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = load_checked(AutoModelForCausalLM, out / "model")
     ids = AutoTokenizer.from_pretrained(str(out / "model"))("the cat sat on the mat")["input_ids"]
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits.numpy()
