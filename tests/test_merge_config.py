@@ -57,6 +57,7 @@ CASES = [
          "not writable"),
     Case("unknown_key", "a misspelt top-level key", {"method": ["ties"]}, "'method'"),
     Case("template", "a template without {}", {"task": {"templates": ["a photo"]}}, "tasks[0].templates[0]"),
+    Case("too_many_devices", "more devices than the machine has", {"devices": 99}, "asks for 99 devices"),
 ]
 
 

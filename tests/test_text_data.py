@@ -70,12 +70,12 @@ def test_tokenize_with_the_checkpoint_tokenizer_and_truncation_warning(tmp_path)
     assert all(i.dtype == np.int32 for i in ids)
 
 
-def test_pad_batch_both_sides():
+def test_pad_sequences_both_sides():
     sequences = [np.array([5, 6, 7]), np.array([8])]
-    right = text.pad_batch(sequences, 4, pad_id=0)
+    right = text.pad_sequences(sequences, 4, pad_id=0)
     np.testing.assert_array_equal(right["input_ids"], [[5, 6, 7, 0], [8, 0, 0, 0]])
     np.testing.assert_array_equal(right["attention_mask"], [[1, 1, 1, 0], [1, 0, 0, 0]])
-    left = text.pad_batch(sequences, 4, pad_id=9, padding_side="left")
+    left = text.pad_sequences(sequences, 4, pad_id=9, padding_side="left")
     np.testing.assert_array_equal(left["input_ids"], [[9, 5, 6, 7], [9, 9, 9, 8]])
     np.testing.assert_array_equal(left["attention_mask"], [[0, 1, 1, 1], [0, 0, 0, 1]])
     assert right["input_ids"].dtype == np.int32 and right["attention_mask"].dtype == np.int32

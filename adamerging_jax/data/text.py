@@ -101,7 +101,7 @@ def pad_id_of(tokenizer: Any) -> int:
     return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
-def pad_batch(sequences: Sequence[np.ndarray], length: int, pad_id: int, padding_side: str = "right") -> Batch:
+def pad_sequences(sequences: Sequence[np.ndarray], length: int, pad_id: int, padding_side: str = "right") -> Batch:
     """``{"input_ids", "attention_mask"}`` int32 [N, length]: each sequence padded with ``pad_id`` on one side."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -176,4 +176,4 @@ class TextBatches:
         chosen = [[self.tasks[task][i] for i in row] for task, row in enumerate(self.indices(step))]
         longest = max(len(s) for sequences in chosen for s in sequences)
         length = next(b for b in self.buckets if b >= longest)
-        return [pad_batch(sequences, length, self.pad_id, self.padding_side) for sequences in chosen]
+        return [pad_sequences(sequences, length, self.pad_id, self.padding_side) for sequences in chosen]

@@ -43,7 +43,7 @@ import numpy as np
 import adamerging_jax as am
 from adamerging_jax.core.checkpoint import atomic_directory, write_atomic
 from adamerging_jax.core.objective import task_entropy
-from adamerging_jax.core.protocol import MergeSettings, build_models, records_json
+from adamerging_jax.core.protocol import build_models, records_json
 from adamerging_jax.core.registry import Merged
 from adamerging_jax.data.text import (
     TextBatches,
@@ -56,7 +56,7 @@ from adamerging_jax.data.text import (
 from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.config import MergeConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
-from adamerging_jax.merging.plan import CheckedRun, fail, guarded
+from adamerging_jax.merging.plan import CheckedRun, fail, guarded, run_mesh
 from adamerging_jax.merging.run import given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.llama_checkpoint import load_hf_causal_lm, read_config, save_hf_causal_lm
@@ -183,28 +183,6 @@ def candidate_ids(config: MergeConfig, tokenizer: Any) -> list[tuple[int, ...]] 
     return out
 
 
-def lm_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
-    """The devices AdaMerging runs on: ``mesh: {data, fsdp}`` as a 2-D mesh of the first data × fsdp devices,
-    else a 1-D data mesh of the first ``devices`` (all by default); each task's n·B prompts must split evenly
-    over the data axis."""
-    from adamerging_jax.core.parallel import data_mesh, data_size, make_mesh
-
-    devices = jax.devices()
-    wanted = (config.mesh[0] * config.mesh[1]) if config.mesh else (config.devices or len(devices))
-    if wanted > len(devices):
-        raise fail(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
-                   f"this machine has {len(devices)}")
-    if config.mesh:
-        mesh = make_mesh(config.mesh[0], config.mesh[1], devices[:wanted])
-    else:
-        mesh = data_mesh(devices[:wanted])
-    rows = settings.adamerging.batches_per_task * settings.adamerging.batch_size
-    if settings.needs_data and rows % data_size(mesh):
-        raise fail(f"{config.source}: {rows} prompts per task and step do not split over the mesh's data axis of "
-                   f"{data_size(mesh)} devices; change adamerging.batch_size or the mesh")
-    return mesh
-
-
 @dataclasses.dataclass
 class LmPlan(CheckedRun):
     """A checked causal-LM run: also the loaded models, the prompt batches (None without prompts), the
@@ -213,7 +191,6 @@ class LmPlan(CheckedRun):
     models: LanguageModels
     batches: PromptBatches | None
     candidates: list[tuple[int, ...]] | None
-    mesh: Any
 
     @property
     def pretrained(self) -> Params:
@@ -269,8 +246,8 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
         batches = PromptBatches(prompts, batch_size=adamerging.batch_size, n_batches=adamerging.batches_per_task,
                                 seed=config.seed, buckets=bucket_lengths(config.max_length, min(16, config.max_length)),
                                 pad_id=pad_id_of(tokenizer))
-    plan = LmPlan(config, settings, binding, output, models=models, batches=batches, candidates=candidates,
-                  mesh=lm_mesh(config, settings))
+    plan = LmPlan(config, settings, binding, output, run_mesh(config, settings), models=models, batches=batches,
+                  candidates=candidates)
     plan.read_given_weights(weights)
     return plan
 
@@ -342,10 +319,7 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     write_lambdas(plan, merged, run)
     table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
     files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log)
-    record = run["methods"][config.exported]
-    method = dict(name=config.exported, label=record["label"], params=record["params"],
-                  paper=plan.export_spec.method.paper)
-    card = lm_model_card(config, method, run["settings"], run["lambda_summary"], table, run.get("weights"))
+    card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table, run.get("weights"))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
     with atomic_directory(output / "model", export_files(output / "model")) as folder:
         save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir)

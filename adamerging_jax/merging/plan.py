@@ -86,15 +86,41 @@ def source_identity(source: Any) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
+def run_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
+    """The devices AdaMerging runs on: ``mesh: {data, fsdp}`` as a 2-D mesh of the first data × fsdp devices,
+    else a 1-D data mesh of the first ``devices`` (all by default); each task's n·B inputs must split evenly
+    over the data axis."""
+    import jax
+
+    from adamerging_jax.core.parallel import data_mesh, data_size, make_mesh
+
+    devices = jax.devices()
+    wanted = (config.mesh[0] * config.mesh[1]) if config.mesh else (config.devices or len(devices))
+    if wanted > len(devices):
+        raise fail(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
+                   f"this machine has {len(devices)}")
+    if config.mesh:
+        mesh = make_mesh(config.mesh[0], config.mesh[1], devices[:wanted])
+    else:
+        mesh = data_mesh(devices[:wanted])
+    rows = settings.adamerging.batches_per_task * settings.adamerging.batch_size
+    if settings.needs_data and rows % data_size(mesh):
+        raise fail(f"{config.source}: {rows} inputs per task and step do not split over the mesh's data axis of "
+                   f"{data_size(mesh)} devices; change adamerging.batch_size or the mesh")
+    return mesh
+
+
 @dataclasses.dataclass
 class CheckedRun:
     """What every checked merge run holds: the config, the settings with the model's stacked layers declared,
-    the model binding, the output folder, and the λ of ``--weights`` (`read_given_weights`)."""
+    the model binding, the output folder, the devices (`run_mesh`), and the λ of ``--weights``
+    (`read_given_weights`)."""
 
     config: MergeConfig
     settings: MergeSettings
     binding: ModelBinding
     output: Path
+    mesh: Any
     weights: Coefficients | None = dataclasses.field(default=None, kw_only=True)
     weights_file: str | None = dataclasses.field(default=None, kw_only=True)
 
@@ -116,6 +142,12 @@ class CheckedRun:
                      if spec.method.needs_data else "")
             lines.append(f"method {spec.name} {params}{count}")
         return lines
+
+    def exported_method(self, run: dict[str, Any]) -> dict[str, Any]:
+        """The exported method as its model card names it: its record's name, label and parameters, its paper."""
+        record = run["methods"][self.config.exported]
+        return dict(name=self.config.exported, label=record["label"], params=record["params"],
+                    paper=self.export_spec.method.paper)
 
     def read_given_weights(self, path: str | None) -> None:
         """Read ``--weights`` (any layout `run.read_weights` knows) for this run's tree; one line on failure."""
@@ -214,7 +246,8 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
     towers = guarded("checkpoints", lambda: load_towers(config, log))
     heads = TaskHeads(towers, config.tasks, config.pretrained)
     binding = clip_binding(towers, heads)
-    plan = Plan(config, binding.merge_settings(settings), binding, output, towers=towers, heads=heads,
+    settings = binding.merge_settings(settings)
+    plan = Plan(config, settings, binding, output, run_mesh(config, settings), towers=towers, heads=heads,
                 unlabeled=unlabeled, tests=tests)
     plan.read_given_weights(weights)
     return plan

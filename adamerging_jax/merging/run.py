@@ -118,17 +118,16 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     plan.heads.build(log)
     towers = plan.towers
     task_vectors = am.task_vectors(towers.pretrained, towers.finetuned)
-    mesh = am.data_mesh(jax.devices()[: config.devices] if config.devices else None)
     settings = plan.settings.with_changes(quiet=True)
     adaptation = None
     if plan.weights is not None:
-        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, mesh)])
+        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, plan.mesh)])
     elif settings.needs_data:
         adaptation = adaptation_batches(plan)
     names = [task.name for task in config.tasks]
     try:
         models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
-                                       adaptation=adaptation, state_dir=output / "state", mesh=mesh, log=log)
+                                       adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh, log=log)
     except ValueError as error:
         raise fail(error) from None
     if plan.tests is not None:
@@ -183,10 +182,7 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     table = report.markdown_table([run]) if tested else None
     markdown = table or "No test folders were given: no accuracy.\n"
     files = write_report(plan, run, markdown, log)
-    record = run["methods"][config.exported]
-    method = dict(name=config.exported, label=record["label"], params=record["params"],
-                  paper=plan.export_spec.method.paper)
-    card = model_card(config, method, run["settings"], summary, table, run.get("weights"))
+    card = model_card(config, plan.exported_method(run), run["settings"], summary, table, run.get("weights"))
     vision = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
     with atomic_directory(output / "model", (*EXPORT_FILES, *TOKENIZER_FILES)) as folder:
         save_hf_clip(folder, vision, towers.full, towers.config, kind=config.export, tokenizer_dir=towers.tokenizer_dir)
