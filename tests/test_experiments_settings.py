@@ -76,7 +76,7 @@ def test_presets_hold_the_two_reference_settings():
     merge = merge_settings()
     assert [s.name for s in merge.methods] == list(METHODS)
     specs = {s.name: s for s in merge.methods}
-    assert dict(specs["task_wise_adamerging++"].method.fixed) == {"granularity": "task", "task_vectors_kind": "ties"}
+    assert dict(specs["task_wise_adamerging++"].method.fixed) == {"granularity": "task", "task_vectors": "ties"}
     assert dict(specs["layer_wise_adamerging"].method.fixed)["granularity"] == "layer"
     assert merge.adamerging.stacked("layers/attn/q/kernel")
     assert specs["task_arithmetic"].params == {"scale": 0.3}

@@ -73,13 +73,13 @@ def test_the_adamerging_variants_are_one_method_with_data():
                 ["task_wise_adamerging", "layer_wise_adamerging", "task_wise_adamerging++", "layer_wise_adamerging++"]}
     assert {m.build for m in variants.values()} == {registry.REGISTRY["adamerging"].build}
     assert {name: dict(m.fixed) for name, m in variants.items()} == {
-        "task_wise_adamerging": {"granularity": "task", "task_vectors_kind": "raw"},
-        "layer_wise_adamerging": {"granularity": "layer", "task_vectors_kind": "raw"},
-        "task_wise_adamerging++": {"granularity": "task", "task_vectors_kind": "ties"},
-        "layer_wise_adamerging++": {"granularity": "layer", "task_vectors_kind": "ties"},
+        "task_wise_adamerging": {"granularity": "task"},
+        "layer_wise_adamerging": {"granularity": "layer"},
+        "task_wise_adamerging++": {"granularity": "task", "task_vectors": "ties"},
+        "layer_wise_adamerging++": {"granularity": "layer", "task_vectors": "ties"},
     }
     assert all(m.needs_data for m in variants.values())
-    generic = am.method_spec("adamerging", granularity="task", task_vectors_kind="ties")
+    generic = am.method_spec("adamerging", granularity="task", task_vectors="ties")
     assert generic.describe()["params"]["granularity"] == "task"
 
 

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Callable, Mapping, Optional
 
 from adamerging_jax.core.coefficients import Coefficients, Granularity, init_coefficients
+from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.objective import ApplyFn
 from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.core.trees import PyTree
@@ -36,12 +37,15 @@ class ModelBinding:
       stacked: predicate on leaf path for leaves that stack layers (None: no leaf does).
       tensor_names: (leaf path, layer index or None) → checkpoint tensor name, for every entry of the tree.
       tensor_order: the checkpoint's tensor names in its own parameter order.
+      matrix_view: which leaves are weight matrices and how they are laid out (`core.matrix_view`), for the
+        methods that work per matrix (TSV-M, Iso-C, WUDI, ...); None: the model declares none.
     """
 
     apply_fn: ApplyFn
     stacked: Callable[[str], bool] | None
     tensor_names: Mapping[Entry, str]
     tensor_order: tuple[str, ...]
+    matrix_view: MatrixView | None = None
 
     def merge_settings(self, settings: MergeSettings) -> MergeSettings:
         """``settings`` with this model's ``stacked`` declared on its AdaMerging config."""

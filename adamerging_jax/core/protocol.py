@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from adamerging_jax.core.evaluate import PerTask, evaluate_models
+from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.objective import ApplyFn, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
 from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, method_specs
@@ -134,9 +135,11 @@ def build_models(
     probe: Sequence[Any] | None = None,
     state_dir: str | Path | None = None,
     mesh: Any = None,
+    view: MatrixView | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Merged], dict[str, MethodRecord]]:
-    """Build every method's model; the models and their records (accuracy still empty)."""
+    """Build every method's model; the models and their records (accuracy still empty). `view` is the
+    binding's matrix view, for the methods that read leaves as weight matrices."""
     if settings.needs_data and adaptation is None:
         needing = [s.name for s in settings.methods if s.method.needs_data]
         raise ValueError(f"methods {needing} learn from unlabeled data, but no adaptation batches were given")
@@ -148,7 +151,7 @@ def build_models(
         context = None
         if spec.method.needs_data:
             context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name))
-        merged = spec.build(pretrained, task_vectors, context)
+        merged = spec.build(pretrained, task_vectors, context, view)
         seconds = time.perf_counter() - started
         models[spec.name] = merged
         records[spec.name] = _record(spec, merged, apply_fn, probe, seconds)
@@ -186,6 +189,7 @@ def run_methods(
     probe: Sequence[Any] | None = None,
     state_dir: str | Path | None = None,
     mesh: Any = None,
+    view: MatrixView | None = None,
     eval_batch_size: int = 256,
     quiet: bool = True,
     log: Callable[[str], None] = print,
@@ -203,6 +207,7 @@ def run_methods(
       probe: fixed unlabeled batches per merged task; records the summed entropy at λ_init and λ_final.
       state_dir: resumable AdaMerging state, one folder per method.
       mesh: devices for AdaMerging (None: all).
+      view: the binding's matrix view (`core.matrix_view`), for methods that work per weight matrix.
       eval_batch_size: evaluation batch size (shorter batches padded to it).
 
     Returns:
@@ -211,7 +216,7 @@ def run_methods(
     if len(test_sets) != len(task_names):
         raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
     models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
-                                   probe=probe, state_dir=state_dir, mesh=mesh, log=log)
+                                   probe=probe, state_dir=state_dir, mesh=mesh, view=view, log=log)
     return score_models(apply_fn, models, records, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
 
 

@@ -10,8 +10,11 @@ leaf):
 - adaptive methods (``needs_data=True``): ``build(θ0, τ, context, **parameters)`` with an `AdaptContext`
   holding ``apply_fn``, the unlabeled batches and the `AdaMergingConfig`. The four AdaMerging rows of the
   paper are one method with two parameters, not four names: the granularity of λ (``"task"``: one λ per task;
-  ``"layer"``: one per task and tensor) and the task vectors λ scales (``"raw"`` τ, or ``"ties"``: TIES's
-  trimmed, sign-agreeing τ̂, i.e. AdaMerging++).
+  ``"layer"``: one per task and tensor) and the task vectors λ scales, a registered transform
+  (`core.task_vector_transforms`: ``"raw"`` τ, ``"ties"`` TIES's trimmed, sign-agreeing τ̂ i.e. AdaMerging++,
+  ``"dare"``, and those registered beside newer methods).
+
+Methods that read leaves as weight matrices (``uses_view``) also get ``view``, the binding's `MatrixView`.
 
     spec = method_spec("ties", density=0.1)              # validated; unknown names and bad values raise
     merged = spec.build(theta0, tau)                      # Merged(params=...)
@@ -22,7 +25,6 @@ leaf):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -30,52 +32,14 @@ import jax
 from adamerging_jax.core import methods as core_methods
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
+from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource, adamerging
+from adamerging_jax.core.parameters import Parameter
+from adamerging_jax.core.task_vector_transforms import (DENSITY, DROP_RATE, SCOPE, SEED, TOTAL_SIZE,
+                                                        TRANSFORM_PARAMETER, transform_task_vectors)
 from adamerging_jax.core.trees import PyTree
 
 PerTaskParams = Callable[[int], "PyTree | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Parameter:
-    """A declared method parameter: its default, a help line, and what values are allowed.
-
-    The type is the default's (``float`` also takes ints; a ``None`` default takes ``kind``); ``choices``,
-    ``minimum`` and ``maximum`` (inclusive) bound the value; ``optional`` allows ``None``.
-    """
-
-    name: str
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    kind: type | None = None
-    optional: bool = False
-
-    @property
-    def type(self) -> type:
-        return self.kind or type(self.default)
-
-    def validate(self, method: str, value: Any) -> Any:
-        """`value` converted to the parameter's type, or a ValueError naming the method and parameter."""
-        where = f"method {method!r}: parameter {self.name!r}"
-        if value is None and (self.optional or self.default is None):
-            return None
-        expected = self.type
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            raise ValueError(f"{where} must be a {expected.__name__}, got {value!r}")
-        if expected is float and not math.isfinite(value):
-            raise ValueError(f"{where} must be finite, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{where} must be one of {list(self.choices)}, got {value!r}")
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{where} must be ≥ {self.minimum}, got {value!r}")
-        if self.maximum is not None and value > self.maximum:
-            raise ValueError(f"{where} must be ≤ {self.maximum}, got {value!r}")
-        return value
 
 
 @dataclasses.dataclass
@@ -128,6 +92,8 @@ class MergeMethod:
       fixed: parameters of `build` this method sets and users cannot (e.g. a variant's granularity).
       per_task_models: the method builds one model per task (no single merged model to export, and none for a
         task it did not merge).
+      uses_view: `build` also gets ``view``, the binding's `MatrixView` (None where the binding declares none):
+        the method reads leaves as weight matrices.
     """
 
     name: str
@@ -138,6 +104,7 @@ class MergeMethod:
     needs_data: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()
     per_task_models: bool = False
+    uses_view: bool = False
 
     def parameter(self, name: str) -> Parameter:
         for parameter in self.parameters:
@@ -173,8 +140,13 @@ class MethodSpec:
     def params(self) -> dict[str, Any]:
         return dict(self.values)
 
-    def build(self, pretrained: PyTree, task_vectors: PyTree, context: AdaptContext | None = None) -> Merged:
+    def build(self, pretrained: PyTree, task_vectors: PyTree, context: AdaptContext | None = None,
+              view: MatrixView | None = None) -> Merged:
+        """The merged model; `context` for methods that learn from data, `view` (the binding's matrix view)
+        for methods that read leaves as weight matrices."""
         arguments = {**self.params, **dict(self.method.fixed)}
+        if self.method.uses_view:
+            arguments["view"] = view
         if not self.method.needs_data:
             return self.method.build(pretrained, task_vectors, **arguments)
         if context is None:
@@ -248,18 +220,13 @@ def _data_free(function: Callable[..., PyTree]) -> Callable[..., Merged]:
     return lambda pretrained, task_vectors, **values: Merged(params=function(pretrained, task_vectors, **values))
 
 
-DENSITY = Parameter("density", 0.2, "fraction of each task vector's entries kept by magnitude", minimum=0.0, maximum=1.0)
-TOTAL_SIZE = Parameter("total_size", None, "count the top-k over this many entries (the official ++ count)",
-                       kind=int, minimum=1, optional=True)
-SCOPE = Parameter("scope", "model", "trim over the whole model or per leaf", choices=("model", "leaf"))
-
-
-def _adamerging(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, granularity: str,
-                task_vectors_kind: str, density: float, total_size: int | None, scope: str) -> Merged:
-    """AdaMerging (Yang et al., ICLR 2024): λ learned by entropy minimisation on the unlabeled batches;
-    AdaMerging++ when ``task_vectors_kind == "ties"`` (λ scales TIES's τ̂ instead of τ)."""
-    if task_vectors_kind == "ties":
-        task_vectors = core_methods.ties_task_vectors(task_vectors, density, scope, total_size)
+def _adamerging(pretrained: PyTree, tau: PyTree, context: AdaptContext, *, granularity: str,
+                task_vectors: str | Mapping[str, Any], density: float, total_size: int | None, scope: str,
+                view: MatrixView | None) -> Merged:
+    """AdaMerging (Yang et al., ICLR 2024): λ learned by entropy minimisation on the unlabeled batches, on the
+    task vectors τ' = T(τ) of the transform `task_vectors` (`core.task_vector_transforms`): raw τ, TIES's τ̂
+    (AdaMerging++), DARE, TSV's per-task parts, ..."""
+    task_vectors = transform_task_vectors(task_vectors, tau, view, dict(density=density, total_size=total_size, scope=scope))
     config = dataclasses.replace(context.config, granularity=granularity, checkpoint_dir=context.checkpoint_dir)
     result = adamerging(context.apply_fn, pretrained, task_vectors, context.batches, config, mesh=context.mesh)
     initial = jax.tree_util.tree_map(lambda lam: lam * 0 + config.init_value, result.coefficients)
@@ -269,8 +236,7 @@ def _adamerging(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext,
 
 ADAMERGING_PARAMETERS = (
     Parameter("granularity", "layer", "one λ per task, or per task and tensor", choices=("task", "layer")),
-    Parameter("task_vectors_kind", "raw", "λ scales raw τ, or TIES's trimmed sign-agreeing τ̂ (AdaMerging++)",
-              choices=("raw", "ties")),
+    TRANSFORM_PARAMETER,
     DENSITY, TOTAL_SIZE, SCOPE,
 )
 ADAMERGING_PAPER = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
@@ -278,10 +244,10 @@ ADAMERGING_PAPER = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Ta
 
 def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
     """An AdaMerging variant as data: the shared build with some of its parameters fixed (e.g.
-    ``granularity="layer", task_vectors_kind="ties"`` is layer-wise AdaMerging++)."""
+    ``granularity="layer", task_vectors="ties"`` is layer-wise AdaMerging++)."""
     parameters = tuple(p for p in ADAMERGING_PARAMETERS if p.name not in fixed)
     return MergeMethod(name, label, ADAMERGING_PAPER, _adamerging, parameters, needs_data=True,
-                       fixed=tuple(fixed.items()))
+                       fixed=tuple(fixed.items()), uses_view=True)
 
 
 for _method in (
@@ -301,14 +267,13 @@ for _method in (
                  Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE)),
     MergeMethod("dare", "DARE + task arithmetic", "Yu et al., Language Models are Super Mario, ICML 2024",
                 _data_free(core_methods.dare_task_arithmetic),
-                (Parameter("p", 0.9, "drop probability", minimum=0.0, maximum=0.999),
-                 Parameter("seed", 0, "random seed of the drop mask"),
+                (DROP_RATE, SEED,
                  Parameter("scale", 0.3, "λ for every task vector"))),
     adamerging_method("adamerging", "AdaMerging"),
-    adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task", task_vectors_kind="raw"),
-    adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer", task_vectors_kind="raw"),
-    adamerging_method("task_wise_adamerging++", "Task-wise AdaMerging++", granularity="task", task_vectors_kind="ties"),
+    adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
+    adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),
+    adamerging_method("task_wise_adamerging++", "Task-wise AdaMerging++", granularity="task", task_vectors="ties"),
     adamerging_method("layer_wise_adamerging++", "Layer-wise AdaMerging++", granularity="layer",
-                      task_vectors_kind="ties"),
+                      task_vectors="ties"),
 ):
     register(_method)

@@ -79,4 +79,5 @@ def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
         features=clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"])),
         head=lambda features, task: zero_shot.zero_shot_logits(features, heads[task]),
     )
-    return ModelBinding(apply_fn=apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order)
+    return ModelBinding(apply_fn=apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
+                        matrix_view=clip.matrix_view)

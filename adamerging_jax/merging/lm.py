@@ -307,7 +307,8 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
         models, records = build_models(settings, models_in.pretrained, models_in.task_vectors,
                                        apply_fn=plan.binding.apply_fn,
                                        adaptation=plan.batches if settings.needs_data else None, probe=probe,
-                                       state_dir=output / "state", mesh=plan.mesh, log=log)
+                                       state_dir=output / "state", mesh=plan.mesh,
+                                       view=plan.binding.matrix_view, log=log)
     except ValueError as error:
         raise fail(error) from None
     names = [task.name for task in config.tasks]

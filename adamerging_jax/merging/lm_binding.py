@@ -79,4 +79,5 @@ def causal_lm_binding(config: llama.LlamaConfig, *, candidates: Sequence[Sequenc
         return last_token_logits(logits, mask, choices[task])
 
     names = lambda_tensor_names(config)
-    return ModelBinding(apply_fn=apply_fn, stacked=llama.stacked, tensor_names=names, tensor_order=names.order)
+    return ModelBinding(apply_fn=apply_fn, stacked=llama.stacked, tensor_names=names, tensor_order=names.order,
+                        matrix_view=llama.matrix_view)

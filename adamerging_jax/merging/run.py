@@ -30,10 +30,10 @@ import adamerging_jax as am
 from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.checkpoint import write_atomic
 from adamerging_jax.core.coefficients import Coefficients
-from adamerging_jax.core.methods import ties_task_vectors
 from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
+from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.merging.card import lambda_summary, model_card
 from adamerging_jax.merging.plan import Plan, fail, source_identity
 
@@ -77,8 +77,7 @@ def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: Plan, mesh
                                  checkpoint_dir=None, quiet=True)
 
     def build(pretrained: Any, task_vectors: Any) -> Merged:
-        if params["task_vectors_kind"] == "ties":
-            task_vectors = ties_task_vectors(task_vectors, params["density"], params["scope"], params["total_size"])
+        task_vectors = transform_task_vectors(params["task_vectors"], task_vectors, plan.binding.matrix_view, params)
         result = adamerging(plan.binding.apply_fn, pretrained, task_vectors, [], config, coefficients=coefficients,
                             mesh=mesh)
         return Merged(params=result.params, coefficients=result.coefficients)
@@ -127,7 +126,8 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     names = [task.name for task in config.tasks]
     try:
         models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
-                                       adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh, log=log)
+                                       adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
+                                       view=plan.binding.matrix_view, log=log)
     except ValueError as error:
         raise fail(error) from None
     if plan.tests is not None:

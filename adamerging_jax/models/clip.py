@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adamerging_jax.core.matrix_view import Matrix, MatrixView
+
 Params = dict[str, Any]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -179,6 +181,22 @@ def get_config(variant: str | ClipConfig) -> ClipConfig:
 def stacked(path: str) -> bool:
     """True for leaves stacked over layers (leading axis L), e.g. "vision/layers/attn/q/kernel"."""
     return "layers" in path.split("/")
+
+
+def _matrix(path: str) -> Matrix | None:
+    """The 2-D weights as HF's torch CLIP holds them: every Dense kernel as its ``nn.Linear`` weight [out, in]
+    (q, k, v separate, one matrix per layer), the position and token embedding tables as stored [N, D]; the
+    patch convolution (4-D in torch), class embedding, biases and LayerNorms are not matrices."""
+    parts = path.split("/")
+    if parts[-1] == "kernel" and "patch_embed" not in parts:
+        return Matrix(transpose=True, layers=stacked(path))
+    if parts[-1] in ("pos_embedding", "token_embedding"):
+        return Matrix(transpose=False)
+    return None
+
+
+matrix_view = MatrixView(_matrix)
+"""The matrix view of a CLIP tree or of its image tower (`core.matrix_view`)."""
 
 
 # ----------------------------------------------------------------------------------------------- modules

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adamerging_jax.core.evaluate import pad_batch
+from adamerging_jax.core.matrix_view import Matrix, MatrixView
 
 PyTree = Any
 
@@ -263,6 +264,20 @@ def stacked(path: str) -> bool:
     """Whether the leaf at ``path`` stacks several layers on a leading axis: never, in this model."""
     del path
     return False
+
+
+def _matrix(path: str) -> Matrix | None:
+    """The pointwise (1×1) convolutions — each block's expand and project, and the head — are matrices
+    [out, in] (their HWIO kernel [1, 1, in, out] transposed), as a 1×1 conv is a linear map per pixel. The 3×3
+    stem and the depthwise convolutions have a spatial extent and are not matrices (FusionBench's SVD methods
+    likewise take only 2-D weights); nor are BatchNorm scales and offsets."""
+    parts = path.split("/")
+    pointwise = parts[-2:] == ["conv", "kernel"] and (parts[0] == "head" or parts[-3] in ("expand", "project"))
+    return Matrix(transpose=True) if pointwise else None
+
+
+matrix_view = MatrixView(_matrix)
+"""The matrix view of an EfficientNet-Lite backbone tree (`core.matrix_view`)."""
 
 
 def _check_input(x: jax.Array) -> None:

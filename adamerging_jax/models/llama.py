@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.matrix_view import Matrix, MatrixView
+
 Params = dict[str, Any]
 
 MODEL_TYPES = ("llama", "qwen2")
@@ -219,6 +221,19 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | Non
 def stacked(path: str) -> bool:
     """True for leaves stacked over layers (leading axis L), e.g. "layers/attn/q/kernel"."""
     return path.split("/")[0] == "layers"
+
+
+def _matrix(path: str) -> Matrix | None:
+    """Every Dense kernel as its HF ``nn.Linear`` weight [out, in] (one matrix per layer), the embedding table
+    as stored [V, D]; RMSNorm gains and biases are not matrices."""
+    last = path.split("/")[-1]
+    if last == "kernel":
+        return Matrix(transpose=True, layers=stacked(path))
+    return Matrix(transpose=False) if path == "embed" else None
+
+
+matrix_view = MatrixView(_matrix)
+"""The matrix view of a Llama / Qwen2 tree (`core.matrix_view`)."""
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:

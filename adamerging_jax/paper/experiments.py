@@ -22,6 +22,7 @@ import adamerging_jax as am
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.core.protocol import records_json, run_methods
 from adamerging_jax.data.pipeline import AdaptationBatches, Source, clip_preprocess, evaluation_batches
+from adamerging_jax.models import clip
 from adamerging_jax.paper import sources
 from adamerging_jax.paper.models import ClipModels, load_models
 from adamerging_jax.paper.settings import ExperimentConfig
@@ -66,7 +67,7 @@ def evaluate_methods(
         merge, models.pretrained, task_vectors, apply_fn=apply_fn, test_sets=test_sets,
         task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
         mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
-        eval_batch_size=batch_size, quiet=config.quiet, log=log)
+        view=clip.matrix_view, eval_batch_size=batch_size, quiet=config.quiet, log=log)
     seconds = {name: record.seconds["build"] for name, record in records.items()}
     seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]
     return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks),

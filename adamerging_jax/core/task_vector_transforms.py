@@ -1,0 +1,134 @@
+"""What AdaMerging's λ scales: task-vector transforms as values, registered by name like merge methods.
+
+AdaMerging learns θ = θ0 + Σ_k λ_k ⊙ τ'_k, where τ' = T(τ) is the stacked task vectors after a transform T
+(still ``[K, ...]`` per leaf, one component per task):
+
+- ``raw``: τ' = τ (AdaMerging, Yang et al., ICLR 2024);
+- ``ties``: TIES's trimmed, sign-agreeing τ̂ (AdaMerging++, same paper);
+- ``dare``: DARE's randomly dropped and rescaled τ (Yu et al., ICML 2024);
+- further transforms registered beside their methods (e.g. TSV's per-task orthogonalised low-rank parts).
+
+A transform is ``apply(task_vectors, view, **parameters) -> task_vectors'``; `view` is the binding's
+`MatrixView` (None where the binding has none; a transform that needs it says so with ``uses_view``).
+In a method's parameters a transform is a name (``"tsv"``) or a mapping (``{"name": "dare", "p": 0.5}``);
+parameters the transform shares with AdaMerging's own (``density``, ``scope``, ``total_size`` for ``ties``)
+default to AdaMerging's values.
+
+    register_transform(TaskVectorTransform("scaled", "τ times 2", "me", lambda tau, view: jax.tree.map(lambda t: 2 * t, tau)))
+    spec = method_spec("layer_wise_adamerging", task_vectors={"name": "dare", "p": 0.5})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from adamerging_jax.core import methods as core_methods
+from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.parameters import Parameter
+from adamerging_jax.core.trees import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskVectorTransform:
+    """A transform of the stacked task vectors that AdaMerging's λ then scales (module docstring).
+
+    Attributes:
+      name: the registry key.
+      label: one line saying what τ' is.
+      paper: where it comes from.
+      apply: ``(τ, view, **parameters) -> τ'``, both stacked ``[K, ...]``.
+      parameters: its declared parameters with their defaults.
+      uses_view: it reads each leaf as matrices and needs the binding's `MatrixView`.
+    """
+
+    name: str
+    label: str
+    paper: str
+    apply: Callable[..., PyTree]
+    parameters: tuple[Parameter, ...] = ()
+    uses_view: bool = False
+
+    def configure(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every parameter's value, defaults filled in, each validated."""
+        known = {p.name: p for p in self.parameters}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"task-vector transform {self.name!r} has no parameters {unknown}; "
+                             f"its parameters: {sorted(known) or 'none'}")
+        return {name: p.validate(self.name, values.get(name, p.default), "task-vector transform")
+                for name, p in known.items()}
+
+
+TRANSFORMS: dict[str, TaskVectorTransform] = {}
+
+
+def register_transform(transform: TaskVectorTransform, *, replace: bool = False) -> TaskVectorTransform:
+    """Add `transform` to the registry (an existing name needs ``replace=True``); returns it."""
+    if not transform.name or not isinstance(transform.name, str):
+        raise ValueError(f"a task-vector transform needs a non-empty name, got {transform.name!r}")
+    if transform.name in TRANSFORMS and not replace:
+        raise ValueError(f"task-vector transform {transform.name!r} is registered already; pass replace=True")
+    TRANSFORMS[transform.name] = transform
+    return transform
+
+
+def get_transform(name: str) -> TaskVectorTransform:
+    """The registered transform called `name`; an unknown name lists the known ones."""
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown task-vector transform {name!r}; known: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name]
+
+
+def canonical_transform(value: Any) -> str | dict[str, Any]:
+    """A transform given as a name or ``{"name": ..., **parameters}``, checked: the name as is, or the mapping
+    with every parameter validated (unset ones left to their defaults at `transform_task_vectors`)."""
+    if isinstance(value, str):
+        get_transform(value)
+        return value
+    if isinstance(value, Mapping):
+        fields = dict(value)
+        name = fields.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"a task-vector transform mapping needs a 'name', got {dict(value)}")
+        transform = get_transform(name)
+        configured = transform.configure(fields)
+        return {"name": name, **{key: configured[key] for key in fields}}
+    raise ValueError(f"must be a transform name or a mapping with a 'name', got {value!r}; known: {sorted(TRANSFORMS)}")
+
+
+def transform_task_vectors(value: str | Mapping[str, Any], task_vectors: PyTree, view: MatrixView | None,
+                           shared: Mapping[str, Any] | None = None) -> PyTree:
+    """τ' = T(τ) for the transform `value` (a name or a mapping); its parameters not given in `value` take
+    `shared` (the calling method's own values of the same name), then their defaults."""
+    name, given = (value, {}) if isinstance(value, str) else (value["name"], {k: v for k, v in value.items() if k != "name"})
+    transform = get_transform(name)
+    declared = {p.name for p in transform.parameters}
+    inherited = {key: val for key, val in (shared or {}).items() if key in declared}
+    if transform.uses_view and view is None:
+        raise ValueError(f"task-vector transform {name!r} reads each weight matrix: the binding must declare its "
+                         "matrix view (ModelBinding.matrix_view, or pass view=MatrixView...)")
+    parameters = transform.configure({**inherited, **given})
+    return transform.apply(task_vectors, view, **parameters) if transform.uses_view else transform.apply(task_vectors, **parameters)
+
+
+TRANSFORM_PARAMETER = Parameter(
+    "task_vectors", "raw", "what λ scales: a registered task-vector transform, by name or as {name, parameters}",
+    kind=object, convert=canonical_transform)
+
+DENSITY = Parameter("density", 0.2, "fraction of each task vector's entries kept by magnitude", minimum=0.0, maximum=1.0)
+TOTAL_SIZE = Parameter("total_size", None, "count the top-k over this many entries (the official ++ count)",
+                       kind=int, minimum=1, optional=True)
+SCOPE = Parameter("scope", "model", "trim over the whole model or per leaf", choices=("model", "leaf"))
+DROP_RATE = Parameter("p", 0.9, "drop probability", minimum=0.0, maximum=0.999)
+SEED = Parameter("seed", 0, "random seed of the drop mask")
+
+for _transform in (
+    TaskVectorTransform("raw", "τ as it is", "Yang et al., AdaMerging, ICLR 2024", lambda tau: tau),
+    TaskVectorTransform("ties", "TIES's trimmed, sign-agreeing τ̂ (AdaMerging++)", "Yadav et al., TIES-Merging, NeurIPS 2023",
+                        lambda tau, density, scope, total_size: core_methods.ties_task_vectors(tau, density, scope, total_size),
+                        (DENSITY, SCOPE, TOTAL_SIZE)),
+    TaskVectorTransform("dare", "DARE's randomly dropped, rescaled τ", "Yu et al., Language Models are Super Mario, ICML 2024",
+                        core_methods.dare, (DROP_RATE, SEED)),
+):
+    register_transform(_transform)
