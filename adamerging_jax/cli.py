@@ -55,7 +55,8 @@ def _demo_parser(subparsers: Any) -> None:
     p.add_argument("--n-test", type=int)
     p.add_argument("--steps", type=int, help="AdaMerging steps")
     p.add_argument("--lr", type=float, help="AdaMerging learning rate (Adam)")
-    p.add_argument("--methods", help="comma-separated registry methods (default: the paper's Table 1 rows)")
+    p.add_argument("--methods", help="comma-separated registry methods or groups (all, data_free, adaptive); "
+                   "default: the paper's Table 1 rows")
     p.add_argument("--head", choices=["prototype", "logistic"])
     p.add_argument("--shots", type=int)
     p.add_argument("--head-scale", type=float)

@@ -33,3 +33,10 @@ def problem():
 def tv(problem):
     """Its stacked task vectors."""
     return am.task_vectors(problem.pretrained, problem.finetuned)
+
+
+@pytest.fixture
+def x64():
+    """float64 on for one test (``jax.enable_x64``), restored afterwards so other tests are unaffected."""
+    with jax.enable_x64(True):
+        yield

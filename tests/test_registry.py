@@ -134,3 +134,58 @@ def test_with_changes_keeps_a_bindings_parameters():
     assert changed.methods[0].params["reduce"] == "mean" and changed.adamerging.steps == 3
     with pytest.raises(ValueError, match=r"unknown AdaMerging settings \['step'\]"):
         settings.with_changes(step=3)
+
+
+def test_groups_expand_to_registered_methods_wherever_methods_are_named():
+    data_free = registry.group_members("data_free")
+    assert {"weight_average", "task_arithmetic", "ties", "dare"} <= set(data_free)
+    assert not {"pretrained", "individual"} & set(data_free)
+    assert all(not registry.REGISTRY[name].needs_data for name in data_free)
+    adaptive = registry.group_members("adaptive")
+    assert "layer_wise_adamerging++" in adaptive and all(registry.REGISTRY[n].needs_data for n in adaptive)
+    every = registry.group_members("all")
+    assert "adamerging" not in every, "the generic method repeats layer-wise AdaMerging's defaults"
+    assert set(every) == set(registry.REGISTRY) - {"adamerging"}
+    names = [spec.name for spec in MergeSettings(["ties", "data_free"]).methods]
+    assert names == ["ties"] + [n for n in data_free if n != "ties"]
+    kept = MergeSettings([{"name": "ties", "density": 0.1}]).with_changes(["data_free"])
+    assert {s.name: s for s in kept.methods}["ties"].params["density"] == 0.1
+    with pytest.raises(ValueError, match="'data_free' names a group of methods"):
+        am.register(dataclasses.replace(registry.REGISTRY["ties"], name="data_free"))
+
+
+def test_adamerging_learns_lambda_on_any_registered_transform(problem, tv):
+    """{task_vectors: {name: dare, ...}} = the core's adamerging on DARE's τ, bit for bit; a transform of one's
+    own runs once registered; bad transforms are refused naming the method and the parameter."""
+    spec = am.method_spec("task_wise_adamerging", task_vectors={"name": "dare", "p": 0.5, "seed": 3})
+    models, _ = build_models(MergeSettings([spec], ADAMERGING), problem.pretrained, tv, apply_fn=problem.apply,
+                             adaptation=batch_source(problem), log=lambda _: None)
+    direct = am.adamerging(problem.apply, problem.pretrained, am.dare(tv, 0.5, 3), batch_source(problem),
+                           dataclasses.replace(ADAMERGING, granularity="task"))
+    np.testing.assert_array_equal(_flat(models["task_wise_adamerging"].params), _flat(direct.params))
+
+    with pytest.raises(ValueError, match="parameter 'task_vectors': unknown task-vector transform 'tsvx'; known:"):
+        am.method_spec("layer_wise_adamerging", task_vectors="tsvx")
+    with pytest.raises(ValueError, match="transform 'dare': parameter 'p' must be ≤ 0.999"):
+        am.method_spec("layer_wise_adamerging", task_vectors={"name": "dare", "p": 1.0})
+    with pytest.raises(ValueError, match=r"transform 'dare' has no parameters \['q'\]"):
+        am.method_spec("layer_wise_adamerging", task_vectors={"name": "dare", "q": 1})
+
+    from adamerging_jax.core import task_vector_transforms as transforms
+    doubled = transforms.register_transform(transforms.TaskVectorTransform(
+        "doubled_test", "2τ", "a test", lambda tau: jax.tree_util.tree_map(lambda t: 2 * t, tau)))
+    needs_view = transforms.register_transform(transforms.TaskVectorTransform(
+        "viewed_test", "τ", "a test", lambda tau, view: tau, uses_view=True))
+    try:
+        spec = am.method_spec("task_wise_adamerging", task_vectors="doubled_test")
+        models, _ = build_models(MergeSettings([spec], ADAMERGING), problem.pretrained, tv, apply_fn=problem.apply,
+                                 adaptation=batch_source(problem), log=lambda _: None)
+        twice = am.adamerging(problem.apply, problem.pretrained, jax.tree_util.tree_map(lambda t: 2 * t, tv),
+                              batch_source(problem), dataclasses.replace(ADAMERGING, granularity="task"))
+        np.testing.assert_array_equal(_flat(models["task_wise_adamerging"].params), _flat(twice.params))
+        with pytest.raises(ValueError, match="transform 'viewed_test' reads each weight matrix: the binding must declare"):
+            build_models(MergeSettings([am.method_spec("task_wise_adamerging", task_vectors=needs_view.name)], ADAMERGING),
+                         problem.pretrained, tv, apply_fn=problem.apply, adaptation=batch_source(problem),
+                         log=lambda _: None)
+    finally:
+        del transforms.TRANSFORMS[doubled.name], transforms.TRANSFORMS[needs_view.name]

@@ -24,7 +24,7 @@ from adamerging_jax.core.evaluate import PerTask, evaluate_models
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.objective import ApplyFn, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
-from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, method_specs
+from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, expand_groups, method_specs
 from adamerging_jax.core.trees import PyTree, jsonable
 
 MethodLike = Any
@@ -59,7 +59,7 @@ class MergeSettings:
             raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(fields)}")
         if methods is not None:
             known = {spec.name: spec for spec in self.methods}
-            methods = tuple(known.get(m, m) if isinstance(m, str) else m for m in methods)
+            methods = tuple(known.get(m, m) if isinstance(m, str) else m for m in expand_groups(methods))
         return MergeSettings(methods if methods is not None else self.methods,
                              dataclasses.replace(self.adamerging, **adamerging))
 

@@ -94,6 +94,10 @@ class MergeMethod:
         task it did not merge).
       uses_view: `build` also gets ``view``, the binding's `MatrixView` (None where the binding declares none):
         the method reads leaves as weight matrices.
+      formula: the method in one line of math (for tables and docs/methods.md).
+      reference: the implementation its results are compared with (file of the reference code).
+      grouped: the method is a member of the groups it qualifies for (`GROUPS`); False for a method whose
+        defaults repeat another's (the generic ``adamerging`` is layer-wise AdaMerging), so ``all`` runs it once.
     """
 
     name: str
@@ -105,6 +109,9 @@ class MergeMethod:
     fixed: tuple[tuple[str, Any], ...] = ()
     per_task_models: bool = False
     uses_view: bool = False
+    formula: str = ""
+    reference: str = ""
+    grouped: bool = True
 
     def parameter(self, name: str) -> Parameter:
         for parameter in self.parameters:
@@ -162,10 +169,39 @@ class MethodSpec:
 REGISTRY: dict[str, MergeMethod] = {}
 
 
+REFERENCE_ROWS = ("pretrained", "individual")
+"""The reference rows of a table (θ0 alone, each fine-tuned model on its task): registered, not merge methods."""
+
+GROUPS: dict[str, Callable[[MergeMethod], bool]] = {
+    "all": lambda method: True,
+    "data_free": lambda method: not method.needs_data and method.name not in REFERENCE_ROWS,
+    "adaptive": lambda method: method.needs_data,
+}
+"""Named groups of registered methods, usable wherever methods are named (``--methods data_free``)."""
+
+
+def group_members(group: str) -> list[str]:
+    """The registered methods of `group`, in registration order."""
+    return [name for name, method in REGISTRY.items() if method.grouped and GROUPS[group](method)]
+
+
+def expand_groups(methods: Iterable[Any]) -> list[Any]:
+    """`methods` with each group name (``"all"``, ``"data_free"``, ``"adaptive"``) replaced by its members;
+    a method named both directly and through a group is kept once, at its first place."""
+    expanded: list[Any] = []
+    for method in methods:
+        for item in group_members(method) if isinstance(method, str) and method in GROUPS else [method]:
+            if not (isinstance(item, str) and item in expanded):
+                expanded.append(item)
+    return expanded
+
+
 def register(method: MergeMethod, *, replace: bool = False) -> MergeMethod:
     """Add `method` to the registry (an existing name needs ``replace=True``); returns it."""
     if not method.name or not isinstance(method.name, str):
         raise ValueError(f"a method needs a non-empty name, got {method.name!r}")
+    if method.name in GROUPS:
+        raise ValueError(f"{method.name!r} names a group of methods ({sorted(GROUPS)}); choose another method name")
     if method.name in REGISTRY and not replace:
         raise ValueError(f"method {method.name!r} is registered already; pass replace=True to replace it")
     REGISTRY[method.name] = method
@@ -195,8 +231,9 @@ def method_spec(method: str | MethodSpec | Mapping[str, Any], **values: Any) -> 
 
 
 def method_specs(methods: Iterable[str | MethodSpec | Mapping[str, Any]]) -> tuple[MethodSpec, ...]:
-    """`method_spec` of each; a name given twice is refused (results are keyed by method name)."""
-    specs = tuple(method_spec(m) for m in methods)
+    """`method_spec` of each, group names expanded (`expand_groups`); a name given twice is refused (results are
+    keyed by method name)."""
+    specs = tuple(method_spec(m) for m in expand_groups(methods))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -240,6 +277,9 @@ ADAMERGING_PARAMETERS = (
     DENSITY, TOTAL_SIZE, SCOPE,
 )
 ADAMERGING_PAPER = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
+ADAMERGING_FORMULA = "θ = θ0 + Σ_k λ_k ⊙ T(τ)_k,  λ = argmin Σ_t mean_x H(softmax(head_t(f_θ(x))))  (Adam, unlabeled test x)"
+ADAMERGING_REFERENCE = ("EnnengYang/AdaMerging src/main_*_adamerging.py; FusionBench 0.2.33 "
+                        "fusion_bench/method/adamerging/")
 
 
 def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
@@ -247,28 +287,36 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
     ``granularity="layer", task_vectors="ties"`` is layer-wise AdaMerging++)."""
     parameters = tuple(p for p in ADAMERGING_PARAMETERS if p.name not in fixed)
     return MergeMethod(name, label, ADAMERGING_PAPER, _adamerging, parameters, needs_data=True,
-                       fixed=tuple(fixed.items()), uses_view=True)
+                       fixed=tuple(fixed.items()), uses_view=True, formula=ADAMERGING_FORMULA,
+                       reference=ADAMERGING_REFERENCE, grouped=bool(fixed))
 
 
 for _method in (
-    MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained),
+    MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained, formula="θ = θ0"),
     MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual,
-                per_task_models=True),
+                per_task_models=True, formula="θ_t = θ0 + τ_t"),
     MergeMethod("weight_average", "Weight averaging", "Wortsman et al., Model soups, ICML 2022",
-                _data_free(core_methods.weight_average)),
+                _data_free(core_methods.weight_average), formula="θ = θ0 + (1/K) Σ_k τ_k",
+                reference="FusionBench 0.2.33 fusion_bench/method/simple_average.py"),
     MergeMethod("task_arithmetic", "Task arithmetic",
                 "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
                 _data_free(core_methods.task_arithmetic),
-                (Parameter("scale", 0.3, "λ for every task vector"),)),
+                (Parameter("scale", 0.3, "λ for every task vector"),), formula="θ = θ0 + s Σ_k τ_k",
+                reference="FusionBench 0.2.33 fusion_bench/method/task_arithmetic/"),
     MergeMethod("ties", "TIES-merging", "Yadav et al., TIES-Merging, NeurIPS 2023",
                 _data_free(core_methods.ties_merging),
                 (DENSITY, Parameter("reduce", "sum", "disjoint mean or sum of the agreeing entries",
                                     choices=("mean", "sum")),
-                 Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE)),
+                 Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE),
+                formula="θ = θ0 + s · reduce_k τ̂_k,  τ̂_k = τ_k^trim ⊙ [sgn τ_k^trim = sgn Σ_j τ_j^trim]",
+                reference="EnnengYang/AdaMerging src/ties_merging_utils.py; FusionBench 0.2.33 "
+                          "fusion_bench/method/ties_merging/"),
     MergeMethod("dare", "DARE + task arithmetic", "Yu et al., Language Models are Super Mario, ICML 2024",
                 _data_free(core_methods.dare_task_arithmetic),
                 (DROP_RATE, SEED,
-                 Parameter("scale", 0.3, "λ for every task vector"))),
+                 Parameter("scale", 0.3, "λ for every task vector")),
+                formula="θ = θ0 + s Σ_k m_k ⊙ τ_k / (1 − p),  m_k ~ Bernoulli(1 − p)",
+                reference="FusionBench 0.2.33 fusion_bench/method/dare/ (random masks: same law, not the same draw)"),
     adamerging_method("adamerging", "AdaMerging"),
     adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
     adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),

@@ -75,7 +75,8 @@ def parser(description: str, variant: str, methods: Sequence[str]) -> argparse.A
     g.add_argument("--num-threads", type=int, default=8, help="decoding threads")
     g.add_argument("--max-test-images", type=int, help="smoke test: first N images of each test set only")
     g = p.add_argument_group("methods")
-    g.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {','.join(METHODS)}")
+    g.add_argument("--methods", default=",".join(methods),
+                   help=f"comma-separated registry methods or groups (all, data_free, adaptive); default: {','.join(methods)}")
     g.add_argument("--preset", default="official", choices=PRESETS, help="AdaMerging settings")
     g.add_argument("--steps", type=int, help="AdaMerging steps (preset: official 500, fusionbench 1000)")
     g.add_argument("--lr", type=float, help="AdaMerging learning rate (preset: 1e-3)")
