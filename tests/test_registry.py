@@ -189,3 +189,15 @@ def test_adamerging_learns_lambda_on_any_registered_transform(problem, tv):
                          log=lambda _: None)
     finally:
         del transforms.TRANSFORMS[doubled.name], transforms.TRANSFORMS[needs_view.name]
+
+
+def test_a_method_for_exactly_k_models_refuses_another_k_and_stays_out_of_groups(problem, tv):
+    pair = am.register(am.MergeMethod("pair_test", "Pair", "a test", lambda p, t: am.Merged(params=p), num_tasks=2))
+    try:
+        assert "pair_test" not in registry.group_members("all")
+        with pytest.raises(ValueError, match="method 'pair_test' merges exactly 2 models; got 4 task vectors"):
+            am.method_spec("pair_test").build(problem.pretrained, tv)
+        two = jax.tree_util.tree_map(lambda t: t[:2], tv)
+        assert am.method_spec("pair_test").build(problem.pretrained, two).params is problem.pretrained
+    finally:
+        del registry.REGISTRY[pair.name]

@@ -35,6 +35,7 @@ from adamerging_jax.core.merge import merge
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource, adamerging
 from adamerging_jax.core.parameters import Parameter
+from adamerging_jax.core.task_vectors import num_tasks
 from adamerging_jax.core.task_vector_transforms import (DENSITY, DROP_RATE, SCOPE, SEED, TOTAL_SIZE,
                                                         TRANSFORM_PARAMETER, transform_task_vectors)
 from adamerging_jax.core.trees import PyTree
@@ -94,6 +95,8 @@ class MergeMethod:
         task it did not merge).
       uses_view: `build` also gets ``view``, the binding's `MatrixView` (None where the binding declares none):
         the method reads leaves as weight matrices.
+      num_tasks: the exact number of task vectors the method merges (SLERP: 2); None: any. Groups leave such a
+        method out (it is named explicitly), and `MethodSpec.build` refuses another K.
       formula: the method in one line of math (for tables and docs/methods.md).
       reference: the implementation its results are compared with (file of the reference code).
       grouped: the method is a member of the groups it qualifies for (`GROUPS`); False for a method whose
@@ -109,6 +112,7 @@ class MergeMethod:
     fixed: tuple[tuple[str, Any], ...] = ()
     per_task_models: bool = False
     uses_view: bool = False
+    num_tasks: int | None = None
     formula: str = ""
     reference: str = ""
     grouped: bool = True
@@ -152,6 +156,9 @@ class MethodSpec:
         """The merged model; `context` for methods that learn from data, `view` (the binding's matrix view)
         for methods that read leaves as weight matrices."""
         arguments = {**self.params, **dict(self.method.fixed)}
+        expected = self.method.num_tasks
+        if expected is not None and (count := num_tasks(task_vectors)) != expected:
+            raise ValueError(f"method {self.name!r} merges exactly {expected} models; got {count} task vectors")
         if self.method.uses_view:
             arguments["view"] = view
         if not self.method.needs_data:
@@ -182,7 +189,8 @@ GROUPS: dict[str, Callable[[MergeMethod], bool]] = {
 
 def group_members(group: str) -> list[str]:
     """The registered methods of `group`, in registration order."""
-    return [name for name, method in REGISTRY.items() if method.grouped and GROUPS[group](method)]
+    return [name for name, method in REGISTRY.items()
+            if method.grouped and method.num_tasks is None and GROUPS[group](method)]
 
 
 def expand_groups(methods: Iterable[Any]) -> list[Any]:
