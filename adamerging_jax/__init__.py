@@ -19,6 +19,7 @@ from adamerging_jax.core.checkpoint import CorruptCheckpointError
 from adamerging_jax.core.optimize import (
     AdaMergingConfig,
     AdaMergingResult,
+    LambdaBoundError,
     NonFiniteError,
     adamerging,
     load_coefficients,
@@ -51,6 +52,7 @@ __all__ = [
     "AdaptContext",
     "Coefficients",
     "CorruptCheckpointError",
+    "LambdaBoundError",
     "LoraFactors",
     "MergeMethod",
     "MergeSettings",

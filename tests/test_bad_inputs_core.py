@@ -35,6 +35,14 @@ def finetuned(**leaves) -> Callable[[], Any]:
     return lambda: am.task_vectors(PRE, [PRE, {**PRE, **leaves}])
 
 
+def given_lambda(granularity: str, group: str, task: int, value: float) -> am.Coefficients:
+    """λ = 0.3 for K = 2 tasks with `value` at `task` of `group`."""
+    like = am.init_coefficients(PRE, 2, granularity)
+    values = {g: np.array(v) for g, v in like.values.items()}
+    values[group][task] = value
+    return am.Coefficients({g: jnp.asarray(v) for g, v in values.items()}, like.leaf_groups)
+
+
 X = np.zeros((8, 3), np.float32)  # every task's batch: N = 8 examples
 
 
@@ -67,6 +75,13 @@ CASES = [
          "task vector of task 1 has NaN or inf values in leaf 'b'", finetuned(b=jnp.array([1.0, jnp.nan, 1.0]))),
     Case("finetuned-inf", "inf in a fine-tuned model", ValueError,
          "task vector of task 1 has NaN or inf values in leaf 'a'", finetuned(a=jnp.full((2, 3), jnp.inf))),
+    Case("finetuned-one-tree", "one fine-tuned tree where the list of them belongs", TypeError,
+         "task_vectors: finetuned must be a sequence of fine-tuned trees (one per task), got a dict",
+         lambda: am.task_vectors(PRE, PRE)),
+    Case("finetuned-python-lists", "a fine-tuned model given as Python lists", TypeError,
+         "task_vectors: fine-tuned model 0: leaf 'b/0' is a float", lambda: am.task_vectors(PRE, [{**PRE, "b": [1.0] * 3}])),
+    Case("tau-integer-dtype", "an integer storage dtype for τ", TypeError, "task_vectors: dtype must be a floating dtype",
+         lambda: am.task_vectors(PRE, [PRE], dtype=jnp.int32)),
     Case("integer-leaf", "an integer buffer (e.g. a step counter) in the merged tree", ValueError,
          "leaf 'step' of the pretrained tree has non-float dtype int32",
          lambda: am.task_vectors({**PRE, "step": jnp.array(3)}, [{**PRE, "step": jnp.array(3)}])),
@@ -102,8 +117,32 @@ CASES = [
          "value must be a scalar or have shape (2,), got (3,)", lambda: am.init_coefficients(PRE, 2, value=np.ones(3))),
     Case("lambda-granularity", "an unknown granularity", ValueError, "granularity must be 'task', 'layer' or a callable",
          lambda: am.init_coefficients(PRE, 2, "block")),
-    Case("lambda-zero-tasks", "K = 0 coefficients", ValueError, "num_tasks must be at least 1, got 0",
+    Case("lambda-zero-tasks", "K = 0 coefficients", ValueError, "init_coefficients: num_tasks must be >= 1, got 0",
          lambda: am.init_coefficients(PRE, 0)),
+    Case("lambda-tasks-float", "a float number of tasks", TypeError,
+         "init_coefficients: num_tasks must be an integer, got 2.0", lambda: am.init_coefficients(PRE, 2.0)),
+    Case("lambda-init-nan", "an initial λ that is NaN for one task", ValueError,
+         "init_coefficients: value for task 1 is nan", lambda: am.init_coefficients(PRE, 2, value=[0.3, np.nan])),
+    Case("lambda-init-text", "an initial λ given as text", TypeError, "init_coefficients: value must be a number",
+         lambda: am.init_coefficients(PRE, 2, value="0.3")),
+    Case("lambda-python-tree", "θ0 given as Python lists to init_coefficients", TypeError,
+         "init_coefficients: pretrained: leaf 'a/0/0' is a float", lambda: am.init_coefficients({"a": [[1.0], 2.0]}, 2)),
+    # ---- given λ and the merge's own arguments
+    Case("merge-lambda-nan", "merge: a NaN λ (layer-wise)", ValueError,
+         "coefficients: λ of group 'b' for task 1 is nan", merged(coefficients=given_lambda("layer", "b", 1, np.nan))),
+    Case("merge-lambda-inf", "merge: an inf λ (task-wise)", ValueError, "λ of group '*' for task 0 is inf",
+         merged(coefficients=given_lambda("task", "*", 0, np.inf))),
+    Case("merge-lambda-bound", "merge without a clamp: |λ| = 5000, past the bound 1e3", ValueError,
+         "λ of group 'a' for task 0 is -5000.0, beyond ±1000 (lambda_bound",
+         merged(coefficients=given_lambda("layer", "a", 0, -5000.0))),
+    Case("merge-clamp-reversed", "merge: a clamp with lo > hi", ValueError, "merge: clamp must have lo < hi, got (1.0, 0.0)",
+         lambda: am.merge(PRE, TV, am.init_coefficients(PRE, 2), clamp=(1.0, 0.0))),
+    Case("merge-clamp-scalar", "merge: a clamp that is one number", TypeError,
+         "merge: clamp must be None or a pair (lo, hi), got 1.0", lambda: am.merge(PRE, TV, am.init_coefficients(PRE, 2), clamp=1.0)),
+    Case("merge-dtype", "merge: an output dtype that is not floating", TypeError, "merge: dtype must be a floating dtype",
+         lambda: am.merge(PRE, TV, am.init_coefficients(PRE, 2), dtype="int8")),
+    Case("merge-python-tree", "merge: θ0 given as Python lists", TypeError, "merge: pretrained: leaf 'b/0' is a float",
+         lambda: am.merge({**PRE, "b": [1.0, 1.0, 1.0]}, TV, am.init_coefficients(PRE, 2))),
     # ---- method arguments
     Case("trim-density", "TIES density 0", ValueError, "density must be in (0, 1], got 0.0", lambda: am.trim(TV, 0.0)),
     Case("trim-scope", "an unknown trim scope", ValueError, "scope must be 'model' or 'leaf', got 'block'",

@@ -22,8 +22,9 @@ def logits(value: Any = None) -> Callable:
     return lambda params, x, task: value(x) if value is not None else jnp.zeros((x.shape[0], 3)) + params
 
 
-def evaluate(apply_fn=None, labels=LABELS, names=None, test_sets=None) -> Callable[[Any], Any]:
-    return lambda _: am.evaluate(apply_fn or logits(), jnp.float32(0.0), test_sets or [(X, labels)], names, batch_size=4)
+def evaluate(apply_fn=None, labels=LABELS, names=None, test_sets=None, batch_size=4) -> Callable[[Any], Any]:
+    test_sets = [(X, labels)] if test_sets is None else test_sets
+    return lambda _: am.evaluate(apply_fn or logits(), jnp.float32(0.0), test_sets, names, batch_size=batch_size)
 
 
 def demo(*flags: str) -> Callable[[Any], Any]:
@@ -60,6 +61,25 @@ CASES = [
          evaluate(logits(lambda x: jnp.zeros((x.shape[0],))))),
     Case("eval-empty", "evaluate: an empty test set", ValueError, "test set of task '0' is empty",
          evaluate(test_sets=[[]])),
+    Case("eval-batch-zero", "evaluate: batch_size 0", ValueError, "evaluate: batch_size must be >= 1, got 0",
+         evaluate(batch_size=0)),
+    Case("eval-batch-float", "evaluate: a float batch size", TypeError, "evaluate: batch_size must be an integer, got 2.0",
+         evaluate(batch_size=2.0)),
+    Case("eval-no-tasks", "evaluate: an empty list of tasks", ValueError, "evaluate: test_sets is empty: no task to evaluate",
+         evaluate(test_sets=[])),
+    Case("eval-list-examples", "evaluate: inputs given as a Python list of examples", TypeError,
+         "test set of task '0': the inputs are a Python list of 6 items", evaluate(test_sets=[(list(X), LABELS)])),
+    Case("eval-list-labels", "evaluate: labels given as a Python list", TypeError,
+         "test set of task '0': the labels are a Python list of 6 items", evaluate(labels=LABELS.tolist())),
+    Case("eval-batch-not-pair", "evaluate: a test set of bare input arrays (no labels)", ValueError,
+         "test set of task '0': batch 0 is not an (inputs, labels) pair", evaluate(test_sets=[[X]])),
+    Case("eval-names-string", "evaluate: task names given as one string (would split into letters)", TypeError,
+         "evaluate: task_names must be a sequence of names, got 'ab'", evaluate(names="ab")),
+    Case("eval-models-list", "evaluate_models: models given as a list", TypeError,
+         "evaluate_models: models must be a mapping name -> params, got list",
+         lambda _: am.evaluate_models(logits(), [jnp.float32(0.0)], [(X, LABELS)])),
+    Case("eval-models-empty", "evaluate_models: no model", ValueError, "evaluate_models: models is empty",
+         lambda _: am.evaluate_models(logits(), {}, [(X, LABELS)])),
     Case("method-unknown", "a merge method that is not registered", ValueError, "unknown merge method 'magic'",
          lambda _: am.MergeSettings(["task_arithmetic", "magic"])),
     Case("method-parameter", "a method parameter out of its range", ValueError, "parameter 'density' must be ≤ 1.0",

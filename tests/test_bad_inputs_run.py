@@ -17,7 +17,7 @@ import pytest
 
 import adamerging_jax as am
 from adamerging_jax.core.checkpoint import CorruptCheckpointError
-from adamerging_jax.core.optimize import NonFiniteError
+from adamerging_jax.core.optimize import LambdaBoundError, NonFiniteError
 from tiny_problem import batch_source
 from bad_inputs import Case
 
@@ -148,6 +148,20 @@ CASES = [
                 "AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got 'adam'", optimizer="adam"),
     config_case("stacked_bool", "stacked given as a boolean", TypeError,
                 "AdaMergingConfig.stacked must be None or a callable path -> bool, got True", stacked=True),
+    config_case("lambda_bound_zero", "a zero bound on |λ|", ValueError,
+                "AdaMergingConfig.lambda_bound must be a finite number > 0, got 0", lambda_bound=0),
+    config_case("lambda_bound_text", "a bound on |λ| given as text", TypeError,
+                "AdaMergingConfig.lambda_bound must be a number, got '1e3'", lambda_bound="1e3"),
+    Case("lambda_past_bound", "an unclamped run whose update takes λ past lambda_bound", LambdaBoundError,
+         "step 0: the update took |λ| to", lambda ctx: ctx.run(clamp=None, optimizer=optax.scale(-1e6))),
+    Case("lambda_past_own_bound", "an unclamped run past a lambda_bound of 0.35 (Adam, lr 0.02)", LambdaBoundError,
+         "past lambda_bound = 0.35 with no clamp", lambda ctx: ctx.run(clamp=None, lambda_bound=0.35, steps=8)),
+    Case("batch_python_list", "a task's batch given as a Python list of examples", TypeError,
+         "step 0: task 1's batch is a Python list of 16 items",
+         lambda ctx: ctx.run(lambda step: [list(b) if t == 1 else b for t, b in enumerate(batch_source(ctx.problem)(step))])),
+    Case("config_not_a_config", "settings given as a dict instead of an AdaMergingConfig", TypeError,
+         "adamerging: config must be an AdaMergingConfig, got dict",
+         lambda ctx: am.adamerging(ctx.problem.apply, ctx.problem.pretrained, ctx.tv, batch_source(ctx.problem), FAST)),
     Case("nan_logits", "a model whose logits turn NaN at step 3 (task 1)", NonFiniteError,
          "step 3: the entropy loss of task(s) 1 (nan) is not finite",
          lambda ctx: nan_logits_run(ctx, step=3, task=1)),

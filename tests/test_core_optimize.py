@@ -196,7 +196,7 @@ RUN_ONLY = {"steps", "granularity", "init_value", "batch_size", "stacked", "shar
 OTHER_VALUE = dict(
     steps=3, granularity="task", init_value=0.1, batch_size=8, stacked=lambda path: False, shard_task_vectors=True,
     checkpoint_dir="elsewhere", checkpoint_every=3, seed=4, quiet=True,
-    lr=0.5, optimizer=optax.sgd(0.1), clamp=None, entropy_eps=1e-8, batches_per_task=3, accumulate="per_task",
+    lr=0.5, optimizer=optax.sgd(0.1), clamp=None, lambda_bound=5.0, entropy_eps=1e-8, batches_per_task=3, accumulate="per_task",
     param_dtype="bfloat16", compute_dtype="float16",
 )
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adamerging_jax.core.low_rank import shape_view
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, named_leaves
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_array_leaves, check_int, named_leaves
 
 Granularity = Union[Literal["task", "layer"], Callable[[str], str]]
 TASK_GROUP = "*"
@@ -80,15 +80,13 @@ def init_coefficients(
         get one λ per layer (`[K, L]`) under ``"layer"`` and under a grouping whose group holds only stacked
         leaves of the same L. Ignored by ``"task"``.
     """
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    check_int("init_coefficients: num_tasks", num_tasks, minimum=1)
     named = named_leaves(pretrained)
     if not named:
         raise ValueError("the pretrained tree has no leaves")
+    check_array_leaves("init_coefficients: pretrained", pretrained)
     dtype = coefficient_dtype(leaf for _, leaf in named)
-    init = np.broadcast_to(np.asarray(value, dtype), (num_tasks,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
-    if init.shape != (num_tasks,):
-        raise ValueError(f"value must be a scalar or have shape ({num_tasks},), got {init.shape}")
+    init = _initial_values(value, num_tasks, dtype)
     is_stacked = stacked or (lambda path: False)
 
     if granularity == "task":
@@ -110,6 +108,21 @@ def init_coefficients(
         (count,) = layer_counts if len(layer_counts) == 1 else (None,)
         values[group] = jnp.asarray(init if count is None else np.repeat(init[:, None], count, axis=1))
     return Coefficients(values, leaf_groups)
+
+
+def _initial_values(value: Any, num_tasks: int, dtype: np.dtype) -> np.ndarray:
+    """The K initial λ of ``value`` (a number or K numbers), each finite; TypeError / ValueError naming
+    ``value`` and the task."""
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"init_coefficients: value must be a number or {num_tasks} numbers, got {value!r}")
+    init = np.broadcast_to(array.astype(dtype), (num_tasks,)) if array.ndim == 0 else array.astype(dtype)
+    if init.shape != (num_tasks,):
+        raise ValueError(f"value must be a scalar or have shape ({num_tasks},), got {init.shape}")
+    if not np.isfinite(init).all():
+        task = int(np.argmin(np.isfinite(init)))
+        raise ValueError(f"init_coefficients: value for task {task} is {init[task]}; λ must be finite")
+    return init
 
 
 def check_coefficients(coefficients: Coefficients, stacked_task_vectors: PyTree) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adamerging_jax.core.objective import ApplyFn, SharedBackbone
-from adamerging_jax.core.trees import PyTree
+from adamerging_jax.core.trees import PyTree, check_array_leaves, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +62,39 @@ def pad_batch(inputs: Any, size: int) -> Any:
     return jax.tree_util.tree_map(pad, inputs)
 
 
-def _batches(test_set: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:
-    """(images, labels) arrays are cut into batches; anything else is taken as an iterable of batches."""
-    if isinstance(test_set, tuple) and len(test_set) == 2 and hasattr(test_set[1], "shape"):
+def _check_pair(inputs: Any, labels: Any, where: str) -> None:
+    """``inputs`` an array (or a dict / tuple of arrays) and ``labels`` an array: TypeError naming ``where``
+    for Python lists of examples or labels."""
+    for name, value in (("inputs", inputs), ("labels", labels)):
+        if isinstance(value, list):
+            raise TypeError(f"{where}: the {name} are a Python list of {len(value)} items; give one numpy array "
+                            "(np.asarray / np.stack of the examples)")
+    check_array_leaves(f"{where}: the inputs", inputs)
+    check_array_leaves(f"{where}: the labels", labels)
+
+
+def _batches(test_set: Any, batch_size: int, task: str) -> Iterable[tuple[Any, Any]]:
+    """(images, labels) arrays are cut into batches; anything else is taken as an iterable of batches, each
+    an (images, labels) pair of arrays."""
+    where = f"test set of task {task!r}"
+    if isinstance(test_set, tuple) and len(test_set) == 2 and (hasattr(test_set[1], "shape")
+                                                               or isinstance(test_set[1], list)):
         images, labels = test_set
+        _check_pair(images, labels, where)
         count = len(jax.tree_util.tree_leaves(images)[0])
         if count != len(labels):
             raise ValueError(f"test set has {count} inputs but {len(labels)} labels")
         for start in range(0, count, batch_size):
             yield jax.tree_util.tree_map(lambda x: x[start : start + batch_size], images), labels[start : start + batch_size]
-    else:
-        yield from test_set
+        return
+    if not isinstance(test_set, Iterable) or isinstance(test_set, (str, bytes)):
+        raise TypeError(f"{where}: expected an (inputs, labels) pair of arrays or an iterable of such batches, got "
+                        f"{type(test_set).__name__}")
+    for i, batch in enumerate(test_set):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"{where}: batch {i} is not an (inputs, labels) pair (got {type(batch).__name__})")
+        _check_pair(*batch, f"{where}, batch {i}")
+        yield batch
 
 
 def _summarise(logits: jax.Array, count: jax.Array, task: int) -> tuple[jax.Array, jax.Array, int]:
@@ -115,6 +137,22 @@ def _check_labels(labels: Any, count: int, num_classes: int, task: str) -> np.nd
     return labels
 
 
+def _check_arguments(models: Any, test_sets: Any, task_names: Any, batch_size: Any) -> None:
+    """The types of `evaluate_models`' arguments, each error naming the argument."""
+    if not isinstance(models, Mapping):
+        raise TypeError(f"evaluate_models: models must be a mapping name -> params, got {type(models).__name__}")
+    if not models:
+        raise ValueError("evaluate_models: models is empty: no model to evaluate")
+    if isinstance(test_sets, (str, bytes, Mapping)) or not isinstance(test_sets, Sequence):
+        raise TypeError(f"evaluate: test_sets must be a sequence (one test set per task), got "
+                        f"{type(test_sets).__name__}")
+    if not test_sets:
+        raise ValueError("evaluate: test_sets is empty: no task to evaluate")
+    if task_names is not None and (isinstance(task_names, (str, bytes)) or not isinstance(task_names, Sequence)):
+        raise TypeError(f"evaluate: task_names must be a sequence of names, got {task_names!r}")
+    check_int("evaluate: batch_size", batch_size, minimum=1)
+
+
 def evaluate_models(
     apply_fn: ApplyFn,
     models: Mapping[str, Model],
@@ -134,7 +172,13 @@ def evaluate_models(
       task_names: names for the result (default "0", "1", ...); must be distinct.
       batch_size: array test sets are cut into batches of this size; every shorter batch is padded to it.
       quiet, log: a progress bar per task; a summary line per task through `log`.
+
+    Raises:
+      TypeError naming the argument: models not a mapping, test sets or task names not sequences, a batch size
+      that is not an integer, Python lists where arrays of examples or labels belong. ValueError: no model or
+      no task, batch_size < 1, and the checks of the module docstring.
     """
+    _check_arguments(models, test_sets, task_names, batch_size)
     names = list(task_names) if task_names is not None else [str(t) for t in range(len(test_sets))]
     if len(names) != len(test_sets):
         raise ValueError(f"{len(names)} task names for {len(test_sets)} test sets")
@@ -152,7 +196,7 @@ def evaluate_models(
         on_device = {m: placed[id(p)][1] for m, p in chosen.items()}
         correct, seen = dict.fromkeys(on_device, 0), 0
         progress = tqdm(desc=f"eval {task_name}", unit="example", disable=quiet)
-        for inputs, labels in _batches(test_set, batch_size):
+        for inputs, labels in _batches(test_set, batch_size, task_name):
             count = len(jax.tree_util.tree_leaves(inputs)[0])
             batch = pad_batch(inputs, batch_size)
             for method, params in on_device.items():

@@ -19,7 +19,9 @@ it forward: once a step is not finite, later steps leave λ and the optimiser st
 at the flags only when it fetches the losses (every `CHECK_EVERY` steps, at checkpoints and at the end), so
 no step waits for the device; the cost of a failure is up to `CHECK_EVERY` − 1 wasted steps, and the λ left
 on the device is still exactly the λ of the last finite step. `NonFiniteError` then names the step and the
-tasks at fault and carries that λ.
+tasks at fault and carries that λ. A run without a clamp (FusionBench's setting) is also held to
+|λ| ≤ `AdaMergingConfig.lambda_bound`: a step that takes λ past it (a diverging run) stops the same way, with
+`LambdaBoundError`.
 
 Resume. A checkpoint stores, beside λ and the optimiser state, the run's fingerprint in parts: the settings
 that shape the run, the coefficient layout, digests of θ0 and τ, and the data source's identity. A resume
@@ -48,7 +50,7 @@ from tqdm.auto import tqdm
 from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest, write_json_atomic, write_npz_atomic
 from adamerging_jax.core.coefficients import Coefficients, Granularity, check_coefficients, init_coefficients
 from adamerging_jax.core.low_rank import cast_task_vectors
-from adamerging_jax.core.merge import merge
+from adamerging_jax.core.merge import DEFAULT_LAMBDA_BOUND, checked_clamp, merge
 from adamerging_jax.core.objective import ApplyFn, entropy_objective, task_entropy
 from adamerging_jax.core.parallel import (
     constrain_like,
@@ -60,7 +62,16 @@ from adamerging_jax.core.parallel import (
     shards_parameters,
 )
 from adamerging_jax.core.task_vectors import check_stacked, num_tasks
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, is_float_dtype, check_int, check_number, jsonable, named_leaves
+from adamerging_jax.core.trees import (
+    PyTree,
+    accumulation_dtype,
+    check_array_leaves,
+    check_int,
+    check_number,
+    is_float_dtype,
+    jsonable,
+    named_leaves,
+)
 
 Batches = Sequence[Any]
 BatchSource = Union[Callable[[int], Batches], Iterable[Batches]]
@@ -68,18 +79,27 @@ BatchSource = Union[Callable[[int], Batches], Iterable[Batches]]
 CHECK_EVERY = 10  # steps between fetches of the losses and finite flags from the device
 
 
-class NonFiniteError(ValueError):
-    """A non-finite value stopped the run (a loss, an updated λ, an input batch, θ0 or τ).
+class RunStoppedError(ValueError):
+    """A step the guard refused stopped the run (`NonFiniteError`, `LambdaBoundError`).
 
     Attributes:
-      step: the step that was not finite (0-based; its update was not applied).
-      coefficients: the last finite λ, i.e. λ after `step` updates (the initial λ when `step` is 0).
-      history: {"loss": [step, K]}, the per-task losses of the finite steps.
+      step: the step that was refused (0-based; its update was not applied).
+      coefficients: the last accepted λ, i.e. λ after `step` updates (the initial λ when `step` is 0).
+      history: {"loss": [step, K]}, the per-task losses of the accepted steps.
     """
 
     def __init__(self, message: str, *, step: int, coefficients: Coefficients, history: dict[str, np.ndarray]):
         super().__init__(message)
         self.step, self.coefficients, self.history = step, coefficients, history
+
+
+class NonFiniteError(RunStoppedError):
+    """A non-finite value stopped the run (a loss, an updated λ, an input batch, θ0 or τ)."""
+
+
+class LambdaBoundError(RunStoppedError):
+    """A run without a clamp whose update took some |λ| past `AdaMergingConfig.lambda_bound` stopped (a
+    diverging run: every loss and λ still finite)."""
 
 
 def _run_only(default: Any, *, resume_free: bool = False) -> Any:
@@ -100,6 +120,8 @@ class AdaMergingConfig:
       optimizer: any `optax.GradientTransformation` to use instead of Adam(lr).
       clamp: clip λ to (lo, hi) inside the merge, finite lo < hi; (0, 1) in the official code, None in
         FusionBench.
+      lambda_bound: without a clamp, a step that takes any |λ| past this bound stops the run
+        (`LambdaBoundError`); None: no bound. It may change between a run and its resume.
       entropy_eps: None for log_softmax entropy (official), 1e-8 for −Σ p log(p + eps) (FusionBench); > 0.
       batches_per_task: n ≥ 1, batches of `batch_size` per task per step; the data source yields n·B inputs
         per task and L_t counts n batch means (official: n = 2, B = 16).
@@ -132,6 +154,7 @@ class AdaMergingConfig:
     lr: float = 1e-3
     optimizer: optax.GradientTransformation | None = None
     clamp: tuple[float, float] | None = (0.0, 1.0)
+    lambda_bound: float | None = dataclasses.field(default=DEFAULT_LAMBDA_BOUND, metadata={"resume_free": True})
     entropy_eps: float | None = None
     batches_per_task: int = 2
     batch_size: int = _run_only(16)
@@ -157,8 +180,9 @@ class AdaMergingConfig:
             raise TypeError(
                 f"AdaMergingConfig.optimizer must be an optax.GradientTransformation or None, got {self.optimizer!r}"
             )
-        if self.clamp is not None:
-            object.__setattr__(self, "clamp", _checked_clamp(self.clamp))
+        object.__setattr__(self, "clamp", checked_clamp("AdaMergingConfig.clamp", self.clamp))
+        if self.lambda_bound is not None:
+            check_number("AdaMergingConfig.lambda_bound", self.lambda_bound, positive=True)
         if self.entropy_eps is not None:
             check_number("AdaMergingConfig.entropy_eps", self.entropy_eps, positive=True)
         check_int("AdaMergingConfig.batches_per_task", self.batches_per_task, minimum=1)
@@ -210,17 +234,6 @@ class AdaMergingConfig:
             for f in dataclasses.fields(self)
             if not f.metadata.get("resume_free")
         }
-
-
-def _checked_clamp(clamp: Any) -> tuple[float, float]:
-    """`clamp` as a tuple of two floats lo < hi (a list is accepted: the merge needs it hashable)."""
-    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-        raise TypeError(f"AdaMergingConfig.clamp must be None or a pair (lo, hi), got {clamp!r}")
-    for bound in clamp:
-        check_number("AdaMergingConfig.clamp", bound)
-    if not clamp[0] < clamp[1]:
-        raise ValueError(f"AdaMergingConfig.clamp must have lo < hi, got {tuple(clamp)!r}")
-    return float(clamp[0]), float(clamp[1])
 
 
 def _checked_float_dtype(name: str, dtype: Any) -> str:
@@ -356,21 +369,31 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
-def guarded_step(step: Callable[..., tuple[Coefficients, Any, jax.Array]]) -> Callable[..., tuple]:
-    """`step` with a finite guard:
-    `(λ, opt_state, healthy, θ0, τ, batches) -> (λ', opt_state', healthy', per-task loss [K], inputs finite [K])`.
+def _largest_magnitude(coefficients: Coefficients) -> jax.Array:
+    """max |λ| over every group (NaN when some λ is NaN)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(value)) for value in coefficients.values.values()]))
 
-    healthy' = healthy ∧ (every loss finite) ∧ (λ' finite). Where healthy' is false, λ and the optimiser
-    state come back unchanged, so after a failure the state stays that of the last finite step however many
-    steps run before the host looks at the flag.
+
+def guarded_step(step: Callable[..., tuple[Coefficients, Any, jax.Array]], lambda_bound: float | None = None
+                 ) -> Callable[..., tuple]:
+    """`step` with a guard: `(λ, opt_state, healthy, θ0, τ, batches) -> (λ', opt_state', healthy', per-task
+    loss [K], inputs finite [K], max |λ'|)`.
+
+    healthy' = healthy ∧ (every loss finite) ∧ (λ' finite) ∧ (max |λ'| ≤ `lambda_bound`, when given). Where
+    healthy' is false, λ and the optimiser state come back unchanged, so after a failure the state stays that
+    of the last accepted step however many steps run before the host looks at the flag.
     """
 
     def guarded(coefficients, opt_state, healthy, pretrained, task_vectors, batches):
         new_coefficients, new_state, per_task = step(coefficients, opt_state, pretrained, task_vectors, batches)
+        peak = _largest_magnitude(new_coefficients)
         keep = healthy & jnp.all(jnp.isfinite(per_task)) & _all_finite(new_coefficients)
+        if lambda_bound is not None:
+            keep &= peak <= lambda_bound
         choose = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, old)  # noqa: E731
         inputs_finite = jnp.stack([_all_finite(batch) for batch in batches])
-        return choose(new_coefficients, coefficients), choose(new_state, opt_state), keep, per_task, inputs_finite
+        return (choose(new_coefficients, coefficients), choose(new_state, opt_state), keep, per_task, inputs_finite,
+                peak)
 
     return guarded
 
@@ -378,7 +401,7 @@ def guarded_step(step: Callable[..., tuple[Coefficients, Any, jax.Array]]) -> Ca
 def _jit_step(apply_fn: ApplyFn, config: AdaMergingConfig, mesh: Mesh | None) -> Callable[..., tuple]:
     # λ and the optimiser state are donated: `adamerging` passes only arrays it made (never the caller's).
     step = make_step(apply_fn, config.make_optimizer(), config, mesh=mesh)
-    return jax.jit(guarded_step(step), donate_argnums=(0, 1))
+    return jax.jit(guarded_step(step, config.lambda_bound if config.clamp is None else None), donate_argnums=(0, 1))
 
 
 def _compiled_step(apply_fn: ApplyFn, config: AdaMergingConfig, mesh: Mesh | None = None) -> Callable[..., tuple]:
@@ -406,9 +429,27 @@ def _check_batches(batches: Batches, k: int, step: int) -> None:
     if count != k:
         raise ValueError(f"step {step}: got batches for {count} tasks, the task vectors hold K = {k}")
     for task, batch in enumerate(batches):
+        if isinstance(batch, list):
+            raise TypeError(f"step {step}: task {task}'s batch is a Python list of {len(batch)} items; give one array "
+                            "[N, ...] of the examples (np.stack), or a dict / tuple of arrays")
+        check_array_leaves(f"step {step}: task {task}'s batch", batch)
         leaves = jax.tree_util.tree_leaves(batch)
         if batch is None or not leaves or any(np.shape(leaf)[:1] in ((), (0,)) for leaf in leaves):
             raise ValueError(f"step {step}: task {task} has no batch (got {type(batch).__name__} with no examples)")
+
+
+def _check_arguments(apply_fn: Any, pretrained: PyTree, batches: Any, config: Any, mesh: Any) -> None:
+    """The types of `adamerging`'s arguments, each error naming the argument (the values are checked later)."""
+    if not callable(apply_fn):
+        raise TypeError(f"adamerging: apply_fn must be callable (params, inputs, task) -> logits, got {apply_fn!r}")
+    if not isinstance(config, AdaMergingConfig):
+        raise TypeError(f"adamerging: config must be an AdaMergingConfig, got {type(config).__name__}")
+    if not (callable(batches) or isinstance(batches, Iterable)):
+        raise TypeError(f"adamerging: batches must be a function step -> batches or an iterable of per-step batches, "
+                        f"got {type(batches).__name__}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"adamerging: mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    check_array_leaves("adamerging: pretrained", pretrained)
 
 
 def _batch_stream(batches: BatchSource, start: int) -> Iterator[Batches]:
@@ -577,29 +618,36 @@ def _save(checkpointer: RunCheckpointer, run: _Run, fingerprint: dict[str, Any])
     checkpointer.save(run.step, (run.coefficients, run.opt_state), metadata)
 
 
-def _non_finite_message(step: int, loss: np.ndarray, inputs_finite: np.ndarray) -> str:
-    """What went wrong at `step`, naming the tasks at fault: their input batch, else their loss, else λ."""
+def _refusal(step: int, loss: np.ndarray, inputs_finite: np.ndarray, peak: float, config: AdaMergingConfig
+             ) -> tuple[type[RunStoppedError], str]:
+    """Why the guard refused `step`, naming the tasks at fault: their input batch, else their loss, else a
+    non-finite λ (`NonFiniteError`), else λ past the bound (`LambdaBoundError`)."""
     bad_inputs = [str(t) for t, finite in enumerate(inputs_finite) if not finite]
     bad_losses = [f"{t} ({value})" for t, value in enumerate(loss) if not np.isfinite(value)]
     if bad_inputs:
-        return f"step {step}: the input batch of task(s) {', '.join(bad_inputs)} holds NaN or inf"
+        return NonFiniteError, f"step {step}: the input batch of task(s) {', '.join(bad_inputs)} holds NaN or inf"
     if bad_losses:
-        return f"step {step}: the entropy loss of task(s) {', '.join(bad_losses)} is not finite"
-    return f"step {step}: every task's loss is finite but the update made λ non-finite (a NaN or inf gradient or update)"
+        return NonFiniteError, f"step {step}: the entropy loss of task(s) {', '.join(bad_losses)} is not finite"
+    if not np.isfinite(peak):
+        return NonFiniteError, (f"step {step}: every task's loss is finite but the update made λ non-finite (a NaN "
+                                "or inf gradient or update)")
+    return LambdaBoundError, (f"step {step}: the update took |λ| to {float(peak):.6g}, past lambda_bound = "
+                              f"{config.lambda_bound:g} with no clamp (a diverging run: lower lr, or set a clamp)")
 
 
-def _verify(run: _Run, fetched: list[tuple], checkpointer: RunCheckpointer | None, fingerprint: dict | None) -> None:
-    """Record the fetched steps' losses; at the first step that was not finite, keep the last finite λ (in a
-    checkpoint too when checkpointing) and raise `NonFiniteError`."""
-    for loss, healthy, inputs_finite in fetched:
+def _verify(run: _Run, fetched: list[tuple], config: AdaMergingConfig, checkpointer: RunCheckpointer | None,
+            fingerprint: dict | None) -> None:
+    """Record the fetched steps' losses; at the first step the guard refused, keep the last accepted λ (in a
+    checkpoint too when checkpointing) and raise `NonFiniteError` or `LambdaBoundError`."""
+    for loss, healthy, inputs_finite, peak in fetched:
         if not healthy:
             where = ""
             if checkpointer is not None and run.step > (checkpointer.latest_step() or 0):
                 _save(checkpointer, run, fingerprint)
                 where = f" and checkpoint step {run.step} in {checkpointer.directory}"
-            raise NonFiniteError(
-                f"{_non_finite_message(run.step, loss, inputs_finite)}; the run stopped with λ as it was before this "
-                f"step (error.coefficients{where})",
+            error, message = _refusal(run.step, loss, inputs_finite, peak, config)
+            raise error(
+                f"{message}; the run stopped with λ as it was before this step (error.coefficients{where})",
                 step=run.step, coefficients=run.kept_coefficients(), history=run.history(),
             )
         run.losses.append(np.asarray(loss, np.float32))
@@ -626,14 +674,14 @@ def _run_steps(
                 raise ValueError(f"the batch source ran out at step {step} of {config.steps}")
             _check_batches(step_batches, k, step)
             placed = shard_batches(step_batches, run.mesh)
-            run.coefficients, run.opt_state, healthy, per_task, inputs_finite = step_fn(
+            run.coefficients, run.opt_state, healthy, per_task, inputs_finite, peak = step_fn(
                 run.coefficients, run.opt_state, healthy, run.pretrained, run.task_vectors, placed
             )
-            pending.append((per_task, healthy, inputs_finite))
+            pending.append((per_task, healthy, inputs_finite, peak))
             done = step + 1
             saving = checkpointer is not None and (checkpointer.should_save(done) or done == config.steps)
             if saving or done % CHECK_EVERY == 0 or done == config.steps:
-                _verify(run, jax.device_get(pending), checkpointer, fingerprint)
+                _verify(run, jax.device_get(pending), config, checkpointer, fingerprint)
                 pending = []
                 progress.set_postfix(entropy=f"{float(run.losses[-1].sum()):.4f}")
             if saving:
@@ -685,9 +733,12 @@ def adamerging(
     Raises:
       NonFiniteError: θ0 or τ holds NaN/inf, or a step's loss or λ is not finite (the error holds the last
         finite λ, also checkpointed when checkpointing).
+      LambdaBoundError: without a clamp, a step took |λ| past `config.lambda_bound` (λ kept likewise).
       ValueError: bad batches (count, empty, not divisible over the mesh, ran out) or a checkpoint that is
         unusable or was written by another run.
+      TypeError: an argument of the wrong type (named), a Python list where a batch's array belongs.
     """
+    _check_arguments(apply_fn, pretrained, batches, config, mesh)
     mesh = mesh or data_mesh()
     run = _prepare(pretrained, task_vectors, coefficients, config, mesh)
     checkpointer = fingerprint = None

@@ -9,14 +9,22 @@ The K task vectors are kept *stacked*: one tree with the structure of θ0 whose 
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adamerging_jax.core.low_rank import shape_view
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, check_same_structure, is_float_dtype, named_leaves
+from adamerging_jax.core.trees import (
+    PyTree,
+    accumulation_dtype,
+    check_array_leaves,
+    check_float_dtype,
+    check_same_structure,
+    is_float_dtype,
+    named_leaves,
+)
 
 
 def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None, check_finite: bool = True) -> PyTree:
@@ -34,11 +42,20 @@ def task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], *, dtype=None,
     Raises:
       ValueError naming the leaf (and fine-tuned model index) whose structure, shape, dtype or values are
       wrong, or when K = 0. Integer leaves are rejected: keep buffers such as step counters or BatchNorm
-      statistics out of the tree that is merged.
+      statistics out of the tree that is merged. TypeError naming the argument: one tree where the sequence
+      of fine-tuned trees belongs, a leaf that is not an array, a dtype that is not floating.
     """
+    if isinstance(finetuned, Mapping) or not isinstance(finetuned, Iterable):
+        raise TypeError(f"task_vectors: finetuned must be a sequence of fine-tuned trees (one per task), got a "
+                        f"{type(finetuned).__name__}")
+    if dtype is not None:
+        check_float_dtype("task_vectors: dtype", dtype)
     finetuned = list(finetuned)
     if not finetuned:
         raise ValueError("task_vectors needs at least one fine-tuned model (K = 0)")
+    check_array_leaves("task_vectors: pretrained", pretrained)
+    for k, tree in enumerate(finetuned):
+        check_array_leaves(f"task_vectors: fine-tuned model {k}", tree)
     pre_named = named_leaves(pretrained)
     for name, leaf in pre_named:
         if not is_float_dtype(jnp.result_type(leaf)):

@@ -111,3 +111,23 @@ def check_number(where: str, value: Any, positive: bool = False) -> None:
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{where} must be a finite number{' > 0' if positive else ''}, got {value!r}")
 
+
+
+def check_float_dtype(where: str, dtype: Any) -> None:
+    """A dtype argument that must name a floating dtype: TypeError naming `where` for anything else."""
+    try:
+        valid = is_float_dtype(jnp.dtype(dtype))
+    except TypeError:
+        valid = False
+    if not valid:
+        raise TypeError(f"{where} must be a floating dtype such as 'float32' or jnp.bfloat16, got {dtype!r}")
+
+
+def check_array_leaves(where: str, tree: PyTree) -> None:
+    """Every leaf of `tree` is an array (numpy or JAX, anything with a shape and a dtype): TypeError naming the
+    first leaf that is a Python number, string or other object (a Python list of values is a subtree of such
+    leaves: convert it with ``np.asarray``)."""
+    for path, leaf in named_leaves(tree):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(f"{where}: leaf {path!r} is a {type(leaf).__name__}, not an array (give numpy or JAX "
+                            "arrays; a Python list of values becomes one with np.asarray)")
