@@ -295,29 +295,61 @@ def peer_worker(argv: list[str]) -> None:
         module.load_state_dict({name: torch.from_numpy(value) for name, value in section(arrays, prefix).items()})
         return module
 
-    tiny = references.tiny_clip_vision()
-    tiny_finetuned = references.finetuned_copies(tiny)
+    tiny = references.tiny_clip_vision(), references.finetuned_copies(references.tiny_clip_vision())
     versions = {package: _version(package) for package in ("fusion-bench", "torch", "transformers")}
     print(json.dumps({"peer": "versions", **versions}), flush=True)
     for entry in args.methods.split(","):
         name, k = entry.split(":")
-        record: dict[str, Any] = dict(method=name)
-        if name not in references.FIXTURES:
-            print(json.dumps({"peer": "method", **record, "status": "no fixture"}), flush=True)
-            continue
-        make = references.FIXTURES[name]
-        pretrained, finetuned = model("pretrained"), [model(f"task{t}") for t in range(int(k))]
-        try:
-            with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
-                start = time.perf_counter()
-                make(copy.deepcopy(tiny), [copy.deepcopy(m) for m in tiny_finetuned])  # imports, first call
-                record["warmup_tiny_s"] = round(time.perf_counter() - start, 6)
-                times = timed_runs(make, args.repeats, args.max_seconds,
-                                   lambda: (copy.deepcopy(pretrained), [copy.deepcopy(m) for m in finetuned]))
-            record.update(status="measured", **time_fields(times))
-        except Exception as error:  # one failing reference is a row, not the end of the run
-            record.update(status="error", error=one_line(error))
+        record: dict[str, Any] = dict(method=name, status="no fixture")
+        if name in references.FIXTURES:
+            models = model("pretrained"), [model(f"task{t}") for t in range(int(k))]
+            with contextlib.redirect_stdout(sys.stderr):
+                record.update(time_reference(references.FIXTURES[name], (tiny[0], tiny[1][:int(k)]), models,
+                                             args.repeats, args.max_seconds))
         print(json.dumps({"peer": "method", **record}), flush=True)
+
+
+def time_reference(make: Callable[..., Any], tiny: tuple[Any, list], models: tuple[Any, list], repeats: int,
+                   max_seconds: float) -> dict[str, Any]:
+    """One untimed call of the fixture function `make` on the tiny float64 fixture models, then `timed_runs` on
+    fresh copies of `models` (float32); a fixture that fails in float32 is timed on float64 copies instead
+    (``dtype`` and ``float32_error`` say so)."""
+    import torch
+
+    def runs(pretrained: Any, finetuned: list) -> list[float]:
+        return timed_runs(make, repeats, max_seconds, lambda: (copy.deepcopy(pretrained),
+                                                               [copy.deepcopy(m) for m in finetuned]))
+
+    record: dict[str, Any] = {}
+    try:
+        with torch.no_grad(), default_dtype(torch.float64):
+            start = time.perf_counter()
+            make(*copy.deepcopy(tiny))  # imports, first call
+            record["warmup_tiny_s"] = round(time.perf_counter() - start, 6)
+        try:
+            with torch.no_grad():
+                return dict(record, status="measured", dtype="float32", **time_fields(runs(*models)))
+        except Exception as error:
+            record["float32_error"] = one_line(error)
+        pretrained, finetuned = models
+        with torch.no_grad(), default_dtype(torch.float64):
+            times = runs(copy.deepcopy(pretrained).double(), [copy.deepcopy(m).double() for m in finetuned])
+        return dict(record, status="measured", dtype="float64", **time_fields(times))
+    except Exception as error:  # one failing reference is a row, not the end of the run
+        return dict(record, status="error", error=one_line(error))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: Any) -> Any:
+    """torch's default dtype set to `dtype` inside the block."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _version(package: str) -> str | None:
@@ -414,12 +446,16 @@ def speed_table(report: dict[str, Any]) -> str:
         ours, reference = row["ours"], row["fusion_bench"] or {}
         timed = f"{ours['compile_s']:.3f} | {ours['run_s']:.4f}" if "run_s" in ours else "error | error"
         fusion = f"{reference['run_s']:.4f}" if "run_s" in reference else "—"
+        fusion += " (float64)" if reference.get("dtype") == "float64" else ""
         ratio = f"{row['ratio']:.3g}" if row["ratio"] is not None else "—"
         lines.append(f"| {row['size']} | {row['method']} | {row['k']} | {timed} | {fusion} | {ratio} |")
     notes = sorted({f"{row['method']} (ours): {row['ours']['error']}" for row in report["rows"]
                     if "error" in row["ours"]}
                    | {f"{row['method']} (FusionBench): {row['fusion_bench'].get('error', row['peer_status'])}"
                       for row in report["rows"] if row["peer_status"] not in ("measured", "no peer", "no fixture")})
+    notes += sorted({f"{row['method']} (FusionBench): timed in float64, its fixture fails in float32: "
+                     f"{row['fusion_bench']['float32_error']}" for row in report["rows"]
+                     if (row["fusion_bench"] or {}).get("dtype") == "float64"})
     if not report["peer"]["python_given"]:
         notes.insert(0, f"FusionBench column empty: no peer python given (--peer-python or ${PEER_PYTHON_ENV})")
     elif any(row["peer_status"] == "no fixture" for row in report["rows"]):

@@ -115,6 +115,11 @@ def test_without_a_peer_the_fusion_bench_column_is_empty_and_says_why(bench, mon
     assert "| tiny | ties | 4 | 1.000 | 0.0100 | — | — |" in table
     assert "no peer python given" in table
 
+    float64 = dict(row, fusion_bench=dict(status="measured", run_s=0.02, dtype="float64", float32_error="E: x"),
+                   peer_status="measured", ratio=0.5)
+    table = bench.speed_table(dict(rows=[float64], peer=dict(python_given=True)))
+    assert "| 0.0200 (float64) | 0.5 |" in table and "fails in float32: E: x" in table
+
 
 def test_repeats_stop_at_the_time_budget_after_at_least_one_run(bench):
     calls = []
