@@ -22,6 +22,7 @@ and fine-tuned torch modules and returns the arrays to save.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 from typing import Callable
@@ -76,6 +77,343 @@ def state_arrays(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
 
 
 # --- one function per method's reference (each returns the arrays of METHOD.npz) -----------------------------
+
+TALL_MASK_LAMBDA = 0.6  # FusionBench's fusion_bench_config/method/tall_mask/task_arithmetic.yaml
+CONSENSUS_K = 2  # the Consensus paper's k (TALL masks' "prun_thre_k")
+CONSENSUS_SCALE = 0.3  # α of θ0 + α (c ⊙ Σ_t τ_t); the paper picks it on validation data
+
+
+def _fresh_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict of cloned tensors (FusionBench's ``vector_to_state_dict`` writes into its reference's
+    tensors, so each call gets its own)."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def _tall_masks(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]):
+    """FusionBench's TALL masks: ``fusion_bench.method.tall_mask.utils.generate_task_masks`` (the TALL-masks
+    authors' code) on flat vectors θ0, θ_t and τ_MTL = Σ_t τ_t, mask_t = |θ0 − θ_t| > λ |θ0 + τ_MTL − θ_t|.
+
+    ``TallMaskTaskArithmeticAlgorithm.run`` hands its own ``generate_task_masks`` the task vector τ_t where that
+    function's docstring asks for θ_t (so it compares |θ0 − τ_t|, not |τ_t|); the function is called here as
+    documented. Returns the masks [K, D] (tensors sorted by name, ``state_dict_to_vector``'s order) and the
+    flat θ0 and τ [K, D]."""
+    from fusion_bench.method.tall_mask.utils import generate_task_masks
+    from fusion_bench.utils import state_dict_to_vector
+
+    flat_pretrained = state_dict_to_vector(pretrained.state_dict())
+    flat_finetuned = torch.stack([state_dict_to_vector(model.state_dict()) for model in finetuned])
+    task_vectors = flat_finetuned - flat_pretrained
+    masks = generate_task_masks(task_vectors, flat_finetuned, flat_pretrained, tall_mask_lambda=TALL_MASK_LAMBDA)
+    return masks, flat_pretrained, task_vectors
+
+
+@fixture("tall_masks")
+def tall_masks_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """TALL masks (Wang et al., ICML 2024): per task t, "mask/task{t}/NAME" and its model θ0 + m_t ⊙ τ_MTL as
+    ``TallMaskTaskArithmeticAlgorithm.run`` retrieves it ("task{t}/NAME")."""
+    from fusion_bench.utils import vector_to_state_dict
+    from fusion_bench.utils.state_dict_arithmetic import (state_dict_add, state_dict_hadamard_product,
+                                                          state_dict_sub, state_dict_sum)
+
+    masks, _, _ = _tall_masks(pretrained, finetuned)
+    theta0 = pretrained.state_dict()
+    multi_task_vector = state_dict_sum([state_dict_sub(model.state_dict(), theta0) for model in finetuned])
+    arrays = {}
+    for t, mask in enumerate(masks):
+        named_mask = vector_to_state_dict(mask.to(torch.float64), _fresh_state(pretrained))
+        retrieved = state_dict_add(theta0, state_dict_hadamard_product(named_mask, multi_task_vector))
+        arrays.update({f"task{t}/{name}": value.numpy().copy() for name, value in retrieved.items()})
+        arrays.update({f"mask/task{t}/{name}": value.numpy().copy() for name, value in named_mask.items()})
+    return arrays
+
+
+class _CloningStateDict(dict):
+    """θ0's state dict whose ``copy.copy`` clones the tensors: FusionBench's ``load_tall_mask`` converts every
+    task's mask with ``vector_to_state_dict``, which writes into the tensors of a shallow copy of this dict, so
+    with a plain dict every task's mask would be the last task's."""
+
+    def __copy__(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self.items()}
+
+
+@fixture("consensus")
+def consensus_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Consensus merging (Wang et al., ICML 2024): the TALL masks saved as ``load_tall_mask`` reads them,
+    ``construct_consensus_mask`` (entries in ≥ k tasks' masks), and θ0 + α (c ⊙ Σ_t τ_t) as the TALL-masks code
+    applies a masked task vector ("merged/NAME"; "consensus/NAME" the mask)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from fusion_bench.method.tall_mask.utils import construct_consensus_mask
+    from fusion_bench.utils import vector_to_state_dict
+
+    masks, flat_pretrained, task_vectors = _tall_masks(pretrained, finetuned)
+    with tempfile.TemporaryDirectory() as root:
+        config = SimpleNamespace(model_location=os.path.join(root, "checkpoints"), model="clip",
+                                 num_tasks=len(finetuned), method=SimpleNamespace(use_ties=False))
+        os.makedirs(os.path.join(root, "tall_masks", "clip"))
+        packed = {f"task{t}": torch.from_numpy(np.packbits(mask.numpy())) for t, mask in enumerate(masks)}
+        torch.save(packed, os.path.join(root, "tall_masks", "clip", f"TALL_mask_{len(finetuned)}task.npy"))
+        consensus = construct_consensus_mask(_CloningStateDict(_fresh_state(pretrained)), CONSENSUS_K, config)
+    merged = flat_pretrained + CONSENSUS_SCALE * (task_vectors.sum(0) * consensus)
+    arrays = {f"merged/{n}": v.numpy().copy() for n, v in vector_to_state_dict(merged, _fresh_state(pretrained)).items()}
+    mask = vector_to_state_dict(consensus.to(torch.float64), _fresh_state(pretrained))
+    arrays.update({f"consensus/{name}": value.numpy().copy() for name, value in mask.items()})
+    return arrays
+
+
+@fixture("emr")
+def emr_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """EMR-Merging (Huang et al., NeurIPS 2024) by ``EMRMerging.run``: per task t its model after
+    ``set_task`` ("task{t}/NAME") and mask ("mask/task{t}/NAME"); the unified task vector ("unified/NAME") and
+    the rescalers ("rescalers", [K])."""
+    from fusion_bench import BaseModelPool
+    from fusion_bench.method.emr_merging import EMRMerging
+
+    names = list(pretrained.state_dict())
+    pool = BaseModelPool({"_pretrained_": pretrained, **{f"task{t}": m for t, m in enumerate(finetuned)}})
+    model = EMRMerging().run(pool)
+    arrays = {f"unified/{n}": model.unified_task_vector[n].detach().numpy().copy() for n in names}
+    rescalers = []
+    for t in range(len(finetuned)):
+        modulator = model.modulators[f"task{t}"]
+        model.set_task(f"task{t}")
+        arrays.update(state_arrays(model.backbone, f"task{t}"))
+        arrays.update({f"mask/task{t}/{n}": modulator.mask[n].detach().numpy().astype(np.float64) for n in names})
+        rescalers.append(float(modulator.rescaler))
+    arrays["rescalers"] = np.asarray(rescalers, np.float64)
+    return arrays
+
+REGMEAN_EXAMPLES = 16  # unlabeled images per task (FusionBench's num_regmean_examples; its CLIP default is 256)
+REGMEAN_BATCH = 6  # its dataloader's batch size: batches of 6, 6 and 4 exercise its running mean over batches
+REGMEAN_RATIO = 0.95  # reduce_non_diagonal_ratio of fusion_bench_config/method/regmean*/clip_regmean*.yaml
+
+
+def _regmean_images(model: torch.nn.Module, count: int) -> list[torch.Tensor]:
+    """Fixed random unlabeled images per task, [REGMEAN_EXAMPLES, 3, H, W] float64 (already preprocessed)."""
+    generator = torch.Generator().manual_seed(2)
+    size = model.config.image_size
+    return [torch.randn(REGMEAN_EXAMPLES, 3, size, size, generator=generator, dtype=torch.float64)
+            for _ in range(count)]
+
+
+def _run_regmean(algorithm_class: type, pretrained: torch.nn.Module, finetuned: list[torch.nn.Module],
+                 layout: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model):
+    """``algorithm_class(...).run`` on a model pool of these models (each as ``layout`` presents it) with the images of `_regmean_images` as
+    every task's training set. The zero-shot heads FusionBench builds first (``on_regmean_start``) only turn
+    the features into logits that RegMean discards, so they are replaced by a zero head; every Gram matrix the
+    algorithm computes (its ``get_regmean_weights``) is recorded. Returns (merged model, the recorded
+    ``(task name, {module: G})`` in call order, the images)."""
+    import lightning
+    from fusion_bench import BaseModelPool
+
+    names = [f"task{t}" for t in range(len(finetuned))]
+    images = _regmean_images(pretrained, len(names))
+    datasets = {name: torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+                for name, x in zip(names, images)}
+
+    class Pool(BaseModelPool):
+        def load_train_dataset(self, name: str):
+            return datasets[name]
+
+        def load_processor(self):
+            return lambda image: image  # the images are pixel values already
+
+    algorithm = algorithm_class(num_regmean_examples=REGMEAN_EXAMPLES, exclude_param_names_regex=[],
+                                reduce_non_diagonal_ratio=REGMEAN_RATIO, weight_transpose=True,
+                                dataloader_kwargs={"batch_size": REGMEAN_BATCH, "num_workers": 0})
+    algorithm.fabric = lightning.Fabric(accelerator="cpu", devices=1, precision="64-true")
+    algorithm.on_regmean_start = lambda: None
+    algorithm.zeroshot_weights = {name: torch.zeros(1, pretrained.config.hidden_size) for name in names}
+    algorithm.visual_projection = torch.nn.Identity()
+    algorithm.logit_scale_exp = torch.tensor(1.0)
+    recorded = []
+    compute = algorithm.get_regmean_weights
+
+    def record(name, *args, **kwargs):
+        grams = compute(name, *args, **kwargs)
+        recorded.append((name, grams))
+        return grams
+
+    algorithm.get_regmean_weights = record
+    merged = algorithm.run(Pool({"_pretrained_": layout(pretrained), **{n: layout(m) for n, m in zip(names, finetuned)}}))
+    return merged, recorded, images
+
+
+def _regmean_arrays(merged: torch.nn.Module, grams: dict[str, torch.Tensor], images: list[torch.Tensor]
+                    ) -> dict[str, np.ndarray]:
+    arrays = state_arrays(merged, "merged")
+    arrays.update({f"gram/{key}": g.detach().to(torch.float64).numpy().copy() for key, g in grams.items()})
+    arrays.update({f"images/task{t}": x.numpy().copy() for t, x in enumerate(images)})
+    return arrays
+
+
+@fixture("regmean")
+def regmean_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """RegMean (Jin et al., ICLR 2023) by ``RegMeanAlgorithmForCLIP.run``: the merged model ("merged/NAME"), each
+    fine-tuned model's Gram matrices on its task's images ("gram/task{t}/MODULE", e.g.
+    ``encoder.layers.0.self_attn.q_proj``) and those images ("images/task{t}", [N, 3, H, W])."""
+    from fusion_bench.method.regmean.clip_regmean import RegMeanAlgorithmForCLIP
+
+    merged, recorded, images = _run_regmean(RegMeanAlgorithmForCLIP, pretrained, finetuned)
+    grams = {f"{name}/{module}": g for name, per_module in recorded for module, g in per_module.items()}
+    return _regmean_arrays(merged, grams, images)
+
+
+class _Transformers4Layout(torch.nn.Module):
+    """A ``CLIPVisionModel`` as transformers 4 laid it out, which FusionBench 0.2.33's RegMean++ reads
+    (``model.vision_model.embeddings``, ``model.device``, tensor names under ``vision_model.``); transformers 5
+    flattened ``vision_model`` away."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.vision_model = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+@contextlib.contextmanager
+def _encoder_layers_return_tuples():
+    """transformers 4's ``CLIPEncoderLayer`` returned ``(hidden_states,)`` and took ``causal_attention_mask``;
+    FusionBench 0.2.33's RegMean++ calls a layer so and takes ``[0]`` (on transformers 5's bare tensor that would
+    be the first example). Restores transformers 5's forward afterwards."""
+    from transformers.models.clip import modeling_clip
+
+    forward = modeling_clip.CLIPEncoderLayer.forward
+
+    def forward_v4(self, hidden_states, attention_mask, causal_attention_mask=None, **kwargs):
+        return (forward(self, hidden_states, attention_mask, **kwargs),)
+
+    modeling_clip.CLIPEncoderLayer.forward = forward_v4
+    try:
+        yield
+    finally:
+        modeling_clip.CLIPEncoderLayer.forward = forward
+
+
+@fixture("regmean_plusplus")
+def regmean_plusplus_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """RegMean++ (Nguyen et al., 2025) by ``RegMeanAlgorithmForCLIPPlusPlus.run``: the merged model
+    ("merged/NAME"), the Gram matrices of fine-tuned model t's layer l on its task's inputs after the merged
+    layers < l ("gram/task{t}/encoder.layers.{l}.MODULE") and the images ("images/task{t}").
+
+    Run on transformers 5 through `_Transformers4Layout` and `_encoder_layers_return_tuples`; and FusionBench
+    0.2.33 declares the class's ``_config_mapping`` as a plain dict, which its parent's auto-registered
+    ``__init__`` cannot read, so the subclass here only joins it with the parent's."""
+    from fusion_bench.method.regmean_plusplus import RegMeanAlgorithmForCLIPPlusPlus, RegMeanAlgorithmPlusPlus
+
+    class RegMeanPlusPlus(RegMeanAlgorithmForCLIPPlusPlus):
+        _config_mapping = RegMeanAlgorithmPlusPlus._config_mapping | RegMeanAlgorithmForCLIPPlusPlus._config_mapping
+
+    with _encoder_layers_return_tuples():
+        merged, recorded, images = _run_regmean(RegMeanPlusPlus, pretrained, finetuned, _Transformers4Layout)
+    grams, layer_of = {}, {}
+    for name, per_module in recorded:
+        layer = layer_of[name] = layer_of.get(name, -1) + 1
+        grams.update({f"{name}/encoder.layers.{layer}.{module}": g for module, g in per_module.items()})
+    return _regmean_arrays(merged.vision_model, grams, images)
+
+WUDI_ITERATIONS = 20  # Adam steps per matrix in the fixture (the reference's default is 300)
+SLERP_MIX = dict(t=0.3, DOT_THRESHOLD=0.995)  # a second SLERP run: the LayerNorm gains lerp, the rest slerp
+
+
+def _pool(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]):
+    """A FusionBench model pool of θ0 ("_pretrained_") and the fine-tuned models ("task0", ...)."""
+    from fusion_bench import BaseModelPool
+
+    return BaseModelPool({"_pretrained_": pretrained, **{f"task{t}": m for t, m in enumerate(finetuned)}})
+
+
+def _signature_defaults(function: Callable, prefix: str = "default") -> dict[str, np.ndarray]:
+    """``{prefix/NAME: default}`` for the numeric keyword defaults of `function` (a class: its ``__init__``)."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.values()
+    return {f"{prefix}/{p.name}": np.asarray(p.default) for p in parameters
+            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+
+
+@fixture("wudi")
+def wudi_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """WUDI (Cheng et al., ICML 2025): θ0 + FusionBench's ``wudi_merging`` of the task vectors after
+    `WUDI_ITERATIONS` Adam steps per 2-D tensor ("merged/NAME"); its defaults: "default/iter_num" (the
+    function's signature) and "default/lr" (the Adam learning rate its source writes out)."""
+    import inspect
+    import re
+
+    from fusion_bench.method.wudi.wudi import wudi_merging
+    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_sub
+
+    theta0 = pretrained.state_dict()
+    task_vectors = [state_dict_sub(model.state_dict(), theta0) for model in finetuned]
+    merged_task_vector = wudi_merging(task_vectors, accelerator="cpu", iter_num=WUDI_ITERATIONS)
+    merged = state_dict_add(theta0, {name: value.detach() for name, value in merged_task_vector.items()})
+    lr = re.search(r"optim\.Adam\(.*?\blr=([0-9.eE+-]+)", inspect.getsource(wudi_merging)).group(1)
+    return {**{f"merged/{name}": value.numpy().copy() for name, value in merged.items()},
+            **_signature_defaults(wudi_merging), "default/lr": np.asarray(float(lr))}
+
+
+@fixture("magmax")
+def magmax_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """MagMax (Marczak et al., ECCV 2024): ``MagMaxAlgorithm().run`` at its default scaling factor
+    ("merged/NAME", "default/scaling_factor")."""
+    from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
+
+    merged = MagMaxAlgorithm().run(_pool(pretrained, finetuned))
+    return {**state_arrays(merged, "merged"), **_signature_defaults(MagMaxAlgorithm)}
+
+
+class _CosinesInFloat64:
+    """While active, ``Tensor.float()`` leaves float64 tensors float64: ModelStock's ``compute_angle`` casts the
+    task vectors to float32 before its cosines, which would put float32 rounding (~1e-7 in the ratio t) into a
+    float64 comparison."""
+
+    def __enter__(self) -> None:
+        self.original = original = torch.Tensor.float
+        torch.Tensor.float = lambda tensor, *args, **kwargs: (
+            tensor if tensor.dtype == torch.float64 else original(tensor, *args, **kwargs))
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.float = self.original
+
+
+MODEL_STOCK_IGNORED = ("vision_model.embeddings.position_embedding.weight", "vision_model.post_layernorm.weight")
+
+
+@fixture("model_stock")
+def model_stock_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Model Stock (Jang et al., ECCV 2024): ``ModelStock(ignore_keys=...).run`` with its cosines in float64
+    (`_CosinesInFloat64`) on all K models ("merged/NAME"), on the first two (its K = 2 branch, "pair/NAME"),
+    with `MODEL_STOCK_IGNORED` ignored ("ignoring/NAME"), and as published, cosines in float32
+    ("float32_cosines/NAME")."""
+    from fusion_bench.method.model_stock.model_stock import ModelStock
+
+    def run(models: list[torch.nn.Module], ignore_keys: list[str] | None = None) -> torch.nn.Module:
+        return ModelStock(ignore_keys=ignore_keys).run(_pool(copy.deepcopy(pretrained), models))
+
+    published = run(finetuned)
+    with _CosinesInFloat64():
+        arrays = {**state_arrays(run(finetuned), "merged"), **state_arrays(run(finetuned[:2]), "pair"),
+                  **state_arrays(run(finetuned, list(MODEL_STOCK_IGNORED)), "ignoring")}
+    return {**arrays, **state_arrays(published, "float32_cosines")}
+
+
+@fixture("slerp")
+def slerp_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """SLERP of the first two fine-tuned models: ``SlerpMergeAlgorithm.run`` at t = 0.5 (fusion_bench_config's
+    method/slerp/slerp.yaml; the class has no default t) and its default DOT_THRESHOLD and epsilon
+    ("merged/NAME", "default/NAME"), and at `SLERP_MIX` ("mix/NAME")."""
+    from fusion_bench import BaseModelPool
+    from fusion_bench.method.slerp.slerp import SlerpMergeAlgorithm
+
+    def run(**settings: float) -> torch.nn.Module:
+        pair = BaseModelPool({"task0": copy.deepcopy(finetuned[0]), "task1": copy.deepcopy(finetuned[1])})
+        return SlerpMergeAlgorithm(**settings).run(pair)
+
+    return {**state_arrays(run(t=0.5), "merged"), **state_arrays(run(**SLERP_MIX), "mix"),
+            **_signature_defaults(SlerpMergeAlgorithm)}
 
 # --- end of method fixtures ---
 

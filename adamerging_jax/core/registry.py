@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 
 from adamerging_jax.core import methods as core_methods
+from adamerging_jax.core import regmean
+from adamerging_jax.core import emr, tall_masks
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.matrix_view import MatrixView
@@ -70,6 +72,9 @@ class AdaptContext:
       config: the shared `AdaMergingConfig` (steps, lr, clamp, ...); a method sets its own granularity.
       mesh: devices to run on (None: all).
       checkpoint_dir: where this method's run state is kept (None: not resumable).
+      gram_fn: the binding's Gram capture for RegMean (`core.regmean.GramFn`: ``gram_fn(params, inputs) -> {leaf
+        path: input Gram matrix [(L,) in, in]}``; for RegMean++ also its staged form `core.regmean.LayerwiseGrams`,
+        e.g. ``clip.vision_grams(variant)``); None where the binding has none.
     """
 
     apply_fn: Callable[..., Any]
@@ -77,6 +82,7 @@ class AdaptContext:
     config: AdaMergingConfig
     mesh: Any = None
     checkpoint_dir: str | None = None
+    gram_fn: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,11 @@ class MergeMethod:
       reference: the implementation its results are compared with (file of the reference code).
       grouped: the method is a member of the groups it qualifies for (`GROUPS`); False for a method whose
         defaults repeat another's (the generic ``adamerging`` is layer-wise AdaMerging), so ``all`` runs it once.
+      streaming: how a merge of checkpoints larger than memory runs it tensor by tensor from disk
+        (`adamerging_jax.merging.streaming`): ``"tensor"``, its result for each tensor is its result on a
+        one-tensor tree (a ``seed`` parameter is folded with the tensor's index, so each tensor draws its own
+        randomness); ``"global"``, the same once model-wide statistics found in first streaming passes are
+        given to `build` as keyword arguments (TIES: ``thresholds``, ``majority``); None: in memory only.
     """
 
     name: str
@@ -116,6 +127,7 @@ class MergeMethod:
     formula: str = ""
     reference: str = ""
     grouped: bool = True
+    streaming: str | None = None
 
     def parameter(self, name: str) -> Parameter:
         for parameter in self.parameters:
@@ -164,7 +176,8 @@ class MethodSpec:
         if not self.method.needs_data:
             return self.method.build(pretrained, task_vectors, **arguments)
         if context is None:
-            raise ValueError(f"method {self.name!r} learns from unlabeled data: give it the batches and apply_fn")
+            raise ValueError(f"method {self.name!r} learns from unlabeled data: give it an AdaptContext (the "
+                             "unlabeled batches and what it reads from the binding: apply_fn, or gram_fn for RegMean)")
         return self.method.build(pretrained, task_vectors, context, **arguments)
 
     def describe(self) -> dict[str, Any]:
@@ -300,17 +313,18 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
 
 
 for _method in (
-    MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained, formula="θ = θ0"),
+    MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained, formula="θ = θ0",
+                streaming="tensor"),
     MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual,
                 per_task_models=True, formula="θ_t = θ0 + τ_t"),
     MergeMethod("weight_average", "Weight averaging", "Wortsman et al., Model soups, ICML 2022",
                 _data_free(core_methods.weight_average), formula="θ = θ0 + (1/K) Σ_k τ_k",
-                reference="FusionBench 0.2.33 fusion_bench/method/simple_average.py"),
+                reference="FusionBench 0.2.33 fusion_bench/method/simple_average.py", streaming="tensor"),
     MergeMethod("task_arithmetic", "Task arithmetic",
                 "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
                 _data_free(core_methods.task_arithmetic),
                 (Parameter("scale", 0.3, "λ for every task vector"),), formula="θ = θ0 + s Σ_k τ_k",
-                reference="FusionBench 0.2.33 fusion_bench/method/task_arithmetic/"),
+                reference="FusionBench 0.2.33 fusion_bench/method/task_arithmetic/", streaming="tensor"),
     MergeMethod("ties", "TIES-merging", "Yadav et al., TIES-Merging, NeurIPS 2023",
                 _data_free(core_methods.ties_merging),
                 (DENSITY, Parameter("reduce", "sum", "disjoint mean or sum of the agreeing entries",
@@ -318,13 +332,49 @@ for _method in (
                  Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE),
                 formula="θ = θ0 + s · reduce_k τ̂_k,  τ̂_k = τ_k^trim ⊙ [sgn τ_k^trim = sgn Σ_j τ_j^trim]",
                 reference="EnnengYang/AdaMerging src/ties_merging_utils.py; FusionBench 0.2.33 "
-                          "fusion_bench/method/ties_merging/"),
+                          "fusion_bench/method/ties_merging/", streaming="global"),
     MergeMethod("dare", "DARE + task arithmetic", "Yu et al., Language Models are Super Mario, ICML 2024",
                 _data_free(core_methods.dare_task_arithmetic),
                 (DROP_RATE, SEED,
                  Parameter("scale", 0.3, "λ for every task vector")),
                 formula="θ = θ0 + s Σ_k m_k ⊙ τ_k / (1 − p),  m_k ~ Bernoulli(1 − p)",
-                reference="FusionBench 0.2.33 fusion_bench/method/dare/ (random masks: same law, not the same draw)"),
+                reference="FusionBench 0.2.33 fusion_bench/method/dare/ (random masks: same law, not the same draw)",
+                streaming="tensor"),
+    MergeMethod("tall_masks", "TALL masks", tall_masks.PAPER,
+                lambda pretrained, task_vectors, tall_mask_lambda: Merged(
+                    per_task=tall_masks.tall_mask_models(pretrained, task_vectors, tall_mask_lambda)),
+                (tall_masks.TALL_MASK_LAMBDA,), per_task_models=True,
+                formula="θ_t = θ0 + m_t ⊙ τ_MTL,  m_t = [|τ_t| > λ |τ_MTL − τ_t|],  τ_MTL = Σ_k τ_k",
+                reference="FusionBench 0.2.33 fusion_bench/method/tall_mask/ (its generate_task_masks as documented; "
+                          "TallMaskTaskArithmeticAlgorithm.run passes it τ_t for θ_t, comparing |θ0 − τ_t|)"),
+    MergeMethod("consensus", "Consensus merging", tall_masks.PAPER, _data_free(tall_masks.consensus_merging),
+                (Parameter("k", 2, "keep the entries that at least k tasks' TALL masks keep", minimum=0),
+                 tall_masks.TALL_MASK_LAMBDA, Parameter("scale", 0.3, "α for the masked multi-task vector")),
+                formula="θ = θ0 + α (c ⊙ Σ_k τ_k),  c = [Σ_t m_t ≥ k],  m_t = [|τ_t| > λ |Σ_k τ_k − τ_t|]",
+                reference="FusionBench 0.2.33 fusion_bench/method/tall_mask/utils.py (generate_task_masks, "
+                          "construct_consensus_mask; no algorithm class: θ0 + α (c ⊙ Σ τ) as the TALL-masks code "
+                          "applies it)"),
+    MergeMethod("emr", "EMR-Merging", emr.PAPER,
+                lambda pretrained, task_vectors, view: Merged(per_task=emr.emr_merging(
+                    pretrained, task_vectors, emr.layers_from_view(view, pretrained))),
+                per_task_models=True, uses_view=True,
+                formula="θ_t = θ0 + s_t · m_t ⊙ τ_uni,  τ_uni = sgn(Σ_k τ_k) ⊙ max_k |m_k ⊙ τ_k|,  "
+                        "m_t = [τ_t · sgn(Σ_k τ_k) > 0],  s_t = Σ_n mean|τ_t,n| / Σ_n mean|m_t,n ⊙ τ_uni,n|",
+                reference="FusionBench 0.2.33 fusion_bench/method/emr_merging/"),
+    MergeMethod("regmean", "RegMean", regmean.REGMEAN_PAPER,
+                lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
+                    "regmean", False, pretrained, task_vectors, context, **values)),
+                regmean.PARAMETERS, needs_data=True, uses_view=True,
+                formula="W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ per linear layer,  G̃_k = α G_k + (1 − α) diag(G_k),  "
+                        "G_k = X_kᵀX_k / n_k (layer inputs under θ_k on task k's unlabeled x); other leaves averaged",
+                reference="FusionBench 0.2.33 fusion_bench/method/regmean/ (clip_regmean.py, regmean.py)"),
+    MergeMethod("regmean_plusplus", "RegMean++", regmean.REGMEAN_PLUSPLUS_PAPER,
+                lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
+                    "regmean_plusplus", True, pretrained, task_vectors, context, **values)),
+                regmean.PARAMETERS, needs_data=True, uses_view=True,
+                formula="RegMean block by block: G_k of block l from θ_k's block l on inputs through the averaged "
+                        "stem and the merged blocks < l; leaves after the blocks stay θ0",
+                reference="FusionBench 0.2.33 fusion_bench/method/regmean_plusplus/"),
     adamerging_method("adamerging", "AdaMerging"),
     adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
     adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),

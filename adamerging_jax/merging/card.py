@@ -18,8 +18,10 @@ def lambda_summary(named: Mapping[str, Sequence[float]], tasks: Sequence[str]) -
 
 
 def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any],
-               summary: Mapping[str, Mapping[str, float]] | None, table: str | None, weights: str | None) -> str:
-    """Markdown: what was merged and how, λ per task (mean/min/max over tensors), accuracy when tested."""
+               summary: Mapping[str, Mapping[str, float]] | None, table: str | None, weights: str | None,
+               sections: Sequence[str] = ()) -> str:
+    """Markdown: what was merged and how, `sections` (lines, e.g. `emr_lines`), λ per task (mean/min/max over
+    tensors), accuracy when tested."""
     lines = ["---", "library_name: transformers", "tags: [clip, model-merging, adamerging]", "---", "",
              f"# {method['label']} of {len(config.tasks)} CLIP image towers", "",
              f"Merged with adamerging_jax: θ = θ0 + Σ_k λ_k τ_k, τ_k = θ_k − θ0 over the image tower; "
@@ -29,6 +31,7 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
         lines.append(f"- θ0 image tower: `{config.pretrained_vision}`")
     lines.append(f"- export: `{config.export}`, precision during AdaMerging: `{config.precision}`")
     lines += _how(config, settings, weights, "images")
+    lines += sections
     lines += ["", "## Tasks", "", "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
     lines += [f"| {task.name} | `{task.finetuned}` | {len(task.classes)} |" for task in config.tasks]
     lines += lambda_lines(summary)
@@ -44,6 +47,19 @@ def _how(config: MergeConfig, settings: Mapping[str, Any], weights: str | None, 
     return lines + [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
                     f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled {unlabeled} per task and "
                     f"step, clamp {adamerging['clamp']}, seed {adamerging['seed']}"]
+
+
+def emr_lines(config: MergeConfig) -> list[str]:
+    """The card's section on an EMR-Merging export: how to build each task's model from this folder."""
+    pretrained = config.pretrained_vision or config.pretrained
+    return ["", "## One model per task (EMR-Merging)", "",
+            "This folder's model is the unified θ_uni = θ0 + τ_uni. `emr.safetensors` holds, per task t, the mask "
+            "m_t (uint8, `mask/<task>/<tensor name>`, torch layout) and the rescaler s_t (`rescalers`, in the order "
+            "of its metadata's `tasks`). Task t's image tower is θ_t = θ0 + s_t · m_t ⊙ τ_uni, τ_uni = θ_uni − θ0:",
+            "", "```python", "from adamerging_jax.merging.emr_files import load_emr_task",
+            "from adamerging_jax.models.clip_checkpoint import load_hf_clip", "",
+            f'theta0 = load_hf_clip("{pretrained}")[1]["vision"]',
+            f'tower = load_emr_task("<this folder>", theta0, "{config.tasks[0].name}")', "```"]
 
 
 def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:

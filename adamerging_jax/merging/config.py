@@ -161,6 +161,9 @@ class MergeConfig:
         return self.export_method or self.settings().methods[0].name
 
 
+UNIFIED_EXPORTS = ("emr",)
+"""Methods with one model per task that ``merge`` exports for CLIP as a unified model plus what makes each task's
+model from it (EMR-Merging: `merging.emr_files`)."""
 CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size"}
 LM_ONLY_KEYS = {"max_length", "mesh"}
 TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}
@@ -402,8 +405,9 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
     if config.export_method is not None and config.export_method not in names:
         raise ConfigError(f"{where}: export_method {config.export_method!r} is not among the methods {names}")
     exported = next(spec for spec in settings.methods if spec.name == config.exported)
-    if exported.method.per_task_models:
-        raise ConfigError(f"{where}: export_method {config.exported!r} has one model per task, not one merged model")
+    if exported.method.per_task_models and not (exported.name in UNIFIED_EXPORTS and not lm):
+        raise ConfigError(f"{where}: export_method {config.exported!r} has one model per task, not one merged model "
+                          f"(of those, only {list(UNIFIED_EXPORTS)} export, as a unified CLIP model)")
     if lm:
         _check_lm(where, fields, tasks, settings)
     elif settings.needs_data:

@@ -1,7 +1,8 @@
 """Run a checked `Plan` and write its output folder (resumable in place):
 
     OUT/model/               the exported method's model as an HF folder (save_hf_clip), tokenizer files,
-                             preprocessor_config.json and the model card README.md
+                             preprocessor_config.json and the model card README.md; for EMR-Merging the
+                             unified model and emr.safetensors, each task's mask and rescaler (merging.emr_files)
     OUT/lambdas.json         λ by checkpoint tensor name → one value per task (adaptive methods or --weights)
     OUT/lambdas.safetensors  the same, tensor name → float32 [K]
     OUT/results.json, table.md, *.png   the report (adamerging_jax.report)
@@ -30,11 +31,13 @@ import adamerging_jax as am
 from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.checkpoint import write_atomic
 from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.core.emr import EmrModels
 from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
-from adamerging_jax.merging.card import lambda_summary, model_card
+from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card
+from adamerging_jax.merging.emr_files import EMR_FILE, write_emr_file
 from adamerging_jax.merging.plan import Plan, fail, source_identity
 
 EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
@@ -182,10 +185,14 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     table = report.markdown_table([run]) if tested else None
     markdown = table or "No test folders were given: no accuracy.\n"
     files = write_report(plan, run, markdown, log)
-    card = model_card(config, plan.exported_method(run), run["settings"], summary, table, run.get("weights"))
-    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
-    with atomic_directory(output / "model", (*EXPORT_FILES, *TOKENIZER_FILES)) as folder:
+    emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
+    card = model_card(config, plan.exported_method(run), run["settings"], summary, table, run.get("weights"),
+                      emr_lines(config) if emr else ())
+    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
+    with atomic_directory(output / "model", (*EXPORT_FILES, EMR_FILE, *TOKENIZER_FILES)) as folder:
         save_hf_clip(folder, vision, towers.full, towers.config, kind=config.export, tokenizer_dir=towers.tokenizer_dir)
+        if emr:
+            write_emr_file(folder, emr, run["tasks"])
         write_atomic(Path(folder, "README.md"), card.encode())
     log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
         str(path) for path in files.values()))

@@ -1,0 +1,134 @@
+"""EMR-Merging (Huang, Ye, Huang, Wang, Shi, Wen and Shao, "EMR-Merging: Tuning-Free High-Performance Model
+Merging", NeurIPS 2024): Elect a unified task vector, then Mask and Rescale it per task.
+
+    γ_uni = sgn(Σ_k τ_k)  (a zero sum counts as −1)
+    m_t   = [τ_t · γ_uni > 0]                                   per-task binary masks
+    τ_uni = γ_uni ⊙ max_k |m_k ⊙ τ_k|                           the unified task vector
+    s_t   = Σ_n mean|τ_t,n| / Σ_n mean|m_t,n ⊙ τ_uni,n|         per-task rescalers (n: the model's tensors)
+    θ_t   = θ0 + s_t · m_t ⊙ τ_uni                              task t's model
+
+The rescalers sum one mean per tensor, as the authors' code does: a leaf that stacks L layers is L tensors.
+The masks stay bool and the rescalers scalars (`EmrParts`), so a task's model is built when asked for
+(`EmrModels`); the unified model θ0 + τ_uni is what the ``merge`` command exports beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked, num_tasks
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, leaf_paths
+
+PAPER = "Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, NeurIPS 2024"
+
+
+class EmrParts(NamedTuple):
+    """What EMR-Merging keeps: ``unified`` τ_uni (θ0's shapes, τ's dtypes), ``masks`` m_t (bool ``[K, ...]``)
+    and ``rescalers`` s_t (``[K]``, τ's accumulation dtype)."""
+
+    unified: PyTree
+    masks: PyTree
+    rescalers: jax.Array
+
+
+def layers_from_view(view: MatrixView | None, tree: PyTree) -> Callable[[str], bool]:
+    """Which leaves of `tree` stack L layers on their leading axis, as the binding's view declares it: a matrix
+    by its `Matrix.layers`; any other leaf (a bias, a norm) by the matrices of its nearest enclosing module
+    that holds some, stacked when they all are (a scanned block's biases and norms sit beside its kernels).
+    Without a view no leaf is stacked."""
+    matrices = view.matrices(tree) if view is not None else {}
+
+    def stacked(path: str) -> bool:
+        if path in matrices:
+            return matrices[path].layers
+        parts = path.split("/")
+        for depth in range(len(parts) - 1, -1, -1):
+            prefix = "/".join(parts[:depth])
+            inside = [m.layers for p, m in matrices.items() if not prefix or p.startswith(prefix + "/")]
+            if inside:
+                return all(inside)
+        return False
+
+    return stacked
+
+
+def _tensor_means(tree: PyTree, layered: tuple[bool, ...]) -> jax.Array:
+    """Σ_n mean|x_k,n| over the tensors n of stacked leaves ``[K, (L,) ...]`` (a layered leaf is L tensors), [K]."""
+    total = 0
+    for leaf, stacked in zip(jax.tree_util.tree_leaves(tree), layered):
+        magnitude = jnp.abs(leaf.astype(accumulation_dtype(leaf.dtype)))
+        per_tensor = jnp.mean(magnitude, axis=tuple(range(1 + stacked, leaf.ndim)))
+        total = total + (jnp.sum(per_tensor, axis=1) if stacked else per_tensor)
+    return total
+
+
+@partial(jax.jit, static_argnames="layered")
+def _emr_parts(task_vectors: PyTree, layered: tuple[bool, ...]) -> EmrParts:
+    def elect(tau: jax.Array) -> tuple[jax.Array, jax.Array]:
+        positive = jnp.sum(tau.astype(accumulation_dtype(tau.dtype)), axis=0) > 0
+        masks = jnp.where(positive, tau > 0, tau < 0)
+        largest = jnp.max(jnp.where(masks, jnp.abs(tau), 0), axis=0)
+        return jnp.where(positive, largest, -largest), masks
+
+    elected = jax.tree_util.tree_map(elect, task_vectors)
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    unified = jax.tree_util.tree_map(lambda pair: pair[0], elected, is_leaf=is_pair)
+    masks = jax.tree_util.tree_map(lambda pair: pair[1], elected, is_leaf=is_pair)
+    masked = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), unified, masks)
+    kept = _tensor_means(masked, layered)
+    rescalers = jnp.where(kept > 0, _tensor_means(task_vectors, layered) / jnp.where(kept > 0, kept, 1), 1)
+    return EmrParts(unified, masks, rescalers)
+
+
+def emr_parts(task_vectors: PyTree, stacked: Callable[[str], bool] | None = None) -> EmrParts:
+    """Elect, mask and rescale (module docstring): τ_uni, the masks m_t and the rescalers s_t.
+
+    `stacked` tells which leaves stack L layers on their leading axis (each layer is one tensor of the
+    rescalers' per-tensor means; the binding's predicate, or `layers_from_view`). A task whose mask keeps
+    nothing has s_t = 1 (its model is θ0; the authors' code divides by zero there).
+    """
+    num_tasks(task_vectors)
+    is_stacked = stacked or (lambda path: False)
+    return _emr_parts(task_vectors, tuple(is_stacked(path) for path in leaf_paths(task_vectors)))
+
+
+@jax.jit
+def emr_task_model(pretrained: PyTree, parts: EmrParts, task: int | jax.Array) -> PyTree:
+    """Task t's model θ_t = θ0 + s_t · m_t ⊙ τ_uni."""
+    scale = parts.rescalers[task]
+    return add_to_pretrained(pretrained, jax.tree_util.tree_map(
+        lambda u, m: scale * jnp.where(m[task], u, 0).astype(scale.dtype), parts.unified, parts.masks))
+
+
+@jax.jit
+def emr_unified_model(pretrained: PyTree, parts: EmrParts) -> PyTree:
+    """The unified model θ0 + τ_uni (no task's mask or rescaler)."""
+    return add_to_pretrained(pretrained, parts.unified)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmrModels:
+    """EMR-Merging's per-task models, built on demand: ``models(t)`` is θ_t (None for a task it did not merge)."""
+
+    pretrained: PyTree
+    parts: EmrParts
+
+    def __call__(self, task: int) -> PyTree | None:
+        return emr_task_model(self.pretrained, self.parts, task) if task < self.parts.rescalers.shape[0] else None
+
+    @property
+    def unified(self) -> PyTree:
+        """θ0 + τ_uni."""
+        return emr_unified_model(self.pretrained, self.parts)
+
+
+def emr_merging(pretrained: PyTree, task_vectors: PyTree, stacked: Callable[[str], bool] | None = None) -> EmrModels:
+    """EMR-Merging's per-task models of θ0 and the stacked τ (module docstring)."""
+    check_stacked(pretrained, task_vectors)
+    return EmrModels(pretrained, emr_parts(task_vectors, stacked))
