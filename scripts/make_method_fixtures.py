@@ -94,9 +94,9 @@ def _tall_masks(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]):
     authors' code) on flat vectors θ0, θ_t and τ_MTL = Σ_t τ_t, mask_t = |θ0 − θ_t| > λ |θ0 + τ_MTL − θ_t|.
 
     ``TallMaskTaskArithmeticAlgorithm.run`` hands its own ``generate_task_masks`` the task vector τ_t where that
-    function's docstring asks for θ_t (so it compares |θ0 − τ_t|, not |τ_t|); the function is called here as
-    documented. Returns the masks [K, D] (tensors sorted by name, ``state_dict_to_vector``'s order) and the
-    flat θ0 and τ [K, D]."""
+    function's docstring asks for θ_t (so it would compare |θ0 − τ_t|, not |τ_t|; in 0.2.33 it stops earlier, at
+    a Parameter/Tensor type check of θ0's ``keep_vars`` state dict); the function is called here as documented.
+    Returns the masks [K, D] (tensors sorted by name, ``state_dict_to_vector``'s order), the flat θ0 and τ [K, D]."""
     from fusion_bench.method.tall_mask.utils import generate_task_masks
     from fusion_bench.utils import state_dict_to_vector
 
@@ -379,16 +379,18 @@ class _CosinesInFloat64:
         torch.Tensor.float = self.original
 
 
-MODEL_STOCK_IGNORED = ("vision_model.embeddings.position_embedding.weight", "vision_model.post_layernorm.weight")
+MODEL_STOCK_IGNORED = ("embeddings.position_embedding.weight", "post_layernorm.weight")  # name endings
 
 
 @fixture("model_stock")
 def model_stock_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
     """Model Stock (Jang et al., ECCV 2024): ``ModelStock(ignore_keys=...).run`` with its cosines in float64
     (`_CosinesInFloat64`) on all K models ("merged/NAME"), on the first two (its K = 2 branch, "pair/NAME"),
-    with `MODEL_STOCK_IGNORED` ignored ("ignoring/NAME"), and as published, cosines in float32
-    ("float32_cosines/NAME")."""
+    with the tensors named by `MODEL_STOCK_IGNORED` ignored ("ignoring/NAME"), and as published, cosines in
+    float32 ("float32_cosines/NAME")."""
     from fusion_bench.method.model_stock.model_stock import ModelStock
+
+    ignored = [name for name in pretrained.state_dict() if name.endswith(MODEL_STOCK_IGNORED)]
 
     def run(models: list[torch.nn.Module], ignore_keys: list[str] | None = None) -> torch.nn.Module:
         return ModelStock(ignore_keys=ignore_keys).run(_pool(copy.deepcopy(pretrained), models))
@@ -396,7 +398,7 @@ def model_stock_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.
     published = run(finetuned)
     with _CosinesInFloat64():
         arrays = {**state_arrays(run(finetuned), "merged"), **state_arrays(run(finetuned[:2]), "pair"),
-                  **state_arrays(run(finetuned, list(MODEL_STOCK_IGNORED)), "ignoring")}
+                  **state_arrays(run(finetuned, ignored), "ignoring")}
     return {**arrays, **state_arrays(published, "float32_cosines")}
 
 

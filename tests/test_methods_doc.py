@@ -18,6 +18,10 @@ FIDELITY = {
     "dare": ("test_float64.py", "survivors rescaled exactly in float64; drop rate within sampling error", "am.dare("),
     "adamerging": ("test_core_optimize.py", "FusionBench's per-task accumulated step equals the official fused "
                    "step to ≤ 1e-12 in float64 over 20 steps", '"per_task"'),
+    "regmean": ("test_methods_regmean.py", "Gram matrices and merged weights ≤ 1e-10 against FusionBench 0.2.33 in "
+                "float64 on the same unlabeled images", 'method_spec("regmean"'),
+    "regmean_plusplus": ("test_methods_regmean.py", "Gram matrices and merged weights ≤ 1e-10 against FusionBench "
+                         "0.2.33 in float64 on the same unlabeled images", 'method_spec("regmean_plusplus"'),
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""

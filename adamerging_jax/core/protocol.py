@@ -24,6 +24,7 @@ from adamerging_jax.core.evaluate import PerTask, evaluate_models
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.objective import ApplyFn, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
+from adamerging_jax.core.regmean import GramFn
 from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, expand_groups, method_specs
 from adamerging_jax.core.trees import PyTree, jsonable
 
@@ -136,10 +137,12 @@ def build_models(
     state_dir: str | Path | None = None,
     mesh: Any = None,
     view: MatrixView | None = None,
+    gram_fn: GramFn | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Merged], dict[str, MethodRecord]]:
     """Build every method's model; the models and their records (accuracy still empty). `view` is the
-    binding's matrix view, for the methods that read leaves as weight matrices."""
+    binding's matrix view, for the methods that read leaves as weight matrices; `gram_fn` its Gram capture,
+    for RegMean (`core.regmean`)."""
     if settings.needs_data and adaptation is None:
         needing = [s.name for s in settings.methods if s.method.needs_data]
         raise ValueError(f"methods {needing} learn from unlabeled data, but no adaptation batches were given")
@@ -150,7 +153,8 @@ def build_models(
         started = time.perf_counter()
         context = None
         if spec.method.needs_data:
-            context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name))
+            context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name),
+                                   gram_fn)
         merged = spec.build(pretrained, task_vectors, context, view)
         seconds = time.perf_counter() - started
         models[spec.name] = merged
@@ -190,6 +194,7 @@ def run_methods(
     state_dir: str | Path | None = None,
     mesh: Any = None,
     view: MatrixView | None = None,
+    gram_fn: GramFn | None = None,
     eval_batch_size: int = 256,
     quiet: bool = True,
     log: Callable[[str], None] = print,
@@ -208,6 +213,7 @@ def run_methods(
       state_dir: resumable AdaMerging state, one folder per method.
       mesh: devices for AdaMerging (None: all).
       view: the binding's matrix view (`core.matrix_view`), for methods that work per weight matrix.
+      gram_fn: the binding's Gram capture (`core.regmean.GramFn`), for RegMean and RegMean++.
       eval_batch_size: evaluation batch size (shorter batches padded to it).
 
     Returns:
@@ -216,7 +222,7 @@ def run_methods(
     if len(test_sets) != len(task_names):
         raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
     models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
-                                   probe=probe, state_dir=state_dir, mesh=mesh, view=view, log=log)
+                                   probe=probe, state_dir=state_dir, mesh=mesh, view=view, gram_fn=gram_fn, log=log)
     return score_models(apply_fn, models, records, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
 
 

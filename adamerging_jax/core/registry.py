@@ -346,7 +346,8 @@ for _method in (
                 (tall_masks.TALL_MASK_LAMBDA,), per_task_models=True,
                 formula="θ_t = θ0 + m_t ⊙ τ_MTL,  m_t = [|τ_t| > λ |τ_MTL − τ_t|],  τ_MTL = Σ_k τ_k",
                 reference="FusionBench 0.2.33 fusion_bench/method/tall_mask/ (its generate_task_masks as documented; "
-                          "TallMaskTaskArithmeticAlgorithm.run passes it τ_t for θ_t, comparing |θ0 − τ_t|)"),
+                          "TallMaskTaskArithmeticAlgorithm.run passes it τ_t for θ_t, i.e. |θ0 − τ_t|, and stops "
+                          "at a Parameter/Tensor type check)"),
     MergeMethod("consensus", "Consensus merging", tall_masks.PAPER, _data_free(tall_masks.consensus_merging),
                 (Parameter("k", 2, "keep the entries that at least k tasks' TALL masks keep", minimum=0),
                  tall_masks.TALL_MASK_LAMBDA, Parameter("scale", 0.3, "α for the masked multi-task vector")),

@@ -229,7 +229,8 @@ def run_demo(
         test_sets=[(x, t.test_y) for x, t in zip(test_inputs, tasks)], task_names=names,
         adaptation=adaptation_batches(config, test_inputs),
         probe=[x[: merge.adamerging.batch_size] for x in test_inputs],
-        mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view, eval_batch_size=config.eval_batch, log=log)
+        mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view,
+        gram_fn=efficientnet.gram_fn(batch_stats), eval_batch_size=config.eval_batch, log=log)
     times.update({name: record.seconds["build"] for name, record in records.items()})
     times["evaluate"] = next(iter(records.values())).seconds["evaluate"]
     times["total"] = time.perf_counter() - start

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from adamerging_jax.core.matrix_view import Matrix, MatrixView
+from adamerging_jax.models.grams import GRAMS, GramDense, kernel_grams
 
 Params = dict[str, Any]
 
@@ -217,12 +218,12 @@ class _Attention(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         batch, length, width = h.shape
         head_dim = width // self.heads
-        q, k, v = (nn.Dense(width, name=n)(h).reshape(batch, length, self.heads, head_dim) for n in "qkv")
+        q, k, v = (GramDense(width, name=n)(h).reshape(batch, length, self.heads, head_dim) for n in "qkv")
         scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
         if self.causal:
             scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
         attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-        return nn.Dense(width, name="out")(attended.reshape(batch, length, width))
+        return GramDense(width, name="out")(attended.reshape(batch, length, width))
 
 
 class _Mlp(nn.Module):
@@ -233,8 +234,8 @@ class _Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        hidden = ACTIVATIONS[self.activation](nn.Dense(self.mlp_dim, name="fc1")(h))
-        return nn.Dense(h.shape[-1], name="fc2")(hidden)
+        hidden = ACTIVATIONS[self.activation](GramDense(self.mlp_dim, name="fc1")(h))
+        return GramDense(h.shape[-1], name="fc2")(hidden)
 
 
 class _Block(nn.Module):
@@ -254,8 +255,9 @@ class _Block(nn.Module):
 
 
 def _layers(num_layers: int, heads: int, mlp_dim: int, activation: str, eps: float, causal: bool) -> nn.Module:
-    """``num_layers`` blocks with parameters stacked on axis 0, applied by ``lax.scan`` (module name "layers")."""
-    scanned = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=num_layers)
+    """``num_layers`` blocks with parameters (and sown input Gram matrices) stacked on axis 0, applied by
+    ``lax.scan`` (module name "layers")."""
+    scanned = nn.scan(_Block, variable_axes={"params": 0, GRAMS: 0}, split_rngs={"params": True}, length=num_layers)
     return scanned(heads, mlp_dim, activation, eps, causal, name="layers")
 
 
@@ -349,8 +351,58 @@ def vision_forward(vision_params: Params, images: jax.Array, config: ClipConfig 
     """(last_hidden_state, pooled) of the image tower (HF ``CLIPVisionModel`` outputs), computed in the
     parameters' dtype (images are cast to it, so bf16 parameters give a bf16 forward)."""
     vision_config = config.vision if isinstance(config, ClipConfig) else config
-    images = jnp.asarray(images, dtype=vision_params["patch_embed"]["kernel"].dtype)
-    return VisionTower(vision_config).apply({"params": vision_params}, images)
+    return VisionTower(vision_config).apply({"params": vision_params}, _in_params_dtype(vision_params, images))
+
+
+def _in_params_dtype(vision_params: Params, images: jax.Array) -> jax.Array:
+    return jnp.asarray(images, dtype=vision_params["patch_embed"]["kernel"].dtype)
+
+
+_STEM = ("patch_embed", "class_embedding", "pos_embedding", "pre_ln")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionGrams:
+    """The image tower's input Gram matrices, for RegMean and RegMean++ (`core.regmean`): G = XᵀX / n of every
+    Dense in the blocks (q, k, v, out, fc1, fc2; rows: examples × tokens), keyed by its kernel's path in the
+    image-tower tree, e.g. ``"layers/attn/q/kernel"`` → ``[L, in, in]``.
+
+    Called (``gram_fn(vision_params, images)``), one forward of the tower gives them all: the Dense layers sow
+    them (`models.grams`) and the scan over the blocks stacks them. RegMean++ runs the tower in stages
+    (`core.regmean.LayerwiseGrams`): `stem` (patch and position embeddings, class token, pre-LayerNorm: the
+    leaves `stem_leaf` names), then `block` by block over the blocks stacked under `layers`.
+    """
+
+    config: VisionConfig
+    layers: str = "layers"
+
+    def __call__(self, vision_params: Params, images: jax.Array) -> dict[str, jax.Array]:
+        _, sown = VisionTower(self.config).apply({"params": vision_params}, _in_params_dtype(vision_params, images),
+                                                 mutable=[GRAMS])
+        return kernel_grams(sown[GRAMS])
+
+    def stem_leaf(self, path: str) -> bool:
+        return path.split("/")[0] in _STEM
+
+    def stem(self, vision_params: Params, images: jax.Array) -> jax.Array:
+        """The input of block 0, pre_ln([cls; patches] + pos) ``[B, 1 + N, W]``: the pre-LayerNorm's output
+        captured from the tower's forward (under ``jit`` the blocks after it are dead code and never run)."""
+        _, captured = VisionTower(self.config).apply(
+            {"params": vision_params}, _in_params_dtype(vision_params, images),
+            capture_intermediates=lambda module, _: module.name == "pre_ln", mutable=["intermediates"])
+        return captured["intermediates"]["pre_ln"]["__call__"][0]
+
+    def block(self, block_params: Params, hidden: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One block (its parameters without the layer axis): its output and its Gram matrices."""
+        c = self.config
+        (out, _), sown = _Block(c.heads, c.mlp_dim, c.activation, c.layer_norm_eps, causal=False).apply(
+            {"params": block_params}, hidden, None, mutable=[GRAMS])
+        return out, kernel_grams(sown[GRAMS])
+
+
+def vision_grams(variant: str | ClipConfig | VisionConfig) -> VisionGrams:
+    """The Gram capture of a variant's image tower (`VisionGrams`), e.g. ``AdaptContext(gram_fn=...)``."""
+    return VisionGrams(variant if isinstance(variant, VisionConfig) else get_config(variant).vision)
 
 
 def text_forward(text_params: Params, token_ids: jax.Array, config: ClipConfig) -> tuple[jax.Array, jax.Array]:

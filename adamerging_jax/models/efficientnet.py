@@ -29,7 +29,7 @@ No tensor is stacked for ``lax.scan`` (block shapes differ), so ``stacked(path)`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -38,6 +38,7 @@ import numpy as np
 
 from adamerging_jax.core.evaluate import pad_batch
 from adamerging_jax.core.matrix_view import Matrix, MatrixView
+from adamerging_jax.models.grams import GRAMS, kernel_grams, sow_input_gram
 
 PyTree = Any
 
@@ -156,7 +157,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int) -> jax.Array
 
 
 class Conv(nn.Module):
-    """Bias-free convolution holding one HWIO ``kernel`` (the layout of ``flax.linen.Conv``)."""
+    """Bias-free convolution holding one HWIO ``kernel`` (the layout of ``flax.linen.Conv``). A pointwise
+    (1×1, stride 1) one is a linear map per pixel and sows its input's Gram matrix (`models.grams`)."""
 
     features: int
     kernel: int
@@ -167,6 +169,8 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        if self.kernel == 1 and self.stride == 1 and self.groups == 1:
+            sow_input_gram(self, x)
         return conv(x, kernel, self.stride, self.groups)
 
 
@@ -278,6 +282,21 @@ def _matrix(path: str) -> Matrix | None:
 
 matrix_view = MatrixView(_matrix)
 """The matrix view of an EfficientNet-Lite backbone tree (`core.matrix_view`)."""
+
+
+def gram_fn(batch_stats: PyTree, config: EfficientNetConfig = LITE0
+            ) -> Callable[[PyTree, jax.Array], dict[str, jax.Array]]:
+    """The backbone's Gram capture for RegMean (`core.regmean.GramFn`): ``gram_fn(params, x)`` gives, in one
+    forward, G = XᵀX / n of the input of every pointwise convolution (each block's expand and project, the
+    head; rows: examples × pixels), keyed by its kernel's path, e.g. ``"block_01/expand/conv/kernel"`` → [in, in].
+    The blocks are not stacked, so there is no staged form for RegMean++."""
+
+    def grams(params: PyTree, x: jax.Array) -> dict[str, jax.Array]:
+        _check_input(x)
+        _, sown = EfficientNetLite(config).apply({"params": params, "batch_stats": batch_stats}, x, mutable=[GRAMS])
+        return kernel_grams(sown[GRAMS])
+
+    return grams
 
 
 def _check_input(x: jax.Array) -> None:

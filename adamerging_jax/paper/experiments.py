@@ -67,7 +67,8 @@ def evaluate_methods(
         merge, models.pretrained, task_vectors, apply_fn=apply_fn, test_sets=test_sets,
         task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
         mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
-        view=clip.matrix_view, eval_batch_size=batch_size, quiet=config.quiet, log=log)
+        view=clip.matrix_view, gram_fn=clip.vision_grams(models.config), eval_batch_size=batch_size,
+        quiet=config.quiet, log=log)
     seconds = {name: record.seconds["build"] for name, record in records.items()}
     seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]
     return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks),
