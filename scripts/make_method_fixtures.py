@@ -199,11 +199,11 @@ def _regmean_images(model: torch.nn.Module, count: int) -> list[torch.Tensor]:
 
 def _run_regmean(algorithm_class: type, pretrained: torch.nn.Module, finetuned: list[torch.nn.Module],
                  layout: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model):
-    """``algorithm_class(...).run`` on a model pool of these models (each as ``layout`` presents it) with the images of `_regmean_images` as
-    every task's training set. The zero-shot heads FusionBench builds first (``on_regmean_start``) only turn
-    the features into logits that RegMean discards, so they are replaced by a zero head; every Gram matrix the
-    algorithm computes (its ``get_regmean_weights``) is recorded. Returns (merged model, the recorded
-    ``(task name, {module: G})`` in call order, the images)."""
+    """``algorithm_class(...).run`` on a model pool of these models (each as ``layout`` presents it) with the
+    images of `_regmean_images` as every task's training set. The zero-shot heads FusionBench builds first
+    (``on_regmean_start``) only turn the features into logits that RegMean discards, so they are replaced by a
+    zero head; every Gram matrix the algorithm computes (its ``get_regmean_weights``) is recorded. Returns (merged
+    model, the recorded ``(task name, {module: G})`` in call order, the images)."""
     import lightning
     from fusion_bench import BaseModelPool
 
@@ -236,7 +236,8 @@ def _run_regmean(algorithm_class: type, pretrained: torch.nn.Module, finetuned: 
         return grams
 
     algorithm.get_regmean_weights = record
-    merged = algorithm.run(Pool({"_pretrained_": layout(pretrained), **{n: layout(m) for n, m in zip(names, finetuned)}}))
+    pool = Pool({"_pretrained_": layout(pretrained), **{name: layout(m) for name, m in zip(names, finetuned)}})
+    merged = algorithm.run(pool)
     return merged, recorded, images
 
 

@@ -4,6 +4,7 @@ EMR export of ``adamerging-jax merge`` rebuilt task by task from its folder."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,6 +84,16 @@ def test_emr_task_whose_mask_keeps_nothing_is_the_pretrained_model():
     models = emr.emr_merging(pretrained, tau)
     np.testing.assert_array_equal(models(1)["w"], pretrained["w"])
     np.testing.assert_allclose(models(0)["w"], pretrained["w"] + tau["w"][0], rtol=1e-6)
+
+
+def test_bfloat16_models_keep_their_dtype():
+    rng = np.random.default_rng(0)
+    pretrained = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)}
+    tau = {"w": jnp.asarray(0.1 * rng.normal(size=(2, 3, 4)), jnp.bfloat16)}
+    built = {name: method_spec(name).build(pretrained, tau) for name in ("tall_masks", "consensus", "emr")}
+    for name, merged in built.items():
+        assert merged.for_task(1)["w"].dtype == jnp.bfloat16, name
+    assert built["emr"].per_task.parts.masks["w"].dtype == jnp.bool_
 
 
 @pytest.mark.parametrize("method, values, parameter", [

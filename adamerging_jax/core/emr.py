@@ -68,18 +68,22 @@ def _tensor_means(tree: PyTree, layered: tuple[bool, ...]) -> jax.Array:
     return total
 
 
+def _elected_positive(tau: jax.Array) -> jax.Array:
+    """γ_uni > 0: Σ_k τ_k > 0 (a zero sum elects −1)."""
+    return jnp.sum(tau.astype(accumulation_dtype(tau.dtype)), axis=0) > 0
+
+
+def _unified(tau: jax.Array, masks: jax.Array, positive: jax.Array) -> jax.Array:
+    """τ_uni = γ_uni ⊙ max_k |m_k ⊙ τ_k|, in τ's dtype."""
+    largest = jnp.max(jnp.where(masks, jnp.abs(tau), 0), axis=0)
+    return jnp.where(positive, largest, -largest)
+
+
 @partial(jax.jit, static_argnames="layered")
 def _emr_parts(task_vectors: PyTree, layered: tuple[bool, ...]) -> EmrParts:
-    def elect(tau: jax.Array) -> tuple[jax.Array, jax.Array]:
-        positive = jnp.sum(tau.astype(accumulation_dtype(tau.dtype)), axis=0) > 0
-        masks = jnp.where(positive, tau > 0, tau < 0)
-        largest = jnp.max(jnp.where(masks, jnp.abs(tau), 0), axis=0)
-        return jnp.where(positive, largest, -largest), masks
-
-    elected = jax.tree_util.tree_map(elect, task_vectors)
-    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
-    unified = jax.tree_util.tree_map(lambda pair: pair[0], elected, is_leaf=is_pair)
-    masks = jax.tree_util.tree_map(lambda pair: pair[1], elected, is_leaf=is_pair)
+    positive = jax.tree_util.tree_map(_elected_positive, task_vectors)
+    masks = jax.tree_util.tree_map(lambda tau, p: jnp.where(p, tau > 0, tau < 0), task_vectors, positive)
+    unified = jax.tree_util.tree_map(_unified, task_vectors, masks, positive)
     masked = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0), unified, masks)
     kept = _tensor_means(masked, layered)
     rescalers = jnp.where(kept > 0, _tensor_means(task_vectors, layered) / jnp.where(kept > 0, kept, 1), 1)
