@@ -31,8 +31,9 @@ def as_float(tree):
     return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float64), tree)
 
 
-def task_slice(stacked, task):
-    return jax.tree_util.tree_map(lambda leaf: leaf[task], stacked)
+def task_mask_difference(stacked_masks, task, reference):
+    """max |ours − reference| of task t's mask (0 when they are the same)."""
+    return fixtures.max_difference(as_float(jax.tree_util.tree_map(lambda m: m[task], stacked_masks)), reference)
 
 
 def test_tall_masks_per_task_models_match_fusionbench(models):
@@ -44,7 +45,7 @@ def test_tall_masks_per_task_models_match_fusionbench(models):
     print(f"tall_masks: max |ours − FusionBench| per task {differences}")
     assert max(differences) <= BOUND
     for t in range(k):
-        assert fixtures.max_difference(as_float(task_slice(masks, t)), fixtures.merged("tall_masks", f"mask/task{t}")) == 0
+        assert task_mask_difference(masks, t, fixtures.merged("tall_masks", f"mask/task{t}")) == 0
     assert merged.for_task(k) is None
 
 
@@ -69,7 +70,7 @@ def test_emr_matches_fusionbench(models):
     assert max(differences) <= BOUND and rescalers <= BOUND
     assert fixtures.max_difference(parts.unified, fixtures.merged("emr", "unified")) <= BOUND
     for t in range(k):
-        assert fixtures.max_difference(as_float(task_slice(parts.masks, t)), fixtures.merged("emr", f"mask/task{t}")) == 0
+        assert task_mask_difference(parts.masks, t, fixtures.merged("emr", f"mask/task{t}")) == 0
     assert merged.for_task(k) is None
     # the rescalers' per-tensor means count each layer of a stacked leaf as a tensor, as the view declares
     stacked = emr.layers_from_view(fixtures.VIEW, pretrained)
