@@ -11,6 +11,7 @@ import pytest
 from method_fixtures import VIEW, max_difference, merged, models, read, tower
 
 import adamerging_jax as am
+from adamerging_jax.core import regmean as core_regmean
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.models import clip, efficientnet
 
@@ -25,7 +26,8 @@ BOUND = 1e-10
 def images(name: str) -> list[np.ndarray]:
     """Each task's unlabeled images as the reference saw them, NHWC."""
     arrays = read(name)
-    return [arrays[f"images/task{t}"].transpose(0, 2, 3, 1) for t in range(sum(k.startswith("images/") for k in arrays))]
+    count = sum(key.startswith("images/") for key in arrays)
+    return [arrays[f"images/task{t}"].transpose(0, 2, 3, 1) for t in range(count)]
 
 
 def reference_gram(arrays: dict[str, np.ndarray], task: int, layer: int, path: str) -> np.ndarray:
@@ -104,6 +106,22 @@ def test_regmean_plusplus_is_fusionbench_s(x64):
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, ours["post_ln"], pretrained["post_ln"]))
 
 
+def test_unlabeled_inputs_are_whole_batches_up_to_the_example_count():
+    """As FusionBench's loop: whole batches until a task has ≥ num_regmean_examples, the source read no further."""
+    calls = []
+
+    def source(step: int) -> list[np.ndarray]:
+        calls.append(step)
+        return [np.full((6, 2), 10 * task + step) for task in range(2)]
+
+    joined = core_regmean.unlabeled_inputs("regmean", source, 2, 16)
+    assert calls == [0, 1, 2]
+    assert [x.shape for x in joined] == [(18, 2), (18, 2)]
+    np.testing.assert_array_equal(joined[1][:, 0], np.repeat([10, 11, 12], 6))
+    with pytest.raises(ValueError, match="method 'regmean': step 0 gives batches for 1 tasks, K = 2"):
+        core_regmean.unlabeled_inputs("regmean", [[np.ones((1, 2))]], 2, 16)
+
+
 @pytest.mark.parametrize("method", ["regmean", "regmean_plusplus"])
 @pytest.mark.parametrize("parameter, value", [("reduce_non_diagonal_ratio", 1.5), ("reduce_non_diagonal_ratio", -0.1),
                                               ("reduce_non_diagonal_ratio", "high"), ("num_regmean_examples", 0),
@@ -130,10 +148,9 @@ def test_without_data_or_gram_capture_it_is_refused(method):
 
 def test_regmean_plusplus_needs_the_staged_capture():
     """A plain ``gram_fn`` (e.g. EfficientNet's, whose blocks are not stacked) serves RegMean, not RegMean++."""
-    spec = am.method_spec("regmean_plusplus")
+    plain = context([[np.ones((1, 2))] * 2], gram_fn=lambda params, x: {})
     with pytest.raises(ValueError, match="method 'regmean_plusplus' merges block by block"):
-        spec.build({"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2, 2))}, context([[np.ones((1, 2))] * 2], lambda p, x: {}),
-                   view=VIEW)
+        am.method_spec("regmean_plusplus").build({"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2, 2))}, plain, view=VIEW)
 
 
 def test_a_singular_gram_matrix_is_refused_not_merged_into_nan():
@@ -170,4 +187,5 @@ def test_efficientnet_gram_capture_covers_its_pointwise_convolutions():
         {"params": p, "batch_stats": batch_stats}, i, capture_intermediates=lambda m, _: m.name == "block_00",
         mutable=["intermediates"])[1]["intermediates"]["block_00"]["__call__"][0])
     pixels = block_0_output(params, x).reshape(-1, 8)
-    np.testing.assert_allclose(grams["block_01/expand/conv/kernel"], pixels.T @ pixels / len(pixels), rtol=1e-5, atol=1e-6)
+    expected = pixels.T @ pixels / len(pixels)
+    np.testing.assert_allclose(grams["block_01/expand/conv/kernel"], expected, rtol=1e-5, atol=1e-6)

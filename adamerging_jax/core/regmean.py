@@ -101,8 +101,8 @@ def _spec(view: MatrixView, path: str) -> Matrix:
 
 def task_statistics(pretrained: PyTree, task_vector: PyTree, grams: dict[str, jax.Array], view: MatrixView,
                     ratio: float | jax.Array) -> Statistics:
-    """Task k's terms (G̃_k, G̃_k W_kᵀ) of every leaf with a Gram matrix, W_k = θ0 + τ_k (`task_vector`: τ_k alone,
-    θ0's shapes), vmapped over the layers of a stacked leaf."""
+    """Task k's terms (G̃_k, G̃_k W_kᵀ) of every leaf with a Gram matrix, W_k = θ0 + τ_k (`task_vector`: τ_k
+    alone, θ0's shapes), vmapped over the layers of a stacked leaf."""
     pretrained_leaves, task_leaves = dict(named_leaves(pretrained)), dict(named_leaves(task_vector))
     statistics = {}
     for path, gram in grams.items():
@@ -233,16 +233,17 @@ def unlabeled_inputs(method: str, batches: Any, count: int, examples: int) -> li
     taken: list[list[Any]] = [[] for _ in range(count)]
     seen = [0] * count
     for step, per_task in enumerate(_steps(batches)):
-        if min(seen) >= examples:
-            break
         if len(per_task) != count:
             raise ValueError(f"method {method!r}: step {step} gives batches for {len(per_task)} tasks, K = {count}")
         for task, batch in enumerate(per_task):
             if seen[task] < examples:
-                if not _batch_size(batch):
+                size = _batch_size(batch)
+                if not size:
                     raise ValueError(f"method {method!r}: step {step} gives task {task} an empty batch")
                 taken[task].append(batch)
-                seen[task] += _batch_size(batch)
+                seen[task] += size
+        if min(seen) >= examples:
+            break
     if not min(seen):
         raise ValueError(f"method {method!r}: the batch source ended before giving every task an example")
     return [jax.tree_util.tree_map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *task_batches)
@@ -269,8 +270,8 @@ REGMEAN_PAPER = ("Jin, Ren, Preotiuc-Pietro and Cheng, Dataless Knowledge Fusion
 REGMEAN_PLUSPLUS_PAPER = ("Nguyen, Huu-Tien, Suzuki and Nguyen, RegMean++: Enhancing Effectiveness and Generalization "
                           "of Regression Mean for Model Merging, arXiv:2508.03121, 2025")
 PARAMETERS = (
-    Parameter("reduce_non_diagonal_ratio", 0.95, "α: the Gram matrices' off-diagonal entries scaled by α (FusionBench's "
-              "CLIP setting; 1: plain RegMean)", minimum=0.0, maximum=1.0),
+    Parameter("reduce_non_diagonal_ratio", 0.95, "α: the Gram matrices' off-diagonal entries scaled by α "
+              "(FusionBench's CLIP setting; 1: plain RegMean)", minimum=0.0, maximum=1.0),
     Parameter("num_regmean_examples", 256, "unlabeled examples per task for the Gram matrices (whole batches)",
               minimum=1),
 )
@@ -278,8 +279,9 @@ PARAMETERS = (
 
 def from_context(method: str, layerwise: bool, pretrained: PyTree, task_vectors: PyTree, context: Any, *,
                  view: MatrixView | None, reduce_non_diagonal_ratio: float, num_regmean_examples: int) -> PyTree:
-    """RegMean (`layerwise` False) or RegMean++ from a method's `AdaptContext`: the first
-    `num_regmean_examples` examples per task of ``context.batches`` and the binding's ``context.gram_fn``."""
+    """RegMean (`layerwise` False) or RegMean++ from a method's `AdaptContext`: the batches of
+    ``context.batches`` that make up `num_regmean_examples` examples per task and the binding's
+    ``context.gram_fn``; a non-finite solve (a singular summed Gram matrix) is refused."""
     check_capture(method, context.gram_fn, view, layerwise)
     inputs = unlabeled_inputs(method, context.batches, check_stacked(pretrained, task_vectors), num_regmean_examples)
     merge = regmean_plusplus if layerwise else regmean
