@@ -418,6 +418,92 @@ def slerp_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module
     return {**state_arrays(run(t=0.5), "merged"), **state_arrays(run(**SLERP_MIX), "mix"),
             **_signature_defaults(SlerpMergeAlgorithm)}
 
+ISO_CTS_OTHER_FRACTION = 0.5  # a second Iso-CTS run: other common / task-specific subspace sizes
+
+
+def _subtracted_task_vectors(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]
+                             ) -> list[dict[str, torch.Tensor]]:
+    """τ_k = θ_k − θ0 as FusionBench's TSV-M and Iso runs build them (``state_dict_sub``)."""
+    from fusion_bench.utils.state_dict_arithmetic import state_dict_sub
+
+    theta0 = pretrained.state_dict()
+    return [state_dict_sub(model.state_dict(), theta0) for model in finetuned]
+
+
+def _config_defaults(config: str, prefix: str = "default") -> dict[str, np.ndarray]:
+    """``{prefix/FIELD: value}`` for the numeric fields of FusionBench's ``fusion_bench_config/method/CONFIG``
+    (the defaults its command line runs a method with)."""
+    import importlib.resources
+
+    import yaml
+
+    fields = yaml.safe_load((importlib.resources.files("fusion_bench_config") / "method" / config).read_text())
+    return {f"{prefix}/{key}": np.asarray(value) for key, value in fields.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _scaled_onto(pretrained: torch.nn.Module, task_vector: dict[str, torch.Tensor], scale: float,
+                 prefix: str = "merged") -> dict[str, np.ndarray]:
+    """``{prefix/NAME: θ0 + scale · task_vector}`` as the runs apply a merged task vector (``state_dict_mul``,
+    ``state_dict_add``)."""
+    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul
+
+    merged = state_dict_add(pretrained.state_dict(), state_dict_mul(task_vector, scale))
+    return {f"{prefix}/{name}": value.detach().numpy().copy() for name, value in merged.items()}
+
+
+@fixture("tsv_m")
+def tsv_m_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """TSV-M (Gargiulo et al., CVPR 2025) as ``TaskSingularVectorMerging.run`` does it: FusionBench's
+    ``compute_and_sum_svd_mem_reduction`` on the task vectors (no excluded keys), times its config's alpha,
+    added to θ0 ("merged/NAME"); the per-task task vectors it returns with ``return_single_task_models``
+    ("task{t}/NAME"); the config's defaults ("default/alpha")."""
+    from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+
+    defaults = _config_defaults("task_singular_vector/TaskSingularVectorMerging.yaml")
+    merged, per_task = compute_and_sum_svd_mem_reduction(_subtracted_task_vectors(pretrained, finetuned),
+                                                         exclude_keys=[], accelerator="cpu",
+                                                         return_single_task_models=True)
+    arrays = _scaled_onto(pretrained, merged, float(defaults["default/alpha"]))
+    for t, task_vector in enumerate(per_task):
+        arrays.update({f"task{t}/{name}": value.numpy().copy() for name, value in task_vector.items()})
+    return {**arrays, **defaults}
+
+
+@fixture("iso_c")
+def iso_c_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Iso-C (Marczak et al., ICML 2025) as ``ISO_C_Merge.run`` does it: θ0 + scaling_factor · FusionBench's
+    ``iso_c`` of the task vectors, at its config's scaling factor ("merged/NAME", "default/scaling_factor")."""
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c
+
+    defaults = _config_defaults("isotropic_merging/iso_c.yaml")
+    merged = iso_c(_subtracted_task_vectors(pretrained, finetuned), accelerator="cpu")
+    return {**_scaled_onto(pretrained, merged, float(defaults["default/scaling_factor"])), **defaults}
+
+
+def _iso_cts(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module], fraction: float | None = None
+             ) -> dict[str, np.ndarray]:
+    """θ0 + scaling_factor · FusionBench's ``iso_cts`` of the task vectors, as ``ISO_CTS_Merge.run`` does it, at
+    the config's defaults or at another common-space fraction ("merged/NAME", "default/FIELD")."""
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_cts
+
+    defaults = _config_defaults("isotropic_merging/iso_cts.yaml")
+    chosen = float(defaults["default/common_space_fraction"]) if fraction is None else fraction
+    merged = iso_cts(_subtracted_task_vectors(pretrained, finetuned), common_space_fraction=chosen, accelerator="cpu")
+    return {**_scaled_onto(pretrained, merged, float(defaults["default/scaling_factor"])), **defaults}
+
+
+@fixture("iso_cts")
+def iso_cts_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Iso-CTS (Marczak et al., ICML 2025) at its config's defaults (`_iso_cts`)."""
+    return _iso_cts(pretrained, finetuned)
+
+
+@fixture("iso_cts_fraction")
+def iso_cts_fraction_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Iso-CTS at common_space_fraction = `ISO_CTS_OTHER_FRACTION` (`_iso_cts`): other subspace sizes."""
+    return _iso_cts(pretrained, finetuned, ISO_CTS_OTHER_FRACTION)
+
 # --- end of method fixtures ---
 
 
