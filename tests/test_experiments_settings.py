@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adamerging_jax.core import registry
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import cli, published
@@ -210,3 +211,12 @@ def test_task_vectors_data_location_serves_its_class_folder_tasks(tmp_path):
     with pytest.raises(ValueError, match="has 9 class folders, its head has 10 classes"):
         task_test_set("eurosat", DataConfig(task_vectors_dir=str(tmp_path)))
 
+
+
+def test_generalization_refuses_per_task_methods_named_through_a_group(tmp_path):
+    """A group (data_free) that holds per-task methods is expanded before the check, so they are named, not
+    silently left without a result on the unseen tasks."""
+    per_task = [n for n in registry.group_members("data_free") if registry.REGISTRY[n].per_task_models]
+    assert per_task, "the data_free group has per-task methods (TALL masks, EMR)"
+    with pytest.raises(SystemExit, match=rf"error: \['{per_task[0]}'.*have no model for the unseen tasks"):
+        cli.generalization(["--methods", "task_arithmetic,data_free", "--output", str(tmp_path)])

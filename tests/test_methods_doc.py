@@ -22,6 +22,8 @@ FIDELITY = {
                 "float64 on the same unlabeled images", 'method_spec("regmean"'),
     "regmean_plusplus": ("test_methods_regmean.py", "Gram matrices and merged weights ≤ 1e-10 against FusionBench "
                          "0.2.33 in float64 on the same unlabeled images", 'method_spec("regmean_plusplus"'),
+    **{name: ("test_methods_masks.py", "≤ 1e-10 in float64 against FusionBench 0.2.33 (per-task models too)",
+              f'method_spec("{name}")') for name in ("tall_masks", "consensus", "emr")},
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""
