@@ -38,24 +38,10 @@ class EmrParts(NamedTuple):
 
 
 def layers_from_view(view: MatrixView | None, tree: PyTree) -> Callable[[str], bool]:
-    """Which leaves of `tree` stack L layers on their leading axis, as the binding's view declares it: a matrix
-    by its `Matrix.layers`; any other leaf (a bias, a norm) by the matrices of its nearest enclosing module
-    that holds some, stacked when they all are (a scanned block's biases and norms sit beside its kernels).
-    Without a view no leaf is stacked."""
-    matrices = view.matrices(tree) if view is not None else {}
-
-    def stacked(path: str) -> bool:
-        if path in matrices:
-            return matrices[path].layers
-        parts = path.split("/")
-        for depth in range(len(parts) - 1, -1, -1):
-            prefix = "/".join(parts[:depth])
-            inside = [m.layers for p, m in matrices.items() if not prefix or p.startswith(prefix + "/")]
-            if inside:
-                return all(inside)
-        return False
-
-    return stacked
+    """Which leaves stack L layers on their leading axis, as the binding's view declares it (``view.stacked``);
+    without a view no leaf is stacked. (`tree` is unused: the declaration is by path.)"""
+    del tree
+    return view.stacked if view is not None else (lambda path: False)
 
 
 def _tensor_means(tree: PyTree, layered: tuple[bool, ...]) -> jax.Array:

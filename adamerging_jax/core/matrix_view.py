@@ -5,13 +5,14 @@ weight as the reference implementation sees it: a PyTorch ``nn.Linear`` weight `
 y = W x. A Flax ``Dense`` kernel is the transpose, ``[in, out]``, and a scanned stack of L layers adds a
 leading axis. The binding that knows the model declares the view; a method never guesses it from shapes.
 
-A `MatrixView` maps each leaf path (the ``"a/b/c"`` paths of `trees.leaf_paths`) to a `Matrix` — "this leaf
-is a matrix, optionally stacked over layers, stored transposed or not" — or to None ("not a matrix": biases,
+A `MatrixView` declares, per leaf path (the ``"a/b/c"`` paths of `trees.leaf_paths`), whether the leaf stacks
+L layers on its leading axis (``stacked``, for every leaf: per-tensor statistics count such a leaf as L
+tensors) and whether it is a matrix stored transposed or not (``layout``; None: "not a matrix" — biases,
 norms, embeddings of other rank, convolutions with a spatial extent). `to_matrices` / `from_matrices` move a
 stacked task-vector leaf ``[K, (L,) ...]`` to ``[L', K, out, in]`` and back, so a per-matrix method is a
 ``vmap`` over L'.
 
-    view = MatrixView.of(lambda path: Matrix(transpose=True, layers=clip.stacked(path)) if path.endswith("kernel") else None)
+    view = MatrixView(lambda path: Matrix(transpose=True) if path.endswith("kernel") else None, clip.stacked)
     mats = to_matrices(tau_leaf, view.matrix(path))   # [L, K, out, in]
 """
 
@@ -34,30 +35,43 @@ class Matrix:
     Attributes:
       transpose: the leaf stores ``[..., in, out]`` (Flax ``Dense``/1×1 conv kernels: every axis but the last
         is an input axis); False: ``[..., out, in]`` as stored (e.g. an embedding table read as PyTorch does).
-      layers: the leaf stacks L layers on its leading axis (after the task axis of a task-vector leaf).
+      layers: the leaf stacks L layers on its leading axis (after the task axis of a task-vector leaf);
+        `MatrixView.matrix` sets it from the view's ``stacked``.
     """
 
     transpose: bool = True
     layers: bool = False
 
 
+def _never(path: str) -> bool:
+    del path
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
-    """A leaf path → `Matrix` or None map, declared by a model binding."""
+    """Declared by a model binding: per leaf path, its layout as a matrix (or None) and whether it stacks layers.
 
-    matrix: Callable[[str], Matrix | None]
+    Attributes:
+      layout: path → `Matrix` (its ``transpose``; ``layers`` is taken from `stacked`) or None.
+      stacked: path → the leaf stacks L layers on its leading axis (the binding's own ``stacked``).
+    """
 
-    @staticmethod
-    def of(matrix: Callable[[str], Matrix | None]) -> MatrixView:
-        return MatrixView(matrix)
+    layout: Callable[[str], Matrix | None]
+    stacked: Callable[[str], bool] = _never
+
+    def matrix(self, path: str) -> Matrix | None:
+        """The leaf at `path` as matrices, or None when it is not a matrix."""
+        found = self.layout(path)
+        return None if found is None else dataclasses.replace(found, layers=self.stacked(path))
 
     @staticmethod
     def stored_2d(tree: PyTree, stacked: Callable[[str], bool] | None = None, transpose: bool = True) -> MatrixView:
         """Every leaf whose per-layer shape is 2-D is a matrix stored as Flax stores kernels (``transpose``);
         for a user's own pytree of Dense layers. `stacked` marks the leaves with a layer axis."""
-        is_stacked = stacked or (lambda path: False)
+        is_stacked = stacked or _never
         two_d = {path for path, leaf in named_leaves(tree) if jnp.ndim(leaf) - int(is_stacked(path)) == 2}
-        return MatrixView(lambda path: Matrix(transpose, is_stacked(path)) if path in two_d else None)
+        return MatrixView(lambda path: Matrix(transpose) if path in two_d else None, is_stacked)
 
     def matrices(self, tree: PyTree) -> dict[str, Matrix]:
         """``{path: Matrix}`` for the leaves of `tree` that this view calls matrices."""

@@ -190,13 +190,13 @@ def _matrix(path: str) -> Matrix | None:
     patch convolution (4-D in torch), class embedding, biases and LayerNorms are not matrices."""
     parts = path.split("/")
     if parts[-1] == "kernel" and "patch_embed" not in parts:
-        return Matrix(transpose=True, layers=stacked(path))
+        return Matrix(transpose=True)
     if parts[-1] in ("pos_embedding", "token_embedding"):
         return Matrix(transpose=False)
     return None
 
 
-matrix_view = MatrixView(_matrix)
+matrix_view = MatrixView(_matrix, stacked)
 """The matrix view of a CLIP tree or of its image tower (`core.matrix_view`)."""
 
 

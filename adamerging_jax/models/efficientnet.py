@@ -280,7 +280,7 @@ def _matrix(path: str) -> Matrix | None:
     return Matrix(transpose=True) if pointwise else None
 
 
-matrix_view = MatrixView(_matrix)
+matrix_view = MatrixView(_matrix, stacked)
 """The matrix view of an EfficientNet-Lite backbone tree (`core.matrix_view`)."""
 
 

@@ -228,11 +228,11 @@ def _matrix(path: str) -> Matrix | None:
     as stored [V, D]; RMSNorm gains and biases are not matrices."""
     last = path.split("/")[-1]
     if last == "kernel":
-        return Matrix(transpose=True, layers=stacked(path))
+        return Matrix(transpose=True)
     return Matrix(transpose=False) if path == "embed" else None
 
 
-matrix_view = MatrixView(_matrix)
+matrix_view = MatrixView(_matrix, stacked)
 """The matrix view of a Llama / Qwen2 tree (`core.matrix_view`)."""
 
 
