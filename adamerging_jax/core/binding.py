@@ -8,7 +8,8 @@ exchanged, and a caller that forgets one gets a silently different run:
 - ``stacked``: which leaves stack L layers on axis 0 (``lax.scan``), so that layer-wise λ is ``[K, L]``
   (one coefficient per task and per checkpoint tensor, Yang et al., ICLR 2024, Sec. 3.2.2) and not ``[K]``;
 - ``tensor_names``: (leaf path, layer or None) → checkpoint tensor name, with ``tensor_order`` the
-  checkpoint's own parameter order (FusionBench's columns), so λ can be written and read by name.
+  checkpoint's own parameter order (FusionBench's columns), so λ can be written and read by name; and, where
+  the official AdaMerging code publishes λ for the model, ``official_rows``: what each row of its files scales.
 
 A binding hands these to the core (`merge_settings`, `init_coefficients`) so no caller can drop ``stacked``.
 Model-agnostic: a CLIP image tower and a language model bind the same way.
@@ -17,13 +18,17 @@ Model-agnostic: a CLIP image tower and a language model bind the same way.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from adamerging_jax.core.coefficients import Coefficients, Granularity, init_coefficients
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.objective import ApplyFn
 from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.core.trees import PyTree
+
+if TYPE_CHECKING:
+    from adamerging_jax.coefficient_formats import OfficialRows
+    from adamerging_jax.core.regmean import GramFn
 
 Entry = tuple[str, Optional[int]]
 
@@ -39,6 +44,10 @@ class ModelBinding:
       tensor_order: the checkpoint's tensor names in its own parameter order.
       matrix_view: which leaves are weight matrices and how they are laid out (`core.matrix_view`), for the
         methods that work per matrix (TSV-M, Iso-C, WUDI, ...); None: the model declares none.
+      official_rows: the rows of the official code's layer-wise λ files for this model
+        (`coefficient_formats.OfficialRows`); None: it publishes none beyond rows in ``tensor_order``.
+      gram_fn: the input Gram matrix of every linear layer (`core.regmean.GramFn`), for RegMean; None: the
+        model offers no Gram capture.
     """
 
     apply_fn: ApplyFn
@@ -46,6 +55,8 @@ class ModelBinding:
     tensor_names: Mapping[Entry, str]
     tensor_order: tuple[str, ...]
     matrix_view: MatrixView | None = None
+    official_rows: OfficialRows | None = None
+    gram_fn: GramFn | None = None
 
     def merge_settings(self, settings: MergeSettings) -> MergeSettings:
         """``settings`` with this model's ``stacked`` declared on its AdaMerging config."""

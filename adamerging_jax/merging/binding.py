@@ -22,7 +22,12 @@ from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.merging.config import MergeConfig, TaskConfig
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import ClipTowers, lambda_tensor_names, load_clip_towers
+from adamerging_jax.models.clip_checkpoint import (
+    ClipTowers,
+    lambda_tensor_names,
+    load_clip_towers,
+    official_lambda_rows,
+)
 
 Params = dict[str, Any]
 
@@ -73,11 +78,12 @@ class TaskHeads:
 
 def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
     """The image tower with the pretrained projection and the frozen zero-shot heads, CLIP's stacked
-    layers and the HF ``CLIPVisionModel`` tensor names of its entries."""
+    layers, the HF ``CLIPVisionModel`` tensor names of its entries and the rows of the official λ files."""
     names = lambda_tensor_names(towers.config)
     apply_fn = SharedBackbone(
         features=clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"])),
         head=lambda features, task: zero_shot.zero_shot_logits(features, heads[task]),
     )
     return ModelBinding(apply_fn=apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
-                        matrix_view=clip.matrix_view)
+                        matrix_view=clip.matrix_view, official_rows=official_lambda_rows(towers.config),
+                        gram_fn=clip.vision_grams(towers.config))

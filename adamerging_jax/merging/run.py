@@ -12,8 +12,11 @@
 ``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
 without training (FusionBench's ``method.weights=``): our ``lambdas.json`` / ``lambdas.safetensors``,
 FusionBench's layer-wise ``[K, n]`` ``.pt`` / ``.npy`` (columns in the HF parameter order; read without
-running pickled code), or the official ``[n, 1 + K]`` layout (rows in the HF parameter order, or one
-task-wise row).
+running pickled code), or the official ``[n, 1 + K]`` layout: rows in the official repository's open_clip
+order (the binding's ``official_rows``: 158 rows for ViT-B/32), in the HF parameter order, or one task-wise
+row. Every given λ must be finite and, when the exported method has no clamp (the FusionBench preset), within
+±``lambda_bound``; errors name the tensor (or row) and the task. Before the model is written, every tensor of
+it is checked finite (`check_exported_finite`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -36,6 +39,7 @@ from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
+from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card
 from adamerging_jax.merging.emr_files import EMR_FILE, write_emr_file
 from adamerging_jax.merging.plan import Plan, fail, source_identity
@@ -57,19 +61,38 @@ def read_weights(path: str, plan: Plan) -> Coefficients:
     binding, k = plan.binding, len(plan.config.tasks)
     like = binding.init_coefficients(plan.pretrained, k, _granularity(spec))
     names, order = binding.tensor_names, binding.tensor_order
+    adamerging = plan.settings.adamerging
+    checks = dict(tasks=[task.name for task in plan.config.tasks],
+                  bound=adamerging.lambda_bound if adamerging.clamp is None else None)
     if path.endswith(".json"):
-        return formats.coefficients_from_named(formats.read_named_json(path), like, names)
+        return formats.coefficients_from_named(formats.read_named_json(path), like, names, **checks)
     if path.endswith(".safetensors"):
-        return formats.coefficients_from_named(formats.read_named_safetensors(path), like, names)
+        return formats.coefficients_from_named(formats.read_named_safetensors(path), like, names, **checks)
     if not path.endswith((".pt", ".pth", ".npy")):
         raise ValueError("expected .json, .safetensors (named λ), or .pt / .pth / .npy (FusionBench or official)")
     array = formats.read_fusionbench(path)
     if array.shape == (k, len(order)):
-        return formats.from_fusionbench(array, like, order, names)
-    if array.shape[1] == k + 1 and array.shape[0] in (1, len(order)):
-        return formats.from_official(array, like, None if array.shape[0] == 1 else order, names)
+        return formats.from_fusionbench(array, like, order, names, **checks)
+    rows = {1: None, len(order): order}
+    if binding.official_rows is not None:
+        rows[len(binding.official_rows.names)] = binding.official_rows
+    if array.shape[1] == k + 1 and array.shape[0] in rows:
+        return formats.from_official(array, like, rows[array.shape[0]], names, **checks)
     raise ValueError(f"shape {array.shape} is neither FusionBench's [K, n] = ({k}, {len(order)}) nor the official "
-                     f"[n, 1 + K] = ({len(order)}, {k + 1}) or task-wise (1, {k + 1}) for {k} tasks")
+                     f"[n, 1 + K] with n in {sorted(rows)} (task-wise, HF order"
+                     f"{', official open_clip order' if binding.official_rows is not None else ''}) for {k} tasks")
+
+
+def check_exported_finite(params: Any, tensor_names: Mapping[tuple[str, int | None], str]) -> None:
+    """Every tensor of the model about to be exported is finite: one line naming the first that is not (a
+    merge of finite inputs can still overflow, e.g. a large λ on a large τ), and nothing of it is written."""
+    for path, leaf in named_leaves(params):
+        finite = np.isfinite(np.asarray(leaf))
+        if not finite.all():
+            layer = None if (path, None) in tensor_names else int(np.argwhere(~finite)[0][0])
+            name = tensor_names.get((path, layer), path)
+            raise fail(f"the merged model's tensor {name!r} holds {int((~finite).sum())} NaN or inf values; the "
+                       "model is not exported")
 
 
 def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: Plan, mesh: Any) -> MethodSpec:
@@ -130,7 +153,7 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     try:
         models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
                                        adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
-                                       view=plan.binding.matrix_view, log=log)
+                                       view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn, log=log)
     except ValueError as error:
         raise fail(error) from None
     if plan.tests is not None:
@@ -189,6 +212,7 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     card = model_card(config, plan.exported_method(run), run["settings"], summary, table, run.get("weights"),
                       emr_lines(config) if emr else ())
     vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
+    check_exported_finite(vision, plan.binding.tensor_names)
     with atomic_directory(output / "model", (*EXPORT_FILES, EMR_FILE, *TOKENIZER_FILES)) as folder:
         save_hf_clip(folder, vision, towers.full, towers.config, kind=config.export, tokenizer_dir=towers.tokenizer_dir)
         if emr:
