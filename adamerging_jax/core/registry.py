@@ -32,14 +32,17 @@ import jax
 from adamerging_jax.core import methods as core_methods
 from adamerging_jax.core import regmean
 from adamerging_jax.core import emr, tall_masks
+from adamerging_jax.core import magmax, model_stock, slerp, wudi
+from adamerging_jax.core import isotropic, tsv
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource, adamerging
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import num_tasks
-from adamerging_jax.core.task_vector_transforms import (DENSITY, DROP_RATE, SCOPE, SEED, TOTAL_SIZE,
-                                                        TRANSFORM_PARAMETER, transform_task_vectors)
+from adamerging_jax.core.task_vector_transforms import (DENSITY, DROP_RATE, EPSILON, GAMMA, SCOPE, SEED, TOTAL_SIZE,
+                                                        TRANSFORM_PARAMETER, rescale_parameter, transform_task_vectors)
+from adamerging_jax.core.transforms import check_keep_band
 from adamerging_jax.core.trees import PyTree
 
 PerTaskParams = Callable[[int], "PyTree | None"]
@@ -278,6 +281,36 @@ def _data_free(function: Callable[..., PyTree]) -> Callable[..., Merged]:
     return lambda pretrained, task_vectors, **values: Merged(params=function(pretrained, task_vectors, **values))
 
 
+def _mergekit(name: str, function: Callable[..., PyTree]) -> Callable[..., Merged]:
+    """The build of a method of mergekit's generalized task arithmetic: its parameter ``lambda`` (a Python keyword)
+    is the function's ``lambda_``, and DELLA's keep probabilities density ± epsilon are checked naming the method."""
+
+    def build(pretrained: PyTree, task_vectors: PyTree, view: MatrixView | None = None, **values: Any) -> Merged:
+        values["lambda_"] = values.pop("lambda")
+        if "epsilon" in values:
+            check_keep_band(values["density"], values["epsilon"], f"method {name!r}")
+        return Merged(params=function(pretrained, task_vectors, view=view, **values))
+
+    return build
+
+
+def _mergekit_parameters(sparsifier: tuple[Parameter, ...], normalize: bool, rescale: bool) -> tuple[Parameter, ...]:
+    """mergekit's parameters (and defaults) of a generalized task arithmetic method; its per-model ``weight`` is one
+    ``scale`` for every task."""
+    return (Parameter("density", 1.0, "fraction of each tensor's entries kept (mergekit's default: all)",
+                      minimum=0.0, maximum=1.0),
+            *sparsifier,
+            Parameter("scale", 0.3, "mergekit's weight w, the same for every task"),
+            Parameter("lambda", 1.0, "factor λ on the merged task vector"),
+            Parameter("normalize", normalize, "divide by the sum of the weights (with sign consensus: of the agreeing tasks)"),
+            rescale_parameter(rescale))
+
+
+BREADCRUMBS_PAPER = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024"
+DELLA_PAPER = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024"
+MERGEKIT_REFERENCE = "mergekit 0.1.5 mergekit/sparsify.py ({}), mergekit/merge_methods/generalized_task_arithmetic.py"
+
+
 def _adamerging(pretrained: PyTree, tau: PyTree, context: AdaptContext, *, granularity: str,
                 task_vectors: str | Mapping[str, Any], density: float, total_size: int | None, scope: str,
                 view: MatrixView | None) -> Merged:
@@ -376,6 +409,61 @@ for _method in (
                 formula="RegMean block by block: G_k of block l from θ_k's block l on inputs through the averaged "
                         "stem and the merged blocks < l; leaves after the blocks stay θ0",
                 reference="FusionBench 0.2.33 fusion_bench/method/regmean_plusplus/"),
+    MergeMethod("wudi", "WUDI merging", wudi.PAPER, _data_free(wudi.wudi_merging), wudi.PARAMETERS, uses_view=True,
+                formula="θ = θ0 + argmin_X Σ_k ‖(X − τ_k) τ_kᵀ‖²_F / ‖τ_k‖²_F per matrix (Adam from Σ_k τ_k, or the "
+                        "exact minimiser); θ0 + (1/K) Σ_k τ_k for the other leaves",
+                reference="FusionBench 0.2.33 fusion_bench/method/wudi/wudi.py"),
+    MergeMethod("magmax", "MagMax", magmax.PAPER, _data_free(magmax.magmax), magmax.PARAMETERS,
+                formula="θ = θ0 + s · τ_{k*},  k* = argmax_k |τ_k| per entry (ties: the later task)",
+                reference="FusionBench 0.2.33 fusion_bench/method/magmax/magmax.py"),
+    MergeMethod("model_stock", "Model Stock", model_stock.PAPER, _data_free(model_stock.model_stock),
+                model_stock.PARAMETERS, uses_view=True,
+                formula="θ = θ0 + t · (1/K) Σ_k τ_k per tensor,  t = K cos φ̄ / ((K − 1) cos φ̄ + 1),  "
+                        "φ̄ = mean_{i<j} ∠(τ_i, τ_j)",
+                reference="FusionBench 0.2.33 fusion_bench/method/model_stock/model_stock.py"),
+    MergeMethod("slerp", "SLERP", slerp.PAPER, _data_free(slerp.slerp), slerp.PARAMETERS, uses_view=True, num_tasks=2,
+                formula="θ = sin((1 − t) Ω) / sin Ω · θ_1 + sin(t Ω) / sin Ω · θ_2 per tensor,  Ω = ∠(θ_1, θ_2) "
+                        "(lerp where |cos Ω| > dot_threshold)",
+                reference="FusionBench 0.2.33 fusion_bench/method/slerp/ (slerp.py, slerp_utils.py)"),
+    MergeMethod("breadcrumbs", "Model Breadcrumbs", BREADCRUMBS_PAPER, _mergekit("breadcrumbs", core_methods.breadcrumbs),
+                _mergekit_parameters((GAMMA,), normalize=False, rescale=False), fixed=(("consensus", False),),
+                uses_view=True,
+                formula="θ = θ0 + λ Σ_k w τ̃_k (÷ K w if normalize),  τ̃_k = τ_k ⊙ [b ≤ rank|τ_k| < b + ⌊ρ n⌋] per "
+                        "tensor of n entries,  b = max(0, n − ⌊ρ n⌋ − ⌊γ n⌋)",
+                reference=MERGEKIT_REFERENCE.format("magnitude_outliers")),
+    MergeMethod("breadcrumbs_ties", "Model Breadcrumbs with TIES", BREADCRUMBS_PAPER,
+                _mergekit("breadcrumbs_ties", core_methods.breadcrumbs),
+                _mergekit_parameters((GAMMA,), normalize=False, rescale=False), fixed=(("consensus", True),),
+                uses_view=True,
+                formula="θ = θ0 + λ Σ_k m_k w τ̃_k (÷ Σ_k w m_k if normalize),  m_k = [sgn τ̃_k = γ],  "
+                        "γ = +1 where Σ_j τ̃_j ≥ 0 else −1,  τ̃ as in breadcrumbs",
+                reference=MERGEKIT_REFERENCE.format("magnitude_outliers")),
+    MergeMethod("della", "DELLA", DELLA_PAPER, _mergekit("della", core_methods.della),
+                _mergekit_parameters((EPSILON, SEED), normalize=True, rescale=True), fixed=(("consensus", True),),
+                uses_view=True,
+                formula="θ = θ0 + λ Σ_k m_k w τ̃_k / Σ_k w m_k (m_k, γ as in breadcrumbs_ties),  τ̃_k = (τ_k ⊙ b_k) "
+                        "‖τ_k‖₁ / ‖τ_k ⊙ b_k‖₁ per tensor,  b ~ Bernoulli(ρ − ε + 2ε r / (m − 1)),  r: the rank of "
+                        "|τ| in its row of m",
+                reference=MERGEKIT_REFERENCE.format("della_magprune") + " (random masks: same law, not the same draw)"),
+    MergeMethod("della_linear", "Linear DELLA", DELLA_PAPER, _mergekit("della_linear", core_methods.della),
+                _mergekit_parameters((EPSILON, SEED), normalize=False, rescale=True), fixed=(("consensus", False),),
+                uses_view=True, formula="θ = θ0 + λ Σ_k w τ̃_k (÷ K w if normalize),  τ̃ as in della",
+                reference=MERGEKIT_REFERENCE.format("della_magprune") + " (random masks: same law, not the same draw)"),
+    MergeMethod("tsv_m", "TSV-M", tsv.PAPER,
+                lambda pretrained, task_vectors, view, **values: Merged(
+                    params=tsv.tsv_merging(pretrained, task_vectors, view, **values)),
+                (tsv.SCALE,), uses_view=True, formula=tsv.FORMULA, reference=tsv.REFERENCE, streaming="tensor"),
+    MergeMethod("iso_c", "Iso-C", isotropic.PAPER,
+                lambda pretrained, task_vectors, view, **values: Merged(
+                    params=isotropic.iso_c_merging(pretrained, task_vectors, view, **values)),
+                (isotropic.SCALE,), uses_view=True, formula=isotropic.ISO_C_FORMULA,
+                reference=isotropic.REFERENCE.format("iso_c"), streaming="tensor"),
+    MergeMethod("iso_cts", "Iso-CTS", isotropic.PAPER,
+                lambda pretrained, task_vectors, view, **values: Merged(
+                    params=isotropic.iso_cts_merging(pretrained, task_vectors, view, **values)),
+                (isotropic.SCALE, isotropic.COMMON_SPACE_FRACTION), uses_view=True,
+                formula=isotropic.ISO_CTS_FORMULA, reference=isotropic.REFERENCE.format("iso_cts"),
+                streaming="tensor"),
     adamerging_method("adamerging", "AdaMerging"),
     adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
     adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),
