@@ -24,6 +24,10 @@ FIDELITY = {
                          "0.2.33 in float64 on the same unlabeled images", 'method_spec("regmean_plusplus"'),
     **{name: ("test_methods_masks.py", "≤ 1e-10 in float64 against FusionBench 0.2.33 (per-task models too)",
               f'method_spec("{name}")') for name in ("tall_masks", "consensus", "emr")},
+    "wudi": ("test_methods_wudi_magmax_stock_slerp.py", "≤ 1e-10 in float64 against FusionBench 0.2.33 at the same "
+             "number of Adam steps; the exact solver zeroes the objective's gradient", 'build("wudi"'),
+    **{name: ("test_methods_wudi_magmax_stock_slerp.py", "≤ 1e-10 in float64 against FusionBench 0.2.33",
+              f'build("{name}"') for name in ("magmax", "model_stock", "slerp")},
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""
