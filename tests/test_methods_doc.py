@@ -28,6 +28,11 @@ FIDELITY = {
              "number of Adam steps; the exact solver zeroes the objective's gradient", 'build("wudi"'),
     **{name: ("test_methods_wudi_magmax_stock_slerp.py", "≤ 1e-10 in float64 against FusionBench 0.2.33",
               f'build("{name}"') for name in ("magmax", "model_stock", "slerp")},
+    **{name: ("test_methods_sparsify.py", "≤ 1e-10 in float64 against mergekit 0.1.5 (its merge_tensors; the "
+              "sparsified τ too)", "def test_breadcrumbs_match_mergekit") for name in ("breadcrumbs", "breadcrumbs_ties")},
+    **{name: ("test_methods_sparsify.py", "keep probabilities, L1 rescaling and the merge given mergekit's masks "
+              "≤ 1e-10 in float64 against mergekit 0.1.5; our draws keep each magnitude rank at its probability",
+              "methods.masked_task_vectors(") for name in ("della", "della_linear")},
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""

@@ -302,7 +302,8 @@ def _mergekit_parameters(sparsifier: tuple[Parameter, ...], normalize: bool, res
             *sparsifier,
             Parameter("scale", 0.3, "mergekit's weight w, the same for every task"),
             Parameter("lambda", 1.0, "factor λ on the merged task vector"),
-            Parameter("normalize", normalize, "divide by the sum of the weights (with sign consensus: of the agreeing tasks)"),
+            Parameter("normalize", normalize,
+                      "divide by the sum of the weights (with sign consensus: of the agreeing tasks)"),
             rescale_parameter(rescale))
 
 

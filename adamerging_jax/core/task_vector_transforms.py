@@ -6,6 +6,7 @@ AdaMerging learns θ = θ0 + Σ_k λ_k ⊙ τ'_k, where τ' = T(τ) is the stack
 - ``raw``: τ' = τ (AdaMerging, Yang et al., ICLR 2024);
 - ``ties``: TIES's trimmed, sign-agreeing τ̂ (AdaMerging++, same paper);
 - ``dare``: DARE's randomly dropped and rescaled τ (Yu et al., ICML 2024);
+- ``breadcrumbs``, ``della``: Model Breadcrumbs' and DELLA's per-tensor sparsified τ (mergekit's sparsifiers);
 - further transforms registered beside their methods (e.g. TSV's per-task orthogonalised low-rank parts).
 
 A transform is ``apply(task_vectors, view, **parameters) -> task_vectors'``; `view` is the binding's
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping
 from adamerging_jax.core import methods as core_methods
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.parameters import Parameter
+from adamerging_jax.core.transforms import check_keep_band
 from adamerging_jax.core.trees import PyTree
 
 
@@ -122,6 +124,20 @@ TOTAL_SIZE = Parameter("total_size", None, "count the top-k over this many entri
 SCOPE = Parameter("scope", "model", "trim over the whole model or per leaf", choices=("model", "leaf"))
 DROP_RATE = Parameter("p", 0.9, "drop probability", minimum=0.0, maximum=0.999)
 SEED = Parameter("seed", 0, "random seed of the drop mask")
+GAMMA = Parameter("gamma", 0.01, "fraction of each tensor's largest magnitudes dropped (Model Breadcrumbs)",
+                  minimum=0.0, maximum=1.0)
+EPSILON = Parameter("epsilon", 0.15, "half-width of DELLA's keep probabilities density ± epsilon over magnitude ranks",
+                    minimum=0.0, maximum=0.5)
+
+
+def rescale_parameter(default: bool) -> Parameter:
+    """mergekit's ``rescale``: match each tensor's L1 norm after sparsification."""
+    return Parameter("rescale", default, "rescale each sparsified tensor to its L1 norm before sparsification")
+
+
+def _della(tau: PyTree, view: MatrixView, density: float, epsilon: float, seed: int, rescale: bool) -> PyTree:
+    check_keep_band(density, epsilon, "task-vector transform 'della'")
+    return core_methods.della_task_vectors(tau, density, epsilon, seed, rescale, view)
 
 for _transform in (
     TaskVectorTransform("raw", "τ as it is", "Yang et al., AdaMerging, ICLR 2024", lambda tau: tau),
@@ -130,5 +146,13 @@ for _transform in (
                         (DENSITY, SCOPE, TOTAL_SIZE)),
     TaskVectorTransform("dare", "DARE's randomly dropped, rescaled τ", "Yu et al., Language Models are Super Mario, ICML 2024",
                         core_methods.dare, (DROP_RATE, SEED)),
+    TaskVectorTransform("breadcrumbs", "Model Breadcrumbs' τ without each tensor's largest and smallest magnitudes",
+                        "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024",
+                        lambda tau, view, density, gamma, rescale: core_methods.breadcrumbs_task_vectors(
+                            tau, density, gamma, rescale, view),
+                        (DENSITY, GAMMA, rescale_parameter(False)), uses_view=True),
+    TaskVectorTransform("della", "DELLA's τ, entries dropped with probabilities falling with their magnitude rank",
+                        "Deep et al., DELLA-Merging, 2024", _della, (DENSITY, EPSILON, SEED, rescale_parameter(True)),
+                        uses_view=True),
 ):
     register_transform(_transform)

@@ -3,7 +3,9 @@
 TIES-merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023) and
 DARE (Yu et al., "Language Models are Super Mario", ICML 2024) are short compositions of these, in the spirit
 of mergekit's generalized task arithmetic: a sparsification (`trim` by magnitude or `drop` at random), a sign
-consensus (`elect_sign`), a filter (`keep_agreeing`) and a reduction over tasks (`disjoint_reduce`).
+consensus (`elect_sign`), a filter (`keep_agreeing`) and a reduction over tasks (`disjoint_reduce`). Model
+Breadcrumbs and DELLA sparsify each tensor on its own as mergekit does: `trim_outliers` (drop the largest and the
+smallest magnitudes), `rank_keep_probabilities` → `sample_masks` → `apply_masks` (`drop_by_rank`), `match_l1_norm`.
 
 Each checks that its input is stacked with one K (`task_vectors.num_tasks`). Sums over tasks, magnitudes and
 thresholds run in `trees.accumulation_dtype` of τ: float32 for bf16 / fp16 / fp32 τ, float64 for float64 τ
@@ -19,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.matrix_view import Matrix, MatrixView, from_matrices, to_matrices
+from adamerging_jax.core.per_tensor import layered_leaves
 from adamerging_jax.core.task_vectors import num_tasks as stacked_num_tasks
-from adamerging_jax.core.trees import PyTree, accumulation_dtype
+from adamerging_jax.core.trees import PyTree, accumulation_dtype, leaf_paths
 
 
 def _widened(tau: jax.Array) -> jax.Array:
@@ -62,6 +66,7 @@ def trim(
     density: float,
     scope: Literal["model", "leaf"] = "model",
     total_size: int | None = None,
+    thresholds: jax.Array | None = None,
 ) -> PyTree:
     """Keep, per task, the entries of largest magnitude; zero the rest (TIES step 1, "trim").
 
@@ -70,25 +75,31 @@ def trim(
     mergekit). `total_size` overrides D for ``scope="model"``: the official AdaMerging++ script flattens a
     state dict that also holds 12.6M never-trained text-side entries (τ = 0), so its ``density=0.2`` keeps
     ⌊0.2 · D_all⌋ entries of the visual tower (≈ 26% of it); pass D_all to match that absolute count.
+
+    `thresholds` ([K], ``scope="model"``): the per-task magnitudes to keep at or above, already found over
+    the whole model (a merge streamed tensor by tensor finds them first, `merging.streaming`); the entries
+    of this tree are then trimmed against them instead of against their own top-k.
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     num_tasks = stacked_num_tasks(task_vectors)
     leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
-    if scope == "leaf":
+    if scope == "leaf" and thresholds is None:
         return jax.tree_util.tree_map(lambda tau: trim(tau, density, "model"), task_vectors)
     if scope != "model":
-        raise ValueError(f"scope must be 'model' or 'leaf', got {scope!r}")
-    size = sum(leaf[0].size for leaf in leaves)
-    reference = size if total_size is None else total_size
-    if reference < size:
-        raise ValueError(f"total_size {total_size} is smaller than the task vectors' {size} entries")
-    # The official code keeps |τ| ≥ the (D − keep)-th smallest magnitude, i.e. the (keep + 1)-th largest
-    # (keep + 1 entries barring ties); the `reference − size` zero entries it also counts are the smallest.
-    rank = int(reference * density) + 1
-    if rank > size:
-        return task_vectors
-    threshold = _kth_largest_magnitude(leaves, rank)
+        raise ValueError(f"scope must be 'model' or 'leaf' (given thresholds: 'model'), got {scope!r}")
+    if thresholds is None:
+        size = sum(leaf[0].size for leaf in leaves)
+        reference = size if total_size is None else total_size
+        if reference < size:
+            raise ValueError(f"total_size {total_size} is smaller than the task vectors' {size} entries")
+        # The official code keeps |τ| ≥ the (D − keep)-th smallest magnitude, i.e. the (keep + 1)-th largest
+        # (keep + 1 entries barring ties); the `reference − size` zero entries it also counts are the smallest.
+        rank = int(reference * density) + 1
+        if rank > size:
+            return task_vectors
+        thresholds = _kth_largest_magnitude(leaves, rank)
+    threshold = thresholds.astype(accumulation_dtype(*(leaf.dtype for leaf in leaves)))
     dtype = threshold.dtype
     trimmed = [
         jnp.where(
@@ -123,11 +134,14 @@ def _drop(task_vectors: PyTree, p: float, key: jax.Array, rescale: bool) -> PyTr
 
 
 @partial(jax.jit, static_argnames="method")
-def elect_sign(task_vectors: PyTree, method: Literal["sum", "count"] = "sum") -> PyTree:
+def elect_sign(task_vectors: PyTree, method: Literal["sum", "count"] = "sum", majority: jax.Array | None = None
+               ) -> PyTree:
     """TIES step 2: the elected sign per entry, a tree of `leaf.shape[1:]` arrays in {−1, 0, +1}.
 
     ``"sum"`` (TIES): γ = sgn(Σ_k τ_k); ``"count"`` (mergekit): γ = sgn(Σ_k sgn τ_k). Entries where γ = 0 take
-    the majority sign sgn(Σ_entries γ) computed over the whole model, as the official code does.
+    the majority sign sgn(Σ_entries γ) computed over the whole model, as the official code does; `majority`
+    gives it when this tree is part of a model (a merge streamed tensor by tensor counts it first; 0 leaves
+    γ = 0 as it is).
     """
     stacked_num_tasks(task_vectors)
     if method == "sum":
@@ -137,7 +151,8 @@ def elect_sign(task_vectors: PyTree, method: Literal["sum", "count"] = "sum") ->
         signs = jax.tree_util.tree_map(jnp.sign, signs)
     else:
         raise ValueError(f"method must be 'sum' or 'count', got {method!r}")
-    majority = jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs)))
+    if majority is None:
+        majority = jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs)))
     return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
 
 
@@ -167,3 +182,182 @@ def disjoint_reduce(task_vectors: PyTree, reduce: Literal["mean", "sum"] = "mean
 
         return jax.tree_util.tree_map(mean, task_vectors)
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+# --- per-tensor sparsifiers of mergekit's generalized task arithmetic: Model Breadcrumbs, DELLA ----------------
+#
+# mergekit sparsifies each tensor of each task on its own. A leaf stacking L layers (as the view declares it:
+# `per_tensor.layered_leaves`) is L tensors; without a view a leaf is one.
+
+L1_GUARD = 1e-7
+"""mergekit's ``rescaled_masked_tensor`` leaves a tensor unscaled when either L1 norm is below this."""
+
+
+def _tensor_layouts(task_vectors: PyTree, view: MatrixView | None) -> tuple[tuple[Matrix | None, bool], ...]:
+    """Per leaf: its `Matrix` in the view (None: not a matrix, or no view) and whether it stacks layers."""
+    matrices = [view.matrix(path) if view is not None else None for path in leaf_paths(task_vectors)]
+    return tuple(zip(matrices, layered_leaves(view, task_vectors)))
+
+
+def _per_tensor(tau: jax.Array, stacked: bool) -> jax.Array:
+    """A stacked leaf ``[K, (L,) ...]`` as ``[K, L', n]``: one row of n entries per task and tensor."""
+    return tau.reshape(tau.shape[0], tau.shape[1] if stacked else 1, -1)
+
+
+def _magnitude_ranks(x: jax.Array) -> jax.Array:
+    """The rank of each |x| along the last axis: 0 for the smallest, n − 1 for the largest; equal magnitudes are
+    ranked in the order of their positions."""
+    return jnp.argsort(jnp.argsort(jnp.abs(x), axis=-1, stable=True), axis=-1)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def trim_outliers(task_vectors: PyTree, density: float, gamma: float, view: MatrixView | None = None) -> PyTree:
+    """Model Breadcrumbs' sparsification (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
+    Merging with Sparse Masks", ECCV 2024) as mergekit's ``magnitude_outliers``: per task and tensor of n entries
+    ranked by |τ| ascending (ranks 0 … n − 1), keep the ranks in [b, b + keep) and zero the rest, with
+
+        keep = ⌊ρ n⌋,  top = ⌊γ n⌋,  b = max(0, n − keep − top)
+
+    i.e. drop the ⌊γ n⌋ largest magnitudes (fewer when ρ + γ > 1, so that ⌊ρ n⌋ entries stay) and keep the next
+    ⌊ρ n⌋. ρ ≥ 1 keeps every tensor whole. Ranks in `accumulation_dtype` (mergekit sorts float32 magnitudes on
+    CPU; only equal magnitudes, ranked here by position, can differ).
+    """
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma)
+    stacked_num_tasks(task_vectors)
+    return _trim_outliers(task_vectors, float(density), float(gamma), _tensor_layouts(task_vectors, view))
+
+
+@partial(jax.jit, static_argnames=("density", "gamma", "layouts"))
+def _trim_outliers(task_vectors: PyTree, density: float, gamma: float, layouts: tuple) -> PyTree:
+    if density >= 1.0:
+        return task_vectors
+
+    def trim_tensors(tau: jax.Array, stacked: bool) -> jax.Array:
+        tensors = _per_tensor(tau, stacked)
+        n = tensors.shape[-1]
+        keep = int(density * n)
+        bottom = max(0, n - keep - int(gamma * n))
+        ranks = _magnitude_ranks(_widened(tensors))
+        kept = (ranks >= bottom) & (ranks < bottom + keep)
+        return jnp.where(kept, tensors, 0).reshape(tau.shape).astype(tau.dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
+    trimmed = [trim_tensors(tau, stacked) for tau, (_, stacked) in zip(leaves, layouts)]
+    return jax.tree_util.tree_unflatten(treedef, trimmed)
+
+
+def check_keep_band(density: float, epsilon: float, owner: str = "della") -> None:
+    """DELLA's keep probabilities ρ ± ε must lie in (0, 1) when 0 < ρ < 1 (mergekit's condition); ε ≥ 0."""
+    _check_fraction("density", density)
+    if epsilon < 0 or (0.0 < density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0)):
+        raise ValueError(f"{owner}: parameter 'epsilon' = {epsilon} with density {density}: the keep probabilities "
+                         "density ± epsilon must lie in (0, 1), and epsilon ≥ 0")
+
+
+def _rank_fractions(rows: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """r / (m − 1) for the ascending magnitude rank r of each entry among the m entries of its row (last axis);
+    1/2, the middle, for a row of one entry (mergekit's 0/0 fails there)."""
+    m = rows.shape[-1]
+    if m == 1:
+        return jnp.full(rows.shape, 0.5, dtype)
+    return _magnitude_ranks(rows).astype(dtype) / (m - 1)
+
+
+def _row_rank_fractions(tau: jax.Array, matrix: Matrix | None, stacked: bool, dtype: jnp.dtype) -> jax.Array:
+    """`_rank_fractions` along the rows PyTorch's tensor has on its axis 1 (mergekit ranks along ``dim=1``).
+
+    A matrix of the view: each row of its ``[out, in]`` weight. Any other leaf with ≥ 2 axes per layer is read as
+    Flax stores kernels, ``[*window, in, out]`` (torch ``[out, in, *window]``): along ``in``. A leaf of one axis
+    per layer: the whole tensor (mergekit ranks a 1-D tensor as one row).
+    """
+    if matrix is not None:
+        return from_matrices(_rank_fractions(to_matrices(tau, matrix), dtype), matrix, tau.shape)
+    axes = tau.ndim - 1 - stacked
+    if axes >= 2:
+        return jnp.moveaxis(_rank_fractions(jnp.moveaxis(tau, -2, -1), dtype), -1, -2)
+    return _rank_fractions(tau if axes == 1 else tau[..., None], dtype).reshape(tau.shape)
+
+
+def rank_keep_probabilities(task_vectors: PyTree, density: float, epsilon: float,
+                            view: MatrixView | None = None) -> PyTree:
+    """DELLA's MAGPRUNE probabilities (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling", 2024) as mergekit's ``della_magprune`` sets them: entry i of a row of m entries,
+    of ascending magnitude rank r_i ∈ {0, …, m − 1}, is kept with probability
+
+        q_i = (ρ − ε) + (r_i / (m − 1)) · 2 · ε,   i.e. dropped with p_i = 1 − q_i ∈ [1 − ρ − ε, 1 − ρ + ε],
+
+    larger magnitudes kept more often; rows as `_row_rank_fractions` reads them. ρ ≥ 1 keeps all (q = 1), ρ = 0
+    none (q = 0). A tree like τ, in its `accumulation_dtype`.
+    """
+    check_keep_band(density, epsilon, "rank_keep_probabilities")
+    stacked_num_tasks(task_vectors)
+    return _rank_keep_probabilities(task_vectors, float(density), float(epsilon), _tensor_layouts(task_vectors, view))
+
+
+@partial(jax.jit, static_argnames=("density", "epsilon", "layouts"))
+def _rank_keep_probabilities(task_vectors: PyTree, density: float, epsilon: float, layouts: tuple) -> PyTree:
+    def probabilities(tau: jax.Array, layout: tuple[Matrix | None, bool]) -> jax.Array:
+        dtype = accumulation_dtype(tau.dtype)
+        if density >= 1.0 or density <= 0.0:
+            return jnp.full(tau.shape, float(density >= 1.0), dtype)
+        return (density - epsilon) + _row_rank_fractions(tau, *layout, dtype) * 2 * epsilon
+
+    leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
+    return jax.tree_util.tree_unflatten(treedef, [probabilities(tau, layout) for tau, layout in zip(leaves, layouts)])
+
+
+def sample_masks(probabilities: PyTree, seed: int | jax.Array) -> PyTree:
+    """Bernoulli keep masks m ~ B(q) per entry (bool, q's shapes); `seed` is an int or a `jax.random.key`, leaf i
+    draws from ``fold_in(key, i)``."""
+    return _sample_masks(probabilities, jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed)
+
+
+@jax.jit
+def _sample_masks(probabilities: PyTree, key: jax.Array) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(probabilities)
+    masks = [jax.random.bernoulli(jax.random.fold_in(key, i), q) for i, q in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+@jax.jit
+def apply_masks(task_vectors: PyTree, masks: PyTree) -> PyTree:
+    """τ ⊙ m: the entries of τ where the mask is true, zero elsewhere (τ's dtypes)."""
+    return jax.tree_util.tree_map(lambda tau, mask: jnp.where(mask, tau, 0).astype(tau.dtype), task_vectors, masks)
+
+
+def drop_by_rank(task_vectors: PyTree, density: float, epsilon: float, seed: int | jax.Array,
+                 view: MatrixView | None = None) -> PyTree:
+    """DELLA's MAGPRUNE without rescaling: τ ⊙ m, m ~ B(q) with q from `rank_keep_probabilities`."""
+    return apply_masks(task_vectors, sample_masks(rank_keep_probabilities(task_vectors, density, epsilon, view), seed))
+
+
+def match_l1_norm(task_vectors: PyTree, sparse: PyTree, view: MatrixView | None = None) -> PyTree:
+    """Rescale sparsified task vectors to the L1 norm they had, per task and tensor (mergekit's
+    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``, which Breadcrumbs and DELLA use when ``rescale``):
+
+        τ̃ ← τ̃ · ‖τ‖₁ / ‖τ̃‖₁,  left as it is where ‖τ‖₁ or ‖τ̃‖₁ < 1e-7.
+
+    (The DELLA paper rescales each survivor by 1 / (1 − p_i); mergekit matches each tensor's L1 norm.)
+    """
+    stacked_num_tasks(task_vectors)
+    return _match_l1_norm(task_vectors, sparse, _tensor_layouts(task_vectors, view))
+
+
+@partial(jax.jit, static_argnames="layouts")
+def _match_l1_norm(task_vectors: PyTree, sparse: PyTree, layouts: tuple) -> PyTree:
+    def rescale(tau: jax.Array, kept: jax.Array, stacked: bool) -> jax.Array:
+        before = jnp.sum(jnp.abs(_widened(_per_tensor(tau, stacked))), axis=-1, keepdims=True)
+        after = jnp.sum(jnp.abs(_widened(_per_tensor(kept, stacked))), axis=-1, keepdims=True)
+        unscaled = (before < L1_GUARD) | (after < L1_GUARD)
+        ratio = jnp.where(unscaled, 1, before / jnp.where(unscaled, 1, after))
+        return (_widened(_per_tensor(kept, stacked)) * ratio).reshape(tau.shape).astype(kept.dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
+    kept_leaves = treedef.flatten_up_to(sparse)
+    return jax.tree_util.tree_unflatten(
+        treedef, [rescale(tau, kept, stacked) for tau, kept, (_, stacked) in zip(leaves, kept_leaves, layouts)])
