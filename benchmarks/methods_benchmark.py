@@ -6,7 +6,9 @@ Speed (the default mode). For every registered method that needs no data (`Merge
 the reference rows ``pretrained`` and ``individual`` left out), at every size (a random CLIP image tower,
 float32, K task vectors):
 
-- ours: ``spec.build(θ0, τ, view=clip.matrix_view)`` with the method's default parameters, jitted as a whole;
+- ours: ``spec.build(θ0, τ, view=clip.matrix_view)`` with the method's default parameters (``--params``
+  changes some where the reference fixture departs from them in a way that changes the work: by default
+  WUDI's 20 Adam steps, the fixture's, instead of 300), jitted as a whole;
   the compile time (``lower().compile()``) is reported apart from the steady-state run (median of
   ``--repeats`` runs, each ended by ``block_until_ready``). A method that cannot be traced as a whole is run
   eagerly: its compile time is then the first call minus the median run.
@@ -61,6 +63,7 @@ PEER_PYTHON_ENV = "ADAMERGING_JAX_PEER_PYTHON"
 PEER_LINE = '{"peer"'
 MEASURE_LINE = '{"measured"'
 FLOAT32 = 4
+FIXTURE_PARAMS = "wudi.iterations=20"  # scripts/make_method_fixtures.py's WUDI_ITERATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a method once its runs took "
                    "this long (at least one run; default 60)")
     p.add_argument("--quick", action="store_true", help="tiny size, 2 repeats")
+    p.add_argument("--params", default=FIXTURE_PARAMS, help="METHOD.PARAM=VALUE,... for our side, where the "
+                   f"reference fixture departs from the defaults in a way that changes the work (default "
+                   f"{FIXTURE_PARAMS!r}: the fixture's Adam steps)")
     p.add_argument("--peer-python", default=None, help=f"python of an environment with torch, transformers and "
                    f"fusion-bench (default ${PEER_PYTHON_ENV}; without one the FusionBench column is empty)")
     p.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds for the peer's whole run per size")
@@ -107,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-size", default="L/14", help="size of the abstract figures (default L/14)")
     p.add_argument("--memory-tasks", default="8,20", help="K of the abstract figures (default 8,20)")
     p.add_argument("--memory-measure", default="L/14-2l:8", help="SIZE:K of the measured runs ('' for none)")
-    p.add_argument("--memory-params", default="", help="METHOD.PARAM=VALUE,... for the measured runs only")
+    p.add_argument("--memory-params", default="wudi.iterations=1", help="METHOD.PARAM=VALUE,... for the measured "
+                   "runs only (default: one WUDI step; its steps run in a scan, which reuses its buffers)")
     p.add_argument("--out", type=Path, default=None, help="JSON result (written atomically; default "
                    "benchmarks/results/methods_cpu.json, or methods_memory.json with --memory-report)")
     args = p.parse_args(argv)
@@ -246,13 +253,13 @@ def our_inputs(arrays: dict[str, np.ndarray], k: int) -> tuple[Any, Any]:
     return pretrained, am.task_vectors(pretrained, [tower(f"task{t}") for t in range(k)])
 
 
-def time_ours(name: str, pretrained: Any, task_vectors: Any, k: int, repeats: int, max_seconds: float
-              ) -> dict[str, Any]:
+def time_ours(name: str, pretrained: Any, task_vectors: Any, k: int, params: dict[str, Any], repeats: int,
+              max_seconds: float) -> dict[str, Any]:
     """Compile time and steady-state run times of the method jitted as a whole (or eagerly, see the module
     docstring)."""
     import jax
 
-    outputs = merged_outputs(name, k)
+    outputs = merged_outputs(name, k, params)
     start = time.perf_counter()
     try:
         compiled = jax.jit(outputs).lower(pretrained, task_vectors).compile()
@@ -322,17 +329,16 @@ def time_reference(make: Callable[..., Any], tiny: tuple[Any, list], models: tup
 
     record: dict[str, Any] = {}
     try:
-        with torch.no_grad(), default_dtype(torch.float64):
+        with default_dtype(torch.float64):  # no torch.no_grad(): some references use autograd (WUDI's Adam)
             start = time.perf_counter()
             make(*copy.deepcopy(tiny))  # imports, first call
             record["warmup_tiny_s"] = round(time.perf_counter() - start, 6)
         try:
-            with torch.no_grad():
-                return dict(record, status="measured", dtype="float32", **time_fields(runs(*models)))
+            return dict(record, status="measured", dtype="float32", **time_fields(runs(*models)))
         except Exception as error:
             record["float32_error"] = one_line(error)
         pretrained, finetuned = models
-        with torch.no_grad(), default_dtype(torch.float64):
+        with default_dtype(torch.float64):
             times = runs(copy.deepcopy(pretrained).double(), [copy.deepcopy(m).double() for m in finetuned])
         return dict(record, status="measured", dtype="float64", **time_fields(times))
     except Exception as error:  # one failing reference is a row, not the end of the run
@@ -394,6 +400,7 @@ def run_speed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from step_benchmark import machine
 
     names = data_free_methods(args.methods.split(",") if args.methods else None)
+    params = method_params(args.params)
     methods = [(name, tasks_of(name, args.tasks)) for name in names]
     if args.peer_python is None:
         print(f"[methods_benchmark] no peer python (--peer-python or ${PEER_PYTHON_ENV}): the FusionBench "
@@ -413,12 +420,14 @@ def run_speed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         for name, k in methods:
             pretrained, task_vectors = our_inputs(arrays, k)
             try:
-                ours = time_ours(name, pretrained, task_vectors, k, args.repeats, args.max_seconds)
+                ours = time_ours(name, pretrained, task_vectors, k, params.get(name, {}), args.repeats,
+                                 args.max_seconds)
             except Exception as error:  # one failing method is a row, not the end of the run
                 ours = dict(error=one_line(error))
             reference = peer.get(name)
             both = "run_s" in ours and reference is not None and reference["status"] == "measured"
-            row = dict(method=name, label=get_method(name).label, size=size_name, k=k, ours=ours,
+            row = dict(method=name, label=get_method(name).label, size=size_name, k=k,
+                       params=params.get(name, {}), ours=ours,
                        fusion_bench=reference, peer_status=reference["status"] if reference else "no peer",
                        ratio=round(ours["run_s"] / reference["run_s"], 4) if both else None)
             rows.append(row)
@@ -453,6 +462,8 @@ def speed_table(report: dict[str, Any]) -> str:
                     if "error" in row["ours"]}
                    | {f"{row['method']} (FusionBench): {row['fusion_bench'].get('error', row['peer_status'])}"
                       for row in report["rows"] if row["peer_status"] not in ("measured", "no peer", "no fixture")})
+    notes += sorted({f"{row['method']}: ours with{_params_note(row['params'])}, as the reference fixture"
+                     for row in report["rows"] if row.get("params")})
     notes += sorted({f"{row['method']} (FusionBench): timed in float64, its fixture fails in float32: "
                      f"{row['fusion_bench']['float32_error']}" for row in report["rows"]
                      if (row["fusion_bench"] or {}).get("dtype") == "float64"})
@@ -525,7 +536,7 @@ def measure_one(argv: list[str]) -> None:
                       "run_peak_visible": peak > max(peak_before_run, peak_after_compile)}), flush=True)
 
 
-def memory_params(spec: str) -> dict[str, dict[str, Any]]:
+def method_params(spec: str) -> dict[str, dict[str, Any]]:
     """``METHOD.PARAM=VALUE,...`` → {method: {param: value}} (values read as JSON, else kept as text)."""
     chosen: dict[str, dict[str, Any]] = {}
     for item in filter(None, spec.split(",")):
@@ -568,7 +579,7 @@ def run_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             rows.append(row)
             print(f"[methods_benchmark] {name} K={k}: {abstract['peak_bytes'] / 2**30:.2f} GiB "
                   f"(compile {abstract['compile_s']:.1f} s)", file=sys.stderr)
-    overrides = memory_params(args.memory_params)
+    overrides = method_params(args.memory_params)
     if args.memory_measure:
         measure_size, _, measure_k = args.memory_measure.partition(":")
         for name in methods:
