@@ -178,3 +178,13 @@ def test_wudi_matrix_a_task_left_unchanged_stays_finite(x64):
         # a zero τ_k adds nothing to the objective: the same as merging the other tasks alone
         assert float(jnp.max(jnp.abs(merged - core_wudi.merged_matrix(kept, solver, 50, 1e-3)))) <= 1e-12, solver
     assert not bool(jnp.any(core_wudi.merged_matrix(jnp.zeros((2, 4, 3)), "exact", 1, 1e-3)))
+
+
+def test_wudi_closed_form_gradient_is_the_gradient_of_its_loss(x64):
+    """2 (X A − B) from `loss_gradient_terms` = ∇ Σ_k ‖(X − τ_k) τ_kᵀ‖² / ‖τ_k‖² by autodiff, at a random X."""
+    rng = np.random.default_rng(3)
+    tau = jnp.asarray(rng.normal(size=(5, 7, 4)))
+    merged = jnp.asarray(rng.normal(size=(7, 4)))
+    a, b = core_wudi.loss_gradient_terms(tau)
+    np.testing.assert_allclose(2 * (merged @ a - b), jax.grad(core_wudi.interference_loss)(merged, tau),
+                               rtol=1e-12, atol=1e-12)

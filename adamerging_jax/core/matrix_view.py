@@ -122,7 +122,8 @@ def map_matrices(
     """Apply a per-matrix function to every matrix leaf and `otherwise` to the rest.
 
     ``per_matrix(τ [K, out, in], θ0 [out, in]) -> [out, in]`` (or ``[K, out, in]`` with ``per_task_output``)
-    runs vmapped over the layers of a stacked leaf; ``otherwise(τ [K, ...], θ0 [...])`` gets the whole leaf and
+    runs over the layers of a stacked leaf one after another (`jax.lax.map`), so the intermediates of one
+    layer's SVDs or solves are alive at a time, not L of them; ``otherwise(τ [K, ...], θ0 [...])`` gets the whole leaf and
     returns θ0's shape (or τ's with ``per_task_output``). The result is a tree like θ0 (or like τ).
     """
     paths = leaf_paths(task_vectors)
@@ -135,6 +136,6 @@ def map_matrices(
         if spec is None:
             out.append(otherwise(tau, theta))
             continue
-        result = jax.vmap(per_matrix)(to_matrices(tau, spec), to_matrices(theta, spec, task_axis=False))
+        result = jax.lax.map(lambda args: per_matrix(*args), (to_matrices(tau, spec), to_matrices(theta, spec, task_axis=False)))
         out.append(from_matrices(result, spec, tau.shape if per_task_output else theta.shape, task_axis=per_task_output))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -62,14 +62,35 @@ def interference_loss(merged: jax.Array, task_vectors: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(jnp.square(interference), axis=(1, 2)) / squared_norms(task_vectors))
 
 
+def loss_gradient_terms(task_vectors: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(A, B) with ∇L(X) = 2 (X A − B): A = Σ_k τ_kᵀ τ_k / ‖τ_k‖² [in, in], B = Σ_k τ_k τ_kᵀ τ_k / ‖τ_k‖² [out, in].
+
+    Accumulated one task at a time, so the memory is one [in, in] and one [out, in] whatever K (differentiating
+    L directly holds a [K, out, out] interference per matrix: 1.3 GB for one ViT-L/14 MLP weight at K = 20).
+    """
+    inputs = task_vectors.shape[2]
+    norms = squared_norms(task_vectors)
+
+    def add(terms: tuple[jax.Array, jax.Array], task: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], None]:
+        tau, norm = task
+        gram = tau.T @ tau / norm
+        return (terms[0] + gram, terms[1] + tau @ gram), None
+
+    start = (jnp.zeros((inputs, inputs), task_vectors.dtype), jnp.zeros_like(task_vectors[0]))
+    (a, b), _ = jax.lax.scan(add, start, (task_vectors, norms))
+    return a, b
+
+
 def adam_minimiser(task_vectors: jax.Array, iterations: int, lr: float | jax.Array) -> jax.Array:
-    """X after `iterations` Adam steps on `interference_loss` from X = Σ_k τ_k (one matrix, [K, out, in])."""
+    """X after `iterations` Adam steps on `interference_loss` from X = Σ_k τ_k (one matrix, [K, out, in]), with
+    the loss's gradient in closed form, 2 (X A − B) (`loss_gradient_terms`): one [out, in] × [in, in] product a
+    step, where differentiating L costs about 3K·out/in times as much."""
     optimiser = optax.adam(jnp.asarray(lr, task_vectors.dtype))
-    gradient = jax.grad(interference_loss)
+    a, b = loss_gradient_terms(task_vectors)
 
     def step(carry: tuple[jax.Array, optax.OptState], _: None) -> tuple[tuple[jax.Array, optax.OptState], None]:
         merged, state = carry
-        updates, state = optimiser.update(gradient(merged, task_vectors), state)
+        updates, state = optimiser.update(2 * (merged @ a - b), state)
         return (optax.apply_updates(merged, updates), state), None
 
     start = jnp.sum(task_vectors, axis=0)
