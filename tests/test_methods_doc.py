@@ -33,6 +33,8 @@ FIDELITY = {
     **{name: ("test_methods_sparsify.py", "keep probabilities, L1 rescaling and the merge given mergekit's masks "
               "≤ 1e-10 in float64 against mergekit 0.1.5; our draws keep each magnitude rank at its probability",
               "methods.masked_task_vectors(") for name in ("della", "della_linear")},
+    **{name: ("test_methods_svd.py", "≤ 1e-10 in float64 against FusionBench 0.2.33 (TSV's per-task parts too)",
+              f'"{name}"') for name in ("tsv_m", "iso_c", "iso_cts")},
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""
