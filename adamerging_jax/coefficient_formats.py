@@ -22,17 +22,25 @@ Interchange layouts, both with the K task columns in the order of the task vecto
 - **Official AdaMerging** (EnnengYang/AdaMerging, ``src/main_layer_wise_adamerging.py``): ``lambdas()`` is
   `[n, 1 + K]`, one row per tensor of the pretrained model's state dict in its order, column 0 the pretrained
   coefficient fixed at 1, then the K task values (θ_j = 1·θ0_j + Σ_k λ[j, 1+k] τ_k[j]). Its task-wise script
-  uses a single row `[1, 1 + K]` shared by every tensor (``src/merging_cofficient.py`` lists both).
+  uses a single row `[1, 1 + K]` shared by every tensor (``src/merging_cofficient.py`` lists both). An
+  `OfficialRows` says what each row scales: for the official open_clip checkpoints the rows follow the
+  task_vectors ImageEncoder's state dict (``models.clip_checkpoint.official_lambda_rows``: 158 rows for
+  ViT-B/32 and B/16, 302 for L/14), where one fused ``in_proj`` row scales the q, k and v tensors, six
+  text-side rows are never trained (they hold the initial 0.3, which is checked, and are ignored), and the
+  ``visual.proj`` row has no tensor in the merged image tower.
 
 Named λ are stored as JSON (an object tensor name → list of K floats) or safetensors (tensor name → float32
-`[K]`); all writes are atomic. Reading a ``.pt`` never runs pickled code (``models.torch_file``).
+`[K]`); all writes are atomic, and a λ that is NaN or inf is refused before anything is written (a JSON file
+never holds ``NaN`` or ``Infinity``). Every λ read is checked the same way (`check_lambdas`), with a bound on
+|λ| when the merge it feeds has no clamp; errors name the tensor (or row) and the task. Reading a ``.pt``
+never runs pickled code (``models.torch_file``).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Optional
 
 import jax.numpy as jnp
@@ -40,9 +48,26 @@ import numpy as np
 
 from adamerging_jax.core.checkpoint import write_atomic, write_json_atomic
 from adamerging_jax.core.coefficients import Coefficients
+from adamerging_jax.data.strict_text import read_json_object
 
 Entry = tuple[str, Optional[int]]  # (leaf path, layer index or None)
 Named = dict[str, list[float]]
+OFFICIAL_INITIAL_LAMBDA = 0.3
+"""The official code's initial λ (``prior = 0.3``), which the rows it never trains keep."""
+
+
+def check_lambdas(named: Mapping[str, Sequence[float]], tasks: Sequence[str] | None = None,
+                  bound: float | None = None, what: str = "tensor") -> None:
+    """Every λ finite and, when ``bound`` is given (a merge without a clamp), |λ| ≤ bound; ValueError naming
+    the tensor (or ``what`` the name is) and the task (its name from ``tasks``, else its index)."""
+    for name, values in named.items():
+        for k, value in enumerate(values):
+            value = float(value)
+            if math.isfinite(value) and (bound is None or abs(value) <= bound):
+                continue
+            task = repr(tasks[k]) if tasks is not None and k < len(tasks) else str(k)
+            beyond = f", beyond ±{bound:g} (lambda_bound, for a merge without a clamp)" if math.isfinite(value) else ""
+            raise ValueError(f"{what} {name!r}: λ of task {task} is {value}{beyond}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +131,17 @@ def named_lambdas(coefficients: Coefficients, tensor_names: Mapping[Entry, str])
 
 
 def coefficients_from_named(named: Mapping[str, Sequence[float]], like: Coefficients,
-                            tensor_names: Mapping[Entry, str]) -> Coefficients:
+                            tensor_names: Mapping[Entry, str], *, tasks: Sequence[str] | None = None,
+                            bound: float | None = None) -> Coefficients:
     """`Coefficients` shaped as ``like`` (same groups, leaves, K) holding the named values; the inverse of
     :func:`named_lambdas`, exact for float32 values.
 
-    Every tensor of every leaf must be named, with K values; all tensors that share one λ (a task-wise or
-    grouped coefficient, a `[K]` λ on a stacked leaf) must carry the same values; names that no entry has are
-    refused. Errors name the tensor.
+    Every tensor of every leaf must be named, with K finite values (|λ| ≤ ``bound`` when given: `check_lambdas`,
+    the task named from ``tasks``); all tensors that share one λ (a task-wise or grouped coefficient, a `[K]`
+    λ on a stacked leaf) must carry the same values; names that no entry has are refused. Errors name the
+    tensor.
     """
+    check_lambdas(named, tasks, bound)
     by_leaf = _entries_by_leaf(tensor_names)
     num_tasks = like.num_tasks
     values = {group: np.zeros(np.shape(v), np.float32) for group, v in like.values.items()}
@@ -143,19 +171,16 @@ def coefficients_from_named(named: Mapping[str, Sequence[float]], like: Coeffici
 
 
 def write_named_json(path: str | os.PathLike, named: Mapping[str, Sequence[float]]) -> None:
-    """``named`` as a JSON object tensor name → list of K floats, written atomically."""
-    write_json_atomic(path, {name: [float(v) for v in values] for name, values in _checked(named, path).items()})
+    """``named`` as a JSON object tensor name → list of K floats, written atomically; a NaN or inf λ is
+    refused (naming the tensor and task) and nothing is written."""
+    named = _checked(named, path)
+    check_lambdas(named)
+    write_json_atomic(path, {name: [float(v) for v in values] for name, values in named.items()})
 
 
 def read_named_json(path: str | os.PathLike) -> Named:
-    """The named λ of a :func:`write_named_json` file."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{os.fspath(path)!r} is not JSON: {err}") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{os.fspath(path)!r}: expected an object tensor name -> list of K numbers")
+    """The named λ of a :func:`write_named_json` file (UTF-8, one object, no tensor named twice)."""
+    obj = read_json_object(path)
     for name, values in obj.items():
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    for v in values):
@@ -164,10 +189,13 @@ def read_named_json(path: str | os.PathLike) -> Named:
 
 
 def write_named_safetensors(path: str | os.PathLike, named: Mapping[str, Sequence[float]]) -> None:
-    """``named`` as a safetensors file, tensor name → float32 `[K]`, written atomically."""
+    """``named`` as a safetensors file, tensor name → float32 `[K]`, written atomically; a NaN or inf λ is
+    refused as by :func:`write_named_json`."""
     from safetensors.numpy import save
 
-    arrays = {name: np.asarray(values, np.float32) for name, values in _checked(named, path).items()}
+    named = _checked(named, path)
+    check_lambdas(named)
+    arrays = {name: np.asarray(values, np.float32) for name, values in named.items()}
     write_atomic(path, save(arrays, metadata={"content": "adamerging_jax named lambdas"}))
 
 
@@ -214,13 +242,16 @@ def to_fusionbench(coefficients: Coefficients, order: Sequence[str], tensor_name
 
 
 def from_fusionbench(array: np.ndarray, like: Coefficients, order: Sequence[str],
-                     tensor_names: Mapping[Entry, str]) -> Coefficients:
-    """`Coefficients` shaped as ``like`` from FusionBench's `[K, n]` ``merge_weight`` (columns in ``order``)."""
+                     tensor_names: Mapping[Entry, str], *, tasks: Sequence[str] | None = None,
+                     bound: float | None = None) -> Coefficients:
+    """`Coefficients` shaped as ``like`` from FusionBench's `[K, n]` ``merge_weight`` (columns in ``order``;
+    values checked as by :func:`coefficients_from_named`)."""
     array = np.asarray(array, np.float32)
     if array.shape != (like.num_tasks, len(order)):
         raise ValueError(f"FusionBench merge weights have shape {array.shape}, expected [K, n] = "
                          f"({like.num_tasks}, {len(order)})")
-    return coefficients_from_named({name: array[:, j] for j, name in enumerate(order)}, like, tensor_names)
+    return coefficients_from_named({name: array[:, j] for j, name in enumerate(order)}, like, tensor_names,
+                                   tasks=tasks, bound=bound)
 
 
 def read_fusionbench(path: str | os.PathLike) -> np.ndarray:
@@ -237,6 +268,23 @@ def read_fusionbench(path: str | os.PathLike) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ official code
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialRows:
+    """The rows of an official `[n, 1 + K]` λ file: ``names`` in file order; ``scales``, row name → the
+    tensor names of the naming that the row's λ scales (several for a fused tensor, such as open_clip's
+    ``in_proj_weight`` for the q, k and v weights; none for a row whose tensor is not in the merged tree;
+    a row absent from ``scales`` scales the tensor of its own name); ``untrained``, the rows the official run
+    never trains, which must hold `OFFICIAL_INITIAL_LAMBDA` for every task and are then ignored."""
+
+    names: tuple[str, ...]
+    scales: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    untrained: Collection[str] = frozenset()
+
+    def scaled_by(self, row: str) -> tuple[str, ...]:
+        """The tensor names row ``row`` scales."""
+        return () if row in self.untrained else tuple(self.scales.get(row, (row,)))
 
 
 def to_official(coefficients: Coefficients, row_names: Sequence[str] | None, tensor_names: Mapping[Entry, str],
@@ -264,20 +312,40 @@ def to_official(coefficients: Coefficients, row_names: Sequence[str] | None, ten
     return np.asarray([[1.0, *row] for row in rows], np.float32)
 
 
-def from_official(array: np.ndarray, like: Coefficients, row_names: Sequence[str] | None,
-                  tensor_names: Mapping[Entry, str]) -> Coefficients:
-    """`Coefficients` shaped as ``like`` from the official `[n, 1 + K]` ``lambdas()`` (column 0, the
-    pretrained coefficient, must be 1). Rows whose tensor the naming lacks are skipped; ``row_names=None``
-    reads a task-wise `[1, 1 + K]` row into every tensor."""
+def from_official(array: np.ndarray, like: Coefficients, rows: OfficialRows | Sequence[str] | None,
+                  tensor_names: Mapping[Entry, str], *, tasks: Sequence[str] | None = None,
+                  bound: float | None = None) -> Coefficients:
+    """`Coefficients` shaped as ``like`` from the official `[n, 1 + K]` ``lambdas()``.
+
+    ``rows`` says what each row scales (`OfficialRows`; a sequence of tensor names: each row its own tensor);
+    ``rows=None`` reads a task-wise `[1, 1 + K]` row into every tensor. Column 0, the pretrained coefficient,
+    must be 1; every λ finite (|λ| ≤ ``bound`` when given, the task named from ``tasks``); the untrained rows
+    at `OFFICIAL_INITIAL_LAMBDA`; every tensor of the tree scaled by exactly one row. Errors name the row.
+    """
+    if rows is not None and not isinstance(rows, OfficialRows):
+        rows = OfficialRows(tuple(rows))
     array = np.asarray(array, np.float32)
-    rows = 1 if row_names is None else len(row_names)
-    if array.shape != (rows, 1 + like.num_tasks):
-        raise ValueError(f"official λ have shape {array.shape}, expected [n, 1 + K] = ({rows}, {1 + like.num_tasks})")
-    names = set(tensor_names.values())
-    if bad := [j for j in range(rows) if array[j, 0] != 1.0]:
-        where = "the task-wise row" if row_names is None else f"tensor {row_names[bad[0]]!r}"
-        raise ValueError(f"official λ: {where} has pretrained coefficient {array[bad[0], 0]}, not 1")
-    if row_names is None:
-        return coefficients_from_named({name: array[0, 1:] for name in names}, like, tensor_names)
-    return coefficients_from_named({name: array[j, 1:] for j, name in enumerate(row_names) if name in names},
-                                   like, tensor_names)
+    count = 1 if rows is None else len(rows.names)
+    if array.shape != (count, 1 + like.num_tasks):
+        raise ValueError(f"official λ have shape {array.shape}, expected [n, 1 + K] = ({count}, {1 + like.num_tasks})")
+    names = ("the task-wise row",) if rows is None else rows.names
+    if bad := [j for j in range(count) if array[j, 0] != 1.0]:
+        raise ValueError(f"official λ: row {names[bad[0]]!r} has pretrained coefficient {array[bad[0], 0]}, not 1")
+    values = {name: array[j, 1:] for j, name in enumerate(names)}
+    check_lambdas(values, tasks, bound, what="official λ: row")
+    if rows is None:
+        return coefficients_from_named({name: values[names[0]] for name in set(tensor_names.values())}, like,
+                                       tensor_names)
+    initial = np.float32(OFFICIAL_INITIAL_LAMBDA)
+    for row in rows.untrained:
+        if not (values[row] == initial).all():
+            raise ValueError(f"official λ: row {row!r}, which the official code never trains, holds "
+                             f"{values[row].tolist()}, not its initial {OFFICIAL_INITIAL_LAMBDA} for every task "
+                             "(rows in another order, or not an official λ file)")
+    named: dict[str, np.ndarray] = {}
+    for row in rows.names:
+        for tensor in rows.scaled_by(row):
+            if tensor in named:
+                raise ValueError(f"official λ: tensor {tensor!r} is scaled by two rows (the second {row!r})")
+            named[tensor] = values[row]
+    return coefficients_from_named(named, like, tensor_names)

@@ -92,6 +92,51 @@ def reshape(name: str, shape: tuple[int, ...]) -> Callable[[dict[str, np.ndarray
     return change
 
 
+def retype(name: str, dtype: Any) -> Callable[[dict[str, np.ndarray]], None]:
+    def change(state: dict[str, np.ndarray]) -> None:
+        state[name] = state[name].astype(dtype)
+    return change
+
+
+def extra_layer(state: dict[str, np.ndarray]) -> None:
+    """A third block's tensors (copies of layer 1's) beside config.json's two layers."""
+    prefix = "vision_model.encoder.layers."
+    state.update({name.replace(f"{prefix}1.", f"{prefix}2."): value for name, value in list(state.items())
+                  if name.startswith(f"{prefix}1.")})
+
+
+def with_config_text(text: str | bytes) -> Callable[[Path], Any]:
+    """Load a copy of the fixture whose config.json is ``text`` (bytes written as they are)."""
+    def run(tmp: Path) -> Any:
+        (tmp / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        shutil.copy(os.path.join(FIXTURE, "model.safetensors"), tmp)
+        return ck.load_hf_clip(str(tmp))
+    return run
+
+
+def sharded(weight_map: Callable[[list[str]], dict[str, Any]] | None = None, extra_shard: bool = False
+            ) -> Callable[[Path], Any]:
+    """Load a copy of the fixture cut into two shards with an index whose weight_map is ``weight_map(names)``
+    (the true map when None; absent when it returns {}). ``extra_shard`` copies a tensor into the other shard."""
+    def run(tmp: Path) -> Any:
+        state = fixture_state()
+        names = sorted(state)
+        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, part in halves.items():
+            tensors = {name: state[name] for name in part}
+            if extra_shard and shard.startswith("model-00002"):
+                tensors[names[0]] = state[names[0]]
+            save_file(tensors, str(tmp / shard))
+        true_map = {name: shard for shard, part in halves.items() for name in part}
+        index = {"metadata": {}, "weight_map": weight_map(names) if weight_map else true_map}
+        if not index["weight_map"]:
+            del index["weight_map"]
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+        shutil.copy(os.path.join(FIXTURE, "config.json"), tmp)
+        return ck.load_hf_clip(str(tmp))
+    return run
+
+
 def drop_blocks(state: dict[str, np.ndarray]) -> None:
     for name in [n for n in state if ".resblocks." in n]:
         del state[name]
@@ -141,6 +186,39 @@ CASES = [
          "layers' (48, 32)", open_clip(reshape("visual.transformer.resblocks.1.mlp.c_fc.weight", (48, 31)))),
     Case("open-clip-nan", "an open_clip NaN weight", ValueError,
          "tensor 'visual.ln_post.bias' holds 1 NaN", open_clip(set_value("visual.ln_post.bias", np.nan))),
+    Case("hf-integer", "an integer tensor where the model has float weights", ValueError,
+         f"tensor {FC1!r} has dtype int32, the model's weight there is floating point",
+         with_tensors(retype(FC1, np.int32))),
+    Case("open-clip-integer", "an open_clip integer tensor where the model has float weights", ValueError,
+         "tensor 'visual.ln_pre.weight' has dtype int64", open_clip(retype("visual.ln_pre.weight", np.int64))),
+    Case("hf-extra-layer", "tensors of a third layer beside config.json's two (refused at the dry run)",
+         ValueError, "tensor 'vision_model.encoder.layers.2.layer_norm1.bias' is in layer 2, but config.json has 2 "
+         "layers", with_tensors(extra_layer)),
+    Case("config-not-object", "a config.json that is a JSON list, not an object", ValueError,
+         "config.json: expected a JSON object {...}, got list", with_config_text("[1, 2]")),
+    Case("config-not-json", "a config.json cut short", ValueError, "config.json: not valid JSON",
+         with_config_text('{"model_type": "clip", ')),
+    Case("config-duplicate-key", "a config.json giving one key twice", ValueError,
+         "config.json: key(s) ['model_type'] given more than once",
+         with_config_text('{"model_type": "clip", "model_type": "clip_vision_model"}')),
+    Case("config-not-utf8", "a config.json in Latin-1, not UTF-8", ValueError,
+         "config.json: not UTF-8 text: byte 0xe9 at byte offset 13",
+         with_config_text('{"name": "caf\u00e9"}'.encode("latin-1"))),
+    Case("index-outside-folder", "a sharded index naming a shard outside the model folder (../)", ValueError,
+         "is mapped to '../elsewhere.safetensors', a file outside the model folder",
+         sharded(lambda names: {name: "../elsewhere.safetensors" for name in names})),
+    Case("index-absolute-path", "a sharded index naming a shard by absolute path", ValueError,
+         "is mapped to '/etc/passwd', a file outside the model folder",
+         sharded(lambda names: {name: "/etc/passwd" for name in names})),
+    Case("index-two-shards", "a sharded checkpoint holding one tensor in two shards", ValueError,
+         "is in two shards, 'model-00001-of-00002.safetensors' and 'model-00002-of-00002.safetensors'",
+         sharded(extra_shard=True)),
+    Case("index-no-weight-map", "a sharded index without weight_map", ValueError,
+         "model.safetensors.index.json: no 'weight_map' object", sharded(lambda names: {})),
+    Case("index-missing-tensor", "a sharded index naming a tensor no shard holds", ValueError,
+         "tensors ['vision_model.ghost'] (1 in all) are in no shard",
+         sharded(lambda names: {**{n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)},
+                                "vision_model.ghost": "model-00001-of-00002.safetensors"})),
 ]
 
 

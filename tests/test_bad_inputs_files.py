@@ -19,6 +19,9 @@ import pytest
 from PIL import Image
 
 from adamerging_jax.cache import CacheWarning, load_tree, save_tree
+from adamerging_jax.coefficient_formats import read_named_json
+from adamerging_jax.data.strict_text import read_json_object
+from adamerging_jax.data.text import read_prompts
 from adamerging_jax.data.folder import load_rgb
 from adamerging_jax.data.unlabeled import ImageFileList, UnlabeledFolder
 from adamerging_jax.models.torch_file import UnsafeCheckpointError, read_torch_file
@@ -134,6 +137,50 @@ def _missing_list(tmp_path: Path) -> Any:
     return ImageFileList(tmp_path / "nowhere.txt")
 
 
+def _folder_with_link(target: str, name: str = "dead.png", recursive: bool = False) -> Callable[[Path], Any]:
+    """An unlabeled folder of one image and a symbolic link ``name`` → ``target``."""
+    def run(tmp_path: Path) -> Any:
+        folder = tmp_path / "images"
+        (folder / "sub").mkdir(parents=True)
+        Image.new("RGB", (2, 2)).save(folder / "sub" / "0.png")
+        (folder / "sub" / name).symlink_to(target)
+        return UnlabeledFolder(folder, recursive=recursive)
+
+    return run
+
+
+def _looping_links(tmp_path: Path) -> Any:
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / "images" / "0.png")
+    (tmp_path / "images" / "a.png").symlink_to("b.png")
+    (tmp_path / "images" / "b.png").symlink_to("a.png")
+    return UnlabeledFolder(tmp_path / "images")
+
+
+LATIN_1 = "café\n".encode("latin-1")  # é is byte 0xe9 at offset 3
+
+
+def _latin_1_list(tmp_path: Path) -> Any:
+    (tmp_path / "list.txt").write_bytes(b"# images\n" + LATIN_1)
+    return ImageFileList(tmp_path / "list.txt")
+
+
+def _prompts(name: str, data: bytes, field: str | None = None) -> Callable[[Path], Any]:
+    def run(tmp_path: Path) -> Any:
+        (tmp_path / name).write_bytes(data)
+        return read_prompts(tmp_path / name, field)
+
+    return run
+
+
+def _read_json(data: str, read: Callable[[Path], Any] = read_json_object) -> Callable[[Path], Any]:
+    def run(tmp_path: Path) -> Any:
+        (tmp_path / "file.json").write_text(data, encoding="utf-8")
+        return read(tmp_path / "file.json")
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------- caches
 
 TREE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
@@ -206,6 +253,28 @@ CASES: list[BadInput] = [
              FileNotFoundError, _missing_list_entry, "line 3"),
     BadInput("unlabeled_missing_list", "unlabeled data: an image list that does not exist",
              FileNotFoundError, _missing_list, "nowhere.txt"),
+    BadInput("unlabeled_broken_link", "unlabeled data: a symbolic link to a missing image (never dropped silently)",
+             ValueError, _folder_with_link("gone.png", recursive=True), "dead.png' is a broken symbolic link"),
+    BadInput("unlabeled_link_loop", "unlabeled data: two symbolic links pointing at each other",
+             ValueError, _looping_links, "a.png' is a broken symbolic link: its target 'b.png' does not exist or the "
+             "link loops"),
+    BadInput("unlabeled_folder_loop", "unlabeled data, recursive: a linked subfolder leading back to the folder",
+             ValueError, _folder_with_link("..", name="up", recursive=True), "up' leads to"),
+    BadInput("unlabeled_list_not_utf8", "unlabeled data: an image list in Latin-1, not UTF-8",
+             ValueError, _latin_1_list, "list.txt: not UTF-8 text: byte 0xe9 at byte offset 12"),
+    BadInput("prompts_not_utf8", "prompts: a prompt file in Latin-1, not UTF-8",
+             ValueError, _prompts("p.txt", b"a prompt\n" + LATIN_1),
+             "p.txt: not UTF-8 text: byte 0xe9 at byte offset 12"),
+    BadInput("prompts_invisible", "prompts: a prompt of zero-width characters only", ValueError,
+             _prompts("p.txt", "a prompt\n\u200b\u200d\u2060\n".encode()), "p.txt:2: the prompt"),
+    BadInput("prompts_jsonl_invisible", "prompts: a JSONL prompt field of spaces and a soft hyphen", ValueError,
+             _prompts("p.jsonl", b'{"q": "ok"}\n{"q": "  \\u00ad "}\n', "q"), "p.jsonl:2: the prompt"),
+    BadInput("json_duplicate_key", "JSON (config, index, adapter config): a key given twice in one object",
+             ValueError, _read_json('{"a": 1, "b": {"c": 1, "c": 2}}'), "key(s) ['c'] given more than once"),
+    BadInput("json_not_object", "JSON (config, index, adapter config): a list where an object belongs",
+             ValueError, _read_json("[1, 2]"), "file.json: expected a JSON object {...}, got list"),
+    BadInput("lambdas_json_duplicate", "named λ JSON: one tensor given twice", ValueError,
+             _read_json('{"t": [0.1, 0.2], "t": [0.3, 0.4]}', read_named_json), "key(s) ['t'] given more than once"),
     BadInput("cache_truncated", "tree cache: a truncated file",
              WARNING_AND_NONE, _cache(lambda data: data[: len(data) // 2]), "tree.npz: it cannot be read"),
     BadInput("cache_bit_flip", "tree cache: one flipped bit in a leaf's values",

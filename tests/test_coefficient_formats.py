@@ -1,6 +1,7 @@
 """λ by checkpoint tensor name: CLIP's naming and order against transformers' torch model, exact round trips
 through named files, FusionBench's [K, n] and the official [n, 1 + K] layouts, and merges in those layouts
 computed the way FusionBench and the official code compute them."""
+import json
 import os
 
 import jax
@@ -92,7 +93,8 @@ def test_fusionbench_and_official_round_trips(tower, granularity):
 
 def test_official_task_wise_row_and_leftover_rows(tower):
     """Task-wise: the official single row [1, λ_1..λ_K]; layer-wise with rows outside the tree (the official
-    checkpoints' text-side leftovers) filled on export and skipped on import."""
+    checkpoints' text-side leftovers) filled on export, checked as never trained on import and ignored; a row
+    that names no tensor of the tree and is not declared is refused, not skipped."""
     _, vision, names = tower
     task = random_coefficients(vision, "task", seed=2)
     row = cf.to_official(task, None, names)
@@ -102,15 +104,22 @@ def test_official_task_wise_row_and_leftover_rows(tower):
     rows = ["model.positional_embedding", *names.order, "model.logit_scale"]
     official = cf.to_official(layer, rows, names, fill=0.3)
     np.testing.assert_array_equal(official[0], np.float32([1.0, 0.3, 0.3, 0.3]))
-    assert_same(cf.from_official(official, layer, rows, names), layer)
+    leftovers = cf.OfficialRows(tuple(rows), untrained={rows[0], rows[-1]})
+    assert_same(cf.from_official(official, layer, leftovers, names), layer)
+    with pytest.raises(ValueError, match="tensors the tree does not have: .'model.logit_scale'"):
+        cf.from_official(official, layer, rows, names)
+    trained = official.copy()
+    trained[-1, 2] = 0.31
+    with pytest.raises(ValueError, match="row 'model.logit_scale', which the official code never trains, holds"):
+        cf.from_official(trained, layer, leftovers, names)
     with pytest.raises(KeyError, match="model.positional_embedding"):
         cf.to_official(layer, rows, names)
     with pytest.raises(ValueError, match="one λ shared by every tensor"):
         cf.to_official(layer, None, names)
     bad = official.copy()
     bad[5, 0] = 0.5
-    with pytest.raises(ValueError, match=rf"tensor {rows[5]!r} has pretrained coefficient 0.5, not 1"):
-        cf.from_official(bad, layer, rows, names)
+    with pytest.raises(ValueError, match=rf"row {rows[5]!r} has pretrained coefficient 0.5, not 1"):
+        cf.from_official(bad, layer, leftovers, names)
 
 
 def hf_tensors(tree):
@@ -222,3 +231,102 @@ def test_fused_tensor_names_need_agreeing_lambdas(tower):
     assert_same(cf.coefficients_from_named(named, tied, fused), tied)
     with pytest.raises(ValueError, match="post_layernorm.weight.*several entries"):
         cf.named_lambdas(random_coefficients(vision, "layer", seed=8), fused)
+
+
+def test_written_lambdas_are_finite_and_read_lambdas_checked(tmp_path, tower):
+    """A λ file is valid JSON (never NaN / Infinity): a non-finite λ is refused, naming the tensor and task,
+    before anything is written; read back, every format refuses one the same way, and one past the bound."""
+    _, vision, names = tower
+    lam = random_coefficients(vision, "layer", seed=9)
+    named = cf.named_lambdas(lam, names)
+    bad = {**named, "vision_model.post_layernorm.bias": [0.1, float("nan"), 0.2]}
+    for write in (cf.write_named_json, cf.write_named_safetensors):
+        with pytest.raises(ValueError, match=r"tensor 'vision_model.post_layernorm.bias': λ of task 1 is nan"):
+            write(tmp_path / "lambdas", bad)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "nan.json").write_text(json.dumps(bad))  # Python's json writes NaN, which is not JSON
+    with pytest.raises(ValueError, match=r"post_layernorm.bias': λ of task 'b' is nan"):
+        cf.coefficients_from_named(cf.read_named_json(tmp_path / "nan.json"), lam, names, tasks=["a", "b", "c"])
+    far = np.full((K, len(names.order)), 0.3)
+    far[2, 5] = -2000.0
+    with pytest.raises(ValueError, match=rf"tensor {names.order[5]!r}: λ of task 'c' is -2000.0, beyond ±1000"):
+        cf.from_fusionbench(far, lam, names.order, names, tasks="abc", bound=1000.0)
+    written = cf.named_lambdas(lam, names)
+    cf.write_named_json(tmp_path / "ok.json", written)
+    assert "NaN" not in (tmp_path / "ok.json").read_text() and "Infinity" not in (tmp_path / "ok.json").read_text()
+
+
+# ------------------------------------------------------------------------ the official open_clip λ layout
+
+# The task_vectors ImageEncoder's state dict as the official scripts enumerate it (open_clip's CLIP with its
+# text transformer deleted): the CLIP's own text-side parameters, the visual tower (its own parameters
+# before its modules), the text-side modules left.
+OPEN_CLIP_BLOCK = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                   "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                   "mlp.c_proj.weight", "mlp.c_proj.bias"]
+TEXT_SIDE = {"model.positional_embedding": (77, 24), "model.text_projection": (24, 16), "model.logit_scale": (),
+             "model.token_embedding.weight": (50, 24), "model.ln_final.weight": (24,), "model.ln_final.bias": (24,)}
+
+
+def open_clip_order(layers):
+    visual = ["class_embedding", "positional_embedding", "proj", "conv1.weight", "ln_pre.weight", "ln_pre.bias",
+              *[f"transformer.resblocks.{i}.{name}" for i in range(layers) for name in OPEN_CLIP_BLOCK],
+              "ln_post.weight", "ln_post.bias"]
+    return [*list(TEXT_SIDE)[:3], *[f"model.visual.{name}" for name in visual], *list(TEXT_SIDE)[3:]]
+
+
+def image_encoder_state(vision_state, rng, noise=0.0):
+    """An ImageEncoder state dict (names model.*) from the fixture's open_clip visual tensors, with a
+    projection and text-side tensors; ``noise`` perturbs every tensor (a fine-tuned model)."""
+    state = {f"model.{name}": value for name, value in vision_state.items()}
+    state["model.visual.proj"] = np.random.default_rng(0).normal(0, 0.1, (32, 16)).astype(np.float32)
+    state.update({name: np.random.default_rng(1).normal(0, 0.1, shape).astype(np.float32)
+                  for name, shape in TEXT_SIDE.items()})
+    return {name: (value + rng.normal(0, noise, np.shape(value))).astype(np.float32) for name, value in state.items()}
+
+
+def test_official_open_clip_lambdas_merge_as_the_official_code(tower):
+    """An official layer-wise λ file in the ImageEncoder's state-dict order (rows 0-2 and the last 3 the
+    never-trained text side at 0.3) read by the rows `official_lambda_rows` declares, merged by us, equals the
+    official merge Σ_i lambdas[j, i] · paramslist_i[j] (θ0, then τ_1..τ_K) written out in numpy, tensor by
+    tensor of the image tower (the fused in_proj row scaling q, k and v); the projection, outside the merged
+    tower, stays θ0's. A trained text-side row or a short file is refused."""
+    from test_bad_inputs_clip import open_clip_state
+
+    config, _, names = tower
+    rng = np.random.default_rng(10)
+    theta0 = image_encoder_state(open_clip_state(), rng)
+    finetuned = [image_encoder_state(open_clip_state(), rng, noise=0.05) for _ in range(K)]
+    order = open_clip_order(config.vision.layers)
+    rows = ck.official_lambda_rows(config)
+    assert list(rows.names) == order and len(order) == 6 + 8 + 12 * config.vision.layers
+    official = np.concatenate([np.ones((len(order), 1)), rng.uniform(0, 1, (len(order), K))], 1).astype(np.float32)
+    for j, name in enumerate(order):
+        if name in TEXT_SIDE:
+            official[j, 1:] = 0.3
+
+    paramslist = [theta0, *[{n: ft[n] - theta0[n] for n in order} for ft in finetuned]]
+    official_merged = {name: sum(official[j, i] * paramslist[i][name] for i in range(1 + K))
+                       for j, name in enumerate(order)}
+
+    load = lambda state: ck.params_from_open_clip({n.removeprefix("model."): v for n, v in state.items()},
+                                                  head_width=16)
+    _, pretrained = load(theta0)
+    tau = am.task_vectors(pretrained["vision"], [load(ft)[1]["vision"] for ft in finetuned])
+    like = am.init_coefficients(pretrained["vision"], K, "layer", stacked=clip.stacked)
+    ours = merged_tree(pretrained["vision"], tau, cf.from_official(official, like, rows, names, tasks="abc"))
+    _, want = load(official_merged)
+    for (path, a), (_, b) in zip(am.core.trees.named_leaves(ours), am.core.trees.named_leaves(want["vision"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=path)
+    assert "visual_projection" not in ours
+
+    trained = official.copy()
+    trained[order.index("model.ln_final.bias"), 3] = 0.5
+    with pytest.raises(ValueError, match="row 'model.ln_final.bias', which the official code never trains"):
+        cf.from_official(trained, like, rows, names)
+    nan = official.copy()
+    nan[order.index("model.visual.proj"), 2] = np.nan
+    with pytest.raises(ValueError, match="official λ: row 'model.visual.proj': λ of task 'b' is nan"):
+        cf.from_official(nan, like, rows, names, tasks="abc")
+    with pytest.raises(ValueError, match=r"expected \[n, 1 \+ K\]"):
+        cf.from_official(official[:-1], like, rows, names)

@@ -63,6 +63,11 @@ def world(tmp_path_factory):
               str(other / "adapter_model.safetensors"))
     (other / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                                            "target_modules": ["q_proj"]}))
+    _, tensors = write_adapter(root / "nan_adapter", ADAPTED, seed=5)
+    tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][3, 1] = np.nan
+    save_file(tensors, str(root / "nan_adapter" / "adapter_model.safetensors"))
+    (root / "latin1.txt").write_bytes("a prompt\nun caf\u00e9\n".encode("latin-1"))
+    (root / "invisible.txt").write_text("a prompt\n\n\u200b\u2060\n", encoding="utf-8")
     return root
 
 
@@ -243,6 +248,14 @@ CASES = [
           "methods": ["task_arithmetic"]}, "need dense task vectors"),
     Case("clip_key", "a CLIP-only key in a causal-LM config", {"export": "clip"}, "['export'] do not apply"),
     Case("mesh_too_big", "a mesh larger than the devices", {"mesh": {"data": 4, "fsdp": 4}}, "asks for 16 devices"),
+    Case("adapter_nan", "an adapter holding a NaN (refused like a full checkpoint)",
+         {"tasks": [{}, {"adapter": "{world}/nan_adapter"}]},
+         "tensor 'base_model.model.model.layers.1.mlp.down_proj.lora_B.weight' holds 1 NaN and 0 inf values"),
+    Case("prompts_not_utf8", "a prompt file in Latin-1, not UTF-8",
+         {"tasks": [{"prompts": {"file": "{world}/latin1.txt"}}]},
+         "latin1.txt: not UTF-8 text: byte 0xe9 at byte offset 15"),
+    Case("prompts_invisible", "a prompt of zero-width characters only",
+         {"tasks": [{"prompts": {"file": "{world}/invisible.txt"}}]}, "invisible.txt:3: the prompt"),
 ]
 
 

@@ -12,7 +12,9 @@ folders, a missing or empty class folder or an unexpected class folder raise an 
 ``task_from_folder`` and ``unlabeled.UnlabeledFolder``): names starting with ``.`` (files and folders) are
 ignored; a file whose extension, in any case, is not in :data:`IMAGE_EXTENSIONS` is skipped (notes, CSVs,
 ``Thumbs.db``); every other file is an image, and one that then fails to decode is an error naming it, when
-read (or for all of them at once in :meth:`FolderImages.verify`): it is never dropped.
+read (or for all of them at once in :meth:`FolderImages.verify`): it is never dropped. Symbolic links are
+followed; a broken one (its target missing, or a link loop) is an error naming it, and so is a linked
+subfolder that leads to a folder already walked (a loop, or the same images twice).
 
 **How an image is decoded** (:func:`load_rgb`): to uint8 RGB. An image with more pixels than PIL's
 ``Image.MAX_IMAGE_PIXELS`` (≈ 89.5M; PIL itself only warns below twice that) is refused as a possible
@@ -53,16 +55,21 @@ def list_images(
 ) -> list[str]:
     """Paths of the images in ``folder``, sorted by their path below it (the file policy of the module docstring).
 
-    ``recursive`` walks visible subfolders too; otherwise subfolders are ignored. ``FileNotFoundError`` when
-    ``folder`` is not a folder, ``ValueError`` naming it when it holds no image.
+    ``recursive`` walks visible subfolders too (linked ones included); otherwise subfolders are ignored.
+    ``FileNotFoundError`` when ``folder`` is not a folder, ``ValueError`` naming it when it holds no image,
+    naming the link when one is broken or leads to a folder already walked.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} is missing")
     suffixes = tuple(extension.lower() for extension in extensions)
     found = []
-    for directory, subfolders, names in os.walk(folder):
-        subfolders[:] = _visible(subfolders) if recursive else []
+    walked = {os.path.realpath(folder)}
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        for name in _visible(names):
+            _refuse_broken_link(os.path.join(directory, name))
+        subfolders[:] = [name for name in _visible(subfolders)
+                         if _first_visit(os.path.join(directory, name), walked)] if recursive else []
         found.extend(
             os.path.join(directory, name)
             for name in _visible(names)
@@ -71,6 +78,23 @@ def list_images(
     if not found:
         raise ValueError(f"folder {folder!r} holds no images (files ending in {', '.join(extensions)})")
     return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
+
+
+def _refuse_broken_link(path: str) -> None:
+    """ValueError naming ``path`` when it is a symbolic link whose target is missing or that loops."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"{path!r} is a broken symbolic link: its target {os.readlink(path)!r} does not exist or "
+                         "the link loops")
+
+
+def _first_visit(subfolder: str, walked: set[str]) -> bool:
+    """Record ``subfolder``'s real path; ValueError naming it when that folder was walked already."""
+    real = os.path.realpath(subfolder)
+    if real in walked:
+        raise ValueError(f"{subfolder!r} leads to {real!r}, a folder already walked (a symbolic link loop or a "
+                         "second path to the same images)")
+    walked.add(real)
+    return True
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from adamerging_jax.data.pipeline import stream_indices
+from adamerging_jax.data.strict_text import text_lines, visible
 
 Batch = dict[str, np.ndarray]
 
@@ -31,28 +32,30 @@ Batch = dict[str, np.ndarray]
 def read_prompts(path: str | os.PathLike, field: str | None = None) -> list[str]:
     """The prompts of a file: a ``.jsonl`` file's ``field`` per line, otherwise one prompt a line.
 
-    Blank lines are skipped; a JSONL line that is not an object with a string ``field`` is an error naming
-    the file, the line and the field.
+    The file must be UTF-8 (the error names the byte offset). Blank lines are skipped; a prompt with no
+    visible character (only whitespace and zero-width or other format characters) and a JSONL line that is
+    not an object with a string ``field`` are errors naming the file, the line and the field.
     """
     path = os.fspath(path)
     jsonl = path.endswith(".jsonl")
     if jsonl and not field:
         raise ValueError(f"{path}: a JSONL file needs the name of its prompt field")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if not jsonl:
-                prompts.append(line.rstrip("\r\n"))
-                continue
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        prompt = line
+        if jsonl:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not a JSON object ({err})") from err
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ValueError(f"{path}:{number}: no string field {field!r}")
-            prompts.append(record[field])
+            prompt = record[field]
+        if not visible(prompt):
+            raise ValueError(f"{path}:{number}: the prompt {prompt!r} has no visible character")
+        prompts.append(prompt)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

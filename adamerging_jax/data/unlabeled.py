@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from adamerging_jax.data.folder import list_images, load_rgb, unreadable_images
+from adamerging_jax.data.strict_text import text_lines
 
 UNLABELED = -1
 """The label of every image of an unlabeled source."""
@@ -66,17 +67,16 @@ def read_image_list(path: str) -> list[str]:
     """The files a list names, relative entries joined to the list's folder; every one must exist.
 
     ``FileNotFoundError`` naming the list, or its missing entries with their line numbers; ``ValueError``
-    when it names no image.
+    when it names no image or is not UTF-8 text (the byte offset named).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image list {path!r} is missing")
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as file:
-        entries = [
-            (number, os.path.join(base, line))  # join keeps an absolute entry as it is
-            for number, raw in enumerate(file, start=1)
-            if (line := raw.strip()) and not line.startswith("#")
-        ]
+    entries = [
+        (number, os.path.join(base, line))  # join keeps an absolute entry as it is
+        for number, raw in enumerate(text_lines(path), start=1)
+        if (line := raw.strip()) and not line.startswith("#")
+    ]
     if not entries:
         raise ValueError(f"image list {path!r} names no image (only blank lines and # comments)")
     missing = [f"line {number}: {entry!r}" for number, entry in entries if not os.path.isfile(entry)]

@@ -33,12 +33,16 @@ a PEFT LoRA adapter and its unlabeled prompts:
     max_length: 256                             # prompts are cut to this many tokens
     mesh: {data: 1, fsdp: 1}                    # optional 2-D device mesh (else devices: N, a 1-D data mesh)
     precision: bfloat16
+    dtype: null                                 # the merged model's dtype (default: θ0's, tensor by tensor)
 
 ``pretrained_vision``, ``export``, ``trust_pickle``, ``offline`` and ``eval_batch_size`` are CLIP's;
-``max_length`` and ``mesh`` are the language model's.
+``max_length``, ``mesh`` and ``dtype`` are the language model's.
 
 Relative paths are read from the YAML file's folder. Every error is one line naming the field
-(``tasks[1].unlabeled.folder``) and, for an unknown key, the known ones.
+(``tasks[1].unlabeled.folder``) and, for an unknown key, the known ones. The YAML file and class files are
+read strictly: UTF-8 only (the error names the file and byte offset), no key given twice in one mapping at
+any depth (YAML readers keep the last silently; the error names the key and both lines), no class name twice
+in a task, no class name without a visible character.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from typing import Any, Mapping, Sequence
 
 from adamerging_jax.core.optimize import AdaMergingConfig
 from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.data.strict_text import read_utf8, text_lines, visible
 
 PRESETS = ("official", "fusionbench")
 PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
@@ -59,6 +64,7 @@ EXPORTS = ("vision_with_projection", "clip")
 SOURCE_OPTIONS = {"folder": ("recursive",), "class_folders": (), "tfds": ("split", "data_dir"), "file_list": ()}
 HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 MODELS = ("clip", "causal_lm")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 PROMPT_OPTIONS = {"file": (), "jsonl": ("field",)}
 INSTALL = {"models": 'pip install "adamerging-jax[models]"', "data": 'pip install "adamerging-jax[data]"'}
 
@@ -138,6 +144,7 @@ class MergeConfig:
     model: str = "clip"
     max_length: int = 256
     mesh: tuple[int, int] | None = None
+    dtype: str | None = None
     source: str = "<config>"
 
     def settings(self) -> MergeSettings:
@@ -165,7 +172,7 @@ UNIFIED_EXPORTS = ("emr",)
 """Methods with one model per task that ``merge`` exports for CLIP as a unified model plus what makes each task's
 model from it (EMR-Merging: `merging.emr_files`)."""
 CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size"}
-LM_ONLY_KEYS = {"max_length", "mesh"}
+LM_ONLY_KEYS = {"max_length", "mesh", "dtype"}
 TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}
 TASK_KEYS = {"name", "finetuned", "unlabeled", "classes", "classes_file", "templates", "test"}
 LM_TASK_KEYS = {"name", "finetuned", "adapter", "factored", "prompts", "candidates"}
@@ -245,18 +252,34 @@ def _unlabeled(where: str, value: Any, base: Path) -> Unlabeled:
 
 
 def _classes(where: str, fields: dict[str, Any], base: Path) -> tuple[str, ...]:
+    """The task's class names: each with a visible character, none twice; from ``classes`` or one a line of
+    ``classes_file`` (blank lines skipped), the error naming the entry or line."""
     if ("classes" in fields) == ("classes_file" in fields):
         raise ConfigError(f"{where} needs exactly one of 'classes' or 'classes_file'")
     if "classes" in fields:
-        return _strings(f"{where}.classes", fields["classes"])
-    path = _path(base, _string(f"{where}.classes_file", fields["classes_file"]))
-    if not os.path.isfile(path):
-        raise ConfigError(f"{where}.classes_file: {path!r} is missing")
-    with open(path, encoding="utf-8") as file:
-        names = tuple(line.strip() for line in file if line.strip())
-    if not names:
-        raise ConfigError(f"{where}.classes_file: {path!r} names no class")
-    return names
+        field = f"{where}.classes"
+        entries = [(f"{field}[{i}]", name.strip()) for i, name in enumerate(_strings(field, fields["classes"]))]
+    else:
+        field = f"{where}.classes_file"
+        path = _path(base, _string(field, fields["classes_file"]))
+        if not os.path.isfile(path):
+            raise ConfigError(f"{field}: {path!r} is missing")
+        try:
+            lines = text_lines(path)
+        except ValueError as error:
+            raise ConfigError(f"{field}: {error}") from None
+        entries = [(f"{field} {path} line {number}", line.strip()) for number, line in enumerate(lines, start=1)
+                   if line.strip()]
+        if not entries:
+            raise ConfigError(f"{field}: {path!r} names no class")
+    first: dict[str, str] = {}
+    for entry, name in entries:
+        if not visible(name):
+            raise ConfigError(f"{entry}: class name {name!r} has no visible character")
+        if name in first:
+            raise ConfigError(f"{entry}: class {name!r} is listed twice in the task (first at {first[name]})")
+        first[name] = entry
+    return tuple(name for _, name in entries)
 
 
 def _templates(where: str, value: Any) -> tuple[str, ...] | None:
@@ -398,6 +421,7 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         model=model,
         max_length=_integer(f"{where}: max_length", fields.get("max_length", 256), 2),
         mesh=_mesh(f"{where}: mesh", fields.get("mesh")),
+        dtype=_choice(f"{where}: dtype", fields["dtype"], DTYPES) if fields.get("dtype") is not None else None,
         source=source,
     )
     settings = config.settings()
@@ -422,9 +446,34 @@ def _adamerging_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(AdaMergingConfig)} - {"optimizer", "stacked", "checkpoint_dir"}
 
 
+def load_yaml(text: str) -> Any:
+    """The YAML document ``text`` read with PyYAML's safe loader, except that a mapping (at any depth) that
+    gives one key twice is refused: ConfigError naming the key and both lines (a ``<<`` merge may override)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: the base loader refuses it
+                    continue
+                if first is not None:
+                    raise ConfigError(f"key {key!r} is given twice in one mapping, on lines {first} and {line}")
+                lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MergeConfig:
-    """Read and check the YAML file ``path``; ``overrides`` (the command line's flags) replace its fields
-    (``steps`` and ``lr`` go into ``adamerging``)."""
+    """Read and check the YAML file ``path`` (strictly: module docstring); ``overrides`` (the command line's
+    flags) replace its fields (``steps`` and ``lr`` go into ``adamerging``)."""
     require("yaml", "models", "reading the merge config")
     import yaml
 
@@ -432,10 +481,13 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if not os.path.isfile(source):
         raise ConfigError(f"config file {source!r} is missing")
     try:
-        with open(source, encoding="utf-8") as file:
-            document = yaml.safe_load(file)
+        document = load_yaml(read_utf8(source))
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except ValueError as error:  # not UTF-8: the message names the file
+        raise ConfigError(str(error)) from None
     document = dict(document) if isinstance(document, Mapping) else document
     if isinstance(document, dict):
         for key, value in (overrides or {}).items():

@@ -57,7 +57,7 @@ from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.config import MergeConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 from adamerging_jax.merging.plan import CheckedRun, fail, guarded, run_mesh
-from adamerging_jax.merging.run import given_lambdas, write_lambdas, write_report
+from adamerging_jax.merging.run import check_exported_finite, given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.llama_checkpoint import load_hf_causal_lm, read_config, save_hf_causal_lm
 from adamerging_jax.models.lora import (
@@ -322,6 +322,7 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log)
     card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table, run.get("weights"))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
+    check_exported_finite(params, plan.binding.tensor_names)
     with atomic_directory(output / "model", export_files(output / "model")) as folder:
         save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir)
         write_atomic(Path(folder, "README.md"), card.encode())

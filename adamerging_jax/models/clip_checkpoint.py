@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 import shutil
@@ -37,16 +36,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from adamerging_jax.coefficient_formats import TensorNames
+from adamerging_jax.coefficient_formats import OfficialRows, TensorNames
 from adamerging_jax.core.checkpoint import atomic_directory, write_json_atomic
 from adamerging_jax.models.hf_files import (
     CONFIG,
     SAFETENSORS,
     TOKENIZER_FILES,
+    check_float_tensor,
     read_checkpoint_dir,
     read_safetensors,
     tokenizer_files,
 )
+from adamerging_jax.data.strict_text import read_json_object
 from adamerging_jax.models.clip import ClipConfig, ConfigError, TextConfig, VisionConfig, init_params
 
 Params = dict[str, Any]
@@ -198,8 +199,10 @@ def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def _take(state: StateDict, name: str, source: str) -> np.ndarray:
+    """The weight ``name`` of ``state``: present and floating point, else an error naming it."""
     if name not in state:
         raise KeyError(f"{source}: tensor {name!r} is missing")
+    check_float_tensor(name, state[name], source)
     return np.asarray(state[name])
 
 
@@ -271,9 +274,9 @@ def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", d
         params["text"] = _tower_from_hf(state, "text_model.", _TEXT, source, dtype)
     for projection in ["visual_projection", "text_projection"]:
         if f"{projection}.weight" in state:
-            params[projection] = {"kernel": _cast(np.asarray(state[f"{projection}.weight"]).T, dtype)}
+            params[projection] = {"kernel": _cast(_take(state, f"{projection}.weight", source).T, dtype)}
     if "logit_scale" in state:
-        params["logit_scale"] = _cast(np.asarray(state["logit_scale"]).reshape(()), dtype)
+        params["logit_scale"] = _cast(_take(state, "logit_scale", source).reshape(()), dtype)
     return params
 
 
@@ -284,21 +287,22 @@ def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bo
 
     A ``CLIPModel`` gives {"vision", "visual_projection", "text", "text_projection", "logit_scale"}; a
     ``CLIPVisionModel`` (e.g. FusionBench's tanganke/clip-vit-base-patch32_<task>) gives {"vision"}.
-    Refused with the culprit named: a config.json value no CLIP can have (the key), a tensor whose shape
-    config.json does not imply, a NaN / inf tensor (unless ``allow_nonfinite``).
+    Refused with the culprit named: a config.json that is not a JSON object or holds a value no CLIP can have
+    (the key), a tensor whose shape config.json does not imply or of a layer config.json does not have, an
+    integer tensor where a weight belongs, a NaN / inf tensor (unless ``allow_nonfinite``).
     """
     location = resolve_checkpoint(path_or_id, allow_download=allow_download)
     directory = location if os.path.isdir(location) else os.path.dirname(location)
     config_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG} beside the CLIP checkpoint {location!r} (looked for {config_path!r})")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = config_from_hf(json.load(f))
-        except KeyError as err:
-            raise ValueError(f"{config_path!r} is not a usable CLIP config: missing key {err}") from err
-        except ValueError as err:
-            raise ValueError(f"{config_path!r} is not a usable CLIP config: {err}") from err
+    hf = read_json_object(config_path)
+    try:
+        config = config_from_hf(hf)
+    except KeyError as err:
+        raise ValueError(f"{config_path!r} is not a usable CLIP config: missing key {err}") from err
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config_path!r} is not a usable CLIP config: {err}") from err
     state = read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
     _check_shapes(state, config, location)
     return config, params_from_hf_state_dict(state, source=location, dtype=dtype, allow_nonfinite=allow_nonfinite)
@@ -313,13 +317,23 @@ def hf_shapes(config: ClipConfig) -> dict[str, tuple[int, ...]]:
     return {name: a.shape for name, a in _hf_tensors(zeros["vision"], zeros, kind).items()}
 
 
+_LAYER_TENSOR = re.compile(r"((?:vision_model\.|text_model\.)?)encoder\.layers\.(\d+)\.")
+
+
 def _check_shapes(state: StateDict, config: ClipConfig, source: str) -> None:
-    """Every tensor of ``state`` that the config sizes has the shape it implies (prefix optional)."""
-    for name, shape in hf_shapes(config).items():
+    """Every tensor of ``state`` that the config sizes has the shape it implies (prefix optional), and no
+    tensor belongs to a layer the config does not have."""
+    shapes = hf_shapes(config)
+    for name, shape in shapes.items():
         stored = name if name in state else name.removeprefix(VISION_PREFIX)
         if stored in state and tuple(np.shape(state[stored])) != shape:
             raise ValueError(f"{source}: tensor {stored!r} has shape {tuple(np.shape(state[stored]))}, "
                              f"config.json implies {shape}")
+    for name in sorted(state):
+        if (match := _LAYER_TENSOR.match(name)) and name not in shapes and VISION_PREFIX + name not in shapes:
+            tower = config.text if match.group(1) == "text_model." else config.vision
+            layers = f"{tower.layers} layers (num_hidden_layers)" if tower is not None else "no text tower"
+            raise ValueError(f"{source}: tensor {name!r} is in layer {match.group(2)}, but config.json has {layers}")
 
 
 # ----------------------------------------------------------------------------------------- HF export
@@ -540,7 +554,8 @@ def load_open_clip_checkpoint(path: str, *, trust_pickle: bool = False, head_wid
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or a module")
-    state = {name: t.detach().float().numpy() for name, t in obj.items() if hasattr(t, "detach")}
+    state = {name: (t.detach().float() if t.is_floating_point() else t.detach()).numpy()
+             for name, t in obj.items() if hasattr(t, "detach")}
     return params_from_open_clip(state, head_width=head_width, dtype=dtype, source=path,
                                  allow_nonfinite=allow_nonfinite)
 
@@ -568,6 +583,51 @@ def lambda_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
     blocks = [f"{VISION_PREFIX}encoder.layers.{i}.{hf}" for i in range(layers) for hf in _HF_BLOCK_ORDER]
     order = (*top, *blocks, VISION_PREFIX + "post_layernorm.weight", VISION_PREFIX + "post_layernorm.bias")
     return TensorNames(names, order)
+
+
+# The official AdaMerging scripts' state-dict order of the task_vectors ImageEncoder, an open_clip CLIP whose
+# text transformer is deleted: the CLIP's own parameters (text side), the visual tower (its own parameters
+# class_embedding, positional_embedding and proj before its modules), then the text-side modules left.
+_OFFICIAL_TEXT_BEFORE = ("model.positional_embedding", "model.text_projection", "model.logit_scale")
+_OFFICIAL_TEXT_AFTER = ("model.token_embedding.weight", "model.ln_final.weight", "model.ln_final.bias")
+_OFFICIAL_VISUAL_BEFORE = ("class_embedding", "positional_embedding", "proj", "conv1.weight", "ln_pre.weight",
+                           "ln_pre.bias")
+_OFFICIAL_VISUAL_AFTER = ("ln_post.weight", "ln_post.bias")
+_OFFICIAL_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                   "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                   "mlp.c_proj.weight", "mlp.c_proj.bias")
+_FUSED_IN_PROJ = {f"attn.in_proj_{leaf}": tuple(f"attn/{part}/{ours}" for part in "qkv")
+                  for leaf, ours in [("weight", "kernel"), ("bias", "bias")]}
+
+
+def official_lambda_rows(config: ClipConfig | VisionConfig) -> OfficialRows:
+    """The rows of the official repository's layer-wise λ (``src/merging_cofficient.py``: 158 for ViT-B/32 and
+    B/16, 302 for L/14, 6 + 8 + 12 × layers in general), in the order its scripts build them: the state dict
+    of the task_vectors ``ImageEncoder``, names ``model.*``. Each row scales the HF tensors of
+    :func:`lambda_tensor_names` holding its weights: the fused ``attn.in_proj_weight`` / ``in_proj_bias`` row
+    the q, k and v weights / biases; ``model.visual.proj`` none (the projection is not part of the merged
+    image tower: the export keeps θ0's); the six text-side rows none, as the official run never trains them
+    (checked to hold their initial λ)."""
+    vision = config.vision if isinstance(config, ClipConfig) else config
+    names = lambda_tensor_names(vision)
+    ours = {oc: path for path, oc, _ in (*_OPEN_CLIP_VISION, *_OPEN_CLIP_BLOCK)}
+    rows: list[str] = []
+    scales: dict[str, tuple[str, ...]] = {}
+
+    def add(row: str, paths: Sequence[str], layer: int | None = None) -> None:
+        rows.append(row)
+        scales[row] = tuple(names[(path, layer)] for path in paths)
+
+    for oc in _OFFICIAL_VISUAL_BEFORE:
+        add(f"model.visual.{oc}", [ours[oc]] if oc in ours else [])
+    for i in range(vision.layers):
+        for oc in _OFFICIAL_BLOCK:
+            add(f"model.visual.transformer.resblocks.{i}.{oc}",
+                [f"layers/{path}" for path in _FUSED_IN_PROJ.get(oc, (ours.get(oc),))], i)
+    for oc in _OFFICIAL_VISUAL_AFTER:
+        add(f"model.visual.{oc}", [ours[oc]])
+    untrained = _OFFICIAL_TEXT_BEFORE + _OFFICIAL_TEXT_AFTER
+    return OfficialRows((*_OFFICIAL_TEXT_BEFORE, *rows, *_OFFICIAL_TEXT_AFTER), scales, frozenset(untrained))
 
 
 # ------------------------------------------------------------------------------ θ0 and the fine-tuned towers

@@ -1,13 +1,20 @@
 """Hugging Face checkpoint files, shared by every model's converter: safetensors reading (one file or a sharded
-index), the tokenizer files of a model folder.
+index), the tokenizer files of a model folder, and the checks every converter applies to what it reads.
+
+A sharded index (``model.safetensors.index.json``) must be a JSON object with a ``weight_map`` object,
+tensor name → shard file; every shard a file name inside the model folder (no absolute path, no ``..``);
+no tensor named twice in the index or present in two shards; every shard holding exactly the tensors the
+index maps to it. A weight the model uses must be floating point (:func:`check_float_tensor`).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
+
+from adamerging_jax.core.trees import is_float_dtype
+from adamerging_jax.data.strict_text import read_json_object
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -38,19 +45,54 @@ def _to_numpy(array: Any) -> np.ndarray:
     return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
+def check_float_tensor(name: str, array: Any, source: str) -> None:
+    """ValueError naming the tensor when a weight the model uses is not floating point (an integer or boolean
+    tensor would be cast silently into a meaningless weight)."""
+    if not is_float_dtype(np.asarray(array).dtype):
+        raise ValueError(f"{source}: tensor {name!r} has dtype {np.asarray(array).dtype}, the model's weight there "
+                         "is floating point")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor → shard file), every shard a file name inside the model folder."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no 'weight_map' object (tensor name → shard file)")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{index}: tensor {tensor!r} is mapped to {shard!r}, not a shard file name")
+        if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == os.pardir:
+            raise ValueError(f"{index}: tensor {tensor!r} is mapped to {shard!r}, a file outside the model folder")
+    return weight_map
+
+
+def _read_shards(directory: str, index: str) -> dict[str, np.ndarray]:
+    """The tensors of the shards the index names, each found in the one shard the index maps it to."""
+    weight_map = _weight_map(index)
+    tensors: dict[str, np.ndarray] = {}
+    found_in: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        for name, array in read_safetensors(os.path.join(directory, shard)).items():
+            if name in found_in:
+                raise ValueError(f"{index}: tensor {name!r} is in two shards, {found_in[name]!r} and {shard!r}")
+            if weight_map.get(name) != shard:
+                raise ValueError(f"{index}: shard {shard!r} holds tensor {name!r}, which the index maps to "
+                                 f"{weight_map.get(name)!r}")
+            found_in[name], tensors[name] = shard, array
+    if missing := sorted(set(weight_map) - set(tensors)):
+        raise ValueError(f"{index}: tensors {missing[:5]} ({len(missing)} in all) are in no shard")
+    return tensors
+
+
 def read_checkpoint_dir(directory: str) -> dict[str, np.ndarray]:
-    """Every tensor of the model folder ``directory``: ``model.safetensors`` or the shards its index names."""
+    """Every tensor of the model folder ``directory``: ``model.safetensors`` or the shards its index names
+    (checked as the module docstring says)."""
     single = os.path.join(directory, SAFETENSORS)
     index = os.path.join(directory, SAFETENSORS_INDEX)
     if os.path.isfile(single):
         return read_safetensors(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(os.path.join(directory, shard)))
-        return tensors
+        return _read_shards(directory, index)
     present = sorted(os.listdir(directory))
     hint = " (pytorch_model.bin is not read: re-save it with safe_serialization=True)" if (
         "pytorch_model.bin" in present) else ""

@@ -22,7 +22,6 @@ and ``AutoTokenizer.from_pretrained`` load with no missing or unexpected keys.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -40,9 +39,11 @@ from adamerging_jax.models.hf_files import (
     SAFETENSORS,
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
+    check_float_tensor,
     read_checkpoint_dir,
     tokenizer_files,
 )
+from adamerging_jax.data.strict_text import read_json_object
 from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
 
 StateDict = Mapping[str, np.ndarray]
@@ -139,8 +140,7 @@ def read_config(directory: str) -> LlamaConfig:
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG} in {directory!r}")
-    with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = read_json_object(path)
     try:
         return LlamaConfig.from_hf(hf)
     except ValueError as err:
@@ -149,9 +149,9 @@ def read_config(directory: str) -> LlamaConfig:
 
 def params_from_hf_state_dict(state: StateDict, config: LlamaConfig, *, source: str = "state dict",
                               dtype: Any = np.float32, allow_nonfinite: bool = False) -> Params:
-    """Our tree from HF tensors by name, each checked for presence, shape and (unless ``allow_nonfinite``)
-    NaN/inf, errors naming the tensor; tensors the config does not use are refused. ``dtype=None`` keeps the
-    stored dtype."""
+    """Our tree from HF tensors by name, each checked for presence, a floating dtype, shape and (unless
+    ``allow_nonfinite``) NaN/inf, errors naming the tensor; tensors the config does not use are refused.
+    ``dtype=None`` keeps the stored dtype."""
     used: set[str] = set()
     params: Params = {}
     for path, shape in leaf_shapes(config).items():
@@ -160,6 +160,7 @@ def params_from_hf_state_dict(state: StateDict, config: LlamaConfig, *, source: 
             if name not in state:
                 raise KeyError(f"{source}: tensor {name!r} is missing")
             array = np.asarray(state[name])
+            check_float_tensor(name, array, source)
             expected = _torch_shape(path, shape)
             if array.shape != expected:
                 raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, config.json implies {expected}")

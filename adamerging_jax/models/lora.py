@@ -26,7 +26,6 @@ q, k, v, o (4096 × 4096 each, 32 layers) and K = 4 adapters: dense 8.6 G number
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -38,7 +37,8 @@ import numpy as np
 
 from adamerging_jax.core.low_rank import LoraFactors, factored_sizes, low_rank_weighted_sum, zero_task_vector
 from adamerging_jax.core.trees import map_with_path, named_leaves
-from adamerging_jax.models.clip_checkpoint import read_safetensors
+from adamerging_jax.data.strict_text import read_json_object
+from adamerging_jax.models.hf_files import check_float_tensor, read_safetensors
 from adamerging_jax.models.llama import Params, stacked
 from adamerging_jax.models.llama_checkpoint import tree_path
 
@@ -81,8 +81,7 @@ def _read_config(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory!r}")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json_object(path)
     refused = {"use_dora": bool(config.get("use_dora")), "lora_bias": bool(config.get("lora_bias")),
                "bias": config.get("bias", "none") != "none", "modules_to_save": bool(config.get("modules_to_save")),
                "peft_type": config.get("peft_type", "LORA") != "LORA"}
@@ -90,14 +89,16 @@ def _read_config(directory: str) -> dict[str, Any]:
         if bad:
             raise ValueError(f"{path}: field {field!r} = {config[field]!r} is not supported (plain LoRA only)")
     for field in ["r", "lora_alpha"]:
-        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
-            raise ValueError(f"{path}: field {field!r} must be a positive number, got {config.get(field)!r}")
+        value = config.get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ValueError(f"{path}: field {field!r} must be a finite positive number, got {value!r}")
     return config
 
 
 def read_lora_adapter(directory: str | os.PathLike) -> LoraAdapter:
-    """A PEFT LoRA adapter folder (module docstring), every tensor named and checked: A and B paired, ranks as
-    the config says, modules that are Llama Linear layers."""
+    """A PEFT LoRA adapter folder (module docstring), every tensor named and checked: floating point and
+    finite (as a full checkpoint's weights), A and B paired, ranks as the config says, modules that are Llama
+    Linear layers."""
     directory = os.fspath(directory)
     config = _read_config(directory)
     tensors = read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
@@ -107,6 +108,10 @@ def read_lora_adapter(directory: str | os.PathLike) -> LoraAdapter:
         if not match:
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
                              "(base_model.model.<module>.lora_A/lora_B.weight)")
+        check_float_tensor(key, array, directory)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{directory}: tensor {key!r} holds {int(np.isnan(array).sum())} NaN and "
+                             f"{int(np.isinf(array).sum())} inf values")
         pairs.setdefault(match.group(1), {})[match.group(2)] = array.astype(np.float32)
     if not pairs:
         raise ValueError(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
@@ -127,6 +132,8 @@ def read_lora_adapter(directory: str | os.PathLike) -> LoraAdapter:
         if not path.endswith("kernel"):
             raise ValueError(f"{directory}: module {module!r} is not a Linear layer")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if not math.isfinite(scale):
+            raise ValueError(f"{directory}: module {module!r}: scale α / r = {alpha!r} / {r!r} is not finite")
         modules[module] = LoraModule(path, layer, a, b, float(scale))
     return LoraAdapter(directory, modules)
 
