@@ -145,7 +145,7 @@ CASES = [
          lambda: am.merge({**PRE, "b": [1.0, 1.0, 1.0]}, TV, am.init_coefficients(PRE, 2))),
     # ---- method arguments
     Case("trim-density", "TIES density 0", ValueError, "density must be in (0, 1], got 0.0", lambda: am.trim(TV, 0.0)),
-    Case("trim-scope", "an unknown trim scope", ValueError, "scope must be 'model' or 'leaf', got 'block'",
+    Case("trim-scope", "an unknown trim scope", ValueError, "scope must be 'model' or 'leaf'",
          lambda: am.trim(TV, 0.5, scope="block")),
     Case("trim-total-size", "total_size below the task vectors' size", ValueError,
          "total_size 5 is smaller than the task vectors' 9 entries", lambda: am.trim(TV, 0.5, total_size=5)),

@@ -211,12 +211,18 @@ def group_members(group: str) -> list[str]:
 
 def expand_groups(methods: Iterable[Any]) -> list[Any]:
     """`methods` with each group name (``"all"``, ``"data_free"``, ``"adaptive"``) replaced by its members;
-    a method named both directly and through a group is kept once, at its first place."""
+    a method named both directly and through a group is kept once, at its first place (one named twice
+    directly stays twice, for `method_specs` to refuse)."""
     expanded: list[Any] = []
+    grouped: set[str] = set()
     for method in methods:
-        for item in group_members(method) if isinstance(method, str) and method in GROUPS else [method]:
-            if not (isinstance(item, str) and item in expanded):
-                expanded.append(item)
+        via_group = isinstance(method, str) and method in GROUPS
+        for item in group_members(method) if via_group else [method]:
+            if isinstance(item, str) and item in expanded and (via_group or item in grouped):
+                continue
+            expanded.append(item)
+            if via_group:
+                grouped.add(item)
     return expanded
 
 
