@@ -142,7 +142,7 @@ def test_without_data_or_gram_capture_it_is_refused(method):
         spec.build(pretrained, tau, context(None), view=view)
     with pytest.raises(ValueError, match=f"method '{method}' needs the binding's Gram capture: AdaptContext.gram_fn"):
         spec.build(pretrained, tau, context([[np.ones((1, 2))] * 2], gram_fn=None), view=view)
-    with pytest.raises(ValueError, match=f"method '{method}' reads leaves as weight matrices"):
+    with pytest.raises(ValueError, match=f"method '{method}' reads each weight matrix: the binding declares no matrix view"):
         spec.build(pretrained, tau, context([[np.ones((1, 2))] * 2]), view=None)
 
 

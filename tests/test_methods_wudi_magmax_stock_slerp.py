@@ -156,7 +156,7 @@ def test_model_stock_refuses_one_model_and_unknown_leaves(x64):
 
 def test_wudi_needs_a_matrix_view(x64):
     pretrained, task_vectors, _ = fixtures.models()
-    with pytest.raises(ValueError, match=r"method 'wudi' reads leaves as weight matrices"):
+    with pytest.raises(ValueError, match=r"method 'wudi' reads each weight matrix: the binding declares no matrix view"):
         method_spec("wudi").build(pretrained, task_vectors, view=None)
 
 

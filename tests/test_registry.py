@@ -184,7 +184,7 @@ def test_adamerging_learns_lambda_on_any_registered_transform(problem, tv):
         twice = am.adamerging(problem.apply, problem.pretrained, jax.tree_util.tree_map(lambda t: 2 * t, tv),
                               batch_source(problem), dataclasses.replace(ADAMERGING, granularity="task"))
         np.testing.assert_array_equal(_flat(models["task_wise_adamerging"].params), _flat(twice.params))
-        with pytest.raises(ValueError, match="transform 'viewed_test' reads each weight matrix: the binding must declare"):
+        with pytest.raises(ValueError, match="transform 'viewed_test' reads each weight matrix: the binding declares no matrix view"):
             build_models(MergeSettings([am.method_spec("task_wise_adamerging", task_vectors=needs_view.name)], ADAMERGING),
                          problem.pretrained, tv, apply_fn=problem.apply, adaptation=batch_source(problem),
                          log=lambda _: None)

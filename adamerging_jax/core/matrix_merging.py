@@ -9,35 +9,25 @@ patch convolution) takes the average (1/K) Σ_k τ_k, and its per-task parts are
     τ'_k = P_k             (`split_by_matrix`: the task-vector transform AdaMerging's λ scales;
                             θ0 + Σ_k α τ'_k is the merged model above)
 
-Memory: a leaf that stacks L layers ([K, L, ...]) is worked through one layer at a time (`lax.fori_loop`
-writing each layer's result into the output in place), so the temporaries are those of one layer's K matrices
-and their SVDs, whatever L, and θ0 + α Δ is formed per layer (no model-sized Δ). CLIP ViT-L/14 with 20 task
+Memory: a leaf that stacks L layers ([K, L, ...]) is worked through one layer at a time (`map_matrices`), so the
+temporaries are those of one layer's K matrices and their SVDs, whatever L, and θ0 + α Δ is formed per layer
+(no model-sized Δ). CLIP ViT-L/14 with 20 task
 vectors thus needs the inputs, the output and one MLP matrix's work, where a layer-vmapped SVD would hold every
 layer's singular vectors at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from adamerging_jax.core.matrix_view import Matrix, MatrixView, from_matrices, to_matrices
-from adamerging_jax.core.trees import PyTree, accumulation_dtype, map_with_path
+from adamerging_jax.core.matrix_view import Matrix, MatrixView, map_matrices, to_matrices
+from adamerging_jax.core.trees import PyTree, accumulation_dtype
 
 MatrixFunction = Callable[[jax.Array], jax.Array]
 """τ [K, out, in] → Δ [out, in] (a merged matrix) or P [K, out, in] (per-task parts), in τ's dtype."""
-
-
-def require_view(method: str, view: MatrixView | None) -> MatrixView:
-    """`view`, or one ValueError naming `method` when the binding declares none."""
-    if view is None:
-        raise ValueError(f"method {method!r} reads each weight matrix: the binding declares no matrix view "
-                         "(ModelBinding.matrix_view, or pass view=MatrixView...)")
-    return view
 
 
 def polar_factor(matrix: jax.Array) -> jax.Array:
@@ -52,58 +42,26 @@ def matrix_shape(leaf: jax.Array, spec: Matrix) -> tuple[int, int]:
     return jax.eval_shape(lambda x: to_matrices(x, spec, task_axis=False), leaf).shape[1:]
 
 
-def _on_matrix(compute: Callable[[jax.Array, jax.Array], jax.Array], tau: jax.Array, theta: jax.Array,
-               spec: Matrix, per_task: bool) -> jax.Array:
-    """``compute(τ [K, out, in], θ0 [out, in])`` on an unstacked leaf pair (τ [K, ...], θ0 [...]), returned in the
-    leaf's layout: τ's shape with `per_task`, else θ0's."""
-    single = dataclasses.replace(spec, layers=False)
-    result = compute(to_matrices(tau, single)[0], to_matrices(theta, single, task_axis=False)[0])
-    return from_matrices(result[None], single, tau.shape if per_task else theta.shape, task_axis=per_task)
-
-
-def _on_each_layer(compute: Callable[[jax.Array, jax.Array], jax.Array], tau: jax.Array, theta: jax.Array,
-                   spec: Matrix, per_task: bool, dtype: jnp.dtype) -> jax.Array:
-    """`_on_matrix` on every layer of a leaf, one layer at a time for a stacked one (module docstring)."""
-    if not spec.layers:
-        return _on_matrix(compute, tau, theta, spec, per_task).astype(dtype)
-    layer_axis = 1 if per_task else 0
-
-    def layer(index: jax.Array, out: jax.Array) -> jax.Array:
-        result = _on_matrix(compute, lax.dynamic_index_in_dim(tau, index, 1, keepdims=False),
-                            lax.dynamic_index_in_dim(theta, index, 0, keepdims=False), spec, per_task)
-        return lax.dynamic_update_index_in_dim(out, result.astype(dtype), index, layer_axis)
-
-    return lax.fori_loop(0, theta.shape[0], layer, jnp.zeros(tau.shape if per_task else theta.shape, dtype))
-
-
 def merge_by_matrix(merged_matrix: MatrixFunction, pretrained: PyTree, task_vectors: PyTree, view: MatrixView,
                     scale: jax.Array) -> PyTree:
     """θ = θ0 + α Δ: Δ = ``merged_matrix(τ)`` on each matrix of `view`, the average (1/K) Σ_k τ_k elsewhere;
     computed in the accumulation dtype, returned in θ0's dtypes (to be called under `jax.jit`)."""
 
-    def onto(tau: jax.Array, theta: jax.Array, delta: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        dtype = accumulation_dtype(tau.dtype, theta.dtype)
-        return theta.astype(dtype) + scale.astype(dtype) * delta(tau.astype(dtype))
+    def onto(delta: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        def merged(tau: jax.Array, theta: jax.Array) -> jax.Array:
+            dtype = accumulation_dtype(tau.dtype, theta.dtype)
+            return theta.astype(dtype) + scale.astype(dtype) * delta(tau.astype(dtype))
+        return merged
 
-    def leaf(path: str, theta: jax.Array, tau: jax.Array) -> jax.Array:
-        spec = view.matrix(path)
-        if spec is None:
-            return onto(tau, theta, lambda t: jnp.mean(t, axis=0)).astype(theta.dtype)
-        return _on_each_layer(lambda t, th: onto(t, th, merged_matrix), tau, theta, spec, False, theta.dtype)
-
-    return map_with_path(leaf, pretrained, task_vectors)
+    result = map_matrices(onto(merged_matrix), onto(lambda t: jnp.mean(t, axis=0)), pretrained, task_vectors, view)
+    return jax.tree_util.tree_map(lambda merged, theta: merged.astype(theta.dtype), result, pretrained)
 
 
 def split_by_matrix(matrix_parts: MatrixFunction, task_vectors: PyTree, view: MatrixView) -> PyTree:
     """τ'_k: ``matrix_parts(τ)`` on each matrix of `view`, the shares τ_k / K elsewhere; stacked like τ, in τ's
     dtypes, computed in their accumulation dtype (to be called under `jax.jit`)."""
-
-    def leaf(path: str, tau: jax.Array) -> jax.Array:
-        dtype = accumulation_dtype(tau.dtype)
-        spec = view.matrix(path)
-        if spec is None:
-            return (tau.astype(dtype) / tau.shape[0]).astype(tau.dtype)
-        parts = lambda t, _: matrix_parts(t.astype(dtype))  # noqa: E731  (no θ0: τ_0 stands in for its shape)
-        return _on_each_layer(parts, tau, tau[0], spec, True, tau.dtype)
-
-    return map_with_path(leaf, task_vectors)
+    widened = lambda tau: tau.astype(accumulation_dtype(tau.dtype))  # noqa: E731
+    shapes = jax.tree_util.tree_map(lambda tau: tau[0], task_vectors)  # θ0's shapes; no θ0 is needed
+    parts = map_matrices(lambda tau, _: matrix_parts(widened(tau)), lambda tau, _: widened(tau) / tau.shape[0],
+                         shapes, task_vectors, view, per_task_output=True)
+    return jax.tree_util.tree_map(lambda part, tau: part.astype(tau.dtype), parts, task_vectors)

@@ -78,6 +78,14 @@ class MatrixView:
         return {path: m for path in leaf_paths(tree) if (m := self.matrix(path)) is not None}
 
 
+def require_view(owner: str, view: MatrixView | None, kind: str = "method") -> MatrixView:
+    """`view`, or one ValueError naming the `kind` of thing and its name when the binding declares none."""
+    if view is None:
+        raise ValueError(f"{kind} {owner!r} reads each weight matrix: the binding declares no matrix view "
+                         "(ModelBinding.matrix_view, or pass view=MatrixView...)")
+    return view
+
+
 def to_matrices(leaf: jax.Array, spec: Matrix, task_axis: bool = True) -> jax.Array:
     """``[K, (L,) ...]`` → ``[L', K, out, in]`` (L' = L, or 1 for an unstacked leaf).
 

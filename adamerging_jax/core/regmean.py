@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.matrix_view import Matrix, MatrixView, from_matrices, to_matrices
+from adamerging_jax.core.matrix_view import Matrix, MatrixView, from_matrices, require_view, to_matrices
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, map_with_path, named_leaves
@@ -259,8 +259,7 @@ def check_capture(method: str, gram_fn: GramFn | None, view: MatrixView | None, 
     if layerwise and not isinstance(gram_fn, LayerwiseGrams):
         raise ValueError(f"method {method!r} merges block by block: AdaptContext.gram_fn must also give the staged "
                          "capture (layers, stem_leaf, stem, block), e.g. clip.vision_grams(variant)")
-    if view is None:
-        raise ValueError(f"method {method!r} reads leaves as weight matrices: the binding gives no matrix view")
+    require_view(method, view)
 
 
 # --- as a registry method --------------------------------------------------------------------------------------

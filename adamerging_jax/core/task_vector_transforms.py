@@ -25,7 +25,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from adamerging_jax.core import methods as core_methods
-from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.matrix_view import MatrixView, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.transforms import check_keep_band
 from adamerging_jax.core.trees import PyTree
@@ -107,9 +107,8 @@ def transform_task_vectors(value: str | Mapping[str, Any], task_vectors: PyTree,
     transform = get_transform(name)
     declared = {p.name for p in transform.parameters}
     inherited = {key: val for key, val in (shared or {}).items() if key in declared}
-    if transform.uses_view and view is None:
-        raise ValueError(f"task-vector transform {name!r} reads each weight matrix: the binding must declare its "
-                         "matrix view (ModelBinding.matrix_view, or pass view=MatrixView...)")
+    if transform.uses_view:
+        require_view(name, view, "task-vector transform")
     parameters = transform.configure({**inherited, **given})
     return transform.apply(task_vectors, view, **parameters) if transform.uses_view else transform.apply(task_vectors, **parameters)
 

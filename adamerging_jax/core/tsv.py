@@ -30,8 +30,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from adamerging_jax.core.matrix_merging import merge_by_matrix, polar_factor, require_view, split_by_matrix
-from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.matrix_merging import merge_by_matrix, polar_factor, split_by_matrix
+from adamerging_jax.core.matrix_view import MatrixView, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vector_transforms import TaskVectorTransform, register_transform
 from adamerging_jax.core.task_vectors import check_stacked

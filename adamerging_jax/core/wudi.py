@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamerging_jax.core.matrix_view import MatrixView, map_matrices
+from adamerging_jax.core.matrix_view import MatrixView, map_matrices, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
 from adamerging_jax.core.trees import PyTree, accumulation_dtype
@@ -119,14 +119,6 @@ def merged_matrix(task_vectors: jax.Array, solver: Solver, iterations: int, lr: 
     return exact_minimiser(tau) if solver == "exact" else adam_minimiser(tau, iterations, lr)
 
 
-def check_view(method: str, view: MatrixView | None) -> MatrixView:
-    """`view`, or a ValueError naming `method` when the binding gives none."""
-    if view is None:
-        raise ValueError(f"method {method!r} reads leaves as weight matrices: the binding gives no matrix view "
-                         "(ModelBinding.matrix_view, or pass view=MatrixView...)")
-    return view
-
-
 @partial(jax.jit, static_argnames=("view", "iterations", "solver"))
 def _wudi(pretrained: PyTree, task_vectors: PyTree, view: MatrixView, iterations: int, lr: jax.Array,
           solver: Solver) -> PyTree:
@@ -140,7 +132,7 @@ def wudi_merging(pretrained: PyTree, task_vectors: PyTree, view: MatrixView | No
     """WUDI: θ = θ0 + argmin_X Σ_k ‖(X − τ_k) τ_kᵀ‖²_F / ‖τ_k‖²_F per matrix of `view`, θ0 + mean_k τ_k elsewhere
     (module docstring). ``solver="adam"``: `iterations` Adam steps of learning rate `lr` from Σ_k τ_k (the
     reference's 300 and 1e-5); ``"exact"``: the minimum-norm minimiser. The result has θ0's dtypes."""
-    check_view("wudi", view)
+    require_view("wudi", view)
     if solver not in SOLVERS:
         raise ValueError(f"method 'wudi': parameter 'solver' must be one of {list(SOLVERS)}, got {solver!r}")
     check_stacked(pretrained, task_vectors)
