@@ -31,10 +31,11 @@ class Context:
     finished: Any  # the checkpoint directory of a finished 4-step run (settings FAST, checkpoint every 2)
     tmp_path: Any
 
-    def run(self, batches=None, tv=None, pretrained=None, apply=None, **overrides):
+    def run(self, batches=None, tv=None, pretrained=None, apply=None, coefficients=None, **overrides):
         config = am.AdaMergingConfig(**{**FAST, **overrides})
         return am.adamerging(apply or self.problem.apply, self.problem.pretrained if pretrained is None else pretrained,
-                             self.tv if tv is None else tv, batches or batch_source(self.problem), config)
+                             self.tv if tv is None else tv, batches or batch_source(self.problem), config,
+                             coefficients=coefficients)
 
     def resume(self, **kwargs):
         """Resume (a copy of) the finished run's checkpoint with something changed."""
@@ -54,6 +55,14 @@ def with_nan_leaf(tree, path):
         leaf = leaf[key]
     leaf[path[-1]].flat[3] = np.nan
     return tree
+
+
+def nan_lambda(pretrained, group, task):
+    """Layer-wise λ = 0.3 for the 4 tasks with a NaN at `task` of `group`."""
+    like = am.init_coefficients(pretrained, 4)
+    values = {g: np.array(v) for g, v in like.values.items()}
+    values[group][task] = np.nan
+    return am.Coefficients({g: jnp.asarray(v) for g, v in values.items()}, like.leaf_groups)
 
 
 def nan_input_at(problem, step, task):
@@ -156,6 +165,9 @@ CASES = [
          "step 0: the update took |λ| to", lambda ctx: ctx.run(clamp=None, optimizer=optax.scale(-1e6))),
     Case("lambda_past_own_bound", "an unclamped run past a lambda_bound of 0.35 (Adam, lr 0.02)", LambdaBoundError,
          "past lambda_bound = 0.35 with no clamp", lambda ctx: ctx.run(clamp=None, lambda_bound=0.35, steps=8)),
+    Case("coefficients_nan", "initial λ given with a NaN for task 2", ValueError,
+         "adamerging: coefficients: λ of group 'embed/task2' for task 2 is nan",
+         lambda ctx: ctx.run(coefficients=nan_lambda(ctx.problem.pretrained, "embed/task2", 2))),
     Case("batch_python_list", "a task's batch given as a Python list of examples", TypeError,
          "step 0: task 1's batch is a Python list of 16 items",
          lambda ctx: ctx.run(lambda step: [list(b) if t == 1 else b for t, b in enumerate(batch_source(ctx.problem)(step))])),

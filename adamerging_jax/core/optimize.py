@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest, write_json_atomic, write_npz_atomic
 from adamerging_jax.core.coefficients import Coefficients, Granularity, check_coefficients, init_coefficients
 from adamerging_jax.core.low_rank import cast_task_vectors
-from adamerging_jax.core.merge import DEFAULT_LAMBDA_BOUND, checked_clamp, merge
+from adamerging_jax.core.merge import DEFAULT_LAMBDA_BOUND, check_given_coefficients, checked_clamp, merge
 from adamerging_jax.core.objective import ApplyFn, entropy_objective, task_entropy
 from adamerging_jax.core.parallel import (
     constrain_like,
@@ -559,11 +559,14 @@ def _prepare(
 ) -> _Run:
     """Check the inputs, cast θ0 and τ to `param_dtype`, place everything on the mesh and make the initial
     state. λ and the optimiser state are copies (the step donates them; the caller's arrays stay usable).
-    θ0 and τ must be finite (one reduction per leaf, once)."""
+    Given λ must be finite (within ±lambda_bound without a clamp), θ0 and τ finite (one reduction per leaf,
+    once)."""
     k = check_stacked(pretrained, task_vectors)
     if coefficients is None:
         coefficients = init_coefficients(pretrained, k, config.granularity, config.init_value, config.stacked)
     check_coefficients(coefficients, task_vectors)
+    check_given_coefficients(coefficients, config.lambda_bound if config.clamp is None else None,
+                             "adamerging: coefficients")
     if config.param_dtype:
         pretrained = jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.param_dtype), pretrained)
         task_vectors = cast_task_vectors(task_vectors, config.param_dtype)
