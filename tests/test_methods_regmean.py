@@ -153,12 +153,31 @@ def test_regmean_plusplus_needs_the_staged_capture():
         am.method_spec("regmean_plusplus").build({"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2, 2))}, plain, view=VIEW)
 
 
-def test_a_singular_gram_matrix_is_refused_not_merged_into_nan():
-    """A layer input that is zero on every example leaves Σ_k G̃_k singular: the solve is refused, naming it."""
-    pretrained, tau = {"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2, 2))}
-    zero_inputs = context([[np.ones((1, 2))] * 2], gram_fn=lambda params, x: {"w": jnp.zeros((2, 2))})
+def test_an_input_no_example_reaches_takes_the_average_and_a_dependent_one_is_refused(x64):
+    """Feature 2 of 3 is zero on every example (a dead channel): its column of W* (row of the Flax kernel) is the
+    task average, the other two the RegMean solve of their own block, written out in numpy. Two identical live
+    inputs with no off-diagonal reduction leave Σ_k G_k singular: refused, naming the leaf."""
+    rng = np.random.default_rng(5)
+    kernel = rng.normal(size=(3, 4))                   # Flax [in, out]
+    tau = rng.normal(size=(2, 3, 4))
+    inputs = [rng.normal(size=(6, 3)) * np.array([1.0, 1.0, 0.0]) for _ in range(2)]
+    grams = [x.T @ x / len(x) for x in inputs]
+    weights = [(kernel + tau[k]).T for k in range(2)]  # torch [out, in]
+    live = slice(0, 2)
+    expected = np.linalg.solve(sum(g[live, live] for g in grams), sum(g[live, live] @ w[:, live].T for g, w in
+                                                                      zip(grams, weights))).T
+    dead_inputs = context([[jnp.asarray(x) for x in inputs]], gram_fn=lambda params, x: {"w": x.T @ x / x.shape[0]})
+    merged = am.method_spec("regmean", reduce_non_diagonal_ratio=1.0, num_regmean_examples=6).build(
+        {"w": jnp.asarray(kernel)}, {"w": jnp.asarray(tau)}, dead_inputs, view=MatrixView.stored_2d({"w": kernel}))
+    merged_torch = np.asarray(merged.params["w"]).T
+    np.testing.assert_allclose(merged_torch[:, live], expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged_torch[:, 2], (weights[0][:, 2] + weights[1][:, 2]) / 2, rtol=1e-12, atol=1e-12)
+
+    pretrained, dependent = {"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2, 2))}
+    same = context([[np.ones((1, 2))] * 2], gram_fn=lambda params, x: {"w": jnp.ones((2, 2))})
     with pytest.raises(ValueError, match=r"method 'regmean': the summed Gram matrices of \['w'\] are singular"):
-        am.method_spec("regmean").build(pretrained, tau, zero_inputs, view=MatrixView.stored_2d(pretrained))
+        am.method_spec("regmean", reduce_non_diagonal_ratio=1.0).build(
+            pretrained, dependent, same, view=MatrixView.stored_2d(pretrained))
 
 
 def test_the_ordinary_forward_computes_no_gram_matrix():

@@ -84,9 +84,17 @@ def regmean_terms(gram: jax.Array, weight: jax.Array, ratio: float | jax.Array) 
     return reduced, jnp.matmul(reduced, weight.T, precision=HIGHEST)
 
 
-def solve_regmean(gram_sum: jax.Array, product_sum: jax.Array) -> jax.Array:
-    """W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ ∈ R^{out × in}."""
-    return jnp.linalg.solve(gram_sum, product_sum).T
+def solve_regmean(gram_sum: jax.Array, product_sum: jax.Array, mean_weight: jax.Array) -> jax.Array:
+    """W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ ∈ R^{out × in}.
+
+    An input feature j that is zero on every example of every task (a dead ReLU channel: row and column j of
+    Σ_k G̃_k are zero) leaves column j of W* undetermined by the data; it takes the task average's column,
+    (1/K) Σ_k W_k[:, j] (`mean_weight`), and the other columns are the RegMean solution unchanged (the system
+    splits: a unit diagonal and the average's row stand in for feature j's zero row)."""
+    dead = jnp.diagonal(gram_sum) == 0
+    gram = gram_sum + jnp.diag(dead.astype(gram_sum.dtype))
+    product = jnp.where(dead[:, None], mean_weight.T.astype(product_sum.dtype), product_sum)
+    return jnp.linalg.solve(gram, product).T
 
 
 # --- a tree ----------------------------------------------------------------------------------------------------
@@ -127,14 +135,16 @@ def add_statistics(total: Statistics | None, more: Statistics) -> Statistics:
 
 def merge_statistics(pretrained: PyTree, task_vectors: PyTree, statistics: Statistics, view: MatrixView) -> PyTree:
     """The merged tree: W* = `solve_regmean` for every leaf with statistics, the mean θ0 + (1/K) Σ_k τ_k for the
-    rest; θ0's dtypes."""
+    rest (and for a matrix's columns that no example reaches); θ0's dtypes."""
 
     def merge_leaf(path: str, theta: jax.Array, tau: jax.Array) -> jax.Array:
-        if path in statistics:
-            solved = jax.vmap(solve_regmean)(*statistics[path])
-            return from_matrices(solved, _spec(view, path), theta.shape, task_axis=False).astype(theta.dtype)
         dtype = accumulation_dtype(theta.dtype, tau.dtype)
-        return (theta.astype(dtype) + jnp.mean(tau.astype(dtype), axis=0)).astype(theta.dtype)
+        mean = theta.astype(dtype) + jnp.mean(tau.astype(dtype), axis=0)
+        if path in statistics:
+            spec = _spec(view, path)
+            solved = jax.vmap(solve_regmean)(*statistics[path], to_matrices(mean, spec, task_axis=False))
+            return from_matrices(solved, spec, theta.shape, task_axis=False).astype(theta.dtype)
+        return mean.astype(theta.dtype)
 
     return map_with_path(merge_leaf, pretrained, task_vectors)
 
@@ -280,13 +290,14 @@ def from_context(method: str, layerwise: bool, pretrained: PyTree, task_vectors:
                  view: MatrixView | None, reduce_non_diagonal_ratio: float, num_regmean_examples: int) -> PyTree:
     """RegMean (`layerwise` False) or RegMean++ from a method's `AdaptContext`: the batches of
     ``context.batches`` that make up `num_regmean_examples` examples per task and the binding's
-    ``context.gram_fn``; a non-finite solve (a singular summed Gram matrix) is refused."""
+    ``context.gram_fn``; a non-finite solve (a summed Gram matrix singular beyond dead inputs) is refused."""
     check_capture(method, context.gram_fn, view, layerwise)
     inputs = unlabeled_inputs(method, context.batches, check_stacked(pretrained, task_vectors), num_regmean_examples)
     merge = regmean_plusplus if layerwise else regmean
     merged = merge(pretrained, task_vectors, inputs, context.gram_fn, view, reduce_non_diagonal_ratio)
     singular = [path for path, leaf in named_leaves(merged) if not bool(jnp.isfinite(leaf).all())]
     if singular:
-        raise ValueError(f"method {method!r}: the summed Gram matrices of {singular} are singular (an input feature "
-                         "that is zero on every example, e.g. a dead ReLU channel): their solve is not finite")
+        raise ValueError(f"method {method!r}: the summed Gram matrices of {singular} are singular (linearly dependent "
+                         "layer inputs on these examples): their solve is not finite; give more unlabeled examples "
+                         "(num_regmean_examples) or a reduce_non_diagonal_ratio below 1")
     return merged
