@@ -68,6 +68,14 @@ def world(tmp_path_factory):
     save_file(tensors, str(root / "nan_adapter" / "adapter_model.safetensors"))
     (root / "latin1.txt").write_bytes("a prompt\nun caf\u00e9\n".encode("latin-1"))
     (root / "invisible.txt").write_text("a prompt\n\n\u200b\u2060\n", encoding="utf-8")
+    # the fine-tuned model in shards, one of which is gone; and with one tensor of another shape
+    save_hf_causal_lm(root / "missing_shard", finetuned, config, max_shard_bytes=40_000)
+    (root / "missing_shard" / "model-00002-of-00006.safetensors").unlink()
+    (root / "other_shape").mkdir()
+    state = read_checkpoint_dir(str(root / "math"))
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :40].copy()
+    save_file(state, str(root / "other_shape" / "model.safetensors"))
+    (root / "other_shape" / "config.json").write_bytes((root / "math" / "config.json").read_bytes())
     return root
 
 
@@ -227,6 +235,7 @@ def test_factored_adapters_give_the_dense_run(world):
 # ------------------------------------------------------------------------------------------------ --dry-run
 
 
+STREAMED = {"methods": ["task_arithmetic"]}  # no prompts either: merged tensor by tensor from disk, nothing loaded
 CASES = [
     Case("missing_prompts", "a prompt file that does not exist", {"tasks": [{"prompts": {"file": "{world}/no.txt"}}]},
          "task 'math' prompts {world}/no.txt"),
@@ -256,6 +265,13 @@ CASES = [
          "latin1.txt: not UTF-8 text: byte 0xe9 at byte offset 15"),
     Case("prompts_invisible", "a prompt of zero-width characters only",
          {"tasks": [{"prompts": {"file": "{world}/invisible.txt"}}]}, "invisible.txt:3: the prompt"),
+    Case("missing_shard", "a shard named in a fine-tuned model's index but missing (streamed merge)",
+         {**STREAMED, "tasks": [{"finetuned": "{world}/missing_shard", "prompts": None}, {"prompts": None}]},
+         "task 'math' finetuned {world}/missing_shard: {world}/missing_shard/model.safetensors.index.json: shard "
+         "'model-00002-of-00006.safetensors'"),
+    Case("shape_differs", "a tensor whose shape differs between θ0 and a fine-tuned model (streamed merge)",
+         {**STREAMED, "tasks": [{"finetuned": "{world}/other_shape", "prompts": None}, {"prompts": None}]},
+         "tensor 'model.layers.1.mlp.up_proj.weight' has shape (80, 40), config.json implies (80, 48)"),
 ]
 
 

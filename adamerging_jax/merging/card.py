@@ -72,14 +72,16 @@ def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]
 
 def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any],
                   summary: Mapping[str, Mapping[str, float]] | None, entropy_table: str | None,
-                  weights: str | None) -> str:
-    """Markdown for a merged causal LM: what was merged and how, λ per task, the prompts' entropy per method."""
+                  weights: str | None, dtype: str) -> str:
+    """Markdown for a merged causal LM: what was merged and how, its weights' dtype, λ per task, the prompts'
+    entropy per method."""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [model-merging, adamerging]", "---", "",
              f"# {method['label']} of {len(config.tasks)} fine-tuned language models", "",
              "Merged with adamerging_jax: θ = θ0 + Σ_k λ_k τ_k, τ_k = θ_k − θ0 (a LoRA adapter's τ = s (B A)ᵀ); "
              f"method `{method['name']}` ({method['paper']}), parameters `{method['params']}`.", "",
              f"- pretrained (θ0, tokenizer): `{config.pretrained}`",
+             f"- weights stored as {dtype}",
              f"- precision during AdaMerging: `{config.precision}`, prompts cut to {config.max_length} tokens"]
     lines += _how(config, settings, weights, "prompts")
     lines += ["", "## Tasks", "", "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]

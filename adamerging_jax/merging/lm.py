@@ -26,6 +26,16 @@ devices and splits the batches. `run_lm_plan` then writes
 
 The prompts' identity in that state is `PromptBatches.fingerprint`: a digest of every tokenized prompt and of
 the sampler's settings.
+
+A run whose exported method streams (`core.registry.MergeMethod.streaming`: task arithmetic, weight
+averaging, TIES, DARE), with no method that learns from data, no prompts and no ``--weights``, loads nothing:
+`prepare_lm` checks every checkpoint's tensor names, shapes and dtypes from the file headers, and
+`run_lm_plan` merges tensor by tensor from disk to ``OUT/model`` (`merging.streaming`), in memory a few
+copies of the largest tensor. Only the exported method is built (without prompts the others would have no
+output). The merged model's tensors keep θ0's dtype (bf16 in, bf16 out), or take the config's ``dtype``;
+sums run in float32 (float64 for float64 inputs) either way. The model folder appears whole or not at all:
+it is written into a hidden sibling folder, flushed to disk and renamed into place, so a run killed while
+writing leaves the previous export (or none); the next run removes what the killed one left.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import adamerging_jax as am
-from adamerging_jax.core.checkpoint import atomic_directory, write_atomic
+from adamerging_jax.core.checkpoint import atomic_directory, write_atomic, write_json_atomic
 from adamerging_jax.core.objective import task_entropy
-from adamerging_jax.core.protocol import build_models, records_json
+from adamerging_jax.core.protocol import MergeSettings, MethodRecord, build_models, records_json
 from adamerging_jax.core.registry import Merged
 from adamerging_jax.data.text import (
     TextBatches,
@@ -56,10 +67,24 @@ from adamerging_jax.data.text import (
 from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.config import MergeConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
+from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
 from adamerging_jax.merging.plan import CheckedRun, fail, guarded, run_mesh
 from adamerging_jax.merging.run import check_exported_finite, given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
-from adamerging_jax.models.llama_checkpoint import load_hf_causal_lm, read_config, save_hf_causal_lm
+from adamerging_jax.models.hf_files import tokenizer_files
+from adamerging_jax.models.llama_checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    hf_config,
+    hf_name,
+    hf_tensor_shapes,
+    leaf_shapes,
+    load_hf_causal_lm,
+    open_hf_causal_lm,
+    read_config,
+    save_hf_causal_lm,
+    tensor_placement,
+)
+from adamerging_jax.models.safetensors_stream import CheckpointFiles, fsync_directory
 from adamerging_jax.models.lora import (
     LoraAdapter,
     factored_task_vectors,
@@ -126,6 +151,66 @@ def load_language_models(config: MergeConfig, log: Callable[[str], None] = print
     return LanguageModels(lm_config, pretrained, task_vectors, config.pretrained, adapters)
 
 
+@dataclasses.dataclass
+class StreamedModels:
+    """The checkpoints of a streamed run, checked but not loaded: θ0's config and tensors, each task's source of
+    τ (`streaming.TaskTensors`), the tokenizer folder and each task's adapter (None for a full model)."""
+
+    config: LlamaConfig
+    pretrained: CheckpointFiles
+    tasks: list[TaskTensors]
+    tokenizer_dir: str
+    adapters: list[LoraAdapter | None]
+
+
+def streams(config: MergeConfig, settings: MergeSettings, weights: str | None) -> bool:
+    """Whether the run merges tensor by tensor from disk (module docstring): the exported method streams, no
+    method learns from data, no prompts (their entropy needs the models in memory), no ``--weights``."""
+    exported = next(spec for spec in settings.methods if spec.name == config.exported)
+    return (exported.method.streaming is not None and not settings.needs_data and weights is None
+            and not any(task.prompts for task in config.tasks))
+
+
+def open_language_models(config: MergeConfig, log: Callable[[str], None] = print) -> StreamedModels:
+    """θ0 and every task's checkpoint opened and checked from the headers alone: every tensor present with θ0's
+    shape and a floating dtype (`open_hf_causal_lm`), each fine-tuned model of θ0's architecture, each
+    adapter's modules fitting θ0's weights; `SystemExit` naming the task and file otherwise."""
+    log(f"[models] pretrained {config.pretrained} (streamed: nothing loaded)")
+    lm_config, pretrained = guarded(f"pretrained {config.pretrained}", lambda: open_hf_causal_lm(config.pretrained))
+    shapes = {path: jax.ShapeDtypeStruct(shape, np.float32) for path, shape in leaf_shapes(lm_config).items()}
+    tasks, adapters = [], []
+    for task in config.tasks:
+        if task.finetuned:
+            what = f"task {task.name!r} finetuned {task.finetuned}"
+            log(f"[models] {task.name}: fine-tuned model {task.finetuned}")
+            guarded(what, lambda task=task: _same_architecture(read_config(task.finetuned), lm_config))
+            _, files = guarded(what, lambda task=task: open_hf_causal_lm(task.finetuned, lm_config))
+            tasks.append(TaskTensors(task.name, what, checkpoint=files))
+            adapters.append(None)
+            continue
+        what = f"task {task.name!r} adapter"
+        log(f"[models] {task.name}: LoRA adapter {task.adapter}")
+        adapter = guarded(what, lambda task=task: read_lora_adapter(task.adapter))
+        guarded(what, lambda adapter=adapter: lora_factors([adapter], shapes))  # every module fits θ0
+        modules = {hf_name(m.path, m.layer): m for m in adapter.modules.values()}
+        tasks.append(TaskTensors(task.name, f"{what} {task.adapter}", adapter=modules))
+        adapters.append(adapter)
+    return StreamedModels(lm_config, pretrained, tasks, config.pretrained, adapters)
+
+
+def output_dtypes(config: MergeConfig, pretrained: CheckpointFiles, names: Sequence[str]) -> dict[str, np.dtype]:
+    """Each exported tensor's dtype: the config's ``dtype``, else θ0's stored dtype of that tensor."""
+    chosen = jnp.dtype(config.dtype) if config.dtype else None
+    return {name: chosen or pretrained.info(name).dtype for name in names}
+
+
+def describe_dtypes(config: MergeConfig, dtypes: dict[str, np.dtype]) -> str:
+    """The exported weights' dtype in words, for the plan and the model card."""
+    if config.dtype:
+        return f"`{config.dtype}` (the config's dtype)"
+    return ", ".join(f"`{name}`" for name in sorted({np.dtype(d).name for d in dtypes.values()})) + " (θ0's)"
+
+
 class PromptBatches(TextBatches):
     """`TextBatches` whose `fingerprint` identifies the data of a resumable run: every tokenized prompt of
     every task (ids and lengths) and the sampler's settings (batch size, batches per step, seed, buckets,
@@ -188,9 +273,18 @@ class LmPlan(CheckedRun):
     """A checked causal-LM run: also the loaded models, the prompt batches (None without prompts), the
     candidates' token ids and the mesh."""
 
-    models: LanguageModels
+    models: LanguageModels | StreamedModels
     batches: PromptBatches | None
     candidates: list[tuple[int, ...]] | None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.models, StreamedModels)
+
+    def output_dtypes(self) -> dict[str, np.dtype]:
+        """Each exported tensor's dtype (`output_dtypes`), θ0's read from its file headers."""
+        pretrained = self.models.pretrained if self.streamed else CheckpointFiles(self.config.pretrained)
+        return output_dtypes(self.config, pretrained, sorted(hf_tensor_shapes(self.models.config)))
 
     @property
     def pretrained(self) -> Params:
@@ -218,14 +312,17 @@ class LmPlan(CheckedRun):
         lines += self.method_lines()
         adamerging = self.settings.adamerging
         objective = "entropy over the candidate answers" if self.candidates else "next-token entropy"
-        lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
-                     f"{adamerging.batches_per_task}x{adamerging.batch_size} prompts per task and step (at most "
-                     f"{config.max_length} tokens), {objective}, clamp {adamerging.clamp}, "
-                     f"precision {config.precision}")
+        if self.settings.needs_data:
+            lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
+                         f"{adamerging.batches_per_task}x{adamerging.batch_size} prompts per task and step (at "
+                         f"most {config.max_length} tokens), {objective}, clamp {adamerging.clamp}, "
+                         f"precision {config.precision}")
         lines.append("devices: " + " × ".join(f"{name} {size}" for name, size in self.mesh.shape.items()))
         if self.weights is not None:
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
-        lines.append(f"export: {config.exported} to {self.output / 'model'}")
+        how = "streamed tensor by tensor from disk, nothing loaded" if self.streamed else "built in memory"
+        lines.append(f"export: {config.exported} to {self.output / 'model'} ({how}); weights "
+                     f"{describe_dtypes(config, self.output_dtypes())}")
         return "\n".join(lines)
 
 
@@ -233,7 +330,7 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
                log: Callable[[str], None] = print) -> LmPlan:
     """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
     settings = guarded(config.source, config.settings)
-    models = load_language_models(config, log)
+    models = (open_language_models if streams(config, settings, weights) else load_language_models)(config, log)
     tokenizer = guarded(f"pretrained {config.pretrained}: the tokenizer does not load",
                         lambda: load_tokenizer(config.pretrained))
     prompts = tokenized_prompts(config, tokenizer, models.config.vocab_size)
@@ -296,7 +393,9 @@ def export_files(directory: Path) -> list[str]:
 def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every method's model (AdaMerging resumable under ``OUT/state``), measure the prompts' entropy,
     export the chosen model with its card and write the named λ and the report; returns ``results.json``'s
-    content."""
+    content. A streamed plan runs through `run_streamed`."""
+    if plan.streamed:
+        return run_streamed(plan, log)
     config, output, models_in = plan.config, plan.output, plan.models
     output.mkdir(parents=True, exist_ok=True)
     settings = plan.settings.with_changes(quiet=True)
@@ -320,11 +419,64 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     write_lambdas(plan, merged, run)
     table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
     files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log)
-    card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table, run.get("weights"))
+    dtypes = plan.output_dtypes()
+    card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
+                         run.get("weights"), describe_dtypes(config, dtypes))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
     check_exported_finite(params, plan.binding.tensor_names)
     with atomic_directory(output / "model", export_files(output / "model")) as folder:
-        save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir)
+        save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir, dtype=dtypes)
         write_atomic(Path(folder, "README.md"), card.encode())
     log(f"[merge] wrote {output / 'model'} ({config.exported}), " + ", ".join(str(p) for p in files.values()))
+    return run
+
+
+def remove_unfinished_exports(directory: Path, log: Callable[[str], None]) -> None:
+    """Remove the hidden sibling folders (``.model.<id>.tmp``) that a run killed while writing ``directory``
+    left behind."""
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
+        if stale.is_dir():
+            log(f"[merge] removing {stale}, left by a run that stopped while writing")
+            shutil.rmtree(stale)
+
+
+def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The exported method merged tensor by tensor from disk into ``OUT/model`` (`streaming.stream_merge`),
+    with config.json, the tokenizer files and the card, then ``results.json`` and ``table.md``; returns
+    ``results.json``'s content."""
+    from adamerging_jax import report
+
+    config, output, models = plan.config, plan.output, plan.models
+    spec = plan.export_spec
+    if skipped := [other.name for other in plan.settings.methods if other.name != spec.name]:
+        log(f"[merge] methods {skipped} are not built: without prompts only the exported model is an output")
+    dtypes = plan.output_dtypes()
+    stream = TensorStream(models.pretrained, f"pretrained {config.pretrained}", models.tasks, sorted(dtypes),
+                          tensor_placement)
+    settings = plan.settings.with_changes(quiet=True)
+    names = [task.name for task in config.tasks]
+    target = output / "model"
+    output.mkdir(parents=True, exist_ok=True)
+    remove_unfinished_exports(target, log)
+    with atomic_directory(target, export_files(target)) as folder:
+        try:
+            done = stream_merge(spec, stream, folder, dtypes, view=plan.binding.matrix_view,
+                                max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, log=log)
+        except ValueError as error:
+            raise fail(error) from None
+        record = MethodRecord(spec.name, spec.label, spec.describe()["params"], {}, seconds={"build": done["seconds"]})
+        run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json({spec.name: record}),
+               "entropy": None, "export": config.exported, "weights": None, "settings": settings.describe(),
+               "config": config.source, "lambda_summary": None, "dtype": describe_dtypes(config, dtypes),
+               "streamed": {key: done[key] for key in ("passes", "bytes_read", "bytes_written")}}
+        write_json_atomic(Path(folder, "config.json"), hf_config(models.config, dtypes.values()))
+        for path in tokenizer_files(models.tokenizer_dir):
+            shutil.copyfile(path, Path(folder, Path(path).name))
+        card = lm_model_card(config, plan.exported_method(run), run["settings"], None, None, None, run["dtype"])
+        write_atomic(Path(folder, "README.md"), card.encode())
+        fsync_directory(folder)
+    report.check_finite([run])
+    files = report.write_report(output, run, "No prompts were given: no entropy.\n")
+    log(f"[merge] wrote {target} ({config.exported}, streamed in {done['passes']} passes, "
+        f"{done['bytes_read'] / 1e6:.1f} MB read), " + ", ".join(str(p) for p in files.values()))
     return run

@@ -53,7 +53,7 @@ def check_float_tensor(name: str, array: Any, source: str) -> None:
                          "is floating point")
 
 
-def _weight_map(index: str) -> dict[str, str]:
+def read_weight_map(index: str) -> dict[str, str]:
     """The index's ``weight_map`` (tensor → shard file), every shard a file name inside the model folder."""
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -68,7 +68,7 @@ def _weight_map(index: str) -> dict[str, str]:
 
 def _read_shards(directory: str, index: str) -> dict[str, np.ndarray]:
     """The tensors of the shards the index names, each found in the one shard the index maps it to."""
-    weight_map = _weight_map(index)
+    weight_map = read_weight_map(index)
     tensors: dict[str, np.ndarray] = {}
     found_in: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):

@@ -25,15 +25,15 @@ import functools
 import os
 import re
 import shutil
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from adamerging_jax.coefficient_formats import TensorNames
 from adamerging_jax.core.checkpoint import atomic_directory, write_json_atomic
-from adamerging_jax.core.trees import named_leaves
+from adamerging_jax.core.trees import is_float_dtype, named_leaves
 from adamerging_jax.models.hf_files import (
     CONFIG,
     SAFETENSORS,
@@ -45,6 +45,7 @@ from adamerging_jax.models.hf_files import (
 )
 from adamerging_jax.data.strict_text import read_json_object
 from adamerging_jax.models.llama import LlamaConfig, LlamaForCausalLM, Params, stacked
+from adamerging_jax.models.safetensors_stream import CheckpointFiles, ShardedWriter
 
 StateDict = Mapping[str, np.ndarray]
 
@@ -132,6 +133,27 @@ def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[::-1] if path.endswith("kernel") else shape
 
 
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the model ``config`` describes, by name, with its (torch layout) shape."""
+    return {name: _torch_shape(path, shape) for path, shape in leaf_shapes(config).items()
+            for name in _names_of(path, config)}
+
+
+class TensorPlacement(NamedTuple):
+    """Where one HF tensor sits in our tree: the leaf ``path``, whether the leaf stores it transposed (a Linear
+    kernel, [in, out]) and whether the leaf stacks layers (the tensor is one layer of it)."""
+
+    path: str
+    transpose: bool
+    stacked: bool
+
+
+def tensor_placement(name: str) -> TensorPlacement:
+    """The `TensorPlacement` of HF tensor ``name`` (:func:`tree_path`)."""
+    path, layer = tree_path(name)
+    return TensorPlacement(path, path.endswith("kernel"), layer is not None)
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
@@ -206,11 +228,39 @@ def load_hf_causal_lm(directory: str, *, dtype: Any = np.float32, allow_nonfinit
                                              allow_nonfinite=allow_nonfinite)
 
 
+def open_hf_causal_lm(directory: str, config: LlamaConfig | None = None) -> tuple[LlamaConfig, CheckpointFiles]:
+    """(config, the folder's tensors to read one at a time) of an HF causal-LM folder, nothing loaded: every
+    tensor ``config`` (default: the folder's own ``config.json``) describes is present with its shape and a
+    floating dtype, and none else (as :func:`params_from_hf_state_dict` checks a loaded one, errors naming the
+    tensor). Values are read, and checked for NaN / inf, by whoever reads them."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint folder at {directory!r}")
+    config = config or read_config(directory)
+    files = CheckpointFiles(directory)
+    expected = hf_tensor_shapes(config)
+    for name, shape in expected.items():
+        if name not in files.location:
+            raise KeyError(f"{directory}: tensor {name!r} is missing")
+        info = files.info(name)
+        if info.shape != shape:
+            raise ValueError(f"{directory}: tensor {name!r} has shape {info.shape}, config.json implies {shape}")
+        if not is_float_dtype(info.dtype):
+            raise ValueError(f"{directory}: tensor {name!r} has dtype {info.dtype}, the model's weight there is "
+                             "floating point")
+    used = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    unexpected = sorted(name for name in files.names if name not in used and not _IGNORED.fullmatch(name))
+    if unexpected:
+        raise ValueError(f"{directory}: tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"({len(unexpected)} in all) are not used by the model config.json describes")
+    return config, files
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
 def hf_state_dict(params: Params, config: LlamaConfig, *, dtype: Any = None) -> dict[str, np.ndarray]:
-    """HF tensors by name from our tree (layers unstacked, kernels transposed), in ``dtype`` or the leaves' own."""
+    """HF tensors by name from our tree (layers unstacked, kernels transposed), in ``dtype`` (one dtype, or a
+    mapping tensor name → dtype) or the leaves' own."""
     shapes = leaf_shapes(config)
     leaves = dict(named_leaves(params))
     if set(leaves) != set(shapes):
@@ -224,21 +274,16 @@ def hf_state_dict(params: Params, config: LlamaConfig, *, dtype: Any = None) -> 
         per_tensor = list(array) if stacked(path) else [array]
         for name, tensor in zip(_names_of(path, config), per_tensor):
             tensor = tensor.T if path.endswith("kernel") else tensor
-            state[name] = np.ascontiguousarray(tensor, dtype=dtype or tensor.dtype)
+            wanted = dtype.get(name) if isinstance(dtype, Mapping) else dtype
+            state[name] = np.ascontiguousarray(tensor, dtype=wanted or tensor.dtype)
     return state
 
 
-def _shards(state: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
-    """Tensors in name order, cut into consecutive groups of at most ``max_shard_bytes`` (a larger tensor alone)."""
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(state):
-        if shards[-1] and size + state[name].nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += state[name].nbytes
-    return shards
+def hf_config(config: LlamaConfig, dtypes: Iterable[Any]) -> dict[str, Any]:
+    """The ``config.json`` of an export whose tensors have ``dtypes``: its ``dtype`` field is theirs when they
+    share one, else float32."""
+    names = {np.dtype(dtype).name for dtype in dtypes}
+    return dict(config.to_hf(), dtype=names.pop() if len(names) == 1 else "float32")
 
 
 def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: LlamaConfig,
@@ -246,32 +291,23 @@ def save_hf_causal_lm(directory: str | os.PathLike, params: Params, config: Llam
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write an HF causal-LM folder: ``config.json``, ``model.safetensors`` (or shards
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` when the tensors exceed
-    ``max_shard_bytes``) and the tokenizer files of ``tokenizer_dir``. The folder appears whole or not at all.
+    ``max_shard_bytes``; tensors in name order) and the tokenizer files of ``tokenizer_dir``. The folder
+    appears whole or not at all.
 
-    ``dtype`` (e.g. ``jnp.bfloat16``) converts the weights; by default each keeps its own dtype. A tied model
-    writes no ``lm_head.weight``, as transformers does. An existing ``directory`` is replaced only when it holds
-    nothing but what an export writes; otherwise FileExistsError names the files that would be lost.
+    ``dtype`` (e.g. ``jnp.bfloat16``, or a mapping tensor name → dtype) converts the weights; by default each
+    keeps its own dtype. A tied model writes no ``lm_head.weight``, as transformers does. An existing
+    ``directory`` is replaced only when it holds nothing but what an export writes; otherwise FileExistsError
+    names the files that would be lost.
     """
-    from safetensors.numpy import save_file
-
     state = hf_state_dict(params, config, dtype=dtype)
     copied = tokenizer_files(os.fspath(tokenizer_dir)) if tokenizer_dir is not None else []
-    dtypes = {a.dtype.name for a in state.values()}
-    hf_config = dict(config.to_hf(), dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
     with atomic_directory(directory, export_files(directory)) as tmp:
-        write_json_atomic(os.path.join(tmp, CONFIG), hf_config)
-        shards = _shards(state, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(state, os.path.join(tmp, SAFETENSORS), {"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, filename), {"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, filename))
-            index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
-                     "weight_map": weight_map}
-            write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), index)
+        write_json_atomic(os.path.join(tmp, CONFIG), hf_config(config, (a.dtype for a in state.values())))
+        writer = ShardedWriter(tmp, {name: (state[name].dtype, state[name].shape) for name in sorted(state)},
+                               max_shard_bytes)
+        for name in sorted(state):
+            writer.write(name, state[name])
+        writer.close()
         for path in copied:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
 

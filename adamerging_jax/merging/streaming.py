@@ -1,0 +1,371 @@
+"""Data-free merges streamed tensor by tensor from disk to disk, for checkpoints larger than memory.
+
+θ0 and each task's checkpoint are read one tensor at a time (`models.safetensors_stream`). For every tensor
+of the output, in name order:
+
+    τ_k = θ_k − θ0          (a full fine-tuned checkpoint; in the accumulation dtype, float32, or float64 for
+                             float64 inputs, as `core.task_vectors` takes it)
+    τ_k = s · B A           (a LoRA adapter's module on this weight [out, in]; 0 on the weights it leaves)
+
+then the registry method itself runs on a one-tensor tree (θ0's tensor and the stacked τ ``[K, ...]``, laid
+out as the model's tree lays that leaf: a Linear weight as its kernel [in, out], a layer of a stacked leaf with
+a layer axis of 1, so a method that reads the binding's matrix view sees the matrix it would see in memory),
+and the merged tensor is cast to the output dtype and written at once (`ShardedWriter`). Peak memory is a few
+copies of the largest tensor times K, whatever the model's size.
+
+How a method streams is declared on it (`core.registry.MergeMethod.streaming`):
+
+- ``"tensor"``: one pass. Deterministic elementwise methods (task arithmetic, weight averaging) give exactly
+  their in-memory result. A ``seed`` parameter becomes the tensor's own key, fold_in(key(seed), i) with i the
+  tensor's index in the output's name order, so DARE draws an independent mask per tensor: the same law as
+  in memory, another draw.
+- ``"global"``: the model-wide statistics the method reads are found first, exactly, in streaming passes,
+  then given to it for every tensor. TIES (`ties_statistics`) reads two:
+
+  - per task, the trim threshold t_k = the r-th largest |τ_k| over the whole model (scope ``"model"``;
+    r = ⌊density · D⌋ + 1 as `core.transforms.trim` counts, D the entries of one task vector or
+    ``total_size``), found by radix selection on the IEEE-754 bit patterns of |τ| (`KthLargest`): each pass
+    counts 16 bits per entry in 65536 buckets (only the entries still in the chosen bucket), and the search
+    stops early once every entry left shares the remaining bits, so float32 needs at most 2 passes and float64
+    at most 4; no sort, no copy of the model, the same value `core.transforms` finds in memory;
+  - the majority sign sgn Σ_entries γ of the elected signs γ = sgn Σ_k τ̂_k over the whole model (entries
+    where γ = 0 take it), an exact integer count: one pass.
+
+  With scope ``"leaf"`` each checkpoint tensor is a leaf (mergekit's per-tensor density): its threshold is
+  its own, found inside the method's call; the majority sign still spans the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.registry import MethodSpec
+from adamerging_jax.core.transforms import elect_sign, trim
+from adamerging_jax.core.trees import PyTree, accumulation_dtype
+from adamerging_jax.models.safetensors_stream import CheckpointFiles, ShardedWriter
+
+BUCKET_BITS = 16
+CHUNK = 1 << 23  # entries per selection step: bounds the temporaries of a huge tensor
+
+
+class Placement(Protocol):
+    """Where a checkpoint tensor sits in the model's tree (e.g. `models.llama_checkpoint.TensorPlacement`):
+    ``path`` (the leaf), ``transpose`` (the leaf stores it transposed), ``stacked`` (it is one layer of a leaf
+    with a layer axis)."""
+
+    path: str
+    transpose: bool
+    stacked: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredPlacement:
+    """A tensor as it is stored, under one path."""
+
+    path: str = "tensor"
+    transpose: bool = False
+    stacked: bool = False
+
+
+AS_STORED = StoredPlacement()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTensors:
+    """Where task ``name``'s τ comes from: a full fine-tuned ``checkpoint`` (τ = θ_k − θ0), or the ``adapter``
+    modules of a LoRA adapter by the tensor they adapt (objects with ``a`` [r, in], ``b`` [out, r] and
+    ``scale``: τ = s B A there, 0 elsewhere)."""
+
+    name: str
+    source: str
+    checkpoint: CheckpointFiles | None = None
+    adapter: Mapping[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------------ one tensor at a time
+
+
+def _to_leaf(x: jax.Array, transpose: bool, stacked: bool, task_axis: bool) -> jax.Array:
+    if transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    return jnp.expand_dims(x, int(task_axis)) if stacked else x
+
+
+@partial(jax.jit, static_argnames=("kinds", "transpose", "stacked"))
+def _leaves(theta0: jax.Array, inputs: tuple[jax.Array, ...], kinds: tuple[str, ...], transpose: bool,
+            stacked: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """θ0's leaf and τ's stacked leaf in the accumulation dtype, and whether each input is finite."""
+    acc = accumulation_dtype(theta0.dtype)
+    base = theta0.astype(acc)
+    given = iter(inputs)
+    taus = []
+    for kind in kinds:
+        if kind == "zero":
+            taus.append(jnp.zeros_like(base))
+        else:
+            x = next(given).astype(acc)
+            taus.append(x - base if kind == "full" else x)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in (theta0, *inputs)])
+    return (_to_leaf(base, transpose, stacked, False), _to_leaf(jnp.stack(taus), transpose, stacked, True),
+            finite)
+
+
+@partial(jax.jit, static_argnames=("transpose", "stacked", "dtype"))
+def _tensor(leaf: jax.Array, transpose: bool, stacked: bool, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The checkpoint tensor of a merged leaf, in ``dtype``, and its count of NaN or inf values."""
+    x = leaf[0] if stacked else leaf
+    x = (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
+    return x, jnp.sum(~jnp.isfinite(x))
+
+
+def _tree(path: str, leaf: Any) -> PyTree:
+    """The one-leaf tree {a: {b: leaf}} of leaf path "a/b"."""
+    tree = leaf
+    for key in reversed(path.split("/")):
+        tree = {key: tree}
+    return tree
+
+
+def _leaf_at(tree: PyTree, path: str) -> Any:
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+class TensorStream:
+    """θ0 and the tasks' τ for each output tensor, read from disk in one pass per call of `leaves`."""
+
+    def __init__(self, pretrained: CheckpointFiles, pretrained_source: str, tasks: Sequence[TaskTensors],
+                 names: Sequence[str], placement: Callable[[str], Placement]):
+        self.pretrained, self.pretrained_source, self.tasks = pretrained, pretrained_source, list(tasks)
+        self.names, self.placement = list(names), placement
+        self.passes = 0
+        self.as_leaves = True
+
+    def place(self, name: str) -> Placement:
+        """Where tensor ``name`` goes in a one-tensor tree: its leaf in the model's tree, laid out as there (when
+        `as_leaves`: for methods that read the matrix view), else the tensor as it is under one fixed path
+        (elementwise methods: one compiled program per tensor shape, not per leaf)."""
+        return self.placement(name) if self.as_leaves else AS_STORED
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.pretrained.bytes_read + sum(t.checkpoint.bytes_read for t in self.tasks if t.checkpoint)
+
+    @property
+    def accumulation_dtype(self) -> np.dtype:
+        """The dtype τ comes in: float32, float64 when θ0 holds float64 tensors."""
+        return np.dtype(accumulation_dtype(*(self.pretrained.info(name).dtype for name in self.names)))
+
+    def size(self) -> int:
+        """D, the entries of one task vector."""
+        return sum(int(np.prod(self.pretrained.info(name).shape)) for name in self.names)
+
+    def leaves(self) -> Iterator[tuple[int, str, Placement, jax.Array, jax.Array]]:
+        """(index, name, placement, θ0 leaf, τ leaf [K, ...]) per output tensor; ValueError naming the file
+        and tensor holding NaN or inf."""
+        self.passes += 1
+        for index, name in enumerate(self.names):
+            inputs, kinds, sources = [], [], [self.pretrained_source]
+            for task in self.tasks:
+                if task.checkpoint is not None:
+                    inputs.append(task.checkpoint.read(name))
+                    kinds.append("full")
+                    sources.append(task.source)
+                elif name in task.adapter:
+                    module = task.adapter[name]
+                    inputs.append(np.asarray(module.scale * (module.b @ module.a), np.float32))
+                    kinds.append("delta")
+                    sources.append(task.source)
+                else:
+                    kinds.append("zero")
+            place = self.place(name)
+            theta0, tau, finite = _leaves(self.pretrained.read(name), tuple(inputs), tuple(kinds), place.transpose,
+                                          place.stacked)
+            if not (finite := np.asarray(finite)).all():
+                raise ValueError(f"{sources[int(np.flatnonzero(~finite)[0])]}: tensor {name!r} holds NaN or inf "
+                                 "values")
+            yield index, name, place, theta0, tau
+
+
+# ------------------------------------------------------------------------------- model-wide statistics
+
+
+class KthLargest:
+    """Per task, the ``rank``-th largest of non-negative floats streamed in chunks ``[K, n]`` (module
+    docstring): radix selection on their bit patterns, 16 bits a pass, from the top.
+
+    A pass (`start_pass`, `add` for every chunk, `end_pass`) counts the entries whose higher bits equal the
+    prefix chosen so far, by their next 16 bits; `end_pass` picks the bucket holding the rank-th largest. The
+    search is `done` when every entry in that bucket has zero lower bits, or no bits are left; `value` is
+    then the rank-th largest, exactly.
+    """
+
+    def __init__(self, num_tasks: int, rank: int, dtype: Any):
+        self.dtype = np.dtype(dtype)
+        self.uint = np.dtype(f"u{self.dtype.itemsize}")
+        self.bits = 8 * self.dtype.itemsize
+        self.rank = np.full(num_tasks, rank, np.int64)  # rank inside the entries that match the prefix
+        self.prefix = np.zeros(num_tasks, self.uint)
+        self.known = 0  # leading bits fixed so far
+        self.finished = np.zeros(num_tasks, bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    @property
+    def shift(self) -> int:
+        return self.bits - self.known - BUCKET_BITS
+
+    def start_pass(self) -> None:
+        tasks = len(self.rank)
+        self.counts = np.zeros((tasks, 1 << BUCKET_BITS), np.int64)
+        self.inexact = np.zeros((tasks, 1 << BUCKET_BITS), np.int64)  # entries with non-zero lower bits
+
+    def add(self, values: np.ndarray) -> None:
+        """A chunk of values, [K, ...] in ``dtype``."""
+        bits = np.ascontiguousarray(values, self.dtype).reshape(len(self.rank), -1).view(self.uint)
+        shift = self.uint.type(self.shift)
+        low_mask = self.uint.type((1 << self.shift) - 1)
+        for k in np.flatnonzero(~self.finished):
+            for start in range(0, bits.shape[1], CHUNK):
+                chunk = bits[k, start:start + CHUNK]
+                if self.known:
+                    chunk = chunk[(chunk >> self.uint.type(self.bits - self.known)) ==
+                                  (self.prefix[k] >> self.uint.type(self.bits - self.known))]
+                digit = ((chunk >> shift) & self.uint.type((1 << BUCKET_BITS) - 1)).astype(np.intp)
+                self.counts[k] += np.bincount(digit, minlength=1 << BUCKET_BITS)
+                self.inexact[k] += np.bincount(digit[(chunk & low_mask) != 0], minlength=1 << BUCKET_BITS)
+
+    def end_pass(self) -> None:
+        for k in np.flatnonzero(~self.finished):
+            from_top = np.cumsum(self.counts[k][::-1])
+            position = int(np.searchsorted(from_top, self.rank[k]))  # first bucket (from the top) reaching rank
+            digit = (1 << BUCKET_BITS) - 1 - position
+            self.rank[k] -= int(from_top[position]) - int(self.counts[k][digit])
+            self.prefix[k] |= self.uint.type(digit) << self.uint.type(self.shift)
+            self.finished[k] = self.inexact[k][digit] == 0 or self.shift == 0
+        self.known += BUCKET_BITS
+
+    @property
+    def value(self) -> np.ndarray:
+        """[K] the rank-th largest values (once `done`)."""
+        return self.prefix.view(self.dtype)
+
+
+def ties_statistics(stream: TensorStream, params: Mapping[str, Any], log: Callable[[str], None]
+                    ) -> dict[str, jax.Array]:
+    """TIES's model-wide ``thresholds`` (scope "model") and ``majority`` sign (module docstring)."""
+    density, scope, total_size = params["density"], params["scope"], params["total_size"]
+    statistics: dict[str, jax.Array] = {}
+    if scope == "model":
+        statistics["thresholds"] = _thresholds(stream, density, total_size, log)
+    started = time.perf_counter()
+    balance = 0
+    for _, _, place, _, tau in stream.leaves():
+        balance += int(_sign_balance(_tree(place.path, tau), density, scope, statistics.get("thresholds")))
+    statistics["majority"] = jnp.asarray(np.sign(balance), stream.accumulation_dtype)
+    log(f"[merge] pass {stream.passes}: TIES majority sign {int(np.sign(balance)):+d} "
+        f"({time.perf_counter() - started:.1f} s)")
+    return statistics
+
+
+def _thresholds(stream: TensorStream, density: float, total_size: int | None, log: Callable[[str], None]
+                ) -> jax.Array:
+    """Per task the r-th largest |τ_k| over the model (0: keep everything, when r exceeds the entries)."""
+    size = stream.size()
+    reference = size if total_size is None else total_size
+    if reference < size:
+        raise ValueError(f"total_size {total_size} is smaller than the task vectors' {size} entries")
+    rank = int(reference * density) + 1
+    if rank > size:
+        return jnp.zeros(stream.num_tasks, stream.accumulation_dtype)
+    selection = KthLargest(stream.num_tasks, rank, stream.accumulation_dtype)
+    while not selection.done:
+        started = time.perf_counter()
+        selection.start_pass()
+        for *_, tau in stream.leaves():
+            selection.add(np.abs(np.asarray(tau)))
+        selection.end_pass()
+        log(f"[merge] pass {stream.passes}: TIES thresholds, bits {selection.bits - selection.known + BUCKET_BITS - 1}"
+            f"–{max(selection.shift + BUCKET_BITS, 0)} ({time.perf_counter() - started:.1f} s)")
+    return jnp.asarray(selection.value)
+
+
+@partial(jax.jit, static_argnames=("density", "scope"))
+def _sign_balance(task_vectors: PyTree, density: float, scope: str, thresholds: jax.Array | None) -> jax.Array:
+    """#{γ > 0} − #{γ < 0} over one tensor, γ = sgn Σ_k τ̂_k TIES's elected sign before the majority fills its
+    zeros."""
+    signs = jax.tree_util.tree_leaves(elect_sign(trim(task_vectors, density, scope, None, thresholds), "sum",
+                                                 jnp.zeros(())))[0]
+    return jnp.sum(signs > 0, dtype=jnp.int32) - jnp.sum(signs < 0, dtype=jnp.int32)
+
+
+GLOBAL_STATISTICS: dict[str, Callable[[TensorStream, Mapping[str, Any], Callable[[str], None]], dict]] = {
+    "ties": ties_statistics,
+}
+"""The streaming passes of each ``streaming="global"`` method, by method name."""
+
+
+# ----------------------------------------------------------------------------------------------- the merge
+
+
+def _build(spec: MethodSpec, index: int, pretrained: PyTree, task_vectors: PyTree, view: MatrixView | None,
+           statistics: Mapping[str, Any]) -> PyTree:
+    """The method's merged one-tensor tree (its parameters, a per-tensor ``seed`` key, the statistics)."""
+    arguments = {**spec.params, **dict(spec.method.fixed), **statistics}
+    if "seed" in arguments:
+        arguments["seed"] = jax.random.fold_in(jax.random.key(arguments["seed"]), index)
+    if spec.method.uses_view:
+        arguments["view"] = view
+    return spec.method.build(pretrained, task_vectors, **arguments).params
+
+
+def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Mapping[str, Any], *,
+                 view: MatrixView | None = None, max_shard_bytes: int, log: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
+    """Merge ``stream``'s tensors with ``spec`` (module docstring) and write them into ``folder`` as
+    safetensors shards, tensor ``name`` in ``dtypes[name]``; returns what was done (passes, bytes read and
+    written, files, seconds)."""
+    if spec.method.streaming not in ("tensor", "global") or (
+            spec.method.streaming == "global" and spec.name not in GLOBAL_STATISTICS):
+        raise ValueError(f"method {spec.name!r} does not stream tensor by tensor")
+    started = time.perf_counter()
+    stream.as_leaves = spec.method.uses_view
+    wide = any(stream.pretrained.info(name).dtype == np.float64 for name in stream.names)
+    with jax.enable_x64(True) if wide else contextlib.nullcontext():
+        statistics = GLOBAL_STATISTICS[spec.name](stream, spec.params, log) if spec.method.streaming == "global" else {}
+        layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape) for name in stream.names}
+        writer = ShardedWriter(folder, layout, max_shard_bytes)
+        try:
+            merge_started = time.perf_counter()
+            for index, name, place, theta0, tau in stream.leaves():
+                merged = _build(spec, index, _tree(place.path, theta0), _tree(place.path, tau), view, statistics)
+                tensor, nonfinite = _tensor(_leaf_at(merged, place.path), place.transpose, place.stacked,
+                                            layout[name][0])
+                if int(nonfinite):
+                    raise ValueError(f"the merged model's tensor {name!r} holds {int(nonfinite)} NaN or inf values "
+                                     f"(in {layout[name][0]}); the model is not exported")
+                writer.write(name, np.asarray(tensor))
+            files = writer.close()
+        finally:
+            writer.abandon()
+    log(f"[merge] pass {stream.passes}: {spec.name} merged and wrote {len(stream.names)} tensors "
+        f"({time.perf_counter() - merge_started:.1f} s)")
+    return {"passes": stream.passes, "bytes_read": stream.bytes_read, "bytes_written": writer.bytes_written,
+            "files": files, "seconds": time.perf_counter() - started}
