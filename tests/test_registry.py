@@ -202,3 +202,25 @@ def test_a_method_for_exactly_k_models_refuses_another_k_and_stays_out_of_groups
         assert am.method_spec("pair_test").build(problem.pretrained, two).params is problem.pretrained
     finally:
         del registry.REGISTRY[pair.name]
+
+
+def test_a_method_this_binding_cannot_run_is_skipped_from_a_group_and_refused_by_name(problem, tv):
+    """`requires` says why a binding cannot run a method: through a group it is skipped with that reason logged,
+    named by itself it is refused with it (RegMean++ on a model whose blocks are not stacked, say)."""
+    picky = am.register(am.MergeMethod("picky_test", "Picky", "a test", lambda p, t: am.Merged(params=p),
+                                       requires=lambda context, view: None if view else "needs a matrix view"))
+    try:
+        logged = []
+        models, records = build_models(MergeSettings(["task_arithmetic", "data_free"]), problem.pretrained, tv,
+                                       apply_fn=problem.apply, log=logged.append)
+        assert "picky_test" not in records and "task_arithmetic" in records and "ties" in records
+        assert "[merge] picky_test: skipped, it needs a matrix view" in logged
+        with pytest.raises(ValueError, match="method 'picky_test' needs a matrix view"):
+            build_models(MergeSettings(["picky_test"]), problem.pretrained, tv, apply_fn=problem.apply,
+                         log=lambda _: None)
+        view = am.MatrixView.stored_2d(problem.pretrained)
+        _, records = build_models(MergeSettings(["data_free"]).with_changes(["picky_test"]), problem.pretrained, tv,
+                                  apply_fn=problem.apply, view=view, log=lambda _: None)
+        assert list(records) == ["picky_test"]
+    finally:
+        del registry.REGISTRY[picky.name]

@@ -78,12 +78,21 @@ class MatrixView:
         return {path: m for path in leaf_paths(tree) if (m := self.matrix(path)) is not None}
 
 
+NO_VIEW = ("reads each weight matrix: the binding declares no matrix view (ModelBinding.matrix_view, or pass "
+           "view=MatrixView...)")
+
+
 def require_view(owner: str, view: MatrixView | None, kind: str = "method") -> MatrixView:
     """`view`, or one ValueError naming the `kind` of thing and its name when the binding declares none."""
     if view is None:
-        raise ValueError(f"{kind} {owner!r} reads each weight matrix: the binding declares no matrix view "
-                         "(ModelBinding.matrix_view, or pass view=MatrixView...)")
+        raise ValueError(f"{kind} {owner!r} {NO_VIEW}")
     return view
+
+
+def requires_view(context: object, view: MatrixView | None) -> str | None:
+    """`MergeMethod.requires` of a method that reads each weight matrix: the binding must declare its view."""
+    del context
+    return None if view is not None else NO_VIEW
 
 
 def to_matrices(leaf: jax.Array, spec: Matrix, task_axis: bool = True) -> jax.Array:

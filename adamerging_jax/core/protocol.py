@@ -32,6 +32,15 @@ MethodLike = Any
 """A method name, a mapping ``{"name": ..., **parameters}`` or a `MethodSpec`."""
 
 
+def _as_known(entry: MethodLike, known: Mapping[str, MethodSpec]) -> MethodLike:
+    """A method entry with the parameters it already has in `known` (a name, or a group's member), else as is."""
+    if isinstance(entry, str):
+        return known.get(entry, entry)
+    if isinstance(entry, MethodSpec) and entry.from_group and entry.name in known:
+        return dataclasses.replace(known[entry.name], from_group=True)
+    return entry
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeSettings:
     """The methods a run compares and the AdaMerging settings its adaptive methods share.
@@ -60,7 +69,7 @@ class MergeSettings:
             raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(fields)}")
         if methods is not None:
             known = {spec.name: spec for spec in self.methods}
-            methods = tuple(known.get(m, m) if isinstance(m, str) else m for m in expand_groups(methods))
+            methods = tuple(_as_known(m, known) for m in expand_groups(methods))
         return MergeSettings(methods if methods is not None else self.methods,
                              dataclasses.replace(self.adamerging, **adamerging))
 
@@ -155,6 +164,10 @@ def build_models(
         if spec.method.needs_data:
             context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name),
                                    gram_fn)
+        reason = spec.method.unavailable(context, view)
+        if reason is not None and spec.from_group:
+            log(f"[merge] {spec.name}: skipped, it {reason}")
+            continue
         merged = spec.build(pretrained, task_vectors, context, view)
         seconds = time.perf_counter() - started
         models[spec.name] = merged

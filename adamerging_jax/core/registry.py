@@ -36,7 +36,7 @@ from adamerging_jax.core import magmax, model_stock, slerp, wudi
 from adamerging_jax.core import isotropic, tsv
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
-from adamerging_jax.core.matrix_view import MatrixView
+from adamerging_jax.core.matrix_view import MatrixView, requires_view
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource, adamerging
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import num_tasks
@@ -106,6 +106,9 @@ class MergeMethod:
         the method reads leaves as weight matrices.
       num_tasks: the exact number of task vectors the method merges (SLERP: 2); None: any. Groups leave such a
         method out (it is named explicitly), and `MethodSpec.build` refuses another K.
+      requires: ``requires(context, view) -> reason or None``: why a binding (its `AdaptContext` — None for a
+        data-free method — and matrix view) cannot run the method; None: any binding can. Named by itself, such
+        a method is refused with the reason; reached through a group, it is skipped with the reason logged.
       formula: the method in one line of math (for tables and docs/methods.md).
       reference: the implementation its results are compared with (file of the reference code).
       grouped: the method is a member of the groups it qualifies for (`GROUPS`); False for a method whose
@@ -127,6 +130,7 @@ class MergeMethod:
     per_task_models: bool = False
     uses_view: bool = False
     num_tasks: int | None = None
+    requires: Callable[[AdaptContext | None, MatrixView | None], str | None] | None = None
     formula: str = ""
     reference: str = ""
     grouped: bool = True
@@ -139,6 +143,10 @@ class MergeMethod:
         allowed = [p.name for p in self.parameters]
         raise ValueError(f"method {self.name!r} has no parameter {name!r}; its parameters: {allowed or 'none'}")
 
+    def unavailable(self, context: AdaptContext | None, view: MatrixView | None) -> str | None:
+        """Why a binding with this context and view cannot run the method (`requires`), or None."""
+        return self.requires(context, view) if self.requires is not None else None
+
     def configure(self, **values: Any) -> MethodSpec:
         """This method with its parameters: defaults filled in, every value validated."""
         chosen = {p.name: p.default for p in self.parameters}
@@ -149,10 +157,12 @@ class MergeMethod:
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A registered method with its parameter values: one row of a run."""
+    """A registered method with its parameter values: one row of a run (``from_group``: it was named through a
+    group, not by itself)."""
 
     method: MergeMethod
     values: tuple[tuple[str, Any], ...] = ()
+    from_group: bool = False
 
     @property
     def name(self) -> str:
@@ -176,11 +186,13 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r} merges exactly {expected} models; got {count} task vectors")
         if self.method.uses_view:
             arguments["view"] = view
-        if not self.method.needs_data:
-            return self.method.build(pretrained, task_vectors, **arguments)
-        if context is None:
+        if self.method.needs_data and context is None:
             raise ValueError(f"method {self.name!r} learns from unlabeled data: give it an AdaptContext (the "
                              "unlabeled batches and what it reads from the binding: apply_fn, or gram_fn for RegMean)")
+        if (reason := self.method.unavailable(context, view)) is not None:
+            raise ValueError(f"method {self.name!r} {reason}")
+        if not self.method.needs_data:
+            return self.method.build(pretrained, task_vectors, **arguments)
         return self.method.build(pretrained, task_vectors, context, **arguments)
 
     def describe(self) -> dict[str, Any]:
@@ -209,20 +221,31 @@ def group_members(group: str) -> list[str]:
             if method.grouped and method.num_tasks is None and GROUPS[group](method)]
 
 
+def _entry_name(entry: Any) -> Any:
+    """The method name of a `methods` entry: a name, a ``{"name": ...}`` mapping or a spec."""
+    if isinstance(entry, Mapping):
+        return entry.get("name")
+    return entry if isinstance(entry, str) else getattr(entry, "name", None)
+
+
 def expand_groups(methods: Iterable[Any]) -> list[Any]:
-    """`methods` with each group name (``"all"``, ``"data_free"``, ``"adaptive"``) replaced by its members;
-    a method named both directly and through a group is kept once, at its first place (one named twice
-    directly stays twice, for `method_specs` to refuse)."""
+    """`methods` with each group name (``"all"``, ``"data_free"``, ``"adaptive"``) replaced by its members, as
+    specs marked ``from_group`` (a binding that cannot run one skips it, see `MergeMethod.requires`). A method
+    named both directly and through a group is kept once, at its first place, as named directly; one named
+    twice directly stays twice, for `method_specs` to refuse."""
     expanded: list[Any] = []
-    grouped: set[str] = set()
-    for method in methods:
-        via_group = isinstance(method, str) and method in GROUPS
-        for item in group_members(method) if via_group else [method]:
-            if isinstance(item, str) and item in expanded and (via_group or item in grouped):
-                continue
-            expanded.append(item)
-            if via_group:
-                grouped.add(item)
+    for entry in methods:
+        if isinstance(entry, str) and entry in GROUPS:
+            named = {_entry_name(item) for item in expanded}
+            expanded += [dataclasses.replace(get_method(name).configure(), from_group=True)
+                         for name in group_members(entry) if name not in named]
+            continue
+        place = next((i for i, item in enumerate(expanded) if isinstance(item, MethodSpec) and item.from_group
+                      and item.name == _entry_name(entry)), None)
+        if place is None:
+            expanded.append(entry)
+        else:
+            expanded[place] = entry
     return expanded
 
 
@@ -249,7 +272,9 @@ def method_spec(method: str | MethodSpec | Mapping[str, Any], **values: Any) -> 
     """A `MethodSpec` from a name (+ parameter values), a mapping ``{"name": ..., **parameters}`` (config
     files), or a spec (returned as is, or reconfigured with `values`)."""
     if isinstance(method, MethodSpec):
-        return method.method.configure(**{**method.params, **values}) if values else method
+        if not values:
+            return method
+        return dataclasses.replace(method.method.configure(**{**method.params, **values}), from_group=method.from_group)
     if isinstance(method, Mapping):
         fields = dict(method)
         if "name" not in fields:
@@ -405,18 +430,18 @@ for _method in (
     MergeMethod("regmean", "RegMean", regmean.REGMEAN_PAPER,
                 lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
                     "regmean", False, pretrained, task_vectors, context, **values)),
-                regmean.PARAMETERS, needs_data=True, uses_view=True,
+                regmean.PARAMETERS, needs_data=True, uses_view=True, requires=regmean.requires_gram,
                 formula="W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ per linear layer,  G̃_k = α G_k + (1 − α) diag(G_k),  "
                         "G_k = X_kᵀX_k / n_k (layer inputs under θ_k on task k's unlabeled x); other leaves averaged",
                 reference="FusionBench 0.2.33 fusion_bench/method/regmean/ (clip_regmean.py, regmean.py)"),
     MergeMethod("regmean_plusplus", "RegMean++", regmean.REGMEAN_PLUSPLUS_PAPER,
                 lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
                     "regmean_plusplus", True, pretrained, task_vectors, context, **values)),
-                regmean.PARAMETERS, needs_data=True, uses_view=True,
+                regmean.PARAMETERS, needs_data=True, uses_view=True, requires=regmean.requires_layerwise,
                 formula="RegMean block by block: G_k of block l from θ_k's block l on inputs through the averaged "
                         "stem and the merged blocks < l; leaves after the blocks stay θ0",
                 reference="FusionBench 0.2.33 fusion_bench/method/regmean_plusplus/"),
-    MergeMethod("wudi", "WUDI merging", wudi.PAPER, _data_free(wudi.wudi_merging), wudi.PARAMETERS, uses_view=True,
+    MergeMethod("wudi", "WUDI merging", wudi.PAPER, _data_free(wudi.wudi_merging), wudi.PARAMETERS, uses_view=True, requires=requires_view,
                 formula="θ = θ0 + argmin_X Σ_k ‖(X − τ_k) τ_kᵀ‖²_F / ‖τ_k‖²_F per matrix (Adam from Σ_k τ_k, or the "
                         "exact minimiser); θ0 + (1/K) Σ_k τ_k for the other leaves",
                 reference="FusionBench 0.2.33 fusion_bench/method/wudi/wudi.py"),
@@ -459,16 +484,16 @@ for _method in (
     MergeMethod("tsv_m", "TSV-M", tsv.PAPER,
                 lambda pretrained, task_vectors, view, **values: Merged(
                     params=tsv.tsv_merging(pretrained, task_vectors, view, **values)),
-                (tsv.SCALE,), uses_view=True, formula=tsv.FORMULA, reference=tsv.REFERENCE, streaming="tensor"),
+                (tsv.SCALE,), uses_view=True, requires=requires_view, formula=tsv.FORMULA, reference=tsv.REFERENCE, streaming="tensor"),
     MergeMethod("iso_c", "Iso-C", isotropic.PAPER,
                 lambda pretrained, task_vectors, view, **values: Merged(
                     params=isotropic.iso_c_merging(pretrained, task_vectors, view, **values)),
-                (isotropic.SCALE,), uses_view=True, formula=isotropic.ISO_C_FORMULA,
+                (isotropic.SCALE,), uses_view=True, requires=requires_view, formula=isotropic.ISO_C_FORMULA,
                 reference=isotropic.REFERENCE.format("iso_c"), streaming="tensor"),
     MergeMethod("iso_cts", "Iso-CTS", isotropic.PAPER,
                 lambda pretrained, task_vectors, view, **values: Merged(
                     params=isotropic.iso_cts_merging(pretrained, task_vectors, view, **values)),
-                (isotropic.SCALE, isotropic.COMMON_SPACE_FRACTION), uses_view=True,
+                (isotropic.SCALE, isotropic.COMMON_SPACE_FRACTION), uses_view=True, requires=requires_view,
                 formula=isotropic.ISO_CTS_FORMULA, reference=isotropic.REFERENCE.format("iso_cts"),
                 streaming="tensor"),
     adamerging_method("adamerging", "AdaMerging"),

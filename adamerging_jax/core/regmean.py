@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.matrix_view import Matrix, MatrixView, from_matrices, require_view, to_matrices
+from adamerging_jax.core.matrix_view import (Matrix, MatrixView, from_matrices, requires_view,
+                                             to_matrices)
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
 from adamerging_jax.core.trees import PyTree, accumulation_dtype, map_with_path, named_leaves
@@ -260,16 +261,23 @@ def unlabeled_inputs(method: str, batches: Any, count: int, examples: int) -> li
             for task_batches in taken]
 
 
-def check_capture(method: str, gram_fn: GramFn | None, view: MatrixView | None, layerwise: bool) -> None:
-    """Refuse, naming `method`, a binding without a Gram capture (or without its staged form for RegMean++) or
-    without a matrix view."""
-    if gram_fn is None:
-        raise ValueError(f"method {method!r} needs the binding's Gram capture: AdaptContext.gram_fn is None "
-                         "(e.g. clip.vision_grams(variant) or efficientnet.gram_fn(batch_stats))")
-    if layerwise and not isinstance(gram_fn, LayerwiseGrams):
-        raise ValueError(f"method {method!r} merges block by block: AdaptContext.gram_fn must also give the staged "
-                         "capture (layers, stem_leaf, stem, block), e.g. clip.vision_grams(variant)")
-    require_view(method, view)
+def requires_gram(context: Any, view: MatrixView | None) -> str | None:
+    """Why a binding cannot run RegMean (`MergeMethod.requires`): no Gram capture, or no matrix view."""
+    if context is None or context.gram_fn is None:
+        return ("needs the binding's Gram capture: AdaptContext.gram_fn is None (e.g. clip.vision_grams(variant) or "
+                "efficientnet.gram_fn(batch_stats))")
+    return requires_view(context, view)
+
+
+def requires_layerwise(context: Any, view: MatrixView | None) -> str | None:
+    """Why a binding cannot run RegMean++ (`MergeMethod.requires`): it needs the block-by-block Gram capture of
+    a model whose blocks are stacked (`LayerwiseGrams`, e.g. CLIP's image tower)."""
+    if (reason := requires_gram(context, view)) is not None:
+        return reason
+    if not isinstance(context.gram_fn, LayerwiseGrams):
+        return ("merges block by block: AdaptContext.gram_fn must also give the staged capture (layers, stem_leaf, "
+                "stem, block) of a model whose blocks are stacked, e.g. clip.vision_grams(variant)")
+    return None
 
 
 # --- as a registry method --------------------------------------------------------------------------------------
@@ -291,7 +299,6 @@ def from_context(method: str, layerwise: bool, pretrained: PyTree, task_vectors:
     """RegMean (`layerwise` False) or RegMean++ from a method's `AdaptContext`: the batches of
     ``context.batches`` that make up `num_regmean_examples` examples per task and the binding's
     ``context.gram_fn``; a non-finite solve (a summed Gram matrix singular beyond dead inputs) is refused."""
-    check_capture(method, context.gram_fn, view, layerwise)
     inputs = unlabeled_inputs(method, context.batches, check_stacked(pretrained, task_vectors), num_regmean_examples)
     merge = regmean_plusplus if layerwise else regmean
     merged = merge(pretrained, task_vectors, inputs, context.gram_fn, view, reduce_non_diagonal_ratio)
