@@ -29,7 +29,8 @@ the sampler's settings.
 
 A run whose exported method streams (`core.registry.MergeMethod.streaming`: task arithmetic, weight
 averaging, TIES, DARE), with no method that learns from data, no prompts and no ``--weights``, loads nothing:
-`prepare_lm` checks every checkpoint's tensor names, shapes and dtypes from the file headers, and
+`prepare_lm` checks every checkpoint's tensor names, shapes and dtypes from the file headers (and that θ0's
+folder holds a tokenizer's files, copied to the export; nothing is tokenized), and
 `run_lm_plan` merges tensor by tensor from disk to ``OUT/model`` (`merging.streaming`), in memory a few
 copies of the largest tensor. Only the exported method is built (without prompts the others would have no
 output). The merged model's tensors keep θ0's dtype (bf16 in, bf16 out), or take the config's ``dtype``;
@@ -330,11 +331,16 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
                log: Callable[[str], None] = print) -> LmPlan:
     """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
     settings = guarded(config.source, config.settings)
-    models = (open_language_models if streams(config, settings, weights) else load_language_models)(config, log)
-    tokenizer = guarded(f"pretrained {config.pretrained}: the tokenizer does not load",
-                        lambda: load_tokenizer(config.pretrained))
-    prompts = tokenized_prompts(config, tokenizer, models.config.vocab_size)
-    candidates = candidate_ids(config, tokenizer)
+    if streams(config, settings, weights):  # nothing to tokenize: the tokenizer's files are only copied
+        models = open_language_models(config, log)
+        guarded(f"pretrained {config.pretrained}", lambda: tokenizer_files(config.pretrained))
+        prompts = candidates = None
+    else:
+        models = load_language_models(config, log)
+        tokenizer = guarded(f"pretrained {config.pretrained}: the tokenizer does not load",
+                            lambda: load_tokenizer(config.pretrained))
+        prompts = tokenized_prompts(config, tokenizer, models.config.vocab_size)
+        candidates = candidate_ids(config, tokenizer)
     binding = causal_lm_binding(models.config, candidates=candidates)
     settings = binding.merge_settings(settings)
     batches = None
