@@ -115,9 +115,11 @@ class MergeMethod:
         defaults repeat another's (the generic ``adamerging`` is layer-wise AdaMerging), so ``all`` runs it once.
       streaming: how a merge of checkpoints larger than memory runs it tensor by tensor from disk
         (`adamerging_jax.merging.streaming`): ``"tensor"``, its result for each tensor is its result on a
-        one-tensor tree (a ``seed`` parameter is folded with the tensor's index, so each tensor draws its own
-        randomness); ``"global"``, the same once model-wide statistics found in first streaming passes are
-        given to `build` as keyword arguments (TIES: ``thresholds``, ``majority``); None: in memory only.
+        one-tensor tree; ``"entry"``, its merged entry depends on that entry alone, so it runs on parts of a
+        tensor (a ``seed`` parameter is folded with the tensor's and the part's index: each draws its own
+        randomness); ``"global"``, as ``"tensor"`` or ``"entry"`` once model-wide statistics found in first
+        streaming passes are given to `build` as keyword arguments (TIES: ``thresholds``, ``majority``); None:
+        in memory only.
     """
 
     name: str
@@ -379,17 +381,17 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
 
 for _method in (
     MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained, formula="θ = θ0",
-                streaming="tensor"),
+                streaming="entry"),
     MergeMethod("individual", "Individual (fine-tuned)", "θ0 + τ_t on its own task t (the fine-tuned models)", _individual,
                 per_task_models=True, formula="θ_t = θ0 + τ_t"),
     MergeMethod("weight_average", "Weight averaging", "Wortsman et al., Model soups, ICML 2022",
                 _data_free(core_methods.weight_average), formula="θ = θ0 + (1/K) Σ_k τ_k",
-                reference="FusionBench 0.2.33 fusion_bench/method/simple_average.py", streaming="tensor"),
+                reference="FusionBench 0.2.33 fusion_bench/method/simple_average.py", streaming="entry"),
     MergeMethod("task_arithmetic", "Task arithmetic",
                 "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
                 _data_free(core_methods.task_arithmetic),
                 (Parameter("scale", 0.3, "λ for every task vector"),), formula="θ = θ0 + s Σ_k τ_k",
-                reference="FusionBench 0.2.33 fusion_bench/method/task_arithmetic/", streaming="tensor"),
+                reference="FusionBench 0.2.33 fusion_bench/method/task_arithmetic/", streaming="entry"),
     MergeMethod("ties", "TIES-merging", "Yadav et al., TIES-Merging, NeurIPS 2023",
                 _data_free(core_methods.ties_merging),
                 (DENSITY, Parameter("reduce", "sum", "disjoint mean or sum of the agreeing entries",
@@ -404,7 +406,7 @@ for _method in (
                  Parameter("scale", 0.3, "λ for every task vector")),
                 formula="θ = θ0 + s Σ_k m_k ⊙ τ_k / (1 − p),  m_k ~ Bernoulli(1 − p)",
                 reference="FusionBench 0.2.33 fusion_bench/method/dare/ (random masks: same law, not the same draw)",
-                streaming="tensor"),
+                streaming="entry"),
     MergeMethod("tall_masks", "TALL masks", tall_masks.PAPER,
                 lambda pretrained, task_vectors, tall_mask_lambda: Merged(
                     per_task=tall_masks.tall_mask_models(pretrained, task_vectors, tall_mask_lambda)),

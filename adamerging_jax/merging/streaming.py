@@ -60,6 +60,7 @@ from adamerging_jax.models.safetensors_stream import CheckpointFiles, ShardedWri
 
 BUCKET_BITS = 16
 CHUNK = 1 << 23  # entries per selection step: bounds the temporaries of a huge tensor
+BLOCK = 1 << 22  # entries per part of a tensor merged entry by entry
 
 
 class Placement(Protocol):
@@ -74,7 +75,7 @@ class Placement(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class StoredPlacement:
-    """A tensor as stored, flattened (`TensorStream.shaped`), under one path."""
+    """A tensor (or part of one) flattened (`TensorStream.parts`), under one path."""
 
     path: str = "tensor"
     transpose: bool = False
@@ -145,26 +146,39 @@ def _leaf_at(tree: PyTree, path: str) -> Any:
 
 
 class TensorStream:
-    """θ0 and the tasks' τ for each output tensor, read from disk in one pass per call of `leaves`."""
+    """θ0 and the tasks' τ for each output tensor, read from disk in one pass per call of `read_ahead` or
+    `leaves`, handed to the method in ``mode``:
+
+    - ``"leaf"``: each tensor laid out as in the model's tree (`Placement`; methods that read the matrix view);
+    - ``"tensor"``: each tensor flattened to one axis (one compiled program per tensor size);
+    - ``"entry"``: each tensor flattened and cut into parts of at most `BLOCK` entries (methods whose merged
+      entry depends on that entry alone, given the statistics: memory and compiled programs bounded by the
+      part, whatever the tensor).
+    """
 
     def __init__(self, pretrained: CheckpointFiles, pretrained_source: str, tasks: Sequence[TaskTensors],
                  names: Sequence[str], placement: Callable[[str], Placement]):
         self.pretrained, self.pretrained_source, self.tasks = pretrained, pretrained_source, list(tasks)
         self.names, self.placement = list(names), placement
         self.passes = 0
-        self.as_leaves = True
+        self.mode = "leaf"
 
     def place(self, name: str) -> Placement:
-        """Where tensor ``name`` goes in a one-tensor tree: its leaf in the model's tree, laid out as there (when
-        `as_leaves`: for methods that read the matrix view), else the tensor flattened under one fixed path."""
-        return self.placement(name) if self.as_leaves else AS_STORED
+        """Where tensor ``name`` goes in a one-tensor tree: its leaf in the model's tree, laid out as there (mode
+        "leaf"), else the flattened tensor or part under one fixed path."""
+        return self.placement(name) if self.mode == "leaf" else AS_STORED
 
-    def shaped(self, theta0: np.ndarray, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """The inputs as the one-tensor tree takes them: as stored for `as_leaves`, else flattened (elementwise
-        methods: one compiled program per tensor size)."""
-        if self.as_leaves:
-            return theta0, inputs
-        return theta0.reshape(-1), tuple(x.reshape(-1) for x in inputs)
+    def parts(self, theta0: np.ndarray, inputs: tuple[np.ndarray, ...]
+              ) -> Iterator[tuple[slice | None, np.ndarray, tuple[np.ndarray, ...]]]:
+        """(which entries of the flattened tensor, θ0's part, the inputs' parts) as ``mode`` cuts a tensor."""
+        if self.mode == "leaf":
+            yield None, theta0, inputs
+            return
+        theta0, inputs = theta0.reshape(-1), tuple(x.reshape(-1) for x in inputs)
+        step = BLOCK if self.mode == "entry" else max(theta0.size, 1)
+        for start in range(0, max(theta0.size, 1), step):
+            part = slice(start, start + step)
+            yield part, theta0[part], tuple(x[part] for x in inputs)
 
     @property
     def num_tasks(self) -> int:
@@ -183,10 +197,10 @@ class TensorStream:
         """D, the entries of one task vector."""
         return sum(int(np.prod(self.pretrained.info(name).shape)) for name in self.names)
 
-    def inputs(self, name: str) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[str, ...], list[str]]:
-        """Tensor ``name`` of θ0, of each task that has one (a fine-tuned tensor, or an adapter's s B A), each
-        task's kind ("full", "delta" or "zero": an adapter that leaves this weight), and the inputs' sources;
-        ValueError naming the file and tensor holding NaN or inf."""
+    def inputs(self, name: str) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[str, ...]]:
+        """Tensor ``name`` of θ0, of each task that has one (a fine-tuned tensor, or an adapter's s B A), and
+        each task's kind ("full", "delta" or "zero": an adapter that leaves this weight); ValueError naming the
+        file and tensor holding NaN or inf."""
         inputs, kinds, sources = [], [], [self.pretrained_source]
         for task in self.tasks:
             if task.checkpoint is not None:
@@ -204,10 +218,9 @@ class TensorStream:
         for array, source in zip((theta0, *inputs), sources):
             if holds_nonfinite(array):
                 raise ValueError(f"{source}: tensor {name!r} holds NaN or inf values")
-        return theta0, tuple(inputs), tuple(kinds), sources
+        return theta0, tuple(inputs), tuple(kinds)
 
-    def read_ahead(self) -> Iterator[tuple[int, str, tuple[np.ndarray, tuple[np.ndarray, ...], tuple[str, ...],
-                                                            list[str]]]]:
+    def read_ahead(self) -> Iterator[tuple[int, str, tuple[np.ndarray, tuple[np.ndarray, ...], tuple[str, ...]]]]:
         """One pass: (index, name, `inputs`) per output tensor, the next tensor read by a second thread while
         the caller computes on this one (two tensors' inputs in memory at most)."""
         self.passes += 1
@@ -219,13 +232,12 @@ class TensorStream:
                     pending = reader.submit(self.inputs, self.names[index + 1])
                 yield index, name, current
 
-    def leaves(self) -> Iterator[tuple[int, str, Placement, jax.Array, jax.Array]]:
-        """(index, name, placement, θ0 leaf, τ leaf [K, ...]) per output tensor; ValueError naming the file
-        and tensor holding NaN or inf."""
-        for index, name, (theta0, inputs, kinds, _) in self.read_ahead():
+    def leaves(self) -> Iterator[tuple[Placement, jax.Array, jax.Array]]:
+        """One pass: (placement, θ0 leaf, τ leaf [K, ...]) per tensor, or per part of one (``mode``)."""
+        for _, name, (theta0, inputs, kinds) in self.read_ahead():
             place = self.place(name)
-            theta0, tau = _task_vector_leaves(*self.shaped(theta0, inputs), kinds, place.transpose, place.stacked)
-            yield index, name, place, theta0, tau
+            for _, theta0_part, inputs_part in self.parts(theta0, inputs):
+                yield (place, *_task_vector_leaves(theta0_part, inputs_part, kinds, place.transpose, place.stacked))
 
 
 EXPONENT_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
@@ -307,20 +319,23 @@ class KthLargest:
 
 
 def ties_statistics(stream: TensorStream, params: Mapping[str, Any], log: Callable[[str], None]
-                    ) -> dict[str, jax.Array]:
-    """TIES's model-wide ``thresholds`` (scope "model") and ``majority`` sign (module docstring)."""
+                    ) -> tuple[dict[str, jax.Array], bool]:
+    """TIES's model-wide ``thresholds`` (scope "model") and ``majority`` sign (module docstring), and whether
+    TIES is then entrywise (scope "model": each entry's trim, sign and mean need only the statistics; scope
+    "leaf": the trim reads the whole tensor)."""
     density, scope, total_size = params["density"], params["scope"], params["total_size"]
     statistics: dict[str, jax.Array] = {}
+    stream.mode = "entry" if scope == "model" else "tensor"  # given the thresholds, TIES is entrywise
     if scope == "model":
         statistics["thresholds"] = _thresholds(stream, density, total_size, log)
     started = time.perf_counter()
     balance = 0
-    for _, _, place, _, tau in stream.leaves():
+    for place, _, tau in stream.leaves():
         balance += int(_sign_balance(_tree(place.path, tau), density, scope, statistics.get("thresholds")))
     statistics["majority"] = jnp.asarray(np.sign(balance), stream.accumulation_dtype)
     log(f"[merge] pass {stream.passes}: TIES majority sign {int(np.sign(balance)):+d} "
         f"({time.perf_counter() - started:.1f} s)")
-    return statistics
+    return statistics, scope == "model"
 
 
 def _thresholds(stream: TensorStream, density: float, total_size: int | None, log: Callable[[str], None]
@@ -339,6 +354,7 @@ def _thresholds(stream: TensorStream, density: float, total_size: int | None, lo
         selection.start_pass()
         for *_, tau in stream.leaves():
             selection.add(np.abs(np.asarray(tau)))
+            del tau
         selection.end_pass()
         log(f"[merge] pass {stream.passes}: TIES thresholds, bits {selection.bits - selection.known + BUCKET_BITS - 1}"
             f"–{max(selection.shift + BUCKET_BITS, 0)} ({time.perf_counter() - started:.1f} s)")
@@ -354,10 +370,12 @@ def _sign_balance(task_vectors: PyTree, density: float, scope: str, thresholds: 
     return jnp.sum(signs > 0, dtype=jnp.int32) - jnp.sum(signs < 0, dtype=jnp.int32)
 
 
-GLOBAL_STATISTICS: dict[str, Callable[[TensorStream, Mapping[str, Any], Callable[[str], None]], dict]] = {
+GLOBAL_STATISTICS: dict[str, Callable[[TensorStream, Mapping[str, Any], Callable[[str], None]],
+                                       tuple[dict, bool]]] = {
     "ties": ties_statistics,
 }
-"""The streaming passes of each ``streaming="global"`` method, by method name."""
+"""The streaming passes of each ``streaming="global"`` method, by method name: its statistics, and whether
+the method is then entrywise."""
 
 
 # ----------------------------------------------------------------------------------------------- the merge
@@ -374,7 +392,8 @@ def merge_program(spec: MethodSpec, view: MatrixView | None) -> Callable[..., tu
         base, tau = _leaves(theta0, inputs, kinds, transpose, stacked)
         arguments = {**spec.params, **dict(spec.method.fixed), **statistics}
         if "seed" in arguments:
-            arguments["seed"] = jax.random.fold_in(jax.random.key(arguments["seed"]), index)
+            key = jax.random.key(arguments["seed"])
+            arguments["seed"] = jax.random.fold_in(jax.random.fold_in(key, index[0]), index[1])
         if spec.method.uses_view:
             arguments["view"] = view
         leaf = _leaf_at(spec.method.build(_tree(path, base), _tree(path, tau), **arguments).params, path)
@@ -389,24 +408,30 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
     """Merge ``stream``'s tensors with ``spec`` (module docstring) and write them into ``folder`` as
     safetensors shards, tensor ``name`` in ``dtypes[name]``; returns what was done (passes, bytes read and
     written, files, seconds)."""
-    if spec.method.streaming not in ("tensor", "global") or (
+    if spec.method.streaming not in ("entry", "tensor", "global") or (
             spec.method.streaming == "global" and spec.name not in GLOBAL_STATISTICS):
         raise ValueError(f"method {spec.name!r} does not stream tensor by tensor")
     started = time.perf_counter()
-    stream.as_leaves = spec.method.uses_view
     wide = any(stream.pretrained.info(name).dtype == np.float64 for name in stream.names)
     with jax.enable_x64(True) if wide else contextlib.nullcontext():
-        statistics = GLOBAL_STATISTICS[spec.name](stream, spec.params, log) if spec.method.streaming == "global" else {}
+        statistics, entrywise = {}, spec.method.streaming == "entry"
+        if spec.method.streaming == "global":
+            statistics, entrywise = GLOBAL_STATISTICS[spec.name](stream, spec.params, log)
+        stream.mode = "leaf" if spec.method.uses_view else "entry" if entrywise else "tensor"
         layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape) for name in stream.names}
         program = merge_program(spec, view)
         writer = ShardedWriter(folder, layout, max_shard_bytes)
         try:
             merge_started = time.perf_counter()
-            for index, name, (theta0, inputs, kinds, _) in stream.read_ahead():
-                place = stream.place(name)
-                tensor = program(*stream.shaped(theta0, inputs), statistics, index, kinds=kinds, path=place.path,
-                                 transpose=place.transpose, stacked=place.stacked, dtype=layout[name][0])
-                tensor = np.asarray(tensor).reshape(layout[name][1])
+            for index, name, (theta0, inputs, kinds) in stream.read_ahead():
+                place, (dtype, shape) = stream.place(name), layout[name]
+                tensor = np.empty(shape, dtype).reshape(-1 if stream.mode != "leaf" else shape)
+                for part_index, (part, theta0_part, inputs_part) in enumerate(stream.parts(theta0, inputs)):
+                    merged = program(theta0_part, inputs_part, statistics, np.array([index, part_index], np.uint32),
+                                     kinds=kinds, path=place.path, transpose=place.transpose, stacked=place.stacked,
+                                     dtype=dtype)
+                    tensor[part if part is not None else ...] = np.asarray(merged)
+                tensor = tensor.reshape(shape)
                 if holds_nonfinite(tensor):
                     raise ValueError(f"the merged model's tensor {name!r} holds {int((~np.isfinite(tensor)).sum())} "
                                      f"NaN or inf values (in {tensor.dtype}); the model is not exported")
