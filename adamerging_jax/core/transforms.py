@@ -76,18 +76,21 @@ def trim(
     state dict that also holds 12.6M never-trained text-side entries (τ = 0), so its ``density=0.2`` keeps
     ⌊0.2 · D_all⌋ entries of the visual tower (≈ 26% of it); pass D_all to match that absolute count.
 
-    `thresholds` ([K], ``scope="model"``): the per-task magnitudes to keep at or above, already found over
-    the whole model (a merge streamed tensor by tensor finds them first, `merging.streaming`); the entries
-    of this tree are then trimmed against them instead of against their own top-k.
+    `thresholds` ([K]): the per-task magnitudes to keep at or above, already found over the whole model
+    (``scope="model"``) or over the one leaf this tree is part of (``scope="leaf"``; a merge streamed part
+    by part finds them first, `merging.streaming`); the entries of this tree are then trimmed against them
+    instead of against their own top-k.
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     num_tasks = stacked_num_tasks(task_vectors)
     leaves, treedef = jax.tree_util.tree_flatten(task_vectors)
+    if scope not in ("model", "leaf"):
+        raise ValueError(f"scope must be 'model' or 'leaf', got {scope!r}")
     if scope == "leaf" and thresholds is None:
         return jax.tree_util.tree_map(lambda tau: trim(tau, density, "model"), task_vectors)
-    if scope != "model":
-        raise ValueError(f"scope must be 'model' or 'leaf' (given thresholds: 'model'), got {scope!r}")
+    if scope == "leaf" and len(leaves) != 1:
+        raise ValueError(f"thresholds of one leaf (scope 'leaf') given for a tree of {len(leaves)} leaves")
     if thresholds is None:
         size = sum(leaf[0].size for leaf in leaves)
         reference = size if total_size is None else total_size

@@ -18,24 +18,25 @@ copies of the largest tensor times K, whatever the model's size.
 
 How a method streams is declared on it (`core.registry.MergeMethod.streaming`):
 
-- ``"tensor"``: one pass. Deterministic elementwise methods (task arithmetic, weight averaging) give exactly
-  their in-memory result. A ``seed`` parameter becomes the tensor's own key, fold_in(key(seed), i) with i the
-  tensor's index in the output's name order, so DARE draws an independent mask per tensor: the same law as
-  in memory, another draw.
-- ``"global"``: the model-wide statistics the method reads are found first, exactly, in streaming passes,
-  then given to it for every tensor. TIES (`ties_statistics`) reads two:
+- ``"tensor"``: one pass, each tensor whole (in the model's layout for a method that reads the matrix view).
+- ``"entry"``: one pass, each tensor flattened and merged in parts of at most `BLOCK` entries (`TensorStream`),
+  for methods whose merged entry depends on that entry alone: memory and compiled programs are bounded by
+  the part. Task arithmetic and weight averaging give their in-memory result. A ``seed`` parameter becomes
+  the part's own key, fold_in(fold_in(key(seed), i), j) for part j of the i-th tensor in the output's name
+  order, so DARE draws an independent mask per part: the same law as in memory, another draw.
+- ``"global"``: the statistics the method reads beyond one entry are found first, exactly, in streaming
+  passes, then given to it with every part. TIES (`ties_statistics`) reads two:
 
-  - per task, the trim threshold t_k = the r-th largest |τ_k| over the whole model (scope ``"model"``;
-    r = ⌊density · D⌋ + 1 as `core.transforms.trim` counts, D the entries of one task vector or
-    ``total_size``), found by radix selection on the IEEE-754 bit patterns of |τ| (`KthLargest`): each pass
-    counts 16 bits per entry in 65536 buckets (only the entries still in the chosen bucket), and the search
-    stops early once every entry left shares the remaining bits, so float32 needs at most 2 passes and float64
-    at most 4; no sort, no copy of the model, the same value `core.transforms` finds in memory;
+  - per task, the trim threshold t_k = the r-th largest |τ_k| (r = ⌊density · D⌋ + 1 as
+    `core.transforms.trim` counts), over the whole model for scope ``"model"`` (D the entries of one task
+    vector, or ``total_size``) and over each checkpoint tensor for scope ``"leaf"`` (mergekit's per-tensor
+    density; D its entries). Found by radix selection on the IEEE-754 bit patterns of |τ| (`KthLargest`):
+    each pass counts 16 bits per entry in 65536 buckets (only the entries still in the chosen bucket), and the
+    search stops early once every entry left shares the remaining bits, so float32 needs at most 2 passes and
+    float64 at most 4; no sort, no copy of the model, the value `core.transforms` finds in memory;
   - the majority sign sgn Σ_entries γ of the elected signs γ = sgn Σ_k τ̂_k over the whole model (entries
-    where γ = 0 take it), an exact integer count: one pass.
-
-  With scope ``"leaf"`` each checkpoint tensor is a leaf (mergekit's per-tensor density): its threshold is
-  its own, found inside the method's call; the majority sign still spans the model.
+    where γ = 0 take it), an exact integer count: one pass (for scope ``"leaf"`` the same pass that finds
+    each tensor's thresholds).
 """
 
 from __future__ import annotations
@@ -232,12 +233,13 @@ class TensorStream:
                     pending = reader.submit(self.inputs, self.names[index + 1])
                 yield index, name, current
 
-    def leaves(self) -> Iterator[tuple[Placement, jax.Array, jax.Array]]:
-        """One pass: (placement, θ0 leaf, τ leaf [K, ...]) per tensor, or per part of one (``mode``)."""
+    def leaves(self) -> Iterator[tuple[str, Placement, jax.Array, jax.Array]]:
+        """One pass: (name, placement, θ0 leaf, τ leaf [K, ...]) per tensor, or per part of one (``mode``)."""
         for _, name, (theta0, inputs, kinds) in self.read_ahead():
             place = self.place(name)
             for _, theta0_part, inputs_part in self.parts(theta0, inputs):
-                yield (place, *_task_vector_leaves(theta0_part, inputs_part, kinds, place.transpose, place.stacked))
+                yield (name, place,
+                       *_task_vector_leaves(theta0_part, inputs_part, kinds, place.transpose, place.stacked))
 
 
 EXPONENT_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
@@ -319,23 +321,44 @@ class KthLargest:
 
 
 def ties_statistics(stream: TensorStream, params: Mapping[str, Any], log: Callable[[str], None]
-                    ) -> tuple[dict[str, jax.Array], bool]:
-    """TIES's model-wide ``thresholds`` (scope "model") and ``majority`` sign (module docstring), and whether
-    TIES is then entrywise (scope "model": each entry's trim, sign and mean need only the statistics; scope
-    "leaf": the trim reads the whole tensor)."""
+                    ) -> Callable[[str], dict[str, jax.Array]]:
+    """TIES's statistics for each tensor (module docstring): the trim ``thresholds`` (over the model for scope
+    "model"; the tensor's own for scope "leaf", found in the same pass as the sign count) and the model's
+    ``majority`` sign. Given them TIES is entrywise."""
     density, scope, total_size = params["density"], params["scope"], params["total_size"]
-    statistics: dict[str, jax.Array] = {}
-    stream.mode = "entry" if scope == "model" else "tensor"  # given the thresholds, TIES is entrywise
+    per_tensor: dict[str, jax.Array] = {}
     if scope == "model":
-        statistics["thresholds"] = _thresholds(stream, density, total_size, log)
+        stream.mode = "entry"
+        model_wide = _thresholds(stream, density, total_size, log)
+    else:
+        stream.mode = "tensor"
     started = time.perf_counter()
     balance = 0
-    for place, _, tau in stream.leaves():
-        balance += int(_sign_balance(_tree(place.path, tau), density, scope, statistics.get("thresholds")))
-    statistics["majority"] = jnp.asarray(np.sign(balance), stream.accumulation_dtype)
-    log(f"[merge] pass {stream.passes}: TIES majority sign {int(np.sign(balance)):+d} "
-        f"({time.perf_counter() - started:.1f} s)")
-    return statistics, scope == "model"
+    for name, place, _, tau in stream.leaves():
+        if scope == "model":
+            thresholds = model_wide
+        else:
+            thresholds = per_tensor[name] = tensor_thresholds(np.abs(np.asarray(tau)), density)
+        balance += int(_sign_balance(_tree(place.path, tau), density, thresholds))
+    majority = jnp.asarray(np.sign(balance), stream.accumulation_dtype)
+    what = "TIES majority sign" if scope == "model" else "TIES thresholds of each tensor and majority sign"
+    log(f"[merge] pass {stream.passes}: {what} {int(np.sign(balance)):+d} ({time.perf_counter() - started:.1f} s)")
+    return lambda name: {"thresholds": model_wide if scope == "model" else per_tensor[name], "majority": majority}
+
+
+def tensor_thresholds(magnitudes: np.ndarray, density: float) -> jax.Array:
+    """Per task, the (⌊density · n⌋ + 1)-th largest of one tensor's |τ| [K, n] (0: keep all when that exceeds
+    n), as `core.transforms.trim` finds it for one leaf."""
+    magnitudes = magnitudes.reshape(len(magnitudes), -1)
+    rank = int(magnitudes.shape[1] * density) + 1
+    if rank > magnitudes.shape[1]:
+        return jnp.zeros(len(magnitudes), magnitudes.dtype)
+    selection = KthLargest(len(magnitudes), rank, magnitudes.dtype)
+    while not selection.done:
+        selection.start_pass()
+        selection.add(magnitudes)
+        selection.end_pass()
+    return jnp.asarray(selection.value)
 
 
 def _thresholds(stream: TensorStream, density: float, total_size: int | None, log: Callable[[str], None]
@@ -361,21 +384,21 @@ def _thresholds(stream: TensorStream, density: float, total_size: int | None, lo
     return jnp.asarray(selection.value)
 
 
-@partial(jax.jit, static_argnames=("density", "scope"))
-def _sign_balance(task_vectors: PyTree, density: float, scope: str, thresholds: jax.Array | None) -> jax.Array:
-    """#{γ > 0} − #{γ < 0} over one tensor, γ = sgn Σ_k τ̂_k TIES's elected sign before the majority fills its
-    zeros."""
-    signs = jax.tree_util.tree_leaves(elect_sign(trim(task_vectors, density, scope, None, thresholds), "sum",
+@partial(jax.jit, static_argnames="density")
+def _sign_balance(task_vectors: PyTree, density: float, thresholds: jax.Array) -> jax.Array:
+    """#{γ > 0} − #{γ < 0} over one tensor or part, γ = sgn Σ_k τ̂_k TIES's elected sign before the majority
+    fills its zeros."""
+    signs = jax.tree_util.tree_leaves(elect_sign(trim(task_vectors, density, "model", None, thresholds), "sum",
                                                  jnp.zeros(())))[0]
     return jnp.sum(signs > 0, dtype=jnp.int32) - jnp.sum(signs < 0, dtype=jnp.int32)
 
 
 GLOBAL_STATISTICS: dict[str, Callable[[TensorStream, Mapping[str, Any], Callable[[str], None]],
-                                       tuple[dict, bool]]] = {
+                                       Callable[[str], dict[str, jax.Array]]]] = {
     "ties": ties_statistics,
 }
-"""The streaming passes of each ``streaming="global"`` method, by method name: its statistics, and whether
-the method is then entrywise."""
+"""The streaming passes of each ``streaming="global"`` method, by method name: its statistics for each tensor
+(given them, the method is entrywise)."""
 
 
 # ----------------------------------------------------------------------------------------------- the merge
@@ -414,10 +437,10 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
     started = time.perf_counter()
     wide = any(stream.pretrained.info(name).dtype == np.float64 for name in stream.names)
     with jax.enable_x64(True) if wide else contextlib.nullcontext():
-        statistics, entrywise = {}, spec.method.streaming == "entry"
+        statistics = lambda name: {}  # noqa: E731
         if spec.method.streaming == "global":
-            statistics, entrywise = GLOBAL_STATISTICS[spec.name](stream, spec.params, log)
-        stream.mode = "leaf" if spec.method.uses_view else "entry" if entrywise else "tensor"
+            statistics = GLOBAL_STATISTICS[spec.name](stream, spec.params, log)
+        stream.mode = "leaf" if spec.method.uses_view else "tensor" if spec.method.streaming == "tensor" else "entry"
         layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape) for name in stream.names}
         program = merge_program(spec, view)
         writer = ShardedWriter(folder, layout, max_shard_bytes)
@@ -427,7 +450,7 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
                 place, (dtype, shape) = stream.place(name), layout[name]
                 tensor = np.empty(shape, dtype).reshape(-1 if stream.mode != "leaf" else shape)
                 for part_index, (part, theta0_part, inputs_part) in enumerate(stream.parts(theta0, inputs)):
-                    merged = program(theta0_part, inputs_part, statistics, np.array([index, part_index], np.uint32),
+                    merged = program(theta0_part, inputs_part, statistics(name), np.array([index, part_index], np.uint32),
                                      kinds=kinds, path=place.path, transpose=place.transpose, stacked=place.stacked,
                                      dtype=dtype)
                     tensor[part if part is not None else ...] = np.asarray(merged)
