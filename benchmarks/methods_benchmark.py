@@ -84,7 +84,7 @@ class Size:
 
 SIZES = {
     "tiny": Size(16, 8, 24, 2, 2, 40),  # the reference fixtures' tower (scripts/make_method_fixtures.py)
-    "small": Size(64, 16, 128, 4, 4, 512),  # seconds per method on 2 CPU cores, WUDI's 300 steps included
+    "small": Size(64, 16, 256, 4, 4, 1024),  # step_benchmark's small: seconds per method on 2 CPU cores
     "B/32": Size(224, 32, 768, 12, 12, 3072),  # openai/clip-vit-base-patch32
     "L/14": Size(224, 14, 1024, 24, 16, 4096),  # openai/clip-vit-large-patch14
     "L/14-2l": Size(224, 14, 1024, 2, 16, 4096),  # L/14's matrices, 2 layers: a real run fits a small host
