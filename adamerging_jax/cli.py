@@ -7,21 +7,30 @@
 - ``adamerging-jax paper {prepare-data,table1,table2,generalization,robustness}``: the paper's CLIP
   experiments (``experiments/*.py`` call these).
 
-Settings are validated, and the output folder checked, before any compute; results are written after each
-seed, so an interrupt loses only the unfinished one.
+Settings are validated, and the output folder checked and locked, before any compute; results are written after
+each seed, so an interrupt loses only the unfinished one. Every refusal is one ``error:`` line; Ctrl-C exits with
+130 and commits nothing half written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from adamerging_jax.cache import cache_dir, enable_compilation_cache
+from adamerging_jax.cache import ENV_VAR, cache_dir, cache_root, enable_compilation_cache
+
+
+def error_line(message: Any) -> SystemExit:
+    """The command's one-line error."""
+    return SystemExit("error: " + " ".join(str(message).split()))
 
 
 def check_output_dir(path: Path) -> None:
@@ -31,7 +40,42 @@ def check_output_dir(path: Path) -> None:
     try:
         check_writable_folder(path)
     except ValueError as error:
-        raise SystemExit(f"error: --output {error}") from None
+        raise error_line(f"--output {error}") from None
+
+
+def check_cache_root(folder: Path | None = None) -> None:
+    """The cache folder (``folder``, else the cache root) is a folder this user can write, or can be made."""
+    from adamerging_jax.core.checkpoint import check_writable_folder
+
+    folder = folder or cache_root()
+    try:
+        check_writable_folder(folder)
+    except ValueError as error:
+        raise error_line(f"the cache folder (${ENV_VAR} or --cache) {error}; set ${ENV_VAR} to a writable "
+                         "folder") from None
+
+
+def start_compilation_cache() -> None:
+    """JAX's persistent compilation cache under the cache root (`check_cache_root` first)."""
+    check_cache_root()
+    try:
+        enable_compilation_cache(1.0)
+    except OSError as error:
+        raise error_line(f"the cache folder {cache_root()} cannot be used: {error.strerror}") from None
+
+
+@contextlib.contextmanager
+def locked_output(output: Path) -> Iterator[None]:
+    """Hold ``output``'s lock (`adamerging_jax.output.output_lock`) after finishing any commit a killed run
+    left half done; a second run into it is refused in one line naming the first."""
+    from adamerging_jax.output import OutputBusyError, output_lock, recover_output
+
+    try:
+        with output_lock(output):
+            recover_output(output)
+            yield
+    except OutputBusyError as error:
+        raise error_line(error) from None
 
 
 def comma_list(text: str | None) -> list[str] | None:
@@ -73,7 +117,7 @@ def demo_config(args: argparse.Namespace) -> Any:
     """The `DemoConfig` of the command line: defaults (or ``--quick``'s), then ``--config``, then the flags."""
     from adamerging_jax.demo.pipeline import DemoConfig
 
-    fields = json.loads(args.config.read_text()) if args.config else {}
+    fields = read_demo_config(args.config) if args.config else {}
     for name in ("resolution", "n_train", "n_test", "head", "shots", "head_scale"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -98,12 +142,88 @@ def demo_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"error: {error}") from None
 
 
+DEMO_FILES = ("results.json", "table.md", "*.png")
+
+
+def read_demo_config(path: Path) -> dict[str, Any]:
+    """``--config``'s JSON object; one line naming the file when it is missing, not JSON or not an object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise error_line(f"--config {path}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        fields = json.loads(text)
+    except ValueError as error:
+        raise error_line(f"--config {path} is not JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise error_line(f"--config {path} must hold one JSON object of DemoConfig fields, got {type(fields).__name__}")
+    return fields
+
+
+def demo_task_folders(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``--task-folder NAME=PATH`` pairs, each PATH an existing folder."""
+    folders = []
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise error_line(f"--task-folder expects NAME=PATH, got {spec!r}")
+        if not os.path.isdir(path):
+            raise error_line(f"--task-folder {name}={path}: {path} is not a folder")
+        folders.append((name, path))
+    return folders
+
+
+def check_demo_arguments(args: argparse.Namespace, config: Any) -> list[tuple[str, str]]:
+    """Everything the command line decides, before any data loads: seeds, task names and count, task
+    folders, the output and cache folders; returns the task folders."""
+    from adamerging_jax.data import packaged
+
+    if negative := [seed for seed in args.seeds if seed < 0]:
+        raise error_line(f"--seeds must be non-negative integers, got {negative}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise error_line(f"--seeds names a seed more than once: {args.seeds}")
+    if unknown := [name for name in config.tasks if name not in packaged.SOURCES]:
+        raise error_line(f"unknown tasks {unknown}; packaged tasks are {sorted(packaged.SOURCES)} (add your own "
+                         "with --task-folder NAME=PATH)")
+    folders = demo_task_folders(args.task_folder)
+    names = [*config.tasks, *(name for name, _ in folders)]
+    if len(names) < 2:
+        raise error_line(f"the demo merges at least 2 tasks, got {names}")
+    if len(set(names)) != len(names):
+        raise error_line(f"a task is named more than once: {names}")
+    check_output_dir(args.output)
+    if not args.no_cache:
+        check_cache_root(args.cache)
+    check_demo_output(args, folders)
+    return folders
+
+
+def check_demo_output(args: argparse.Namespace, folders: Sequence[tuple[str, str]]) -> None:
+    """The demo's output lies outside the task folders and the cache (and they outside it: a commit replaces
+    the whole output folder), and holds nothing but an earlier demo's report."""
+    from adamerging_jax.output import check_output_contents, check_placement
+
+    cache = {} if args.no_cache else {"--cache": args.cache or cache_dir("finetuned")}
+    try:
+        check_placement(args.output, {f"--task-folder {name}": path for name, path in folders})
+        check_placement(args.output, cache, skip_missing=False)
+        check_output_contents(args.output, DEMO_FILES)
+    except ValueError as error:
+        raise error_line(error) from None
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
     config = demo_config(args)
-    check_output_dir(args.output)
-    enable_compilation_cache(1.0)
+    folders = check_demo_arguments(args, config)
+    start_compilation_cache()
+    with locked_output(args.output):
+        return run_demo_seeds(args, config, folders)
+
+
+def run_demo_seeds(args: argparse.Namespace, config: Any, folders: Sequence[tuple[str, str]]) -> int:
     from adamerging_jax.data import packaged
     from adamerging_jax.demo.pipeline import run_demo
+    from adamerging_jax.output import interrupted
 
     cache = None if args.no_cache else (args.cache or cache_dir("finetuned"))
     runs: list[dict[str, Any]] = []
@@ -111,14 +231,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         seeded = dataclasses.replace(config, seed=seed)
         tasks = packaged.load_tasks(seeded.tasks, seed, seeded.n_train, seeded.n_test, skip_unavailable=True)
-        for spec in args.task_folder:
-            name, _, path = spec.partition("=")
-            if not path:
-                raise SystemExit(f"error: --task-folder expects NAME=PATH, got {spec!r}")
+        for name, path in folders:
             tasks.append(packaged.task_from_folder(path, name=name, image_size=max(seeded.resolution, 28), seed=seed))
+        if len(tasks) < 2:
+            raise error_line(f"the demo merges at least 2 tasks; only {[t.name for t in tasks]} could be loaded")
         print(f"[demo] seed {seed}: tasks {[t.name for t in tasks]}, {seeded.resolution} px", flush=True)
         run = run_demo(seeded, tasks=tasks, cache_dir=cache, quiet=args.quiet)
         runs.append(run)
+        if interrupted():
+            raise KeyboardInterrupt
         files = write_demo_report(runs, args.output, plots=not args.no_plots)
         print(f"[demo] seed {seed} done in {run['seconds']['total']:.0f} s; results so far in {args.output}", flush=True)
     print(files["table"].read_text())
@@ -127,15 +248,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def write_demo_report(runs: Sequence[dict[str, Any]], output: Path, plots: bool = True) -> dict[str, Path]:
-    """``results.json`` with every run so far, ``table.md`` (mean ± std over seeds) and the first run's plots."""
+    """``results.json`` with every run so far, ``table.md`` (mean ± std over seeds) and the first run's plots,
+    committed as one new output folder (`adamerging_jax.output.staged_output`)."""
     from adamerging_jax import report
+    from adamerging_jax.output import staged_output
 
     report.check_finite(runs)
     seeds = [run["settings"]["seed"] for run in runs]
     title = f"Mean top-1 accuracy (%) over seeds {seeds}" if len(runs) > 1 else f"Top-1 accuracy (%), seed {seeds[0]}"
     clamp = runs[0]["settings"]["merge"]["adamerging"]["clamp"]
-    return report.write_report(output, {"runs": list(runs)}, f"{title}\n\n" + report.markdown_table(runs),
-                               plot_run=runs[0] if plots else None, clamp=tuple(clamp) if clamp else None)
+    with staged_output(output) as stage:
+        files = report.write_report(stage, {"runs": list(runs)}, f"{title}\n\n" + report.markdown_table(runs),
+                                    plot_run=runs[0] if plots else None, clamp=tuple(clamp) if clamp else None)
+    return {key: Path(output) / path.relative_to(stage) for key, path in files.items()}
 
 
 def _merge_parser(subparsers: Any) -> None:
@@ -178,16 +303,20 @@ def run_merge_command(args: argparse.Namespace) -> int:
         raise fail(error) from None
     from adamerging_jax.merging.plan import prepare
 
-    plan = prepare(config, args.output, args.weights)
-    print(plan.describe(), flush=True)
     if args.dry_run:
+        plan = prepare(config, args.output, args.weights)
+        print(plan.describe(), flush=True)
         print("[merge] dry run: every check passed; nothing was computed", flush=True)
         return 0
     check_output_dir(args.output)
-    enable_compilation_cache(1.0)
-    from adamerging_jax.merging.run import run_plan
+    check_cache_root()
+    with locked_output(args.output):
+        plan = prepare(config, args.output, args.weights)
+        print(plan.describe(), flush=True)
+        start_compilation_cache()
+        from adamerging_jax.merging.run import run_plan
 
-    run_plan(plan)
+        run_plan(plan)
     return 0
 
 
@@ -210,14 +339,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     _merge_parser(subparsers)
     _paper_parser(subparsers)
     args = parser.parse_args(argv)
+    from adamerging_jax.output import honour_interrupts, interrupted
+
+    with honour_interrupts():
+        try:
+            with disk_errors():
+                code = run_command(args)
+        except KeyboardInterrupt:
+            code = INTERRUPTED
+        if interrupted() or code == INTERRUPTED:
+            print(f"[{args.command}] interrupted: nothing half written (the output holds the previous result, or "
+                  "the new one when the interrupt came during its commit)", file=sys.stderr, flush=True)
+            return INTERRUPTED
+    return code
+
+
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return run_demo_command(args)
     if args.command == "merge":
         return run_merge_command(args)
     from adamerging_jax.paper.cli import COMMANDS
 
-    enable_compilation_cache(1.0)
+    start_compilation_cache()
     return COMMANDS[args.experiment](args.arguments)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(error: BaseException) -> OSError | str | None:
+    """The full-disk cause of ``error``: an OSError ENOSPC / EDQUOT in its chain, or the OS's words for it in
+    a library's own error (safetensors, orbax); None when the disk is not full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return seen
+        if any(f"os error {code}" in str(seen) or os.strerror(code) in str(seen) for code in NO_SPACE):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors() -> Iterator[None]:
+    """A full disk or quota, anywhere in a command, as one line (outputs are committed whole, so the previous
+    result stays as it was)."""
+    try:
+        yield
+    except Exception as error:
+        cause = _no_space(error)
+        if cause is None:
+            raise
+        if isinstance(cause, OSError):
+            where, cause = (f" writing {cause.filename}" if cause.filename else ""), cause.strerror
+        else:
+            where = ""
+        raise error_line(f"no space left on the device{where} ({cause}); the previous output, if any, is "
+                         "unchanged; free some space and run again") from None
 
 
 if __name__ == "__main__":

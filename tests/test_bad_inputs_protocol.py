@@ -1,6 +1,7 @@
 """Bad input to evaluation, the method registry and the commands' settings is refused with the culprit named,
 before any compute: one row per case (``CASES``), one test over them."""
 import json
+import os
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import adamerging_jax as am
+from adamerging_jax.cache import ENV_VAR
 from adamerging_jax.cli import main
 from adamerging_jax.demo.pipeline import DemoConfig
 from bad_inputs import Case
@@ -36,12 +38,30 @@ def demo_output_is_a_file(tmp) -> Any:
     return main(["demo", "--quick", "--output", str(tmp / "file")])
 
 
-def demo_config_file(fields: dict) -> Callable[[Any], Any]:
+def demo_config_file(fields: Any, text: str | None = None) -> Callable[[Any], Any]:
     def run(tmp):
-        (tmp / "c.json").write_text(json.dumps(fields))
+        (tmp / "c.json").write_text(json.dumps(fields) if text is None else text)
         return main(["demo", "--config", str(tmp / "c.json"), "--output", str(tmp / "out")])
 
     return run
+
+
+def demo_with_cache_root(make: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The demo with ``$ADAMERGING_JAX_CACHE`` set to ``make(tmp)`` for the call."""
+    def run(tmp):
+        previous = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = str(make(tmp))
+        try:
+            return demo("--tasks", "mnist,digits")(tmp)
+        finally:
+            os.environ.pop(ENV_VAR) if previous is None else os.environ.update({ENV_VAR: previous})
+
+    return run
+
+
+def a_file(tmp) -> Any:
+    (tmp / "file").write_text("x")
+    return tmp / "file"
 
 
 CASES = [
@@ -99,6 +119,36 @@ CASES = [
          demo_config_file({"resolutoin": 32})),
     Case("cli-config-adamerging", "`demo --config` with an unknown AdaMerging setting", SystemExit,
          "unknown AdaMerging settings ['step']", demo_config_file({"merge": {"adamerging": {"step": 3}}})),
+    Case("cli-config-missing", "`demo --config` naming no file: one line, before any data loads", SystemExit,
+         "nowhere.json: No such file or directory",
+         lambda tmp: main(["demo", "--config", str(tmp / "nowhere.json"), "--output", str(tmp / "out")])),
+    Case("cli-config-not-json", "`demo --config` that is not JSON", SystemExit,
+         "c.json is not JSON: Expecting ',' delimiter: line 1 column 18",
+         demo_config_file(None, '{"resolution": 3 4}')),
+    Case("cli-config-not-object", "`demo --config` holding a JSON list, not an object", SystemExit,
+         "must hold one JSON object of DemoConfig fields, got list", demo_config_file([1, 2])),
+    Case("cli-one-task", "`demo --tasks mnist`: one task, nothing to merge", SystemExit,
+         "the demo merges at least 2 tasks, got ['mnist']", demo("--tasks", "mnist")),
+    Case("cli-unknown-task", "`demo --tasks mnist,magic`: a task no package provides", SystemExit,
+         "unknown tasks ['magic']", demo("--tasks", "mnist,magic")),
+    Case("cli-task-twice", "`demo --tasks mnist,mnist`: one task named twice", SystemExit,
+         "a task is named more than once: ['mnist', 'mnist']", demo("--tasks", "mnist,mnist")),
+    Case("cli-negative-seed", "`demo --seeds 0 -1`: a negative seed, refused before the first seed runs", SystemExit,
+         "--seeds must be non-negative integers, got [-1]", demo("--seeds", "0", "-1")),
+    Case("cli-task-folder-missing", "`demo --task-folder pets=PATH` with no folder at PATH", SystemExit,
+         "--task-folder pets=", lambda tmp: demo("--task-folder", f"pets={tmp / 'nowhere'}")(tmp)),
+    Case("cli-task-folder-form", "`demo --task-folder PATH` without NAME=", SystemExit,
+         "--task-folder expects NAME=PATH, got 'pets'", demo("--task-folder", "pets")),
+    Case("cli-cache-inside-output", "`demo --cache` inside `--output` (a run replaces the output folder)", SystemExit,
+         "/out/cache) is inside --output", lambda tmp: main(["demo", "--quick", "--tasks", "mnist,digits", "--output",
+                                                             str(tmp / "out"), "--cache", str(tmp / "out" / "cache")])),
+    Case("cli-output-is-task-folder", "`demo --output` equal to a `--task-folder` (plots would become images)",
+         SystemExit, "is the --task-folder pets folder",
+         lambda tmp: main(["demo", "--quick", "--no-cache", "--task-folder", f"pets={tmp}", "--output", str(tmp)])),
+    Case("cli-cache-root-file", "`$ADAMERGING_JAX_CACHE` naming a file, not a folder", SystemExit,
+         "the cache folder ($ADAMERGING_JAX_CACHE or --cache)", demo_with_cache_root(a_file)),
+    Case("cli-cache-root-under-file", "`$ADAMERGING_JAX_CACHE` below a file (cannot be made)", SystemExit,
+         "is not writable", demo_with_cache_root(lambda tmp: a_file(tmp) / "cache")),
 ]
 
 

@@ -47,13 +47,18 @@ def user_folder(tmp_path_factory):
     return root
 
 
+def cache_of(out):
+    """The quick run's cache of fine-tuned backbones, beside its output (never inside: a run replaces it)."""
+    return out.with_name(f"{out.name}-cache")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, user_folder, user_methods):
     out = tmp_path_factory.mktemp("demo")
     code = main(
         ["demo", "--quick", "--tasks", "mnist,digits", "--task-folder", f"squares={user_folder}",
          "--methods", ",".join(DEMO_METHODS + ["half_sum"]),
-         "--output", str(out), "--cache", str(out / "cache"), "--quiet"]
+         "--output", str(out), "--cache", str(cache_of(out)), "--quiet"]
     )
     assert code == 0
     return out
@@ -92,7 +97,7 @@ def test_adamerging_lowered_the_entropy_and_learned_per_leaf_lambdas(quick_run):
 
 
 def test_finetuned_backbones_are_cached_under_keys_of_every_setting(quick_run):
-    cached = sorted(p.name for p in (quick_run / "cache").glob("finetuned-*.npz"))
+    cached = sorted(p.name for p in cache_of(quick_run).glob("finetuned-*.npz"))
     assert [name.split("-")[1] for name in cached] == ["digits", "mnist", "squares"]
     task = packaged.load_task("digits", seed=0, n_train=64, n_test=32)
     config, finetune, weights = DemoConfig.quick(), FinetuneConfig(), {"w": np.ones(3)}
@@ -123,7 +128,7 @@ def test_nan_results_write_no_table(quick_run, user_methods, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(ValueError, match="model 'nan_sum' gives NaN or inf logits"):
         main(["demo", "--quick", "--tasks", "mnist,digits", "--methods", "pretrained,nan_sum",
-              "--output", str(out), "--cache", str(quick_run / "cache"), "--quiet", "--no-plots"])
+              "--output", str(out), "--cache", str(cache_of(quick_run)), "--quiet", "--no-plots"])
     assert not (out / "table.md").exists() and not (out / "results.json").exists()
 
 
@@ -137,9 +142,8 @@ def test_each_seed_is_written_before_the_next_starts(tmp_path, monkeypatch):
                     methods={"pretrained": {"accuracy": accuracy, "mean": 0.625, "label": "Pretrained"}})
 
     monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
-    with pytest.raises(KeyboardInterrupt):
-        main(["demo", "--quick", "--tasks", "mnist,digits", "--seeds", "0", "1", "--output", str(tmp_path),
-              "--no-plots", "--quiet"])
+    assert main(["demo", "--quick", "--tasks", "mnist,digits", "--seeds", "0", "1", "--output", str(tmp_path),
+                 "--no-plots", "--quiet"]) == 130
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [run["settings"]["seed"] for run in runs] == [0]
     assert "| Pretrained | 50.0 | 75.0 | 62.5 |" in (tmp_path / "table.md").read_text()

@@ -1,4 +1,5 @@
 """The ``merge`` config schema and ``--dry-run``: every failure one line naming its culprit, before compute."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,9 @@ from adamerging_jax.models.clip_checkpoint import (
     official_lambda_rows,
     save_hf_vision_model,
 )
+from adamerging_jax.output import output_lock
 from bad_inputs import Case, fill_world
+from test_torch_file import write_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "clip", "ti8")
@@ -85,6 +88,16 @@ def write_strict_input_files(root, config, params):
     save_file(state, str(root / "extra_layer" / "model.safetensors"))
     huge = __import__("jax").tree_util.tree_map(lambda a: np.sign(a) * 1e36 + a, params["vision"])
     save_hf_vision_model(str(root / "huge"), huge, config)
+    write_output_placement_files(root)
+
+
+def write_output_placement_files(root):
+    """A symbolic link to the unlabeled folder, a user's folder with a file of its own, and a λ ``.pt`` whose
+    pickle would call ``eval`` when unpickled by torch."""
+    (root / "images_link").symlink_to(root / "images")
+    (root / "user_folder").mkdir()
+    (root / "user_folder" / "notes.txt").write_text("mine")
+    write_zip(root / "evil.pt", b"\x80\x02cbuiltins\neval\nX\x07\x00\x00\x001 + 1 #\x85R.", {})
 
 
 def document(world, **changes):
@@ -143,6 +156,20 @@ CASES = [
     Case("export_overflow", "a real run whose merge overflows float32 (λ 900 on weights of 1e36): nothing exported",
          {"task": {"finetuned": "{world}/huge"}, "weights": "{world}/overflow.json", "preset": "fusionbench",
           "real_run": True}, "the merged model's tensor 'vision_model.embeddings.class_embedding' holds"),
+    Case("output_is_unlabeled", "--output is a task's unlabeled folder (plots would become training images)",
+         {"output": "{world}/images"}, "/images) is the tasks[0].unlabeled.folder folder"),
+    Case("output_inside_finetuned", "--output inside a fine-tuned checkpoint's folder",
+         {"output": "{world}/finetuned/merged"}, "/finetuned/merged) is inside the tasks[0].finetuned folder"),
+    Case("output_through_link", "--output inside the unlabeled folder through a symbolic link (resolved)",
+         {"output": "{world}/images_link/plots"}, "/images/plots) is inside the tasks[0].unlabeled.folder folder"),
+    Case("input_inside_output", "an input folder inside --output (a run replaces the output folder)",
+         {"output": "{world}"}, "/finetuned) is inside --output"),
+    Case("output_foreign_files", "--output an existing folder holding a file no run writes",
+         {"output": "{world}/user_folder"}, "holds files a run does not write: ['notes.txt']"),
+    Case("weights_pickle_code", "--weights a .pt whose pickle would run code (builtins.eval)",
+         {"weights": "{world}/evil.pt"}, "builtins.eval"),
+    Case("output_locked", "a real run into an --output another live run holds: refused before loading anything",
+         {"held_lock": True, "real_run": True}, "is being written by another run (pid"),
 ]
 
 
@@ -154,6 +181,7 @@ def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
     output = changes.pop("output", str(tmp_path / "out"))
     config_file, weights = changes.pop("config_file", None), changes.pop("weights", None)
     run = [] if changes.pop("real_run", False) else ["--dry-run"]
+    held = output_lock(output) if changes.pop("held_lock", False) else contextlib.nullcontext()
     if case.id == "unwritable_output":
         os.chmod(world / "locked", 0o500)
         if os.access(world / "locked", os.W_OK):  # root writes anyway: no one can make a folder under a file
@@ -162,7 +190,7 @@ def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(document(world, **changes)))
     try:
-        with pytest.raises(SystemExit) as error:
+        with held, pytest.raises(SystemExit) as error:
             main(["merge", config_file or str(path), "--output", output, *run,
                   *(["--weights", weights] if weights else [])])
     finally:

@@ -1,6 +1,7 @@
 """Every check of a ``merge`` run, before any compute, and the plan it prints (``--dry-run``).
 
-Checked, in order: the output folder can be written; the methods and their parameters (by the config
+Checked, in order: the output folder can be written, lies outside every input folder (and no input inside
+it) and holds nothing a run does not write; the methods and their parameters (by the config
 schema); each task's unlabeled images exist, are non-empty and every one decodes; each test folder holds class
 folders named as the task's classes, every image decoding; every checkpoint loads and every image tower has
 θ0's config; a ``--weights`` file reads and fits the model. A causal language model (``model: causal_lm``)
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +39,31 @@ def check_writable(output: Path) -> None:
         check_writable_folder(output)
     except ValueError as error:
         raise fail(f"--output {error}") from None
+
+
+def input_paths(config: MergeConfig) -> dict[str, str | None]:
+    """Every file or folder the run reads, by config field (tfds names and hub ids are not paths)."""
+    paths: dict[str, str | None] = {"pretrained": config.pretrained, "pretrained_vision": config.pretrained_vision}
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}]"
+        paths.update({f"{where}.finetuned": task.finetuned, f"{where}.adapter": task.adapter,
+                      f"{where}.test": task.test, f"{where}.prompts": task.prompts.path if task.prompts else None})
+        if task.unlabeled is not None:
+            kind = task.unlabeled.kind
+            paths[f"{where}.unlabeled.{kind}"] = task.unlabeled.path if kind != "tfds" else None
+            paths[f"{where}.unlabeled.data_dir"] = task.unlabeled.data_dir
+    return paths
+
+
+def check_output_placement(config: MergeConfig, output: Path) -> None:
+    """The output is outside every input and holds nothing a run does not write (`adamerging_jax.output`)."""
+    from adamerging_jax.output import check_output_contents, check_placement
+
+    try:
+        check_placement(output, input_paths(config))
+        check_output_contents(output)
+    except ValueError as error:
+        raise fail(error) from None
 
 
 def unlabeled_source(task: TaskConfig, unlabeled: Unlabeled) -> Any:
@@ -204,7 +231,7 @@ def guarded(what: str, action: Callable[[], Any]) -> Any:
         return action()
     except SystemExit:
         raise
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise fail(f"{what}: {message}") from None
 
@@ -218,6 +245,7 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
     require("safetensors", "models", "the merge command")
     output = Path(output)
     check_writable(output)
+    check_output_placement(config, output)
     if config.model == "causal_lm":
         from adamerging_jax.merging.lm import prepare_lm
 

@@ -9,6 +9,10 @@
     OUT/state/<method>/      AdaMerging's resumable state: a rerun continues it; one with other settings,
                              data or task vectors is refused with the difference named
 
+Everything but ``state/`` is built in a hidden sibling folder and committed as the new ``OUT`` at once
+(`adamerging_jax.output.staged_output`; ``state/`` is carried over): a killed run leaves the previous result
+or the new one, and no file of an earlier run survives beside the new ones.
+
 ``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
 without training (FusionBench's ``method.weights=``): our ``lambdas.json`` / ``lambdas.safetensors``,
 FusionBench's layer-wise ``[K, n]`` ``.pt`` / ``.npy`` (columns in the HF parameter order; read without
@@ -41,10 +45,8 @@ from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card
-from adamerging_jax.merging.emr_files import EMR_FILE, write_emr_file
+from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.plan import Plan, fail, source_identity
-
-EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 
 
 def _granularity(spec: MethodSpec) -> str:
@@ -168,20 +170,23 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     return write_outputs(plan, models[config.exported], run, log)
 
 
-def write_lambdas(plan: Any, merged: Merged, run: dict[str, Any]) -> None:
-    """``lambdas.json`` / ``lambdas.safetensors`` by checkpoint tensor name when the model has λ, and their
-    per-task summary in ``run["lambda_summary"]`` (None without λ)."""
+def write_lambdas(plan: Any, merged: Merged, run: dict[str, Any], folder: Path | None = None) -> None:
+    """``lambdas.json`` / ``lambdas.safetensors`` by checkpoint tensor name in ``folder`` (default: the output)
+    when the model has λ, and their per-task summary in ``run["lambda_summary"]`` (None without λ)."""
     summary = None
+    folder = plan.output if folder is None else folder
     if merged.coefficients is not None:
         named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
-        formats.write_named_json(plan.output / "lambdas.json", named)
-        formats.write_named_safetensors(plan.output / "lambdas.safetensors", named)
+        formats.write_named_json(folder / "lambdas.json", named)
+        formats.write_named_safetensors(folder / "lambdas.safetensors", named)
         summary = lambda_summary(named, run["tasks"])
     run["lambda_summary"] = summary
 
 
-def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[str], None]) -> dict[str, Path]:
-    """``results.json``, ``table.md`` and the plots (when matplotlib is installed); refuses non-finite results."""
+def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[str], None],
+                 folder: Path | None = None) -> dict[str, Path]:
+    """``results.json``, ``table.md`` and the plots (when matplotlib is installed) in ``folder`` (default: the
+    output); refuses non-finite results."""
     from adamerging_jax import report
 
     report.check_finite([run])
@@ -191,33 +196,37 @@ def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[s
     except ImportError:
         log('[merge] matplotlib is missing: no plots (pip install "adamerging-jax[demo]")')
         plot_run = None
-    return report.write_report(plan.output, run, markdown, plot_run=plot_run, clamp=plan.settings.adamerging.clamp)
+    return report.write_report(plan.output if folder is None else folder, run, markdown, plot_run=plot_run,
+                               clamp=plan.settings.adamerging.clamp)
 
 
 def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """The model folder with its card, the named λ and the report (module docstring)."""
+    """The model folder with its card, the named λ and the report (module docstring), built in a sibling folder
+    and committed as the whole output at once (`adamerging_jax.output.staged_output`): a kill leaves the
+    previous result or the new one, and nothing of an earlier run survives beside the new files."""
     from adamerging_jax import report
-    from adamerging_jax.core.checkpoint import atomic_directory
     from adamerging_jax.models.clip_checkpoint import save_hf_clip
-    from adamerging_jax.models.hf_files import TOKENIZER_FILES
+    from adamerging_jax.output import staged_output
 
     config, output, towers = plan.config, plan.output, plan.towers
-    write_lambdas(plan, merged, run)
-    summary = run["lambda_summary"]
+    emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
+    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
+    check_exported_finite(vision, plan.binding.tensor_names)
     tested = plan.tests is not None
     table = report.markdown_table([run]) if tested else None
     markdown = table or "No test folders were given: no accuracy.\n"
-    files = write_report(plan, run, markdown, log)
-    emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
-    card = model_card(config, plan.exported_method(run), run["settings"], summary, table, run.get("weights"),
-                      emr_lines(config) if emr else ())
-    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
-    check_exported_finite(vision, plan.binding.tensor_names)
-    with atomic_directory(output / "model", (*EXPORT_FILES, EMR_FILE, *TOKENIZER_FILES)) as folder:
-        save_hf_clip(folder, vision, towers.full, towers.config, kind=config.export, tokenizer_dir=towers.tokenizer_dir)
+    with staged_output(output) as stage:
+        write_lambdas(plan, merged, run, stage)
+        files = write_report(plan, run, markdown, log, stage)
+        card = model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
+                          run.get("weights"), emr_lines(config) if emr else ())
+        folder = stage / "model"
+        folder.mkdir()
+        save_hf_clip(str(folder), vision, towers.full, towers.config, kind=config.export,
+                     tokenizer_dir=towers.tokenizer_dir)
         if emr:
-            write_emr_file(folder, emr, run["tasks"])
-        write_atomic(Path(folder, "README.md"), card.encode())
+            write_emr_file(str(folder), emr, run["tasks"])
+        write_atomic(folder / "README.md", card.encode())
     log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
-        str(path) for path in files.values()))
+        str(output / path.relative_to(stage)) for path in files.values()))
     return run
