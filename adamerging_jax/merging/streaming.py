@@ -264,10 +264,12 @@ class KthLargest:
     A pass (`start_pass`, `add` for every chunk, `end_pass`) counts the entries whose higher bits equal the
     prefix chosen so far, by their next 16 bits; `end_pass` picks the bucket holding the rank-th largest. The
     search is `done` when every entry in that bucket has zero lower bits, or no bits are left; `value` is
-    then the rank-th largest, exactly.
+    then the rank-th largest, exactly. Without ``early_stop`` (values in memory, where another pass over the
+    few entries left is cheaper than counting the lower bits of every entry) every 16 bits are searched.
     """
 
-    def __init__(self, num_tasks: int, rank: int, dtype: Any):
+    def __init__(self, num_tasks: int, rank: int, dtype: Any, early_stop: bool = True):
+        self.early_stop = early_stop
         self.dtype = np.dtype(dtype)
         self.uint = np.dtype(f"u{self.dtype.itemsize}")
         self.bits = 8 * self.dtype.itemsize
@@ -292,17 +294,24 @@ class KthLargest:
     def add(self, values: np.ndarray) -> None:
         """A chunk of values, [K, ...] in ``dtype``."""
         bits = np.ascontiguousarray(values, self.dtype).reshape(len(self.rank), -1).view(self.uint)
-        shift = self.uint.type(self.shift)
-        low_mask = self.uint.type((1 << self.shift) - 1)
         for k in np.flatnonzero(~self.finished):
             for start in range(0, bits.shape[1], CHUNK):
-                chunk = bits[k, start:start + CHUNK]
-                if self.known:
-                    chunk = chunk[(chunk >> self.uint.type(self.bits - self.known)) ==
-                                  (self.prefix[k] >> self.uint.type(self.bits - self.known))]
-                digit = ((chunk >> shift) & self.uint.type((1 << BUCKET_BITS) - 1)).astype(np.intp)
-                self.counts[k] += np.bincount(digit, minlength=1 << BUCKET_BITS)
-                self.inexact[k] += np.bincount(digit[(chunk & low_mask) != 0], minlength=1 << BUCKET_BITS)
+                digits, rest = self._digits(bits[k, start:start + CHUNK], self.prefix[k])
+                self.counts[k] += np.bincount(digits, minlength=1 << BUCKET_BITS)
+                if rest is not None:
+                    self.inexact[k] += np.bincount(digits[rest != 0], minlength=1 << BUCKET_BITS)
+
+    def _digits(self, chunk: np.ndarray, prefix: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """The next 16 bits of the entries of ``chunk`` that match ``prefix``, and their lower bits (None when
+        none are left)."""
+        if self.known == 0:  # the leading 16 bits: the high half of each word, read in place
+            halves = chunk.view(np.uint16).reshape(-1, self.dtype.itemsize // 2)
+            lower = chunk & self.uint.type((1 << self.shift) - 1) if self.early_stop else None
+            return halves[:, -1], lower
+        above = self.uint.type(self.bits - self.known)
+        chunk = chunk[(chunk >> above) == (prefix >> above)]
+        digits = (chunk >> self.uint.type(self.shift)) & self.uint.type((1 << BUCKET_BITS) - 1)
+        return digits, (chunk & self.uint.type((1 << self.shift) - 1)) if self.shift and self.early_stop else None
 
     def end_pass(self) -> None:
         for k in np.flatnonzero(~self.finished):
@@ -311,7 +320,7 @@ class KthLargest:
             digit = (1 << BUCKET_BITS) - 1 - position
             self.rank[k] -= int(from_top[position]) - int(self.counts[k][digit])
             self.prefix[k] |= self.uint.type(digit) << self.uint.type(self.shift)
-            self.finished[k] = self.inexact[k][digit] == 0 or self.shift == 0
+            self.finished[k] = (self.early_stop and self.inexact[k][digit] == 0) or self.shift == 0
         self.known += BUCKET_BITS
 
     @property
@@ -353,7 +362,7 @@ def tensor_thresholds(magnitudes: np.ndarray, density: float) -> jax.Array:
     rank = int(magnitudes.shape[1] * density) + 1
     if rank > magnitudes.shape[1]:
         return jnp.zeros(len(magnitudes), magnitudes.dtype)
-    selection = KthLargest(len(magnitudes), rank, magnitudes.dtype)
+    selection = KthLargest(len(magnitudes), rank, magnitudes.dtype, early_stop=False)
     while not selection.done:
         selection.start_pass()
         selection.add(magnitudes)
