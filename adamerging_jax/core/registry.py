@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 
 from adamerging_jax.core import methods as core_methods
+from adamerging_jax.core.catalog import Catalog
 from adamerging_jax.core import regmean
 from adamerging_jax.core import emr, tall_masks
 from adamerging_jax.core import magmax, model_stock, slerp, wudi
@@ -203,7 +204,7 @@ class MethodSpec:
         return dict(name=self.name, label=self.label, paper=self.method.paper, params=params)
 
 
-REGISTRY: dict[str, MergeMethod] = {}
+REGISTRY = Catalog("merge method")
 
 
 REFERENCE_ROWS = ("pretrained", "individual")
@@ -253,21 +254,14 @@ def expand_groups(methods: Iterable[Any]) -> list[Any]:
 
 def register(method: MergeMethod, *, replace: bool = False) -> MergeMethod:
     """Add `method` to the registry (an existing name needs ``replace=True``); returns it."""
-    if not method.name or not isinstance(method.name, str):
-        raise ValueError(f"a method needs a non-empty name, got {method.name!r}")
     if method.name in GROUPS:
         raise ValueError(f"{method.name!r} names a group of methods ({sorted(GROUPS)}); choose another method name")
-    if method.name in REGISTRY and not replace:
-        raise ValueError(f"method {method.name!r} is registered already; pass replace=True to replace it")
-    REGISTRY[method.name] = method
-    return method
+    return REGISTRY.add(method, replace=replace)
 
 
 def get_method(name: str) -> MergeMethod:
     """The registered method called `name`; an unknown name lists the known ones."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def method_spec(method: str | MethodSpec | Mapping[str, Any], **values: Any) -> MethodSpec:
@@ -379,6 +373,18 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
                        reference=ADAMERGING_REFERENCE, grouped=bool(fixed))
 
 
+def _regmean_method(name: str, label: str, paper: str, layerwise: bool,
+                    requires: Callable[[AdaptContext | None, MatrixView | None], str | None], formula: str,
+                    reference: str) -> MergeMethod:
+    """RegMean (``layerwise`` False) or RegMean++ as a registry method: closed form on the binding's Gram capture."""
+
+    def build(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, **values: Any) -> Merged:
+        return Merged(params=regmean.from_context(name, layerwise, pretrained, task_vectors, context, **values))
+
+    return MergeMethod(name, label, paper, build, regmean.PARAMETERS, needs_data=True, uses_view=True,
+                       requires=requires, formula=formula, reference=reference)
+
+
 for _method in (
     MergeMethod("pretrained", "Pretrained (frozen head)", "θ0 on every task", _pretrained, formula="θ = θ0",
                 streaming="entry"),
@@ -429,20 +435,14 @@ for _method in (
                 formula="θ_t = θ0 + s_t · m_t ⊙ τ_uni,  τ_uni = sgn(Σ_k τ_k) ⊙ max_k |m_k ⊙ τ_k|,  "
                         "m_t = [τ_t · sgn(Σ_k τ_k) > 0],  s_t = Σ_n mean|τ_t,n| / Σ_n mean|m_t,n ⊙ τ_uni,n|",
                 reference="FusionBench 0.2.33 fusion_bench/method/emr_merging/"),
-    MergeMethod("regmean", "RegMean", regmean.REGMEAN_PAPER,
-                lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
-                    "regmean", False, pretrained, task_vectors, context, **values)),
-                regmean.PARAMETERS, needs_data=True, uses_view=True, requires=regmean.requires_gram,
-                formula="W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ per linear layer,  G̃_k = α G_k + (1 − α) diag(G_k),  "
-                        "G_k = X_kᵀX_k / n_k (layer inputs under θ_k on task k's unlabeled x); other leaves averaged",
-                reference="FusionBench 0.2.33 fusion_bench/method/regmean/ (clip_regmean.py, regmean.py)"),
-    MergeMethod("regmean_plusplus", "RegMean++", regmean.REGMEAN_PLUSPLUS_PAPER,
-                lambda pretrained, task_vectors, context, **values: Merged(params=regmean.from_context(
-                    "regmean_plusplus", True, pretrained, task_vectors, context, **values)),
-                regmean.PARAMETERS, needs_data=True, uses_view=True, requires=regmean.requires_layerwise,
-                formula="RegMean block by block: G_k of block l from θ_k's block l on inputs through the averaged "
-                        "stem and the merged blocks < l; leaves after the blocks stay θ0",
-                reference="FusionBench 0.2.33 fusion_bench/method/regmean_plusplus/"),
+    _regmean_method("regmean", "RegMean", regmean.REGMEAN_PAPER, False, regmean.requires_gram,
+                    "W* = [(Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ]ᵀ per linear layer,  G̃_k = α G_k + (1 − α) diag(G_k),  "
+                    "G_k = X_kᵀX_k / n_k (layer inputs under θ_k on task k's unlabeled x); other leaves averaged",
+                    "FusionBench 0.2.33 fusion_bench/method/regmean/ (clip_regmean.py, regmean.py)"),
+    _regmean_method("regmean_plusplus", "RegMean++", regmean.REGMEAN_PLUSPLUS_PAPER, True, regmean.requires_layerwise,
+                    "RegMean block by block: G_k of block l from θ_k's block l on inputs through the averaged "
+                    "stem and the merged blocks < l; leaves after the blocks stay θ0",
+                    "FusionBench 0.2.33 fusion_bench/method/regmean_plusplus/"),
     MergeMethod("wudi", "WUDI merging", wudi.PAPER, _data_free(wudi.wudi_merging), wudi.PARAMETERS, uses_view=True, requires=requires_view,
                 formula="θ = θ0 + argmin_X Σ_k ‖(X − τ_k) τ_kᵀ‖²_F / ‖τ_k‖²_F per matrix (Adam from Σ_k τ_k, or the "
                         "exact minimiser); θ0 + (1/K) Σ_k τ_k for the other leaves",

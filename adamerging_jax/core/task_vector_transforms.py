@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from adamerging_jax.core import methods as core_methods
+from adamerging_jax.core.catalog import Catalog
 from adamerging_jax.core.matrix_view import MatrixView, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.transforms import check_keep_band
@@ -62,24 +63,17 @@ class TaskVectorTransform:
                 for name, p in known.items()}
 
 
-TRANSFORMS: dict[str, TaskVectorTransform] = {}
+TRANSFORMS = Catalog("task-vector transform")
 
 
 def register_transform(transform: TaskVectorTransform, *, replace: bool = False) -> TaskVectorTransform:
     """Add `transform` to the registry (an existing name needs ``replace=True``); returns it."""
-    if not transform.name or not isinstance(transform.name, str):
-        raise ValueError(f"a task-vector transform needs a non-empty name, got {transform.name!r}")
-    if transform.name in TRANSFORMS and not replace:
-        raise ValueError(f"task-vector transform {transform.name!r} is registered already; pass replace=True")
-    TRANSFORMS[transform.name] = transform
-    return transform
+    return TRANSFORMS.add(transform, replace=replace)
 
 
 def get_transform(name: str) -> TaskVectorTransform:
     """The registered transform called `name`; an unknown name lists the known ones."""
-    if name not in TRANSFORMS:
-        raise ValueError(f"unknown task-vector transform {name!r}; known: {sorted(TRANSFORMS)}")
-    return TRANSFORMS[name]
+    return TRANSFORMS.lookup(name)
 
 
 def canonical_transform(value: Any) -> str | dict[str, Any]:
