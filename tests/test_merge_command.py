@@ -195,3 +195,22 @@ def test_resume_with_other_inputs_is_refused(layer_wise, world, change, expected
     message = str(error.value.code)
     assert message.startswith("error: ") and "\n" not in message and "written by another run" in message
     assert expected in message
+
+
+def test_matrix_and_gram_methods_run_through_merge(world):
+    """TSV-M (the CLIP binding's matrix view), RegMean (its Gram capture) and WUDI run in `merge`; the exported
+    TSV-M tower equals the core's `tsv_merging` on the same checkpoints."""
+    import adamerging_jax as am
+
+    config = write_config(world, "svd", ["tsv_m", "regmean", "wudi"], tests=False, export_method="tsv_m")
+    out = world / "out_svd"
+    merge(config, "--output", out)
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"tsv_m", "regmean", "wudi"}
+    card = (out / "model" / "README.md").read_text()
+    assert am.get_method("tsv_m").formula in card and "AdaMerging (" not in card, "the card names TSV-M's own formula"
+    _, pretrained = load_hf_clip(FIXTURE)
+    finetuned = [load_hf_clip(str(world / "finetuned" / task))[1]["vision"] for task in CLASSES]
+    expected = am.tsv_merging(pretrained["vision"], am.task_vectors(pretrained["vision"], finetuned), clip.matrix_view)
+    _, exported = load_hf_clip(str(out / "model"))
+    for ours, theirs in zip(jax.tree_util.tree_leaves(exported["vision"]), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

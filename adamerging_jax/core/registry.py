@@ -112,6 +112,8 @@ class MergeMethod:
         a method is refused with the reason; reached through a group, it is skipped with the reason logged.
       formula: the method in one line of math (for tables and docs/methods.md).
       reference: the implementation its results are compared with (file of the reference code).
+      learns_coefficients: the method learns λ per task (AdaMerging): its parameters hold λ's ``granularity``,
+        and given λ (``merge --weights``) can stand in for the learning.
       grouped: the method is a member of the groups it qualifies for (`GROUPS`); False for a method whose
         defaults repeat another's (the generic ``adamerging`` is layer-wise AdaMerging), so ``all`` runs it once.
       streaming: how a merge of checkpoints larger than memory runs it tensor by tensor from disk
@@ -136,6 +138,7 @@ class MergeMethod:
     requires: Callable[[AdaptContext | None, MatrixView | None], str | None] | None = None
     formula: str = ""
     reference: str = ""
+    learns_coefficients: bool = False
     grouped: bool = True
     streaming: str | None = None
 
@@ -370,7 +373,7 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
     parameters = tuple(p for p in ADAMERGING_PARAMETERS if p.name not in fixed)
     return MergeMethod(name, label, ADAMERGING_PAPER, _adamerging, parameters, needs_data=True,
                        fixed=tuple(fixed.items()), uses_view=True, formula=ADAMERGING_FORMULA,
-                       reference=ADAMERGING_REFERENCE, grouped=bool(fixed))
+                       reference=ADAMERGING_REFERENCE, learns_coefficients=True, grouped=bool(fixed))
 
 
 def _regmean_method(name: str, label: str, paper: str, layerwise: bool,

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from adamerging_jax.core.registry import REGISTRY
 from adamerging_jax.merging.config import MergeConfig
 
 
@@ -24,13 +25,14 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
     tensors), accuracy when tested."""
     lines = ["---", "library_name: transformers", "tags: [clip, model-merging, adamerging]", "---", "",
              f"# {method['label']} of {len(config.tasks)} CLIP image towers", "",
-             f"Merged with adamerging_jax: θ = θ0 + Σ_k λ_k τ_k, τ_k = θ_k − θ0 over the image tower; "
-             f"method `{method['name']}` ({method['paper']}), parameters `{method['params']}`.", "",
+             f"Merged with adamerging_jax, method `{method['name']}` ({method['paper']}): {_formula(method)}, "
+             f"τ_k = θ_k − θ0 over the image tower; parameters `{method['params']}`.", "",
              f"- pretrained (θ0, text tower, projection): `{config.pretrained}`"]
     if config.pretrained_vision:
         lines.append(f"- θ0 image tower: `{config.pretrained_vision}`")
-    lines.append(f"- export: `{config.export}`, precision during AdaMerging: `{config.precision}`")
-    lines += _how(config, settings, weights, "images")
+    precision = f", precision during AdaMerging: `{config.precision}`" if _learns(method) else ""
+    lines.append(f"- export: `{config.export}`{precision}")
+    lines += _how(config, method, settings, weights, "images")
     lines += sections
     lines += ["", "## Tasks", "", "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
     lines += [f"| {task.name} | `{task.finetuned}` | {len(task.classes)} |" for task in config.tasks]
@@ -40,8 +42,24 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
     return "\n".join(lines) + "\n"
 
 
-def _how(config: MergeConfig, settings: Mapping[str, Any], weights: str | None, unlabeled: str) -> list[str]:
-    """The card's lines on where λ came from: given by a file, or AdaMerging's settings."""
+def _formula(method: Mapping[str, Any]) -> str:
+    """The registered method's formula (docs/methods.md), or the task-arithmetic form for one not registered."""
+    registered = REGISTRY.get(method["name"])
+    return f"`{registered.formula}`" if registered is not None and registered.formula else "θ = θ0 + Σ_k λ_k τ_k"
+
+
+def _learns(method: Mapping[str, Any]) -> bool:
+    """Whether the exported method learns λ (AdaMerging; a method given λ by a file is not registered as such)."""
+    registered = REGISTRY.get(method["name"])
+    return registered is None or registered.learns_coefficients
+
+
+def _how(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any], weights: str | None,
+         unlabeled: str) -> list[str]:
+    """The card's lines on where λ came from (given by a file, or AdaMerging's settings); none for a method
+    that learns no λ."""
+    if not _learns(method):
+        return []
     lines = [f"- λ given by `{weights}`, not trained"] if weights else []
     adamerging = settings["adamerging"]
     return lines + [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
@@ -78,12 +96,12 @@ def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapp
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [model-merging, adamerging]", "---", "",
              f"# {method['label']} of {len(config.tasks)} fine-tuned language models", "",
-             "Merged with adamerging_jax: θ = θ0 + Σ_k λ_k τ_k, τ_k = θ_k − θ0 (a LoRA adapter's τ = s (B A)ᵀ); "
-             f"method `{method['name']}` ({method['paper']}), parameters `{method['params']}`.", "",
+             f"Merged with adamerging_jax, method `{method['name']}` ({method['paper']}): {_formula(method)}, "
+             f"τ_k = θ_k − θ0 (a LoRA adapter's τ = s (B A)ᵀ); parameters `{method['params']}`.", "",
              f"- pretrained (θ0, tokenizer): `{config.pretrained}`",
              f"- weights stored as {dtype}",
              f"- precision during AdaMerging: `{config.precision}`, prompts cut to {config.max_length} tokens"]
-    lines += _how(config, settings, weights, "prompts")
+    lines += _how(config, method, settings, weights, "prompts")
     lines += ["", "## Tasks", "", "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]
     for task in config.tasks:
         kind = "adapter" + (", factored" if task.factored else "") if task.adapter else "full"

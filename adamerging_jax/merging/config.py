@@ -362,7 +362,7 @@ def _check_lm(where: str, fields: Mapping[str, Any], tasks: Sequence[TaskConfig]
             raise ConfigError(f"{where}: tasks {unfactored} are not factored adapters; factored: true needs every "
                               "task to be an adapter with factored: true")
         dense = [spec.name for spec in settings.methods
-                 if not (spec.method.needs_data and spec.describe()["params"].get("task_vectors") == "raw")]
+                 if not (spec.method.learns_coefficients and spec.describe()["params"].get("task_vectors") == "raw")]
         if dense:
             raise ConfigError(f"{where}: methods {dense} need dense task vectors; factored: true works with "
                               "AdaMerging on raw τ only (drop factored, or those methods)")

@@ -166,7 +166,7 @@ class CheckedRun:
         for spec in self.settings.methods:
             params = spec.describe()["params"]
             count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
-                     if spec.method.needs_data else "")
+                     if spec.method.learns_coefficients else "")
             lines.append(f"method {spec.name} {params}{count}")
         return lines
 

@@ -56,7 +56,7 @@ def _granularity(spec: MethodSpec) -> str:
 def read_weights(path: str, plan: Plan) -> Coefficients:
     """λ of a ``--weights`` file (module docstring) in the layout of the exported AdaMerging method."""
     spec = plan.export_spec
-    if not spec.method.needs_data:
+    if not spec.method.learns_coefficients:
         raise ValueError(f"λ apply to an AdaMerging method; the exported method is {spec.name!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError("no such file")
