@@ -90,7 +90,7 @@ AS_STORED = StoredPlacement()
 class TaskTensors:
     """Where task ``name``'s τ comes from: a full fine-tuned ``checkpoint`` (τ = θ_k − θ0), or the ``adapter``
     modules of a LoRA adapter by the tensor they adapt (objects with ``a`` [r, in], ``b`` [out, r] and
-    ``scale``: τ = s B A there, 0 elsewhere)."""
+    ``scale``: τ = s B A there, 0 elsewhere); ``source`` is how an error names it."""
 
     name: str
     source: str
