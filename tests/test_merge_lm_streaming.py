@@ -205,6 +205,24 @@ def test_dtype_override(world, tmp_path):
         np.testing.assert_array_equal(value, expected[name].astype(ml_dtypes.bfloat16), err_msg=name)
 
 
+def test_float64_in_float64_out(world, tmp_path):
+    """float64 checkpoints merge in float64 (the stream turns x64 on for them), to numpy's float64 rounding."""
+    config, params = load_hf_causal_lm(str(world / "base"))
+    rng = np.random.default_rng(5)
+    save_hf_causal_lm(tmp_path / "base", params, config, tokenizer_dir=world / "base", dtype=np.float64)
+    for k in range(2):
+        tree = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) + 1e-9 * rng.standard_normal(a.shape), params)
+        save_hf_causal_lm(tmp_path / f"ft{k}", tree, config, dtype=np.float64)
+    tasks = [{"name": f"t{k}", "finetuned": str(tmp_path / f"ft{k}")} for k in range(2)]
+    out = run_streamed(tmp_path, tmp_path / "run", ["task_arithmetic"], tasks=tasks)
+    base, finetuned = CheckpointFiles(tmp_path / "base"), [CheckpointFiles(tmp_path / f"ft{k}") for k in range(2)]
+    for name, value in written(out).items():
+        theta0 = base.read(name)
+        assert value.dtype == np.float64
+        np.testing.assert_allclose(value, theta0 + 0.3 * sum(f.read(name) - theta0 for f in finetuned), rtol=0,
+                                   atol=4e-16 * np.abs(theta0).max(), err_msg=name)
+
+
 def test_a_full_model_and_an_adapter_stream_as_they_merge_in_memory(world, tmp_path):
     tasks = [{"name": "full", "finetuned": str(world / "ft0")}, {"name": "lora", "adapter": str(world / "adapter")}]
     out = run_streamed(world, tmp_path, [{"name": "task_arithmetic", "scale": 0.5}], tasks=tasks)
