@@ -127,6 +127,21 @@ def from_matrices(matrices: jax.Array, spec: Matrix, like_shape: tuple[int, ...]
     return x if task_axis else x[0]
 
 
+def _per_layer(per_matrix: Callable[..., jax.Array], tau: jax.Array, theta: jax.Array, spec: Matrix) -> jax.Array:
+    """``per_matrix`` on each layer's matrices, stacked ``[L', ...]``: a stacked leaf is sliced one layer at a time
+    inside the loop, so neither τ nor θ0 is ever copied (transposed) whole."""
+    single = dataclasses.replace(spec, layers=False)
+
+    def one(tau_layer: jax.Array, theta_layer: jax.Array) -> jax.Array:
+        return per_matrix(to_matrices(tau_layer, single)[0], to_matrices(theta_layer, single, task_axis=False)[0])
+
+    if not spec.layers:
+        return one(tau, theta)[None]
+    layer = lambda index: one(jax.lax.dynamic_index_in_dim(tau, index, 1, keepdims=False),  # noqa: E731
+                              jax.lax.dynamic_index_in_dim(theta, index, 0, keepdims=False))
+    return jax.lax.map(layer, jnp.arange(theta.shape[0]))
+
+
 def map_matrices(
     per_matrix: Callable[..., jax.Array],
     otherwise: Callable[..., jax.Array],
@@ -153,6 +168,6 @@ def map_matrices(
         if spec is None:
             out.append(otherwise(tau, theta))
             continue
-        result = jax.lax.map(lambda args: per_matrix(*args), (to_matrices(tau, spec), to_matrices(theta, spec, task_axis=False)))
-        out.append(from_matrices(result, spec, tau.shape if per_task_output else theta.shape, task_axis=per_task_output))
+        out.append(from_matrices(_per_layer(per_matrix, tau, theta, spec), spec,
+                                 tau.shape if per_task_output else theta.shape, task_axis=per_task_output))
     return jax.tree_util.tree_unflatten(treedef, out)
