@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adamerging_jax.cli import check_output_dir
-from adamerging_jax.core.registry import REGISTRY, expand_groups
+from adamerging_jax.core.registry import method_specs
 from adamerging_jax.paper import published, report
 from adamerging_jax.report import write_report
 from adamerging_jax.paper.experiments import run_merging, run_robustness
@@ -160,8 +160,11 @@ def generalization(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", choices=[*GENERALIZATION_SPLITS, "both"], default="both",
                    help="1: unseen MNIST, EuroSAT; 2: unseen RESISC45, SVHN")
     args = p.parse_args(argv)
-    named = expand_groups(m for m in args.methods.split(",") if m)
-    per_task = [m for m in named if m in REGISTRY and REGISTRY[m].per_task_models]
+    try:
+        specs = method_specs(m for m in args.methods.split(",") if m)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    per_task = [spec.name for spec in specs if spec.method.per_task_models]
     if per_task:
         raise SystemExit(f"error: {per_task} have no model for the unseen tasks; leave them out of --methods "
                          "(name the methods one by one instead of a group that holds them)")
