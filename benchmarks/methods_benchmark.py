@@ -22,7 +22,9 @@ float32, K task vectors):
 Both sides read the same weights: this script draws them once (seeded, float32, HF tensor names) into a
 temporary ``.npz``; ours converts them to its tree, the peer loads them into ``CLIPVisionModel``s, so the
 inputs are byte-identical. Each side stops repeating a method once ``--max-seconds`` are spent (at least one
-run). The ratio is ours run / FusionBench.
+run). The ratio is ours run / FusionBench. On a shared machine run both sides single-threaded (LAPACK's
+spinning worker threads slow SVDs many times over under load; benchmarks/README.md has the variables); the
+JSON records the thread variables and the peer's torch threads.
 
 Memory (``--memory-report``): for ``--memory-methods`` (default tsv_m, iso_cts, wudi) at ViT-L/14 shapes (HF
 ``CLIPVisionModel``: width 1024, 24 layers, MLP 4096, patch 14, image 224; q, k, v separate) with K = 8 and
@@ -63,6 +65,7 @@ PEER_PYTHON_ENV = "ADAMERGING_JAX_PEER_PYTHON"
 PEER_LINE = '{"peer"'
 MEASURE_LINE = '{"measured"'
 FLOAT32 = 4
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
 FIXTURE_PARAMS = "wudi.iterations=20"  # scripts/make_method_fixtures.py's WUDI_ITERATIONS
 
 
@@ -304,7 +307,7 @@ def peer_worker(argv: list[str]) -> None:
 
     tiny = references.tiny_clip_vision(), references.finetuned_copies(references.tiny_clip_vision())
     versions = {package: _version(package) for package in ("fusion-bench", "torch", "transformers")}
-    print(json.dumps({"peer": "versions", **versions}), flush=True)
+    print(json.dumps({"peer": "versions", **versions, "torch_threads": torch.get_num_threads()}), flush=True)
     for entry in args.methods.split(","):
         name, k = entry.split(":")
         record: dict[str, Any] = dict(method=name, status="no fixture")
@@ -435,10 +438,21 @@ def run_speed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                   f"{_seconds(reference) if reference else 'no peer'}", file=sys.stderr)
             del pretrained, task_vectors
         jax.clear_caches()
-    return dict(bench="data_free_methods", machine=machine(), command=" ".join(["python",
-                "benchmarks/methods_benchmark.py", *argv]), dtype="float32", tasks=args.tasks,
+    return dict(bench="data_free_methods", machine=machine(), command=recorded_command(argv), dtype="float32",
+                tasks=args.tasks,
                 repeats=args.repeats, max_seconds=args.max_seconds, sizes=sizes,
+                thread_variables={name: os.environ.get(name) for name in THREAD_VARIABLES},
                 peer=dict(python_given=args.peer_python is not None, **peer_versions), rows=rows)
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line for the record, the peer's interpreter (a path on this machine) written PEER_PYTHON."""
+    words = ["python", "benchmarks/methods_benchmark.py"]
+    for word in argv:
+        after_flag = words[-1] == "--peer-python"
+        words.append("PEER_PYTHON" if after_flag else
+                     "--peer-python=PEER_PYTHON" if word.startswith("--peer-python=") else word)
+    return " ".join(words)
 
 
 def _seconds(record: dict[str, Any]) -> str:
@@ -464,9 +478,10 @@ def speed_table(report: dict[str, Any]) -> str:
                       for row in report["rows"] if row["peer_status"] not in ("measured", "no peer", "no fixture")})
     notes += sorted({f"{row['method']}: ours with{_params_note(row['params'])}, as the reference fixture"
                      for row in report["rows"] if row.get("params")})
-    notes += sorted({f"{row['method']} (FusionBench): timed in float64, its fixture fails in float32: "
-                     f"{row['fusion_bench']['float32_error']}" for row in report["rows"]
-                     if (row["fusion_bench"] or {}).get("dtype") == "float64"})
+    in_float64 = {row["method"]: row["fusion_bench"]["float32_error"] for row in report["rows"]
+                  if (row["fusion_bench"] or {}).get("dtype") == "float64"}
+    notes += [f"{name} (FusionBench): timed in float64, its fixture fails in float32 ({error})"
+              for name, error in sorted(in_float64.items())]
     if not report["peer"]["python_given"]:
         notes.insert(0, f"FusionBench column empty: no peer python given (--peer-python or ${PEER_PYTHON_ENV})")
     elif any(row["peer_status"] == "no fixture" for row in report["rows"]):
