@@ -164,8 +164,8 @@ def time_fields(times: list[float]) -> dict[str, Any]:
 def random_models(size: Size, k: int, seed: int) -> dict[str, np.ndarray]:
     """θ0 and K fine-tuned towers θ_k = θ0 + τ_k as float32 HF tensors, ``pretrained/NAME`` and ``task{k}/NAME``.
 
-    As the reference fixtures draw them: every entry of θ0 ~ 0.2·N(0, 1) (LayerNorm gains 1 + 0.2·N(0, 1)),
-    every entry of τ_k ~ 0.05·N(0, 1); names in sorted order, one seeded generator.
+    The reference fixtures' distributions, drawn with NumPy: every entry of θ0 ~ 0.2·N(0, 1) (LayerNorm gains
+    1 + 0.2·N(0, 1)), every entry of τ_k ~ 0.05·N(0, 1); names in sorted order, one seeded generator.
     """
     shapes = hf_shapes(size)
     rng = np.random.default_rng(seed)
@@ -398,7 +398,6 @@ def run_peer(args: argparse.Namespace, models_path: str, size: str, methods: lis
 def run_speed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     import jax
 
-    from adamerging_jax.core.registry import get_method
     from adamerging_jax.core.checkpoint import write_npz_atomic
     from step_benchmark import machine
 
@@ -420,29 +419,31 @@ def run_speed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 path = os.path.join(folder, "models.npz")
                 write_npz_atomic(path, arrays)
                 peer_versions, peer = run_peer(args, path, size_name, methods)
-        for name, k in methods:
-            pretrained, task_vectors = our_inputs(arrays, k)
-            try:
-                ours = time_ours(name, pretrained, task_vectors, k, params.get(name, {}), args.repeats,
-                                 args.max_seconds)
-            except Exception as error:  # one failing method is a row, not the end of the run
-                ours = dict(error=one_line(error))
-            reference = peer.get(name)
-            both = "run_s" in ours and reference is not None and reference["status"] == "measured"
-            row = dict(method=name, label=get_method(name).label, size=size_name, k=k,
-                       params=params.get(name, {}), ours=ours,
-                       fusion_bench=reference, peer_status=reference["status"] if reference else "no peer",
-                       ratio=round(ours["run_s"] / reference["run_s"], 4) if both else None)
-            rows.append(row)
-            print(f"[methods_benchmark] {size_name} {name}: ours {_seconds(ours)}; FusionBench "
-                  f"{_seconds(reference) if reference else 'no peer'}", file=sys.stderr)
-            del pretrained, task_vectors
+        rows += [speed_row(args, size_name, name, k, arrays, peer.get(name), params.get(name, {}))
+                 for name, k in methods]
         jax.clear_caches()
     return dict(bench="data_free_methods", machine=machine(), command=recorded_command(argv), dtype="float32",
-                tasks=args.tasks,
-                repeats=args.repeats, max_seconds=args.max_seconds, sizes=sizes,
+                tasks=args.tasks, repeats=args.repeats, max_seconds=args.max_seconds, sizes=sizes,
                 thread_variables={name: os.environ.get(name) for name in THREAD_VARIABLES},
                 peer=dict(python_given=args.peer_python is not None, **peer_versions), rows=rows)
+
+
+def speed_row(args: argparse.Namespace, size: str, name: str, k: int, arrays: dict[str, np.ndarray],
+              reference: dict[str, Any] | None, params: dict[str, Any]) -> dict[str, Any]:
+    """One method at one size: our times (or the error), the peer's record and the ratio of the medians."""
+    from adamerging_jax.core.registry import get_method
+
+    pretrained, task_vectors = our_inputs(arrays, k)
+    try:
+        ours = time_ours(name, pretrained, task_vectors, k, params, args.repeats, args.max_seconds)
+    except Exception as error:  # one failing method is a row, not the end of the run
+        ours = dict(error=one_line(error))
+    both = "run_s" in ours and reference is not None and reference["status"] == "measured"
+    print(f"[methods_benchmark] {size} {name}: ours {_seconds(ours)}; FusionBench "
+          f"{_seconds(reference) if reference else 'no peer'}", file=sys.stderr)
+    return dict(method=name, label=get_method(name).label, size=size, k=k, params=params, ours=ours,
+                fusion_bench=reference, peer_status=reference["status"] if reference else "no peer",
+                ratio=round(ours["run_s"] / reference["run_s"], 4) if both else None)
 
 
 def recorded_command(argv: list[str]) -> str:
