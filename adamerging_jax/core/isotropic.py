@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from adamerging_jax.core.matrix_merging import (matrix_shape, merge_by_matrix, polar_factor,
-                                                split_by_matrix)
+                                                split_by_matrix, thin_svd)
 from adamerging_jax.core.matrix_view import MatrixView, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vector_transforms import TaskVectorTransform, register_transform
@@ -64,7 +64,7 @@ COMMON_SPACE_FRACTION = Parameter("common_space_fraction", 0.8, "share f of each
 
 def iso_c_matrix(task_vectors: jax.Array) -> jax.Array:
     """Iso-C's merged task vector s̄ U Vᵀ of one matrix ([K, out, in] → [out, in])."""
-    u, s, vh = jnp.linalg.svd(jnp.sum(task_vectors, axis=0), full_matrices=False)
+    u, s, vh = thin_svd(jnp.sum(task_vectors, axis=0))
     return jnp.mean(s) * (u @ vh)
 
 
@@ -80,11 +80,11 @@ def _isotropic_bases(task_vectors: jax.Array, fraction: float) -> tuple[jax.Arra
     task k's block is columns k·n … (k+1)·n − 1, the common subspace the last c."""
     count, rows, columns = task_vectors.shape
     common, per_task = subspace_sizes(min(rows, columns), count, fraction)
-    u, s, vh = jnp.linalg.svd(jnp.sum(task_vectors, axis=0), full_matrices=False)
+    u, s, vh = thin_svd(jnp.sum(task_vectors, axis=0))
     lefts, values, rights = [u[:, :common]], [s[:common]], [vh[:common]]
     if per_task > 0:
         specific = task_vectors - jnp.einsum("oc,cp,kpi->koi", lefts[0], lefts[0].T, task_vectors)
-        a, sigma, bh = jnp.linalg.svd(specific, full_matrices=False)
+        a, sigma, bh = thin_svd(specific)
         lefts.insert(0, jnp.moveaxis(a[:, :, :per_task], 0, 1).reshape(rows, count * per_task))
         values.insert(0, sigma[:, :per_task].reshape(-1))
         rights.insert(0, bh[:, :per_task].reshape(count * per_task, columns))

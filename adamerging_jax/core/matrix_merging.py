@@ -30,10 +30,26 @@ MatrixFunction = Callable[[jax.Array], jax.Array]
 """τ [K, out, in] → Δ [out, in] (a merged matrix) or P [K, out, in] (per-task parts), in τ's dtype."""
 
 
+def thin_svd(matrices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(U, S, Vᵀ) of ``jnp.linalg.svd(matrices, full_matrices=False)``, one LAPACK call per matrix.
+
+    A stack ``[..., m, n]`` is decomposed one matrix after another inside a `jax.lax.map`, never as one batched
+    call: jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block on it, and
+    when as many batched decompositions as the pool has threads run at once (independent leaves of one jitted
+    merge, two on a 2-core machine) every thread waits on work queued behind it and the process stalls at 0% CPU.
+    Each matrix's factors are those of the batched call."""
+    if matrices.ndim == 2:
+        return jnp.linalg.svd(matrices, full_matrices=False)
+    batch = matrices.shape[:-2]
+    flat = matrices.reshape(-1, *matrices.shape[-2:])
+    u, s, vh = jax.lax.map(lambda matrix: jnp.linalg.svd(matrix, full_matrices=False), flat)
+    return u.reshape(*batch, *u.shape[1:]), s.reshape(*batch, *s.shape[1:]), vh.reshape(*batch, *vh.shape[1:])
+
+
 def polar_factor(matrix: jax.Array) -> jax.Array:
     """U Vᵀ for ``matrix = U S Vᵀ`` (thin SVD): the orthonormal factor of its polar decomposition, the matrix
     with orthonormal columns (or rows) nearest to it in Frobenius norm."""
-    u, _, vh = jnp.linalg.svd(matrix, full_matrices=False)
+    u, _, vh = thin_svd(matrix)
     return u @ vh
 
 

@@ -30,7 +30,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from adamerging_jax.core.matrix_merging import merge_by_matrix, polar_factor, split_by_matrix
+from adamerging_jax.core.matrix_merging import merge_by_matrix, polar_factor, split_by_matrix, thin_svd
 from adamerging_jax.core.matrix_view import MatrixView, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vector_transforms import TaskVectorTransform, register_transform
@@ -56,7 +56,7 @@ def orthogonalised_triplets(task_vectors: jax.Array) -> tuple[jax.Array, jax.Arr
     columns of Û, entries of S and rows of V̂ᵀ come in task order, k per task."""
     num_tasks, rows, columns = task_vectors.shape
     kept = kept_rank(min(rows, columns), num_tasks)
-    u, s, vh = jnp.linalg.svd(task_vectors, full_matrices=False)
+    u, s, vh = thin_svd(task_vectors)
     left = jnp.moveaxis(u[:, :, :kept], 0, 1).reshape(rows, num_tasks * kept)
     right = vh[:, :kept, :].reshape(num_tasks * kept, columns)
     return polar_factor(left), s[:, :kept].reshape(-1), polar_factor(right)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adamerging_jax.core.matrix_merging import thin_svd
 from adamerging_jax.core.matrix_view import MatrixView, map_matrices, require_view
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
@@ -106,7 +107,7 @@ def exact_minimiser(task_vectors: jax.Array) -> jax.Array:
     """
     k, out, inputs = task_vectors.shape
     scaled = task_vectors / jnp.sqrt(squared_norms(task_vectors))[:, None, None]
-    u, s, vt = jnp.linalg.svd(scaled.reshape(k * out, inputs), full_matrices=False)
+    u, s, vt = thin_svd(scaled.reshape(k * out, inputs))
     cutoff = jnp.finfo(s.dtype).eps * max(k * out, inputs) * s[0]
     inverse = jnp.where(s > cutoff, 1 / jnp.where(s > cutoff, s, 1), 0)
     u_c = jnp.einsum("kor,koi,kpi->rp", u.reshape(k, out, -1), scaled, task_vectors)
