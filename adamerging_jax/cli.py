@@ -65,14 +65,15 @@ def start_compilation_cache() -> None:
 
 
 @contextlib.contextmanager
-def locked_output(output: Path) -> Iterator[None]:
+def locked_output(output: Path, keep: tuple[str, ...] | None = None) -> Iterator[None]:
     """Hold ``output``'s lock (`adamerging_jax.output.output_lock`) after finishing any commit a killed run
-    left half done; a second run into it is refused in one line naming the first."""
-    from adamerging_jax.output import OutputBusyError, output_lock, recover_output
+    left half done (``keep``: the command's resumable-state folders, default ``state``); a second run into it
+    is refused in one line naming the first."""
+    from adamerging_jax.output import KEEP, OutputBusyError, output_lock, recover_output
 
     try:
         with output_lock(output):
-            recover_output(output)
+            recover_output(output, keep=keep or KEEP)
             yield
     except OutputBusyError as error:
         raise error_line(error) from None

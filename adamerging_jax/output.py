@@ -194,35 +194,44 @@ def check_output_contents(output: str | os.PathLike, produced: tuple[str, ...] =
     names or glob patterns): a commit replaces the whole folder, and nothing a user put there may be lost."""
     if not os.path.isdir(output):
         return
-    foreign = sorted(name for name in os.listdir(output) if not any(fnmatch.fnmatch(name, p) for p in produced))
+    foreign = sorted(name for name in os.listdir(output) if not _produced(name, produced))
     if foreign:
         raise ValueError(f"--output {output} holds files a run does not write: {foreign[:5]}; a run replaces the "
                          "whole folder, so choose an empty or new folder")
+
+
+def _produced(name: str, produced: tuple[str, ...]) -> bool:
+    """``name`` is one of ``produced``, or the hidden temporary of one that a killed run left in its folder
+    (``.model.<id>.tmp``, ``.results.json.<id>.tmp``, ``.model.<id>.old``): the commit drops it."""
+    leftovers = [f".{pattern}.*.{kind}" for pattern in produced for kind in ("tmp", "old")]
+    return any(fnmatch.fnmatch(name, pattern) for pattern in (*produced, *leftovers))
 
 
 def _siblings(output: Path, kind: str) -> list[Path]:
     return sorted(output.parent.glob(f".{output.name}.{kind}-*"))
 
 
-def recover_output(output: str | os.PathLike, log: Callable[[str], None] = print) -> None:
-    """Finish or undo a commit a killed run left half done (call under `output_lock`): an output renamed
-    aside with no new one in its place comes back, a state folder left in the old result returns to the
-    output, and every leftover stage or old result is removed."""
+def recover_output(output: str | os.PathLike, log: Callable[[str], None] = print,
+                   keep: tuple[str, ...] = KEEP) -> None:
+    """Finish or undo a commit a killed run left half done (call under `output_lock`, so the run that made
+    them is gone): an output renamed aside with no new one in its place comes back, a ``keep`` folder
+    (resumable state) left in the old result returns to the output, and every leftover stage or old result
+    is removed."""
     output = Path(os.path.abspath(output))
     for old in _siblings(output, "old"):
         if not output.exists():
             log(f"[output] restoring {output} from {old.name}, left by a run that stopped while committing")
             os.rename(old, output)
     for leftover in _siblings(output, "old") + _siblings(output, "new"):
-        _carry_kept(leftover, output)
+        _carry_kept(leftover, output, keep)
         log(f"[output] removing {leftover}, left by a run that stopped while writing {output.name}")
         shutil.rmtree(leftover)
 
 
-def _carry_kept(old: Path, output: Path) -> None:
-    """The `KEEP` folders of ``old`` moved into ``output`` where it has none (a stage never holds them
+def _carry_kept(old: Path, output: Path, keep: tuple[str, ...]) -> None:
+    """The ``keep`` folders of ``old`` moved into ``output`` where it has none (a stage never holds them
     before its commit, so only a previous result gives them)."""
-    for name in KEEP:
+    for name in keep:
         if (old / name).is_dir() and output.is_dir() and not (output / name).exists():
             os.rename(old / name, output / name)
 
@@ -272,8 +281,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), os.fspath(b))
 
 
-def _swap_in(stage: Path, output: Path) -> None:
-    """``stage`` becomes ``output``; the previous output's `KEEP` folders move into it; the old result is
+def _swap_in(stage: Path, output: Path, keep: tuple[str, ...]) -> None:
+    """``stage`` becomes ``output``; the previous output's ``keep`` folders move into it; the old result is
     removed last."""
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     old = output.parent / f".{output.name}.old-{tag}"
@@ -290,14 +299,15 @@ def _swap_in(stage: Path, output: Path) -> None:
             raise
     fsync_folder(output.parent)
     if old.exists():
-        _carry_kept(old, output)
+        _carry_kept(old, output, keep)
         shutil.rmtree(old)
 
 
 @contextlib.contextmanager
-def staged_output(output: str | os.PathLike) -> Iterator[Path]:
+def staged_output(output: str | os.PathLike, keep: tuple[str, ...] = KEEP) -> Iterator[Path]:
     """A fresh sibling folder of ``output`` to write the whole result into; swapped in as ``output`` when
-    the block succeeds (module docstring), removed when it fails (the previous output untouched)."""
+    the block succeeds (module docstring), removed when it fails (the previous output untouched). The
+    previous output's ``keep`` folders (resumable state, written in place during the run) are carried over."""
     output = Path(os.path.abspath(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = output.parent / f".{output.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -309,9 +319,14 @@ def staged_output(output: str | os.PathLike) -> Iterator[Path]:
         try:
             if interrupted():
                 raise KeyboardInterrupt
-            _swap_in(stage, output)
+            _swap_in(stage, output, keep)
         finally:
             _COMMITTING.clear()
     finally:
         if stage.exists():
             shutil.rmtree(stage)
+
+
+def committed_paths(files: Mapping[str, Path], stage: Path, output: str | os.PathLike) -> dict[str, Path]:
+    """Where ``files`` written in ``stage`` lie once it is committed as ``output``."""
+    return {key: Path(output) / path.relative_to(stage) for key, path in files.items()}

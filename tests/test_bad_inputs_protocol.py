@@ -46,6 +46,32 @@ def demo_config_file(fields: Any, text: str | None = None) -> Callable[[Any], An
     return run
 
 
+def paper(prepare: Callable[[Any], Any], *flags: str) -> Callable[[Any], Any]:
+    """``paper table1`` with ``flags`` ("{tmp}" standing for the test's folder) after ``prepare(tmp)``; it is
+    refused before any model or data loads."""
+    def run(tmp):
+        prepare(tmp)
+        return main(["paper", "table1", "--offline", *(flag.replace("{tmp}", str(tmp)) for flag in flags)])
+
+    return run
+
+
+def folders(*names: str) -> Callable[[Any], None]:
+    return lambda tmp: [(tmp / name).mkdir(parents=True) for name in names]
+
+
+def held_output(tmp) -> None:
+    """``tmp / "out"``'s lock held (by this process, on another open file: flock refuses it all the same)."""
+    from adamerging_jax.output import output_lock
+
+    lock = output_lock(tmp / "out")
+    lock.__enter__()
+    HELD.append(lock)
+
+
+HELD: list = []
+
+
 def demo_with_cache_root(make: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The demo with ``$ADAMERGING_JAX_CACHE`` set to ``make(tmp)`` for the call."""
     def run(tmp):
@@ -149,13 +175,31 @@ CASES = [
          "the cache folder ($ADAMERGING_JAX_CACHE or --cache)", demo_with_cache_root(a_file)),
     Case("cli-cache-root-under-file", "`$ADAMERGING_JAX_CACHE` below a file (cannot be made)", SystemExit,
          "is not writable", demo_with_cache_root(lambda tmp: a_file(tmp) / "cache")),
+    Case("paper-output-in-test-folder", "`paper table1 --output` inside a `--folder` test set", SystemExit,
+         "is inside the --folder cars folder",
+         paper(folders("cars"), "--folder", "cars={tmp}/cars", "--output", "{tmp}/cars/out")),
+    Case("paper-pretrained-inside-output", "`paper table1 --pretrained` inside `--output` (a report replaces it)",
+         SystemExit, "/out/clip) is inside --output", paper(folders("out/clip"), "--pretrained", "{tmp}/out/clip",
+                                                           "--output", "{tmp}/out")),
+    Case("paper-cache-inside-output", "`paper table1 --cache-dir` inside `--output`", SystemExit,
+         "/out/heads) is inside --output", paper(folders(), "--cache-dir", "{tmp}/out/heads", "--output", "{tmp}/out")),
+    Case("paper-output-foreign-files", "`paper table1 --output` holding a file no experiment writes", SystemExit,
+         "holds files a run does not write: ['notes.txt']",
+         paper(lambda tmp: [folders("out")(tmp), (tmp / "out" / "notes.txt").write_text("mine")], "--output",
+               "{tmp}/out")),
+    Case("paper-output-locked", "`paper table1 --output` another live run holds", SystemExit,
+         "is being written by another run (pid", paper(held_output, "--output", "{tmp}/out")),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_naming_the_culprit(case: Case, tmp_path):
-    with pytest.raises(case.expected) as error:
-        case.run(tmp_path)
+    try:
+        with pytest.raises(case.expected) as error:
+            case.run(tmp_path)
+    finally:
+        while HELD:
+            HELD.pop().__exit__(None, None, None)
     message = str(error.value)
     assert case.fragment in message, message
     assert "\n" not in message.strip(), "one line"

@@ -220,3 +220,26 @@ def test_generalization_refuses_per_task_methods_named_through_a_group(tmp_path)
     assert per_task, "the data_free group has per-task methods (TALL masks, EMR)"
     with pytest.raises(SystemExit, match=rf"error: \['{per_task[0]}'.*have no model for the unseen tasks"):
         cli.generalization(["--methods", "task_arithmetic,data_free", "--output", str(tmp_path)])
+
+
+def test_a_report_replaces_the_output_whole_and_keeps_the_resumable_state(tmp_path):
+    """An earlier run's files and a killed write's temporary do not survive the commit; the AdaMerging state
+    folders (``adamerging_state``, ``split*/``) do; files get the usual mode."""
+    out = tmp_path / "out"
+    (out / "adamerging_state" / "layer_wise_adamerging").mkdir(parents=True)
+    (out / "split1" / "adamerging_state").mkdir(parents=True)
+    (out / "split1" / "adamerging_state" / "step").write_text("resumable")
+    (out / "table.md").write_text("earlier")
+    (out / ".results.json.x1y2.tmp").write_text("{")
+    cli.check_paper_output(out, [])  # the temporary is the run's own: not refused
+    old_umask = os.umask(0o022)
+    try:
+        files = cli.commit_report(out, {"experiment": "table1"}, "| new |\n")
+    finally:
+        os.umask(old_umask)
+    assert sorted(os.listdir(out)) == ["adamerging_state", "results.json", "split1", "table.md"]
+    assert files == {"json": out / "results.json", "table": out / "table.md"}
+    assert (out / "table.md").read_text() == "| new |\n"
+    assert (out / "split1" / "adamerging_state" / "step").read_text() == "resumable"
+    assert os.stat(out / "results.json").st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["out"]

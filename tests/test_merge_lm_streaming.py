@@ -283,20 +283,56 @@ def killed_while_writing(config, out, tmp_path):
     assert partial and any(path.stat().st_size for path in partial)
 
 
-def test_a_kill_while_writing_leaves_the_model_absent_or_complete(world, tmp_path):
-    config = tmp_path / "config.yaml"
-    tasks = [{"name": f"t{k}", "finetuned": str(world / f"ft{k}")} for k in range(K)]
-    config.write_text(yaml.safe_dump({"model": "causal_lm", "pretrained": str(world / "base"), "tasks": tasks,
-                                      "methods": ["task_arithmetic"]}))
-    killed_while_writing(config, tmp_path / "new", tmp_path)
-    assert not (tmp_path / "new" / "model").exists()  # no export before: none after
-    out = tmp_path / "out"
-    assert main(["merge", str(config), "--output", str(out)]) == 0
-    complete = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
-    assert len(written(out)) == len(CheckpointFiles(world / "base").names)
-    config.write_text(config.read_text().replace("task_arithmetic", "weight_average"))
-    killed_while_writing(config, out, tmp_path)
-    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == complete  # the earlier export, whole
+def siblings(out):
+    """What a run left beside ``out`` (its staging folder, an old result, the lock)."""
+    return sorted(path.name for path in out.parent.glob(f".{out.name}.*"))
+
+
+def complete_result(out, world, methods):
+    """``out`` holds one complete result of ``methods`` (every tensor of θ0 exported), every file 0644 under
+    umask 022, and nothing else; the model folder's files by name."""
+    assert sorted(os.listdir(out)) == ["model", "results.json", "table.md"]
+    assert json.loads((out / "results.json").read_text())["export"] == methods[0]
+    assert sorted(written(out)) == sorted(CheckpointFiles(world / "base").names)
+    assert {oct(path.stat().st_mode & 0o777) for path in out.rglob("*") if path.is_file()} == {"0o644"}
+    return {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+
+
+@pytest.mark.parametrize("methods", [["task_arithmetic"], ["magmax"]], ids=["streamed", "in-memory"])
+def test_a_kill_while_writing_leaves_the_previous_result_and_the_rerun_completes(world, tmp_path, methods):
+    """SIGKILL once the first tensor of the model is on disk: the output holds nothing (no run before) or the
+    previous result, whole; the rerun into the same output removes what the killed run left and completes."""
+    old_umask = os.umask(0o022)
+    try:
+        config = tmp_path / "config.yaml"
+        tasks = [{"name": f"t{k}", "finetuned": str(world / f"ft{k}")} for k in range(K)]
+        config.write_text(yaml.safe_dump({"model": "causal_lm", "pretrained": str(world / "base"), "tasks": tasks,
+                                          "methods": methods}))
+        out = tmp_path / "out"
+        killed_while_writing(config, out, tmp_path)
+        assert not (out / "model").exists()  # no export before: none after
+        assert main(["merge", str(config), "--output", str(out)]) == 0  # the killed run's leftovers do not block it
+        assert siblings(out) == []
+        first = complete_result(out, world, methods)
+        config.write_text(config.read_text().replace(methods[0], "weight_average"))
+        killed_while_writing(config, out, tmp_path)
+        assert complete_result(out, world, methods) == first  # the earlier result, whole
+        assert main(["merge", str(config), "--output", str(out)]) == 0
+        assert siblings(out) == [] and complete_result(out, world, ["weight_average"]) != first
+    finally:
+        os.umask(old_umask)
+
+
+def test_an_unfinished_model_folder_left_inside_the_output_is_dropped(world, tmp_path):
+    """An export killed inside the output folder (as earlier versions wrote it: ``OUT/.model.<id>.tmp``, a
+    half-written shard in it) does not block the rerun and does not survive it."""
+    out = run_streamed(world, tmp_path, ["task_arithmetic"])
+    stale = out / ".model.0123456789abcdef.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 100)
+    (out / ".results.json.k2j4.tmp").write_bytes(b"{")
+    run_streamed(world, tmp_path, ["task_arithmetic"])
+    assert sorted(os.listdir(out)) == ["model", "results.json", "table.md"]
 
 
 # ------------------------------------------------------------------------------- the streaming selection

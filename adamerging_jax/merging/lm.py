@@ -34,9 +34,9 @@ folder holds a tokenizer's files, copied to the export; nothing is tokenized), a
 `run_lm_plan` merges tensor by tensor from disk to ``OUT/model`` (`merging.streaming`), in memory a few
 copies of the largest tensor. Only the exported method is built (without prompts the others would have no
 output). The merged model's tensors keep θ0's dtype (bf16 in, bf16 out), or take the config's ``dtype``;
-sums run in float32 (float64 for float64 inputs) either way. The model folder appears whole or not at all:
-it is written into a hidden sibling folder, flushed to disk and renamed into place, so a run killed while
-writing leaves the previous export (or none); the next run removes what the killed one left.
+sums run in float32 (float64 for float64 inputs) either way. Either way the whole output (model, λ, report)
+is built in a hidden sibling folder and swapped in at once (`adamerging_jax.output.staged_output`), so a
+run killed while writing leaves the previous result (or none); the next run removes what the killed one left.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import adamerging_jax as am
-from adamerging_jax.core.checkpoint import atomic_directory, write_atomic, write_json_atomic
+from adamerging_jax.core.checkpoint import write_atomic, write_json_atomic
 from adamerging_jax.core.objective import task_entropy
 from adamerging_jax.core.protocol import MergeSettings, MethodRecord, build_models, records_json
 from adamerging_jax.core.registry import Merged
@@ -85,7 +85,8 @@ from adamerging_jax.models.llama_checkpoint import (
     save_hf_causal_lm,
     tensor_placement,
 )
-from adamerging_jax.models.safetensors_stream import CheckpointFiles, fsync_directory
+from adamerging_jax.models.safetensors_stream import CheckpointFiles
+from adamerging_jax.output import committed_paths, staged_output
 from adamerging_jax.models.lora import (
     LoraAdapter,
     factored_task_vectors,
@@ -389,13 +390,6 @@ def entropy_table(run: dict[str, Any], candidates: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_files(directory: Path) -> list[str]:
-    """The names an earlier export into ``directory`` may hold: those `save_hf_causal_lm` replaces, and the card."""
-    from adamerging_jax.models.llama_checkpoint import export_files
-
-    return [*export_files(directory), "README.md"]
-
-
 def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every method's model (AdaMerging resumable under ``OUT/state``), measure the prompts' entropy,
     export the chosen model with its card and write the named λ and the report; returns ``results.json``'s
@@ -422,28 +416,21 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
            "export": config.exported, "weights": plan.weights_file, "settings": settings.describe(),
            "config": config.source}
     merged = models[config.exported]
-    write_lambdas(plan, merged, run)
-    table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
-    files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log)
-    dtypes = plan.output_dtypes()
-    card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
-                         run.get("weights"), describe_dtypes(config, dtypes))
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
     check_exported_finite(params, plan.binding.tensor_names)
-    with atomic_directory(output / "model", export_files(output / "model")) as folder:
-        save_hf_causal_lm(folder, params, models_in.config, tokenizer_dir=models_in.tokenizer_dir, dtype=dtypes)
-        write_atomic(Path(folder, "README.md"), card.encode())
-    log(f"[merge] wrote {output / 'model'} ({config.exported}), " + ", ".join(str(p) for p in files.values()))
+    table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
+    dtypes = plan.output_dtypes()
+    with staged_output(output) as stage:
+        write_lambdas(plan, merged, run, stage)
+        files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log, stage)
+        card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
+                             run.get("weights"), describe_dtypes(config, dtypes))
+        save_hf_causal_lm(stage / "model", params, models_in.config, tokenizer_dir=models_in.tokenizer_dir,
+                          dtype=dtypes)
+        write_atomic(stage / "model" / "README.md", card.encode())
+    log(f"[merge] wrote {output / 'model'} ({config.exported}), " + ", ".join(
+        map(str, committed_paths(files, stage, output).values())))
     return run
-
-
-def remove_unfinished_exports(directory: Path, log: Callable[[str], None]) -> None:
-    """Remove the hidden sibling folders (``.model.<id>.tmp``) that a run killed while writing ``directory``
-    left behind."""
-    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
-        if stale.is_dir():
-            log(f"[merge] removing {stale}, left by a run that stopped while writing")
-            shutil.rmtree(stale)
 
 
 def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -462,9 +449,9 @@ def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, 
     settings = plan.settings.with_changes(quiet=True)
     names = [task.name for task in config.tasks]
     target = output / "model"
-    output.mkdir(parents=True, exist_ok=True)
-    remove_unfinished_exports(target, log)
-    with atomic_directory(target, export_files(target)) as folder:
+    with staged_output(output) as stage:
+        folder = stage / "model"
+        folder.mkdir()
         try:
             done = stream_merge(spec, stream, folder, dtypes, view=plan.binding.matrix_view,
                                 max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, log=log)
@@ -480,9 +467,9 @@ def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, 
             shutil.copyfile(path, Path(folder, Path(path).name))
         card = lm_model_card(config, plan.exported_method(run), run["settings"], None, None, None, run["dtype"])
         write_atomic(Path(folder, "README.md"), card.encode())
-        fsync_directory(folder)
-    report.check_finite([run])
-    files = report.write_report(output, run, "No prompts were given: no entropy.\n")
+        report.check_finite([run])
+        files = report.write_report(stage, run, "No prompts were given: no entropy.\n")
     log(f"[merge] wrote {target} ({config.exported}, streamed in {done['passes']} passes, "
-        f"{done['bytes_read'] / 1e6:.1f} MB read), " + ", ".join(str(p) for p in files.values()))
+        f"{done['bytes_read'] / 1e6:.1f} MB read), " + ", ".join(
+            map(str, committed_paths(files, stage, output).values())))
     return run

@@ -1,6 +1,10 @@
 """The commands behind ``experiments/*.py``: argument parsing onto :mod:`adamerging_jax.paper.settings`, one
 run, ``results.json`` + ``table.md`` in ``--output``, the table printed.
 
+``--output`` is checked before any work (outside every input folder and the heads cache, holding nothing an
+experiment does not write), locked for the run and replaced whole by each report
+(`adamerging_jax.output`); the resumable AdaMerging state in it (``adamerging_state``, ``split*/``) is kept.
+
     adamerging-jax paper prepare-data --data-dir DIR [--manual-dir DIR] [--local-downloads DIR]
     adamerging-jax paper table1 --tfds-dir DIR --output runs/table1
     adamerging-jax paper table2 --tfds-dir DIR --output runs/table2
@@ -15,11 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerging_jax.cli import check_output_dir
+from adamerging_jax.cli import check_output_dir, locked_output
 from adamerging_jax.core.registry import method_specs
+from adamerging_jax.output import check_output_contents, check_placement, committed_paths, staged_output
 from adamerging_jax.paper import published, report
 from adamerging_jax.report import write_report
 from adamerging_jax.paper.experiments import run_merging, run_robustness
+from adamerging_jax.paper.models import checkpoint_location
 from adamerging_jax.paper.settings import (
     CHECKPOINTS,
     DEFAULT_CACHE,
@@ -121,8 +127,44 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
     return config
 
 
+STATE_FOLDERS = ("adamerging_state", *(f"split{split}" for split in GENERALIZATION_SPLITS))
+PAPER_FILES = ("results.json", "table.md", *STATE_FOLDERS)
+
+
+def input_paths(config: ExperimentConfig) -> dict[str, str | None]:
+    """Every file or folder an experiment reads, by flag (hub ids are not paths and are skipped later)."""
+    checkpoints, data = config.checkpoints, config.data
+    paths = {"--pretrained": checkpoints.pretrained, "--pretrained-vision": checkpoints.pretrained_vision,
+             "--tfds-dir": data.tfds_dir, "--task-vectors-data": data.task_vectors_dir}
+    paths.update({f"--finetuned ({task})": checkpoint_location(checkpoints.finetuned, task)
+                  for task in config.merge_tasks})
+    paths.update({f"--folder {task}": path for task, path in data.folders.items()})
+    paths.update({f"--file-list {task}": path for task, path in data.file_lists.items()})
+    return paths
+
+
+def check_paper_output(output: Path, configs: Sequence[ExperimentConfig]) -> None:
+    """``output`` lies outside every input and the heads cache (and they outside it: each report replaces the
+    whole folder), and holds nothing an experiment does not write; one ``error:`` line otherwise."""
+    try:
+        for config in configs:
+            check_placement(output, input_paths(config))
+            check_placement(output, {"--cache-dir": config.cache_dir or None}, skip_missing=False)
+        check_output_contents(output, PAPER_FILES)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def commit_report(output: Path, result: dict[str, Any], markdown: str) -> dict[str, Path]:
+    """``results.json`` and ``table.md`` committed as the new ``output`` at once (`staged_output`), the
+    resumable state folders carried over."""
+    with staged_output(output, STATE_FOLDERS) as stage:
+        files = write_report(stage, result, markdown)
+    return committed_paths(files, stage, output)
+
+
 def _finish(args: argparse.Namespace, result: dict[str, Any], markdown: str, started: float) -> int:
-    files = write_report(args.output, result, markdown)
+    files = commit_report(args.output, result, markdown)
     print(markdown)
     print(f"[done] {time.perf_counter() - started:.0f} s; wrote {files['json']} and {files['table']}", flush=True)
     return 0
@@ -134,10 +176,12 @@ def _table(argv: Sequence[str] | None, number: int, variant: str, reference: pub
                   METHODS).parse_args(argv)
     started = time.perf_counter()
     config = config_from_args(args, f"table{number}", ALL_TASKS, ALL_TASKS)
-    result = run_merging(config, output_dir=args.output)
-    title = f"Table {number}: multi-task merging of CLIP ViT-{args.variant} on 8 tasks"
-    averages = {"paper": reference, "FusionBench": fusionbench}
-    return _finish(args, result, report.table_markdown(result, title, reference, averages), started)
+    check_paper_output(args.output, [config])
+    with locked_output(args.output, STATE_FOLDERS):
+        result = run_merging(config, output_dir=args.output)
+        title = f"Table {number}: multi-task merging of CLIP ViT-{args.variant} on 8 tasks"
+        averages = {"paper": reference, "FusionBench": fusionbench}
+        return _finish(args, result, report.table_markdown(result, title, reference, averages), started)
 
 
 def table1(argv: Sequence[str] | None = None) -> int:
@@ -171,15 +215,17 @@ def generalization(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
     configs = {split: config_from_args(args, f"generalization{split}", *_seen_and_all(split)) for split in splits}
-    results, markdown = {}, ""
-    for split, config in configs.items():
-        seen, unseen = GENERALIZATION_SPLITS[split]
-        results[split] = run_merging(config, output_dir=args.output / f"split{split}")
-        title = (f"Generalization {split}: merged {', '.join(map(report.COLUMN_TITLES.get, seen))}; "
-                 f"unseen {', '.join(map(report.COLUMN_TITLES.get, unseen))}")
-        markdown += report.generalization_markdown(results[split], title, published.GENERALIZATION[split]) + "\n"
-        write_report(args.output, {"experiment": "generalization", "splits": results}, markdown)  # after each split
-    return _finish(args, {"experiment": "generalization", "splits": results}, markdown, started)
+    check_paper_output(args.output, list(configs.values()))
+    with locked_output(args.output, STATE_FOLDERS):
+        results, markdown = {}, ""
+        for split, config in configs.items():
+            seen, unseen = GENERALIZATION_SPLITS[split]
+            results[split] = run_merging(config, output_dir=args.output / f"split{split}")
+            title = (f"Generalization {split}: merged {', '.join(map(report.COLUMN_TITLES.get, seen))}; "
+                     f"unseen {', '.join(map(report.COLUMN_TITLES.get, unseen))}")
+            markdown += report.generalization_markdown(results[split], title, published.GENERALIZATION[split]) + "\n"
+            commit_report(args.output, {"experiment": "generalization", "splits": results}, markdown)  # each split
+        return _finish(args, {"experiment": "generalization", "splits": results}, markdown, started)
 
 
 def _seen_and_all(split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -198,11 +244,13 @@ def robustness(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
     config = config_from_args(args, "robustness", ROBUSTNESS_TASKS, ROBUSTNESS_TASKS)
+    check_paper_output(args.output, [config])
     chosen = [c for c in args.conditions.split(",") if c] if args.conditions else None
-    result = run_robustness(config, chosen, severity=args.severity,
-                            corruption_size=args.corruption_size or None, output_dir=args.output)
-    title = "Robustness: CLIP ViT-B/32 merged on Cars, EuroSAT, RESISC45, GTSRB, tested under corruptions"
-    return _finish(args, result, report.robustness_markdown(result, title, published.ROBUSTNESS), started)
+    with locked_output(args.output, STATE_FOLDERS):
+        result = run_robustness(config, chosen, severity=args.severity,
+                                corruption_size=args.corruption_size or None, output_dir=args.output)
+        title = "Robustness: CLIP ViT-B/32 merged on Cars, EuroSAT, RESISC45, GTSRB, tested under corruptions"
+        return _finish(args, result, report.robustness_markdown(result, title, published.ROBUSTNESS), started)
 
 
 def prepare_data(argv: Sequence[str] | None = None) -> int:
