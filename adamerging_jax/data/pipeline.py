@@ -13,10 +13,13 @@ whole state is the step number, which the optimiser checkpoints, and resuming at
 the batches an uninterrupted run would have.  (A batch that straddles two epochs may hold an image twice;
 with B much smaller than N_t this is rare.)
 
-Loading uses grain: a ``MapDataset`` over the flat list of image slots, mapped (decode + preprocess) and
-batched, turned into an iterator whose thread pool decodes ahead (``num_threads``, ``prefetch``), so the
-accelerator is fed while the host prepares the next steps.  PIL decodes and resizes outside the GIL, so
-threads scale.  Preprocessing defaults to CLIP's (:mod:`adamerging_jax.data.clip_preprocess`).
+Loading uses grain: a ``MapDataset`` over the flat list of image slots, mapped (decode + preprocess), turned
+into an iterator whose thread pool decodes images ahead (``num_threads``; ``prefetch`` steps' worth of images)
+and batched per step, so the accelerator is fed while the host prepares the next steps.  PIL decodes and
+resizes outside the GIL, so threads scale.  Preprocessing defaults to CLIP's
+(:mod:`adamerging_jax.data.clip_preprocess`).  `AdaptationBatches.close` (or leaving its ``with`` block) stops
+the reading ahead: queued reads are cancelled, so a process exits right after its last step instead of
+decoding the images it will never use (Python joins the pool's threads at exit).
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ class AdaptationBatches:
         for task, source in enumerate(self.sources):
             if len(source) == 0:
                 raise ValueError(f"task {task}: its test source is empty")
-        self._stream: Iterator[tuple[int, np.ndarray]] | None = None
+        self._stream: grain.DatasetIterator | None = None
         self._next_step = -1
 
     @property
@@ -159,20 +162,20 @@ class AdaptationBatches:
     def _shape_step(self, flat: np.ndarray) -> np.ndarray:
         return flat.reshape(len(self.sources), self.n_batches, self.batch_size, *flat.shape[1:])
 
-    def dataset(self, start_step: int, num_steps: int) -> grain.MapDataset:
-        """The grain ``MapDataset`` of steps ``[start_step, start_step + num_steps)`` (random access)."""
+    def _read_ahead(self, start_step: int, num_steps: int) -> grain.DatasetIterator:
+        """The images of steps ``[start_step, start_step + num_steps)`` decoded ahead one by one by the thread
+        pool (``prefetch`` steps' worth), batched per step; ``close()`` on it cancels the queued reads."""
         if start_step < 0 or num_steps < 0:
             raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, {num_steps}")
         per_step = len(self.sources) * self.images_per_task
         slots = grain.MapDataset.range(start_step * per_step, (start_step + num_steps) * per_step)
-        return slots.map(self._load).batch(per_step).map(self._shape_step)
+        images = slots.map(self._load).to_iter_dataset(_read_options(self.num_threads, self.prefetch * per_step))
+        return iter(images.batch(per_step).map(self._shape_step))
 
     def batches(self, start_step: int, num_steps: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Prefetching iterator of ``(step, images)`` for steps ``start_step .. start_step + num_steps - 1``."""
-        per_step = len(self.sources) * self.images_per_task
-        options = _read_options(self.num_threads, self.prefetch * per_step)
-        iterator = self.dataset(start_step, num_steps).to_iter_dataset(options)
-        return zip(range(start_step, start_step + num_steps), iterator)
+        """Prefetching iterator of ``(step, images)`` for steps ``start_step .. start_step + num_steps - 1``;
+        its reading ahead ends with the last step."""
+        return zip(range(start_step, start_step + num_steps), self._read_ahead(start_step, num_steps))
 
     def __call__(self, step: int) -> list[np.ndarray]:
         """The optimiser's ``batches(step)``: K arrays ``[n_batches * batch_size, *image_shape]``, one per task.
@@ -181,10 +184,24 @@ class AdaptationBatches:
         restarts the stream there.  The result is the same either way: a pure function of (seed, step).
         """
         if self._stream is None or self._next_step != step:
-            self._stream = self.batches(step, _OPEN_ENDED_STEPS)
-        served, images = next(self._stream)
-        self._next_step = served + 1
+            self.close()
+            self._stream = self._read_ahead(step, _OPEN_ENDED_STEPS)
+        images = next(self._stream)
+        self._next_step = step + 1
         return list(images.reshape(len(self.sources), self.images_per_task, *images.shape[3:]))
+
+    def close(self) -> None:
+        """Stop reading ahead (module docstring): the queued reads are cancelled and each thread ends after
+        the image it is decoding. A later call starts a new stream."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._next_step = None, -1
+
+    def __enter__(self) -> AdaptationBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _read_options(num_threads: int, buffered_elements: int) -> grain.ReadOptions:

@@ -158,6 +158,9 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                                        view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn, log=log)
     except ValueError as error:
         raise fail(error) from None
+    finally:
+        if adaptation is not None:
+            adaptation.close()  # no image decoded ahead for steps that will not run
     if plan.tests is not None:
         from adamerging_jax.data.pipeline import clip_preprocess, evaluation_batches
 

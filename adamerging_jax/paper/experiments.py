@@ -63,12 +63,13 @@ def evaluate_methods(
     test_sets = [evaluation_batches(source, batch_size, functools.partial(clip_preprocess, size=size),
                                     num_threads=threads) for source in eval_sources]
     merge = config.merge.with_changes(seed=config.seed, quiet=config.quiet)
-    records = run_methods(
-        merge, models.pretrained, task_vectors, apply_fn=apply_fn, test_sets=test_sets,
-        task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
-        mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
-        view=clip.matrix_view, gram_fn=clip.vision_grams(models.config), eval_batch_size=batch_size,
-        quiet=config.quiet, log=log)
+    with adaptation:  # closed after the run: no image decoded ahead for steps that will not run
+        records = run_methods(
+            merge, models.pretrained, task_vectors, apply_fn=apply_fn, test_sets=test_sets,
+            task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
+            mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
+            view=clip.matrix_view, gram_fn=clip.vision_grams(models.config), eval_batch_size=batch_size,
+            quiet=config.quiet, log=log)
     seconds = {name: record.seconds["build"] for name, record in records.items()}
     seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]
     return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks),
