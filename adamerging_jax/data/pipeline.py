@@ -229,6 +229,9 @@ def evaluation_batches(
     """
     if len(source) == 0:
         raise ValueError("cannot evaluate on an empty source")
-    dataset = grain.MapDataset.range(len(source)).map(functools.partial(_load_labeled, source, preprocess))
-    options = _read_options(num_threads, prefetch * batch_size)
-    yield from dataset.batch(batch_size).to_iter_dataset(options)
+    examples = grain.MapDataset.range(len(source)).map(functools.partial(_load_labeled, source, preprocess))
+    iterator = iter(examples.to_iter_dataset(_read_options(num_threads, prefetch * batch_size)).batch(batch_size))
+    try:
+        yield from iterator
+    finally:  # an evaluation stopped early reads no further
+        iterator.close()
