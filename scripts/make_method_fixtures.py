@@ -504,6 +504,83 @@ def iso_cts_fraction_reference(pretrained: torch.nn.Module, finetuned: list[torc
     """Iso-CTS at common_space_fraction = `ISO_CTS_OTHER_FRACTION` (`_iso_cts`): other subspace sizes."""
     return _iso_cts(pretrained, finetuned, ISO_CTS_OTHER_FRACTION)
 
+SURGERY_STEPS = 20  # Adam steps in the fixture (the reference's surgery_steps is 1000)
+SURGERY_BATCH = 4  # images per task and step (the reference's batch_size is 16)
+SURGERY_DISTINCT = 4  # distinct batches per task, cycled over the steps
+SURGERY_PROJECTION = 12  # d, the visual projection's output (the representation's size)
+SURGERY_BASE_SCALE = 0.3  # the base model: task arithmetic θ0 + 0.3 Σ_k τ_k
+
+
+def _surgery_features(projection: torch.Tensor):
+    """FusionBench's ``CLIPClassificationMixin.compute_features`` (pooled @ projection, normalised) with this
+    projection: the representation Surgery works on."""
+    from fusion_bench.mixins.clip_classification import CLIPClassificationMixin
+
+    holder = type("Holder", (), {"visual_projection": torch.nn.Linear(projection.shape[1], projection.shape[0],
+                                                                      bias=False)})()
+    with torch.no_grad():
+        holder.visual_projection.weight.copy_(projection)
+    return lambda model, images: CLIPClassificationMixin.compute_features(holder, model, images)
+
+
+@fixture("surgery")
+def surgery_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """FusionBench's SurgeryModelWrapper trained as ``CLIPLayerWiseAdaMergingSurgeryAlgorithm.run`` trains it
+    (per iteration, per task: L1 between the wrapper's surgery features and the fine-tuned model's, zero_grad,
+    backward, one Adam(lr 1e-3) step over all modules) on a task-arithmetic base, for SURGERY_STEPS steps.
+
+    Saved: the images ("images" [distinct, K, B, 3, H, W], step s uses s % distinct), the projection, the
+    initial modules, step 0's per-task loss and gradients, every step's losses, the final modules."""
+    from transformers.models.clip import modeling_clip
+
+    if not hasattr(modeling_clip, "CLIPVisionTransformer"):  # transformers 5 folded it into CLIPVisionModel; the
+        modeling_clip.CLIPVisionTransformer = modeling_clip.CLIPVisionModel  # wrapper imports it for type hints only
+    from fusion_bench.models.surgery.surgerymodelwrapper import SurgeryModelWrapper
+
+    generator = torch.Generator().manual_seed(5)
+    size, width = pretrained.config.image_size, pretrained.config.hidden_size
+    projection = torch.randn(SURGERY_PROJECTION, width, generator=generator, dtype=torch.float64) / width ** 0.5
+    images = torch.randn(SURGERY_DISTINCT, NUM_TASKS, SURGERY_BATCH, 3, size, size, generator=generator,
+                         dtype=torch.float64)
+    base = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for name, tensor in base.named_parameters():
+            theta0 = dict(pretrained.named_parameters())[name]
+            tensor.copy_(theta0 + SURGERY_BASE_SCALE * sum(dict(m.named_parameters())[name] - theta0 for m in finetuned))
+    features = _surgery_features(projection)
+    names = [f"task{k}" for k in range(NUM_TASKS)]
+    torch.manual_seed(6)
+    wrapper = SurgeryModelWrapper(base, names, projection_dim=SURGERY_PROJECTION)
+    for model in finetuned:
+        model.requires_grad_(False)
+
+    def modules(prefix: str) -> dict[str, np.ndarray]:
+        params = [p.detach().numpy().copy() for p in wrapper.collect_trainable_params()]
+        return {f"{prefix}/down": np.stack(params[0::2]), f"{prefix}/up": np.stack(params[1::2])}
+
+    arrays = {"images": images.numpy(), "projection": projection.numpy(), **modules("initial")}
+    optimizer = torch.optim.Adam(wrapper.collect_trainable_params(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    losses = np.zeros((SURGERY_STEPS, NUM_TASKS))
+    for step in range(SURGERY_STEPS):
+        for task, name in enumerate(names):
+            batch = images[step % SURGERY_DISTINCT, task]
+            target = features(finetuned[task], batch)
+            moved, _, _ = wrapper.compute_surgery_features(lambda model: features(model, batch), name)
+            loss = torch.nn.functional.l1_loss(moved, target)
+            optimizer.zero_grad()
+            loss.backward()
+            if step == 0:
+                down, up = (getattr(wrapper, f"feature_mapping_to_head_{part}_proj_{name}").weight.grad
+                            for part in ("down", "up"))
+                arrays[f"step0_grad/down/{task}"] = down.numpy().copy()
+                arrays[f"step0_grad/up/{task}"] = up.numpy().copy()
+            optimizer.step()
+            losses[step, task] = loss.item()
+    arrays["losses"] = losses
+    arrays.update(modules("final"))
+    return arrays
+
+
 # --- end of method fixtures ---
 
 

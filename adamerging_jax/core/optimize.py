@@ -595,9 +595,12 @@ def _non_finite_leaves(tree: PyTree) -> list[str]:
     return [path for (path, _), finite in zip(named, flags) if not finite]
 
 
-def _restore(run: _Run, checkpointer: RunCheckpointer, fingerprint: dict[str, Any], config: AdaMergingConfig) -> None:
-    """Continue `run` from the newest usable checkpoint, if any. One written by another run (any part of the
-    fingerprint changed) or past `config.steps` is refused, naming what differs and how to start afresh."""
+def restore_run_state(checkpointer: RunCheckpointer, fingerprint: dict[str, Any], steps: int, template: PyTree
+                      ) -> tuple[int, PyTree, list[np.ndarray]] | None:
+    """The newest usable checkpoint's (step, state shaped like `template`, per-step losses), or None. One
+    written by another run (any part of `fingerprint` changed, see `fingerprint_differences`) or past `steps`
+    is refused, naming what differs and how to start afresh. Shared by every resumable loop (AdaMerging,
+    Surgery)."""
     where = checkpointer.directory
     afresh = f"to start afresh, use another checkpoint_dir or delete {where}"
 
@@ -607,18 +610,32 @@ def _restore(run: _Run, checkpointer: RunCheckpointer, fingerprint: dict[str, An
             raise ValueError(
                 f"checkpoint step {step} in {where} was written by another run: {'; '.join(differences)}; {afresh}"
             )
-        if step > config.steps:
-            raise ValueError(f"checkpoint in {where} is at step {step}, past steps={config.steps}; {afresh}")
+        if step > steps:
+            raise ValueError(f"checkpoint in {where} is at step {step}, past steps={steps}; {afresh}")
 
-    found = checkpointer.restore_latest((run.coefficients, run.opt_state), check)
+    found = checkpointer.restore_latest(template, check)
+    if found is None:
+        return None
+    step, state, metadata = found
+    return step, state, [np.asarray(row, np.float32) for row in metadata["loss"]]
+
+
+def save_run_state(checkpointer: RunCheckpointer, step: int, state: PyTree, losses: Sequence[np.ndarray],
+                   fingerprint: dict[str, Any]) -> None:
+    """Checkpoint `state` after `step` updates with the run's fingerprint and per-step losses."""
+    metadata = dict(fingerprint=fingerprint, step=step, loss=[np.asarray(row).tolist() for row in losses])
+    checkpointer.save(step, state, metadata)
+
+
+def _restore(run: _Run, checkpointer: RunCheckpointer, fingerprint: dict[str, Any], config: AdaMergingConfig) -> None:
+    """Continue `run` from the newest usable checkpoint, if any (`restore_run_state`)."""
+    found = restore_run_state(checkpointer, fingerprint, config.steps, (run.coefficients, run.opt_state))
     if found is not None:
-        run.step, (run.coefficients, run.opt_state), metadata = found
-        run.losses = [np.asarray(row, np.float32) for row in metadata["loss"]]
+        run.step, (run.coefficients, run.opt_state), run.losses = found
 
 
 def _save(checkpointer: RunCheckpointer, run: _Run, fingerprint: dict[str, Any]) -> None:
-    metadata = dict(fingerprint=fingerprint, step=run.step, loss=[row.tolist() for row in run.losses])
-    checkpointer.save(run.step, (run.coefficients, run.opt_state), metadata)
+    save_run_state(checkpointer, run.step, (run.coefficients, run.opt_state), run.losses, fingerprint)
 
 
 def _refusal(step: int, loss: np.ndarray, inputs_finite: np.ndarray, peak: float, config: AdaMergingConfig

@@ -147,11 +147,14 @@ def build_models(
     mesh: Any = None,
     view: MatrixView | None = None,
     gram_fn: GramFn | None = None,
+    features_fn: Callable[[PyTree, Any], Any] | None = None,
+    head_fn: Callable[[Any, int], Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Merged], dict[str, MethodRecord]]:
     """Build every method's model; the models and their records (accuracy still empty). `view` is the
     binding's matrix view, for the methods that read leaves as weight matrices; `gram_fn` its Gram capture,
-    for RegMean (`core.regmean`)."""
+    for RegMean (`core.regmean`); `features_fn` and `head_fn` its representation and the head after it, for
+    Surgery (`core.surgery`)."""
     if settings.needs_data and adaptation is None:
         needing = [s.name for s in settings.methods if s.method.needs_data]
         raise ValueError(f"methods {needing} learn from unlabeled data, but no adaptation batches were given")
@@ -163,7 +166,7 @@ def build_models(
         context = None
         if spec.method.needs_data:
             context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name),
-                                   gram_fn)
+                                   gram_fn, features_fn, head_fn)
         reason = spec.method.unavailable(context, view)
         if reason is not None and spec.from_group:
             log(f"[merge] {spec.name}: skipped, it {reason}")
@@ -182,7 +185,7 @@ def _record(spec: MethodSpec, merged: Merged, apply_fn: ApplyFn, probe: Sequence
     if merged.coefficients is not None:
         coefficients = {path: np.asarray(value).tolist() for path, value in merged.coefficients.per_leaf().items()}
     loss = None
-    if merged.history is not None:
+    if merged.history is not None and "loss" in merged.history:
         loss = np.asarray(merged.history["loss"], np.float64).tolist()
     return MethodRecord(
         spec.name, spec.label, spec.describe()["params"], {}, coefficients, loss,
@@ -208,6 +211,8 @@ def run_methods(
     mesh: Any = None,
     view: MatrixView | None = None,
     gram_fn: GramFn | None = None,
+    features_fn: Callable[[PyTree, Any], Any] | None = None,
+    head_fn: Callable[[Any, int], Any] | None = None,
     eval_batch_size: int = 256,
     quiet: bool = True,
     log: Callable[[str], None] = print,
@@ -227,6 +232,8 @@ def run_methods(
       mesh: devices for AdaMerging (None: all).
       view: the binding's matrix view (`core.matrix_view`), for methods that work per weight matrix.
       gram_fn: the binding's Gram capture (`core.regmean.GramFn`), for RegMean and RegMean++.
+      features_fn, head_fn: the binding's representation ``z = features_fn(params, inputs)`` and the head after
+        it, ``head_fn(z, task) -> logits``, for Surgery.
       eval_batch_size: evaluation batch size (shorter batches padded to it).
 
     Returns:
@@ -235,7 +242,8 @@ def run_methods(
     if len(test_sets) != len(task_names):
         raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
     models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
-                                   probe=probe, state_dir=state_dir, mesh=mesh, view=view, gram_fn=gram_fn, log=log)
+                                   probe=probe, state_dir=state_dir, mesh=mesh, view=view, gram_fn=gram_fn,
+                                   features_fn=features_fn, head_fn=head_fn, log=log)
     return score_models(apply_fn, models, records, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
 
 
@@ -250,10 +258,17 @@ def score_models(
     quiet: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, MethodRecord]:
-    """Fill the records' accuracy: every model of `build_models` evaluated in one pass over each test set."""
+    """Fill the records' accuracy: every model of `build_models` evaluated in one pass over each test set (one
+    more pass for the models that run with their own forward, `Merged.apply_fn`)."""
     started = time.perf_counter()
-    to_evaluate = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
-    accuracy = evaluate_models(apply_fn, to_evaluate, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
+    by_forward: dict[int, tuple[ApplyFn, dict[str, Any]]] = {}
+    for name, m in models.items():
+        forward = m.apply_fn if m.apply_fn is not None else apply_fn
+        by_forward.setdefault(id(forward), (forward, {}))[1][name] = PerTask(m.per_task) if m.per_task is not None else m.params
+    accuracy = {}
+    for forward, to_evaluate in by_forward.values():
+        accuracy.update(evaluate_models(forward, to_evaluate, test_sets, task_names, eval_batch_size, quiet=quiet,
+                                        log=log))
     seconds = time.perf_counter() - started
     for name, record in records.items():
         record.accuracy = accuracy[name].per_task

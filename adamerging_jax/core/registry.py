@@ -34,7 +34,7 @@ from adamerging_jax.core.catalog import Catalog
 from adamerging_jax.core import regmean
 from adamerging_jax.core import emr, tall_masks
 from adamerging_jax.core import magmax, model_stock, slerp, wudi
-from adamerging_jax.core import isotropic, tsv
+from adamerging_jax.core import isotropic, surgery, tsv
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.matrix_view import MatrixView, requires_view
@@ -54,13 +54,15 @@ class Merged:
     """What a method built: one merged tree for every task (``params``) or one per task (``per_task``,
     returning None where the method has no model, e.g. an individual model for an unseen task); for
     adaptive methods also λ, the loss history ``{"loss": [steps, K]}``, the task vectors λ scaled and the
-    model at the initial λ (for the entropy before and after)."""
+    model at the initial λ (for the entropy before and after). ``apply_fn`` is the forward pass its models run
+    with where it is not the binding's (Surgery: the base model, then task t's module, then head t)."""
 
     params: PyTree | None = None
     per_task: PerTaskParams | None = None
     coefficients: Coefficients | None = None
     history: dict[str, Any] | None = None
     initial_params: PyTree | None = None
+    apply_fn: Callable[..., Any] | None = None
 
     def for_task(self, task: int) -> PyTree | None:
         return self.per_task(task) if self.per_task is not None else self.params
@@ -79,6 +81,9 @@ class AdaptContext:
       gram_fn: the binding's Gram capture for RegMean (`core.regmean.GramFn`: ``gram_fn(params, inputs) -> {leaf
         path: input Gram matrix [(L,) in, in]}``; for RegMean++ also its staged form `core.regmean.LayerwiseGrams`,
         e.g. ``clip.vision_grams(variant)``); None where the binding has none.
+      features_fn, head_fn: the binding's representation ``features_fn(params, inputs) -> z [N, d]`` and the head
+        after it, ``head_fn(z, task) -> logits`` (``apply_fn = head_fn(features_fn(...))``), for Surgery; None
+        where the binding has none.
     """
 
     apply_fn: Callable[..., Any]
@@ -87,6 +92,8 @@ class AdaptContext:
     mesh: Any = None
     checkpoint_dir: str | None = None
     gram_fn: Callable[..., Any] | None = None
+    features_fn: Callable[..., Any] | None = None
+    head_fn: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +383,57 @@ def adamerging_method(name: str, label: str, **fixed: str) -> MergeMethod:
                        reference=ADAMERGING_REFERENCE, learns_coefficients=True, grouped=bool(fixed))
 
 
+def canonical_base(value: Any) -> str | dict[str, Any]:
+    """Surgery's base method given by name or as ``{"name": ..., **parameters}``, validated: a registered method
+    that builds one merged model (not Surgery itself, not a per-task method)."""
+    if not isinstance(value, (str, Mapping)):
+        raise ValueError(f"must be a method name or a mapping {{name, parameters}}, got {value!r}")
+    spec = method_spec(value)
+    if spec.name == "surgery" or spec.method.per_task_models:
+        raise ValueError(f"{spec.name!r} builds no single merged model to operate on; choose a method that "
+                         "merges one model (e.g. layer_wise_adamerging, task_arithmetic, tsv_m)")
+    return value if isinstance(value, str) else {"name": spec.name, **spec.params}
+
+
+def _requires_representation(context: AdaptContext | None, view: MatrixView | None) -> str | None:
+    if context is None or context.features_fn is None or context.head_fn is None:
+        missing = [name for name in ("features_fn", "head_fn") if context is None or getattr(context, name) is None]
+        return (f"needs the binding's representation: its {' and '.join(missing)} (features_fn(params, inputs) -> z "
+                "and head_fn(z, task) -> logits, with apply_fn = head_fn(features_fn(...))); this binding has none")
+    return None
+
+
+def _subfolder(folder: str | None, name: str) -> str | None:
+    return None if folder is None else f"{folder}/{name}"
+
+
+def _surgery(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, base: str | Mapping[str, Any],
+             hidden_dim: int, surgery_steps: int, surgery_lr: float, surgery_batch_size: int, seed: int,
+             view: MatrixView | None) -> Merged:
+    """Representation Surgery (`core.surgery`) on the model `base` builds: its state (the base's, when it learns
+    from data, and the modules') kept under ``base/`` and ``surgery/`` of the method's checkpoint folder."""
+    spec = method_spec(base)
+    base_context = dataclasses.replace(context, checkpoint_dir=_subfolder(context.checkpoint_dir, "base"))
+    merged = spec.build(pretrained, task_vectors, base_context if spec.method.needs_data else None, view)
+    config = surgery.SurgeryConfig(
+        steps=surgery_steps, lr=surgery_lr, batch_size=surgery_batch_size, hidden_dim=hidden_dim, seed=seed,
+        checkpoint_dir=_subfolder(context.checkpoint_dir, "surgery"), checkpoint_every=context.config.checkpoint_every,
+        quiet=context.config.quiet)
+    result = surgery.train_surgery(context.features_fn, merged.params, pretrained, task_vectors, context.batches,
+                                   config, mesh=context.mesh)
+    history = {**(merged.history or {}), "surgery_loss": result.history["loss"]}
+    return Merged(params=merged.params, per_task=surgery.SurgeryModels(merged.params, result.modules),
+                  coefficients=merged.coefficients, history=history,
+                  apply_fn=surgery.surgery_apply_fn(context.features_fn, context.head_fn))
+
+
+SURGERY_PARAMETERS = (
+    Parameter("base", "layer_wise_adamerging", "the merged model Surgery operates on: a registered method, by name "
+              "or as {name, parameters}", kind=object, convert=canonical_base),
+    *surgery.PARAMETERS,
+)
+
+
 def _regmean_method(name: str, label: str, paper: str, layerwise: bool,
                     requires: Callable[[AdaptContext | None, MatrixView | None], str | None], formula: str,
                     reference: str) -> MergeMethod:
@@ -501,6 +559,9 @@ for _method in (
                 (isotropic.SCALE, isotropic.COMMON_SPACE_FRACTION), uses_view=True, requires=requires_view,
                 formula=isotropic.ISO_CTS_FORMULA, reference=isotropic.REFERENCE.format("iso_cts"),
                 streaming="tensor"),
+    MergeMethod("surgery", "Representation Surgery", surgery.PAPER, _surgery, SURGERY_PARAMETERS, needs_data=True,
+                per_task_models=True, uses_view=True, requires=_requires_representation, formula=surgery.FORMULA,
+                reference=surgery.REFERENCE),
     adamerging_method("adamerging", "AdaMerging"),
     adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
     adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),

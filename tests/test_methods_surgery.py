@@ -1,0 +1,153 @@
+"""Representation Surgery against FusionBench 0.2.33 (tests/fixtures/methods/surgery.npz, made by
+scripts/make_method_fixtures.py with its ``SurgeryModelWrapper``, ``compute_features``, L1 loss and Adam loop)
+on the tiny float64 CLIP image tower over a task-arithmetic base: step 0's losses and gradients and the modules
+after 20 steps; then resume, refusals and the registry's per-task models."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from method_fixtures import models, read
+
+import adamerging_jax as am
+from adamerging_jax.core import surgery
+from adamerging_jax.core.methods import task_arithmetic
+from adamerging_jax.core.protocol import build_models
+from adamerging_jax.models import clip
+
+TINY = clip.VisionConfig(image_size=16, patch_size=8, width=24, layers=2, heads=2, mlp_dim=40)
+"""The fixture script's ``tiny_clip_vision``."""
+BOUND = 1e-10
+
+
+def mesh() -> jax.sharding.Mesh:
+    """4 of the test session's devices: each task's batch of 4 split over them (data parallel)."""
+    return am.data_mesh(jax.devices()[:4])
+
+
+@functools.lru_cache(maxsize=1)
+def fixture() -> dict[str, np.ndarray]:
+    return read("surgery")
+
+
+def features_fn(params: dict, images: jax.Array) -> jax.Array:
+    """FusionBench's compute_features: pooled @ projectionᵀ, L2-normalised."""
+    pooled = clip.vision_forward(params, images, TINY)[1]
+    return clip.l2_normalize(pooled @ jnp.asarray(fixture()["projection"], pooled.dtype).T)
+
+
+def images(distinct: int, task: int) -> np.ndarray:
+    return fixture()["images"][distinct, task].transpose(0, 2, 3, 1)  # NCHW → NHWC
+
+
+def batches(step: int) -> list[np.ndarray]:
+    """Step s's batches as the reference saw them (the fixture's distinct batches, cycled)."""
+    count = fixture()["images"].shape[0]
+    return [images(step % count, t) for t in range(fixture()["images"].shape[1])]
+
+
+def initial_modules() -> surgery.SurgeryModules:
+    return surgery.SurgeryModules(jnp.asarray(fixture()["initial/down"]), jnp.asarray(fixture()["initial/up"]))
+
+
+def base_model(pretrained: dict, tau: dict) -> dict:
+    return task_arithmetic(pretrained, tau, scale=0.3)
+
+
+def test_step_0_loss_and_gradients_are_fusionbench_s(x64):
+    """L_t and ∂L_t/∂(W_down,t, W_up,t) at the initial modules equal the reference's, task by task."""
+    pretrained, tau, count = models()
+    base = base_model(pretrained, tau)
+    step0 = batches(0)
+    merged = jnp.stack([features_fn(base, x) for x in step0])
+    targets = jnp.stack([features_fn(jax.tree_util.tree_map(lambda p, t: p + t[k], pretrained, tau), x)
+                         for k, x in enumerate(step0)])
+    losses, grads = surgery.surgery_gradients(initial_modules(), merged, targets)
+    arrays = fixture()
+    assert np.max(np.abs(np.asarray(losses) - arrays["losses"][0])) <= BOUND
+    for part in ("down", "up"):
+        reference = np.stack([arrays[f"step0_grad/{part}/{t}"] for t in range(count)])
+        assert np.max(np.abs(np.asarray(getattr(grads, part)) - reference)) <= BOUND
+    assert np.max(np.abs(arrays["step0_grad/up/0"])) > 1e-3  # a gradient worth comparing
+
+
+def test_modules_after_20_steps_are_fusionbench_s(x64):
+    """The jitted Adam loop on Σ_t L_t gives the reference's per-task Adam steps: every step's losses and the
+    final modules within 1e-10."""
+    pretrained, tau, _ = models()
+    arrays = fixture()
+    steps = arrays["losses"].shape[0]
+    config = surgery.SurgeryConfig(steps=steps, batch_size=arrays["images"].shape[2], quiet=True)
+    result = surgery.train_surgery(features_fn, base_model(pretrained, tau), pretrained, tau, batches, config,
+                                   modules=initial_modules(), mesh=mesh())
+    assert np.max(np.abs(result.history["loss"] - arrays["losses"])) <= 1e-6  # the history is kept in float32
+    for part in ("down", "up"):
+        difference = np.max(np.abs(np.asarray(getattr(result.modules, part)) - arrays[f"final/{part}"]))
+        assert difference <= BOUND, (part, difference)
+    assert np.max(np.abs(arrays["final/down"] - arrays["initial/down"])) > 1e-3  # W_down moved too
+
+
+def test_initial_modules_follow_torch_s_law():
+    """W_down ~ U(−1/√d, 1/√d) (kaiming_uniform_ with a = √5 on fan-in d), W_up = 0."""
+    modules = surgery.init_modules(jax.random.PRNGKey(0), 3, 64, 16)
+    bound = 1 / np.sqrt(64)
+    down = np.asarray(modules.down)
+    assert modules.down.shape == (3, 16, 64) and modules.up.shape == (3, 64, 16)
+    assert np.all(np.abs(down) <= bound) and np.max(np.abs(down)) > 0.95 * bound
+    assert abs(down.std() - bound / np.sqrt(3)) < 0.05 * bound
+    assert not np.any(np.asarray(modules.up))
+
+
+def test_resume_is_bit_identical_and_other_settings_are_refused(tmp_path):
+    """Stopped at step 4 and resumed to 8, the modules equal an uninterrupted run's bit for bit; a resume with
+    another lr is refused, naming it."""
+    pretrained, tau, _ = models()
+    pretrained = jax.tree_util.tree_map(lambda x: x.astype(np.float32), pretrained)
+    tau = jax.tree_util.tree_map(lambda x: x.astype(np.float32), tau)
+    base = base_model(pretrained, tau)
+    config = surgery.SurgeryConfig(steps=8, batch_size=4, checkpoint_every=2, quiet=True, seed=3)
+    whole = surgery.train_surgery(features_fn, base, pretrained, tau, batches, config, mesh=mesh())
+    folder = str(tmp_path / "state")
+    surgery.train_surgery(features_fn, base, pretrained, tau, batches,
+                          surgery.SurgeryConfig(**{**vars(config), "steps": 4, "checkpoint_dir": folder}), mesh=mesh())
+    resumed = surgery.train_surgery(features_fn, base, pretrained, tau, batches,
+                                    surgery.SurgeryConfig(**{**vars(config), "checkpoint_dir": folder}), mesh=mesh())
+    for part in ("down", "up"):
+        assert np.array_equal(np.asarray(getattr(whole.modules, part)), np.asarray(getattr(resumed.modules, part)))
+    np.testing.assert_array_equal(whole.history["loss"], resumed.history["loss"])
+    with pytest.raises(ValueError, match=r"written by another run: lr 0\.001 → 0\.01"):
+        surgery.train_surgery(features_fn, base, pretrained, tau, batches,
+                              surgery.SurgeryConfig(**{**vars(config), "lr": 1e-2, "checkpoint_dir": folder}), mesh=mesh())
+
+
+def head_fn(z: jax.Array, task: int) -> jax.Array:
+    """A fixed random linear head per task on the 12-d representation (3 classes)."""
+    weights = jax.random.normal(jax.random.PRNGKey(task), (z.shape[-1], 3), z.dtype)
+    return z @ weights
+
+
+def test_registry_surgery_scores_the_base_model_with_each_task_s_module():
+    """``{name: surgery, base: task_arithmetic}`` through the protocol: task t's logits are head_t(Surgery_t(z))
+    on the base model's z, and a binding without features_fn is refused, naming it."""
+    pretrained, tau, count = models()
+    pretrained = jax.tree_util.tree_map(lambda x: x.astype(np.float32), pretrained)
+    tau = jax.tree_util.tree_map(lambda x: x.astype(np.float32), tau)
+    apply_fn = am.SharedBackbone(features_fn, head_fn)
+    settings = am.MergeSettings(({"name": "surgery", "base": "task_arithmetic", "surgery_steps": 3,
+                                  "surgery_batch_size": 4},), am.AdaMergingConfig(quiet=True))
+    models_built, _ = build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches,
+                                      features_fn=features_fn, head_fn=head_fn, mesh=mesh(), log=lambda _: None)
+    merged = models_built["surgery"]
+    base = base_model(pretrained, tau)
+    x = images(1, 2)
+    module = merged.per_task(2)["surgery"]
+    z = features_fn(base, x)
+    expected = head_fn(z - jax.nn.relu(z @ module.down.T) @ module.up.T, 2)
+    np.testing.assert_allclose(merged.apply_fn(merged.per_task(2), x, 2), expected, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(module.up))) > 0  # trained
+    assert merged.per_task(count) is None
+    with pytest.raises(ValueError, match="needs the binding's representation: its features_fn and head_fn"):
+        build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), log=lambda _: None)
