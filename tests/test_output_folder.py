@@ -311,6 +311,41 @@ def test_ctrl_c_in_the_export_window_exits_130_and_commits_nothing(world, point)
     assert which_result(world, output) in (("a", "b") if point == 4 else ("a",)) and siblings(output) == []
 
 
+SLOW_IMAGES_RUN = """
+import sys, time
+from adamerging_jax.data import unlabeled
+read = unlabeled.ImagePaths.__getitem__
+
+def slow_read(self, index):  # each image takes 1 s to read, as a huge one does
+    time.sleep(1.0)
+    return read(self, index)
+
+unlabeled.ImagePaths.__getitem__ = slow_read
+from adamerging_jax.cli import main
+sys.exit(main(["merge", sys.argv[1], "--output", sys.argv[2], "--steps", "2"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_merge_exits_promptly_after_its_last_line(world):
+    """A layer-wise AdaMerging run (2 steps) whose unlabeled images take 1 s each to read: once the methods are
+    built the images read ahead for later steps are dropped, so the process ends within seconds of
+    ``[merge] wrote`` (reading 4 steps' worth ahead at 2 threads would take 8 s more; Python joins a thread
+    pool's threads at exit after their queued work)."""
+    _, env = merge_command(world, world / "prompt_exit", "a")
+    process = subprocess.Popen([sys.executable, "-c", SLOW_IMAGES_RUN, str(world / "merge.yaml"),
+                                str(world / "prompt_exit")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    last_line, lines = None, []
+    for line in process.stdout:
+        last_line = time.monotonic()
+        lines.append(line)
+    process.wait(timeout=60)
+    assert process.returncode == 0, process.stderr.read()
+    assert lines[-1].startswith("[merge] wrote"), lines[-1]
+    assert time.monotonic() - last_line < 5.0, "the process went on working after its last line"
+
+
 @pytest.fixture
 def small_tmpfs(world):
     """A 3 MB tmpfs mounted in the test's folder (needs root and mount rights; skipped where it cannot be)."""
