@@ -5,12 +5,14 @@ after 20 steps; then resume, refusals and the registry's per-task models."""
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from method_fixtures import models, read
+from test_merge_command import world  # noqa: F401 (a fixture)
 
 import adamerging_jax as am
 from adamerging_jax.core import surgery
@@ -151,3 +153,30 @@ def test_registry_surgery_scores_the_base_model_with_each_task_s_module():
     assert merged.per_task(count) is None
     with pytest.raises(ValueError, match="needs the binding's representation: its features_fn and head_fn"):
         build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_merge_exports_the_base_model_and_the_modules(world):
+    """``merge`` with ``{name: surgery, base: tsv_m}`` on the tiny CLIP: the folder's model is TSV-M's, and
+    surgery.safetensors holds every task's trained module under the names the card lists."""
+    from test_merge_command import CLASSES, FIXTURE, merge, write_config
+
+    from adamerging_jax.merging.surgery_files import load_surgery_modules, module_names
+    from adamerging_jax.models.clip_checkpoint import load_hf_clip
+
+    out = world / "out_surgery"
+    merge(write_config(world, "surgery", [{"name": "surgery", "base": "tsv_m", "surgery_steps": 2}]),
+          "--output", out)
+    tasks = list(CLASSES)
+    card = (out / "model" / "README.md").read_text()
+    assert all(name in card for task in tasks for name in module_names(task))
+    names, modules = load_surgery_modules(out / "model")
+    assert names == tasks and modules.down.shape[:2] == (len(tasks), 16) and np.any(modules.up)
+    pretrained = load_hf_clip(FIXTURE)[1]["vision"]
+    finetuned = [load_hf_clip(str(world / "finetuned" / task))[1]["vision"] for task in tasks]
+    tsv = am.method_spec("tsv_m").build(pretrained, am.task_vectors(pretrained, finetuned), view=clip.matrix_view)
+    exported = load_hf_clip(str(out / "model"))[1]["vision"]
+    assert max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+               zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(tsv.params))) <= 1e-5
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["methods"]["surgery"]["accuracy"]) == set(tasks)

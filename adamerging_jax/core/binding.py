@@ -18,7 +18,7 @@ Model-agnostic: a CLIP image tower and a language model bind the same way.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from adamerging_jax.core.coefficients import Coefficients, Granularity, init_coefficients
 from adamerging_jax.core.matrix_view import MatrixView
@@ -48,6 +48,9 @@ class ModelBinding:
         (`coefficient_formats.OfficialRows`); None: it publishes none beyond rows in ``tensor_order``.
       gram_fn: the input Gram matrix of every linear layer (`core.regmean.GramFn`), for RegMean; None: the
         model offers no Gram capture.
+      features_fn, head_fn: the representation ``features_fn(params, inputs) -> z [N, d]`` and the head applied
+        after it, ``head_fn(z, task) -> logits``, with ``apply_fn(params, x, t) = head_fn(features_fn(params, x),
+        t)``, for Surgery (`core.surgery`); None: the model exposes no representation.
     """
 
     apply_fn: ApplyFn
@@ -57,6 +60,8 @@ class ModelBinding:
     matrix_view: MatrixView | None = None
     official_rows: OfficialRows | None = None
     gram_fn: GramFn | None = None
+    features_fn: Callable[[PyTree, Any], Any] | None = None
+    head_fn: Callable[[Any, int], Any] | None = None
 
     def merge_settings(self, settings: MergeSettings) -> MergeSettings:
         """``settings`` with this model's ``stacked`` declared on its AdaMerging config."""

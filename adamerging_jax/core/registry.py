@@ -408,15 +408,17 @@ def _subfolder(folder: str | None, name: str) -> str | None:
 
 
 def _surgery(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, base: str | Mapping[str, Any],
-             hidden_dim: int, surgery_steps: int, surgery_lr: float, surgery_batch_size: int, seed: int,
+             hidden_dim: int, surgery_steps: int | None, surgery_lr: float, surgery_batch_size: int | None, seed: int,
              view: MatrixView | None) -> Merged:
     """Representation Surgery (`core.surgery`) on the model `base` builds: its state (the base's, when it learns
-    from data, and the modules') kept under ``base/`` and ``surgery/`` of the method's checkpoint folder."""
+    from data, and the modules') kept under ``base/`` and ``surgery/`` of the method's checkpoint folder. Steps
+    and batch size left None are the run's AdaMerging ones."""
     spec = method_spec(base)
     base_context = dataclasses.replace(context, checkpoint_dir=_subfolder(context.checkpoint_dir, "base"))
     merged = spec.build(pretrained, task_vectors, base_context if spec.method.needs_data else None, view)
     config = surgery.SurgeryConfig(
-        steps=surgery_steps, lr=surgery_lr, batch_size=surgery_batch_size, hidden_dim=hidden_dim, seed=seed,
+        steps=context.config.steps if surgery_steps is None else surgery_steps, lr=surgery_lr,
+        batch_size=surgery_batch_size or context.config.batch_size, hidden_dim=hidden_dim, seed=seed,
         checkpoint_dir=_subfolder(context.checkpoint_dir, "surgery"), checkpoint_every=context.config.checkpoint_every,
         quiet=context.config.quiet)
     result = surgery.train_surgery(context.features_fn, merged.params, pretrained, task_vectors, context.batches,

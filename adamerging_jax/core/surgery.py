@@ -102,10 +102,12 @@ def surgery_gradients(modules: SurgeryModules, merged: jax.Array, targets: jax.A
 
 
 HIDDEN_DIM = Parameter("hidden_dim", 16, "r, the modules' hidden size (the reference's)", minimum=1)
-STEPS = Parameter("surgery_steps", 1000, "Adam steps on the modules (the reference's surgery_steps)", minimum=0)
+STEPS = Parameter("surgery_steps", None, "Adam steps on the modules; None: the run's AdaMerging steps (FusionBench's "
+                  "preset: 1000, the reference's surgery_steps)", kind=int, minimum=0, optional=True)
 LR = Parameter("surgery_lr", 1e-3, "Adam's learning rate on the modules (the reference's)", minimum=0.0)
-BATCH = Parameter("surgery_batch_size", 16, "unlabeled images per task and step (the first of each step's "
-                  "adaptation batch; the reference's batch_size)", minimum=1)
+BATCH = Parameter("surgery_batch_size", None, "unlabeled images per task and step, the first of each step's "
+                  "adaptation batch; None: the run's AdaMerging batch size (the reference's: 16, as its AdaMerging's)",
+                  kind=int, minimum=1, optional=True)
 SEED = Parameter("seed", 0, "the seed of W_down's initial draw", minimum=0)
 PARAMETERS = (HIDDEN_DIM, STEPS, LR, BATCH, SEED)
 

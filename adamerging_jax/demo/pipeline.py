@@ -35,7 +35,8 @@ from adamerging_jax.core.protocol import MergeSettings, records_json, run_method
 from adamerging_jax.core.trees import check_int, check_number, named_leaves
 from adamerging_jax.data import packaged
 from adamerging_jax.demo.finetune import FinetuneConfig, finetune
-from adamerging_jax.heads.prototype import LinearHead, apply_head, logistic_head, prototype_head, select_shots
+from adamerging_jax.heads.prototype import (LinearHead, apply_head, head_input, linear_logits, logistic_head,
+                                            prototype_head, select_shots)
 from adamerging_jax.models import efficientnet
 from adamerging_jax.models.efficientnet_checkpoint import load_pretrained
 
@@ -172,6 +173,15 @@ def finetuned_backbones(config: DemoConfig, tasks, train_inputs, heads, weights,
     return finetuned
 
 
+def representation(features: Callable[[Any, Any], Any], heads: Sequence[LinearHead]
+                   ) -> tuple[Callable[[Any, Any], Any], Callable[[Any, int], Any]]:
+    """The EfficientNet binding's representation and the head after it, for Surgery: ``features_fn(θ, x)`` is
+    what the heads' linear maps read (`head_input`: the backbone's features, L2-normalised for prototype
+    heads) and ``head_fn(z, t)`` task t's linear map; ``head_fn(features_fn(θ, x), t)`` is the demo's logits."""
+    return (lambda params, x: head_input(heads[0], features(params, x)),
+            lambda z, task: linear_logits(heads[task], z))
+
+
 def adaptation_batches(config: DemoConfig, test_inputs: Sequence[np.ndarray]) -> Callable[[int], list[np.ndarray]]:
     """Step s's unlabeled batches: per task `batch_size` test images drawn without replacement, seeded by
     (seed, s), so a run resumes at any step."""
@@ -218,6 +228,7 @@ def run_demo(
         features=lambda params, x: efficientnet.features(params, batch_stats, x),
         head=lambda f, task: apply_head(heads[task], f),
     )
+    features_fn, head_fn = representation(apply_fn.features, heads)
     started = time.perf_counter()
     finetuned = finetuned_backbones(config, tasks, train_inputs, heads, weights, batch_stats, cache_dir, quiet, log)
     times["finetune"] = time.perf_counter() - started
@@ -230,7 +241,8 @@ def run_demo(
         adaptation=adaptation_batches(config, test_inputs),
         probe=[x[: merge.adamerging.batch_size] for x in test_inputs],
         mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view,
-        gram_fn=efficientnet.gram_fn(batch_stats), eval_batch_size=config.eval_batch, log=log)
+        gram_fn=efficientnet.gram_fn(batch_stats), features_fn=features_fn, head_fn=head_fn,
+        eval_batch_size=config.eval_batch, log=log)
     times.update({name: record.seconds["build"] for name, record in records.items()})
     times["evaluate"] = next(iter(records.values())).seconds["evaluate"]
     times["total"] = time.perf_counter() - start

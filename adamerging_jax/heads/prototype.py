@@ -47,11 +47,19 @@ EPS = 1e-12
 """The floor of ‖x‖ when features are normalised, so a zero feature stays finite."""
 
 
+def head_input(head: LinearHead, features: jax.Array) -> jax.Array:
+    """g(features): what the head's linear map reads (the representation z; L2-normalised when ``normalize``)."""
+    return l2_normalize(features, eps=EPS) if head.normalize else features
+
+
+def linear_logits(head: LinearHead, z: jax.Array) -> jax.Array:
+    """z @ weight + bias for representations z [N, D] (`head_input`'s, possibly moved since)."""
+    return z @ head.weight + head.bias
+
+
 def apply_head(head: LinearHead, features: jax.Array) -> jax.Array:
     """Logits [N, C] of features [N, D]."""
-    if head.normalize:
-        features = l2_normalize(features, eps=EPS)
-    return features @ head.weight + head.bias
+    return linear_logits(head, head_input(head, features))
 
 
 def select_shots(labels: np.ndarray, num_classes: int, shots: int = DEFAULT_SHOTS, seed: int = 0) -> np.ndarray:

@@ -216,9 +216,14 @@ def cached_head(path: str, classnames: Sequence[str], templates: Sequence[str], 
     return head
 
 
+def head_logits(z: jax.Array, head: jax.Array) -> jax.Array:
+    """logits = z Wᵀ for representations z [B, D] (already normalised, possibly moved since) and a head W [C, D]."""
+    return z @ jnp.asarray(head).T
+
+
 def zero_shot_logits(features: jax.Array, head: jax.Array) -> jax.Array:
     """logits = (f / ‖f‖) Wᵀ for features [B, D] and a head W [C, D]."""
-    return l2_normalize(features) @ jnp.asarray(head).T
+    return head_logits(l2_normalize(features), head)
 
 
 def classifier(image_apply_fn: Callable[[Any, jax.Array], jax.Array], heads: Sequence[np.ndarray]

@@ -4,6 +4,9 @@ the core CLIP's ``apply_fn``, its stacked layers and its HF tensor names.
 
     logits_t(x) = exp(s) · n(f_θ(x) W) · n(h_t,c)ᵀ,  h_t,c = n(mean_j n(g(template_j(c))))   (Radford et al. 2021)
 
+The representation (``features_fn``, for Surgery) is z = n(f_θ(x) W), FusionBench's ``compute_features``; the
+head after it is z ↦ exp(s) · z · n(h_t,c)ᵀ.
+
 f_θ the merged image tower, W the pretrained visual projection, g the pretrained text encoder; only f_θ's
 parameters are merged (τ_k = θ_k − θ0 over the image tower).
 """
@@ -80,10 +83,13 @@ def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
     """The image tower with the pretrained projection and the frozen zero-shot heads, CLIP's stacked
     layers, the HF ``CLIPVisionModel`` tensor names of its entries and the rows of the official λ files."""
     names = lambda_tensor_names(towers.config)
+    encoder = clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"]))
     apply_fn = SharedBackbone(
-        features=clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"])),
+        features=encoder,
         head=lambda features, task: zero_shot.zero_shot_logits(features, heads[task]),
     )
     return ModelBinding(apply_fn=apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
                         matrix_view=clip.matrix_view, official_rows=official_lambda_rows(towers.config),
-                        gram_fn=clip.vision_grams(towers.config))
+                        gram_fn=clip.vision_grams(towers.config),
+                        features_fn=lambda params, images: clip.l2_normalize(encoder(params, images)),
+                        head_fn=lambda z, task: zero_shot.head_logits(z, heads[task]))

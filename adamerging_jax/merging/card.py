@@ -80,6 +80,16 @@ def emr_lines(config: MergeConfig) -> list[str]:
             f'tower = load_emr_task("<this folder>", theta0, "{config.tasks[0].name}")', "```"]
 
 
+def surgery_lines(names: Sequence[str]) -> list[str]:
+    """The card's section on a Representation Surgery export: the modules' file and tensor names."""
+    return ["", "## Representation Surgery modules", "",
+            "This folder's model is the base model. `surgery.safetensors` holds each task's module (torch "
+            "`Linear.weight` layout, FusionBench's `SurgeryModelWrapper` names); task t's prediction is its head on "
+            "z − W_up,t ReLU(W_down,t z), z the normalised image embedding. Tensors:", "",
+            *[f"- `{name}`" for name in names], "",
+            "`adamerging_jax.merging.surgery_files.load_surgery_modules(\"<this folder>\")` reads them."]
+
+
 def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
     """The card's "λ per task" section (none without λ)."""
     if not summary:

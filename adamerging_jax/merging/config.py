@@ -168,9 +168,9 @@ class MergeConfig:
         return self.export_method or self.settings().methods[0].name
 
 
-UNIFIED_EXPORTS = ("emr",)
+UNIFIED_EXPORTS = ("emr", "surgery")
 """Methods with one model per task that ``merge`` exports for CLIP as a unified model plus what makes each task's
-model from it (EMR-Merging: `merging.emr_files`)."""
+model from it (EMR-Merging: `merging.emr_files`; Representation Surgery: `merging.surgery_files`)."""
 CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size"}
 LM_ONLY_KEYS = {"max_length", "mesh", "dtype"}
 TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}

@@ -2,7 +2,9 @@
 
     OUT/model/               the exported method's model as an HF folder (save_hf_clip), tokenizer files,
                              preprocessor_config.json and the model card README.md; for EMR-Merging the
-                             unified model and emr.safetensors, each task's mask and rescaler (merging.emr_files)
+                             unified model and emr.safetensors, each task's mask and rescaler (merging.emr_files);
+                             for Representation Surgery the base model and surgery.safetensors, each task's
+                             module (merging.surgery_files)
     OUT/lambdas.json         λ by checkpoint tensor name → one value per task (adaptive methods or --weights)
     OUT/lambdas.safetensors  the same, tensor name → float32 [K]
     OUT/results.json, table.md, *.png   the report (adamerging_jax.report)
@@ -39,13 +41,15 @@ from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.checkpoint import write_atomic
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.emr import EmrModels
+from adamerging_jax.core.surgery import SurgeryModels
 from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card
+from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card, surgery_lines
 from adamerging_jax.merging.emr_files import write_emr_file
+from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
 from adamerging_jax.merging.plan import Plan, fail, source_identity
 
 
@@ -155,7 +159,8 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     try:
         models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
                                        adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
-                                       view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn, log=log)
+                                       view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn,
+                                       features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn, log=log)
     except ValueError as error:
         raise fail(error) from None
     finally:
@@ -203,6 +208,11 @@ def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[s
                                clamp=plan.settings.adamerging.clamp)
 
 
+def surgery_section(surgery: SurgeryModels | None, tasks: list[str]) -> list[str]:
+    """The card's Surgery section (empty for another method): the modules' tensor names."""
+    return surgery_lines(sorted(name for task in tasks for name in module_names(task))) if surgery else []
+
+
 def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The model folder with its card, the named λ and the report (module docstring), built in a sibling folder
     and committed as the whole output at once (`adamerging_jax.output.staged_output`): a kill leaves the
@@ -213,6 +223,7 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
 
     config, output, towers = plan.config, plan.output, plan.towers
     emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
+    surgery = merged.per_task if isinstance(merged.per_task, SurgeryModels) else None
     vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
     check_exported_finite(vision, plan.binding.tensor_names)
     tested = plan.tests is not None
@@ -222,13 +233,15 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
         write_lambdas(plan, merged, run, stage)
         files = write_report(plan, run, markdown, log, stage)
         card = model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
-                          run.get("weights"), emr_lines(config) if emr else ())
+                          run.get("weights"), emr_lines(config) if emr else surgery_section(surgery, run["tasks"]))
         folder = stage / "model"
         folder.mkdir()
         save_hf_clip(str(folder), vision, towers.full, towers.config, kind=config.export,
                      tokenizer_dir=towers.tokenizer_dir)
         if emr:
             write_emr_file(str(folder), emr, run["tasks"])
+        if surgery:
+            write_surgery_file(str(folder), surgery, run["tasks"])
         write_atomic(folder / "README.md", card.encode())
     log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
         str(output / path.relative_to(stage)) for path in files.values()))
