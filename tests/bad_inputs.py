@@ -28,3 +28,10 @@ def fill_world(value: Any, world: Any) -> Any:
     if isinstance(value, list):
         return [fill_world(v, world) for v in value]
     return value
+
+
+def assert_no_traceback(capfd: Any) -> None:
+    """The command printed no traceback on stderr (captured at the file descriptor, so a thread's uncaught
+    exception or a library's logged one counts too): a bad input gives one ``error:`` line, nothing else."""
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-3000:]

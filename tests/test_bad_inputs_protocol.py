@@ -12,7 +12,7 @@ import adamerging_jax as am
 from adamerging_jax.cache import ENV_VAR
 from adamerging_jax.cli import main
 from adamerging_jax.demo.pipeline import DemoConfig
-from bad_inputs import Case
+from bad_inputs import Case, assert_no_traceback
 
 
 X = np.zeros((6, 3), np.float32)
@@ -189,11 +189,13 @@ CASES = [
                "{tmp}/out")),
     Case("paper-output-locked", "`paper table1 --output` another live run holds", SystemExit,
          "is being written by another run (pid", paper(held_output, "--output", "{tmp}/out")),
+    Case("paper-no-test-data", "`paper table1` with no data for a task: one line, not a traceback", SystemExit,
+         "task 'sun397': no test data", paper(folders(), "--output", "{tmp}/out")),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_naming_the_culprit(case: Case, tmp_path):
+def test_bad_input_is_refused_naming_the_culprit(case: Case, tmp_path, capfd):
     try:
         with pytest.raises(case.expected) as error:
             case.run(tmp_path)
@@ -203,6 +205,7 @@ def test_bad_input_is_refused_naming_the_culprit(case: Case, tmp_path):
     message = str(error.value)
     assert case.fragment in message, message
     assert "\n" not in message.strip(), "one line"
+    assert_no_traceback(capfd)
 
 
 def test_cases_are_well_formed():

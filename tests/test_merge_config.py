@@ -21,7 +21,7 @@ from adamerging_jax.models.clip_checkpoint import (
     save_hf_vision_model,
 )
 from adamerging_jax.output import output_lock
-from bad_inputs import Case, fill_world
+from bad_inputs import Case, assert_no_traceback, fill_world
 from test_torch_file import write_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
+def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path, capfd):
     """Each row: the config (``config_file``, or the document with the row's changes), ``--weights`` when
     given, a dry run (a real run for ``real_run``); one ``error:`` line naming the culprit, no model written."""
     changes = fill_world(case.expected, world)
@@ -199,6 +199,7 @@ def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
     assert message.startswith("error: ") and "\n" not in message, message
     assert case.fragment in message, message
     assert not (tmp_path / "out" / "model").exists() and (run == [] or not (tmp_path / "out").exists())
+    assert_no_traceback(capfd)
 
 
 def test_dry_run_prints_the_plan_with_the_lambda_count(world, tmp_path, capsys):

@@ -24,7 +24,7 @@ from adamerging_jax.merging.config import ConfigError, parse_config
 from adamerging_jax.models import llama
 from adamerging_jax.models.hf_files import read_checkpoint_dir, read_safetensors
 from adamerging_jax.models.llama_checkpoint import lambda_tensor_names, load_hf_causal_lm, save_hf_causal_lm
-from bad_inputs import Case, fill_world
+from bad_inputs import Case, assert_no_traceback, fill_world
 from hf_loading import load_checked
 
 pytestmark = pytest.mark.slow
@@ -276,7 +276,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
+def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path, capfd):
     changes = fill_world(case.expected, world)
     tasks = document(world)["tasks"]
     for task, update in zip(tasks, changes.pop("tasks", [])):
@@ -291,6 +291,7 @@ def test_dry_run_names_the_culprit_in_one_line(case, world, tmp_path):
     assert message.startswith("error: ") and "\n" not in message, message
     assert fill_world(case.fragment, world) in message, message
     assert not (tmp_path / "out").exists()
+    assert_no_traceback(capfd)
 
 
 def test_dry_run_prints_the_plan(world, tmp_path, capsys):

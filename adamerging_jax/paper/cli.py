@@ -14,8 +14,9 @@ experiment does not write), locked for the run and replaced whole by each report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,16 @@ def check_paper_output(output: Path, configs: Sequence[ExperimentConfig]) -> Non
         raise SystemExit(f"error: {error}") from None
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A library's refusal (a task without test data, a checkpoint or file that is missing or does not fit)
+    as the command's one ``error:`` line, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit("error: " + " ".join(str(error).split())) from None
+
+
 def commit_report(output: Path, result: dict[str, Any], markdown: str) -> dict[str, Path]:
     """``results.json`` and ``table.md`` committed as the new ``output`` at once (`staged_output`), the
     resumable state folders carried over."""
@@ -177,7 +188,7 @@ def _table(argv: Sequence[str] | None, number: int, variant: str, reference: pub
     started = time.perf_counter()
     config = config_from_args(args, f"table{number}", ALL_TASKS, ALL_TASKS)
     check_paper_output(args.output, [config])
-    with locked_output(args.output, STATE_FOLDERS):
+    with locked_output(args.output, STATE_FOLDERS), one_line_errors():
         result = run_merging(config, output_dir=args.output)
         title = f"Table {number}: multi-task merging of CLIP ViT-{args.variant} on 8 tasks"
         averages = {"paper": reference, "FusionBench": fusionbench}
@@ -216,7 +227,7 @@ def generalization(argv: Sequence[str] | None = None) -> int:
     splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
     configs = {split: config_from_args(args, f"generalization{split}", *_seen_and_all(split)) for split in splits}
     check_paper_output(args.output, list(configs.values()))
-    with locked_output(args.output, STATE_FOLDERS):
+    with locked_output(args.output, STATE_FOLDERS), one_line_errors():
         results, markdown = {}, ""
         for split, config in configs.items():
             seen, unseen = GENERALIZATION_SPLITS[split]
@@ -246,7 +257,7 @@ def robustness(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args, "robustness", ROBUSTNESS_TASKS, ROBUSTNESS_TASKS)
     check_paper_output(args.output, [config])
     chosen = [c for c in args.conditions.split(",") if c] if args.conditions else None
-    with locked_output(args.output, STATE_FOLDERS):
+    with locked_output(args.output, STATE_FOLDERS), one_line_errors():
         result = run_robustness(config, chosen, severity=args.severity,
                                 corruption_size=args.corruption_size or None, output_dir=args.output)
         title = "Robustness: CLIP ViT-B/32 merged on Cars, EuroSAT, RESISC45, GTSRB, tested under corruptions"
