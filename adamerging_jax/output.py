@@ -9,14 +9,16 @@ still held by a leftover child of a dead run on this host (its recorded pid gone
 **Placement.** `check_placement` refuses an output equal to or inside an input folder (where plots would
 become training images on the next run) and an input inside the output (the commit would remove it), both
 paths named with symbolic links resolved; `check_output_contents` refuses an existing output that holds
-anything a run does not write, since a commit replaces the whole folder.
+anything a run does not write, since a commit replaces the whole folder (the hidden temporaries a killed
+write left inside it, ``.model.<id>.tmp`` and the like, are the run's own: the commit drops them).
 
 **One commit.** `staged_output` gives a fresh hidden sibling folder to build the whole result in. On
 success its files get the usual modes (0666 / 0777 less the umask), everything is flushed to disk, the
 previous output's ``state/`` (resumable AdaMerging state) is carried over, and the new folder is swapped in:
 by one ``renameat2(RENAME_EXCHANGE)`` where the system has it (the output is at every instant the previous
 result or the new one), else by renaming the old folder aside and the new one in. The old result is then
-removed. After a Ctrl-C (`honour_interrupts`) nothing is swapped in; one
+removed. A command whose resumable state lives elsewhere in its output (the paper's ``adamerging_state``)
+names those folders (``keep``). After a Ctrl-C (`honour_interrupts`) nothing is swapped in; one
 during the swap lets it finish first. `recover_output` (run under the lock, before any work) finishes or undoes a commit a killed run left
 half done, so a leftover never survives beside a new result. Files from an earlier run that this run does not
 produce do not survive: the new folder holds only what this run wrote.

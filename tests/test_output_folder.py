@@ -76,6 +76,17 @@ def test_a_failed_build_or_swap_keeps_the_previous_output(tmp_path, monkeypatch,
     assert (output / "table.md").read_text() == "next" and os.listdir(tmp_path) == ["out"]
 
 
+def test_a_killed_writes_temporaries_inside_the_output_are_its_own_and_other_files_are_refused(tmp_path):
+    output = tmp_path / "out"
+    (output / ".model.0123abcd.tmp").mkdir(parents=True)
+    (output / ".lambdas.json.x8k2.tmp").write_text("{")
+    (output / ".model.4567.old").mkdir()
+    out_folder.check_output_contents(output)
+    (output / ".notes.tmp").write_text("mine")
+    with pytest.raises(ValueError, match=r"\['.notes.tmp'\]"):
+        out_folder.check_output_contents(output)
+
+
 def test_recovery_restores_an_output_renamed_aside_and_its_state(tmp_path):
     output = tmp_path / "out"
     (tmp_path / ".out.old-1-a" / "state").mkdir(parents=True)
