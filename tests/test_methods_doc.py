@@ -35,6 +35,8 @@ FIDELITY = {
               "methods.masked_task_vectors(") for name in ("della", "della_linear")},
     **{name: ("test_methods_svd.py", "≤ 1e-10 in float64 against FusionBench 0.2.33 (TSV's per-task parts too)",
               f'"{name}"') for name in ("tsv_m", "iso_c", "iso_cts")},
+    "surgery": ("test_methods_surgery.py", "step 0's L1 losses and gradients and the modules after 20 Adam steps ≤ "
+                "1e-10 in float64 against FusionBench 0.2.33's SurgeryModelWrapper loop", "surgery.train_surgery("),
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""
