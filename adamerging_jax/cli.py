@@ -102,6 +102,10 @@ def _demo_parser(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, help="AdaMerging learning rate (Adam)")
     p.add_argument("--methods", help="comma-separated registry methods or groups (all, data_free, adaptive); "
                    "default: the paper's Table 1 rows")
+    p.add_argument("--adaptation", choices=["transductive", "held_out"],
+                   help="test-time methods adapt on the test images they are scored on (transductive, the default) "
+                   "or on a held-out fraction of each test split, scored on the rest")
+    p.add_argument("--held-out-fraction", type=float, help="share of each test split adapted on when held out (0.5)")
     p.add_argument("--head", choices=["prototype", "logistic"])
     p.add_argument("--shots", type=int)
     p.add_argument("--head-scale", type=float)
@@ -138,9 +142,31 @@ def demo_config(args: argparse.Namespace) -> Any:
         adamerging["clamp"] = tuple(adamerging["clamp"])
     methods = comma_list(args.methods) or merge.get("methods")
     try:
-        return dataclasses.replace(base, **fields, merge=base.merge.with_changes(methods, **adamerging))
+        adaptation = demo_adaptation(args, merge, base.merge.adaptation)
+        return dataclasses.replace(base, **fields, merge=base.merge.with_changes(methods, adaptation=adaptation,
+                                                                                 **adamerging))
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def demo_adaptation(args: argparse.Namespace, merge: dict[str, Any], default: Any) -> Any:
+    """The run's `Adaptation`: ``--adaptation`` / ``--held-out-fraction``, else the config's ``merge: {adaptation,
+    held_out_fraction}``, else `default`."""
+    from adamerging_jax.core.protocol import Adaptation
+
+    mode = args.adaptation or merge.get("adaptation", default.mode)
+    fraction = args.held_out_fraction if args.held_out_fraction is not None else merge.get("held_out_fraction",
+                                                                                             default.fraction)
+    return Adaptation(mode, fraction)
+
+
+def adaptation_note(settings: dict[str, Any]) -> str:
+    """How the table's methods were adapted and scored, from a run's merge settings."""
+    adaptation = settings.get("adaptation", {"mode": "transductive"})
+    if adaptation["mode"] == "held_out":
+        return (f"adaptation held out: test-time methods adapted on {100 * adaptation['fraction']:.0f}% of each test "
+                "split; every method scored on the rest")
+    return "adaptation transductive: test-time methods adapted on the test images they are scored on"
 
 
 DEMO_FILES = ("results.json", "table.md", "*.png")
@@ -259,7 +285,8 @@ def write_demo_report(runs: Sequence[dict[str, Any]], output: Path, plots: bool 
     title = f"Mean top-1 accuracy (%) over seeds {seeds}" if len(runs) > 1 else f"Top-1 accuracy (%), seed {seeds[0]}"
     clamp = runs[0]["settings"]["merge"]["adamerging"]["clamp"]
     with staged_output(output) as stage:
-        files = report.write_report(stage, {"runs": list(runs)}, f"{title}\n\n" + report.markdown_table(runs),
+        note = adaptation_note(runs[0]["settings"]["merge"])
+        files = report.write_report(stage, {"runs": list(runs)}, f"{title}; {note}\n\n" + report.markdown_table(runs),
                                     plot_run=runs[0] if plots else None, clamp=tuple(clamp) if clamp else None)
     return {key: Path(output) / path.relative_to(stage) for key, path in files.items()}
 

@@ -26,7 +26,7 @@ from adamerging_jax.core.objective import ApplyFn, entropy_objective
 from adamerging_jax.core.optimize import AdaMergingConfig, BatchSource
 from adamerging_jax.core.regmean import GramFn
 from adamerging_jax.core.registry import AdaptContext, Merged, MethodSpec, expand_groups, method_specs
-from adamerging_jax.core.trees import PyTree, jsonable
+from adamerging_jax.core.trees import PyTree, check_int, jsonable
 
 MethodLike = Any
 """A method name, a mapping ``{"name": ..., **parameters}`` or a `MethodSpec`."""
@@ -41,17 +41,60 @@ def _as_known(entry: MethodLike, known: Mapping[str, MethodSpec]) -> MethodLike:
     return entry
 
 
+ADAPTATION_MODES = ("transductive", "held_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """Which test images the test-time methods (AdaMerging, Surgery, ...) adapt on, and which are scored.
+
+    ``transductive`` (the papers' protocol): every method adapts on the unlabeled test images it is scored on.
+    ``held_out``: per task, a seeded random ``fraction`` of the test split is given to adaptation and only the
+    rest is scored, so no scored image was seen while adapting (every method is scored on that rest).
+    """
+
+    mode: str = "transductive"
+    fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ADAPTATION_MODES:
+            raise ValueError(f"adaptation must be one of {list(ADAPTATION_MODES)}, got {self.mode!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
+            raise ValueError(f"held_out_fraction must be a number in (0, 1), got {self.fraction!r}")
+        check_int("Adaptation.seed", self.seed, minimum=0)
+
+    def split(self, count: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices adapted on, indices scored) of task `task`'s `count` test images: both all of them when
+        transductive; held out, a permutation seeded by (seed, task) cut at round(fraction · count), each part
+        non-empty (a ValueError naming the task otherwise)."""
+        everything = np.arange(count)
+        if self.mode == "transductive":
+            return everything, everything
+        cut = int(round(self.fraction * count))
+        if not 0 < cut < count:
+            raise ValueError(f"task {task}: held_out_fraction {self.fraction} of {count} test images leaves no image "
+                             f"to {'adapt on' if cut == 0 else 'score'}")
+        order = np.random.default_rng([self.seed, task]).permutation(count)
+        return np.sort(order[:cut]), np.sort(order[cut:])
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, **({"fraction": self.fraction} if self.mode == "held_out" else {})}
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeSettings:
     """The methods a run compares and the AdaMerging settings its adaptive methods share.
 
     ``methods`` are validated registry methods (names, ``{"name": ..., **parameters}`` mappings or
     `MethodSpec`s are accepted and turned into specs); ``adamerging`` is the core's `AdaMergingConfig`
-    (each AdaMerging method sets its own granularity on it).
+    (each AdaMerging method sets its own granularity on it); ``adaptation`` which test images the test-time
+    methods adapt on (`Adaptation`: transductive or held out), applied by the binding that splits its test sets.
     """
 
     methods: tuple[MethodSpec, ...]
     adamerging: AdaMergingConfig = AdaMergingConfig()
+    adaptation: Adaptation = Adaptation()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", method_specs(self.methods))
@@ -59,10 +102,14 @@ class MergeSettings:
             raise ValueError("MergeSettings.methods is empty: name at least one merge method")
         if not isinstance(self.adamerging, AdaMergingConfig):
             raise ValueError(f"MergeSettings.adamerging must be an AdaMergingConfig, got {self.adamerging!r}")
+        if not isinstance(self.adaptation, Adaptation):
+            raise ValueError(f"MergeSettings.adaptation must be an Adaptation, got {self.adaptation!r}")
 
-    def with_changes(self, methods: Sequence[MethodLike] | None = None, **adamerging: Any) -> MergeSettings:
-        """These settings with other methods and/or AdaMerging fields. A method given by name keeps the
-        parameters it has here (e.g. a binding's TIES settings) and takes the registry's defaults otherwise."""
+    def with_changes(self, methods: Sequence[MethodLike] | None = None, *, adaptation: Adaptation | None = None,
+                     **adamerging: Any) -> MergeSettings:
+        """These settings with other methods, another adaptation and/or AdaMerging fields. A method given by name
+        keeps the parameters it has here (e.g. a binding's TIES settings) and takes the registry's defaults
+        otherwise."""
         fields = {f.name for f in dataclasses.fields(AdaMergingConfig)}
         unknown = sorted(set(adamerging) - fields)
         if unknown:
@@ -71,16 +118,18 @@ class MergeSettings:
             known = {spec.name: spec for spec in self.methods}
             methods = tuple(_as_known(m, known) for m in expand_groups(methods))
         return MergeSettings(methods if methods is not None else self.methods,
-                             dataclasses.replace(self.adamerging, **adamerging))
+                             dataclasses.replace(self.adamerging, **adamerging),
+                             adaptation if adaptation is not None else self.adaptation)
 
     @property
     def needs_data(self) -> bool:
         return any(spec.method.needs_data for spec in self.methods)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able record of the methods and the AdaMerging settings."""
+        """A JSON-able record of the methods, the AdaMerging settings and the adaptation."""
         adamerging = {f.name: jsonable(getattr(self.adamerging, f.name)) for f in dataclasses.fields(self.adamerging)}
-        return {"methods": [spec.describe() for spec in self.methods], "adamerging": adamerging}
+        return {"methods": [spec.describe() for spec in self.methods], "adamerging": adamerging,
+                "adaptation": self.adaptation.describe()}
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ import numpy as np
 
 import adamerging_jax as am
 from adamerging_jax import cache
-from adamerging_jax.core.protocol import MergeSettings, records_json, run_methods
+from adamerging_jax.core.protocol import Adaptation, MergeSettings, records_json, run_methods
 from adamerging_jax.core.trees import check_int, check_number, named_leaves
 from adamerging_jax.data import packaged
 from adamerging_jax.demo.finetune import FinetuneConfig, finetune
@@ -182,6 +182,18 @@ def representation(features: Callable[[Any, Any], Any], heads: Sequence[LinearHe
             lambda z, task: linear_logits(heads[task], z))
 
 
+def split_test_sets(adaptation: Adaptation, inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+                    ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """Per task, the test images adapted on and the (images, labels) scored, as `adaptation` splits them (all of
+    them both ways when transductive; disjoint parts when held out)."""
+    adapt, scored = [], []
+    for task, (x, y) in enumerate(zip(inputs, labels)):
+        adapt_indices, score_indices = adaptation.split(len(x), task)
+        adapt.append(x[adapt_indices])
+        scored.append((x[score_indices], np.asarray(y)[score_indices]))
+    return adapt, scored
+
+
 def adaptation_batches(config: DemoConfig, test_inputs: Sequence[np.ndarray]) -> Callable[[int], list[np.ndarray]]:
     """Step s's unlabeled batches: per task `batch_size` test images drawn without replacement, seeded by
     (seed, s), so a run resumes at any step."""
@@ -234,12 +246,14 @@ def run_demo(
     times["finetune"] = time.perf_counter() - started
 
     merge = config.merge
-    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, seed=config.seed, quiet=quiet))
+    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, seed=config.seed, quiet=quiet),
+                                adaptation=dataclasses.replace(merge.adaptation, seed=config.seed))
+    adapt_inputs, test_sets = split_test_sets(merge.adaptation, test_inputs, [t.test_y for t in tasks])
     records = run_methods(
         merge, pretrained, am.task_vectors(pretrained, finetuned), apply_fn=apply_fn,
-        test_sets=[(x, t.test_y) for x, t in zip(test_inputs, tasks)], task_names=names,
-        adaptation=adaptation_batches(config, test_inputs),
-        probe=[x[: merge.adamerging.batch_size] for x in test_inputs],
+        test_sets=test_sets, task_names=names,
+        adaptation=adaptation_batches(config, adapt_inputs),
+        probe=[x[: merge.adamerging.batch_size] for x in adapt_inputs],
         mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view,
         gram_fn=efficientnet.gram_fn(batch_stats), features_fn=features_fn, head_fn=head_fn,
         eval_batch_size=config.eval_batch, log=log)
