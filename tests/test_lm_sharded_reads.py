@@ -169,6 +169,38 @@ def test_a_nan_in_a_slice_is_named(world, tmp_path):
         read_pretrained(SliceReader(str(tmp_path)), make_mesh(1, 8), True)
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_the_merge_loader_reads_by_shards_what_it_loads_whole(world, factored, tmp_path):
+    """`merging.lm.load_language_models` on a sharded mesh gives the whole load's θ0 and τ, and logs the bytes."""
+    import jax
+
+    from adamerging_jax.core.parallel import make_mesh
+    from adamerging_jax.core.trees import named_leaves
+    from adamerging_jax.merging.config import parse_config
+    from adamerging_jax.merging.lm import load_language_models
+
+    (tmp_path / "prompts.txt").write_text("a prompt\n")  # factors need AdaMerging, which needs prompts
+    prompts = {"prompts": {"file": str(tmp_path / "prompts.txt")}}
+    adapter = {"name": "lora", "adapter": world["adapter"], "factored": factored, **prompts}
+    tasks = [adapter, {**adapter, "name": "again"}] if factored else [
+        {"name": "full", "finetuned": world["ft1"], **prompts}, adapter]
+    config = parse_config({"model": "causal_lm", "pretrained": world["base"], "tasks": tasks,
+                           "methods": ["adamerging"]})
+    logged = []
+    whole = load_language_models(config, log=lambda _: None)
+    sharded = load_language_models(config, logged.append, make_mesh(1, 8), shard=True)
+    # θ0 once for θ0; without factors once more for τ, with θ_1's slices
+    expected = tensor_bytes(world["base"]) if factored else 2 * tensor_bytes(world["base"]) + tensor_bytes(world["ft1"])
+    assert logged[-1] == f"[models] read {expected / 1e6:.1f} MB of checkpoint slices in this process"
+    for tree in ("pretrained", "task_vectors"):
+        leaves = dict(named_leaves(getattr(whole, tree)))
+        for path, leaf in named_leaves(getattr(sharded, tree)):
+            assert len(leaf.sharding.device_set) == 8, path
+            np.testing.assert_allclose(np.asarray(leaf), np.asarray(jax.device_get(leaves[path])), rtol=0, atol=1e-6,
+                                       err_msg=path)
+    assert [a is None for a in sharded.adapters] == [a is None for a in whole.adapters]
+
+
 # ------------------------------------------------------------------------------------ two processes
 
 

@@ -165,6 +165,16 @@ def test_layer_wise_export_is_theta0_plus_clamped_lambda_tau(layer_wise, world):
     assert config == load_hf_causal_lm(LLAMA)[0]
 
 
+def test_an_fsdp_mesh_reads_by_shards_and_learns_the_single_device_lambda(layer_wise, world, capsys):
+    out = world / "out_fsdp"
+    merge(write_config(world, "fsdp", mesh={"data": 1, "fsdp": 8}), "--output", out)
+    assert "MB of checkpoint slices in this process" in capsys.readouterr().out  # θ0 and τ read by shards
+    sharded, single = (formats.read_named_json(folder / "lambdas.json") for folder in (out, layer_wise[1]))
+    assert sorted(sharded) == sorted(single)
+    for name, values in single.items():
+        np.testing.assert_allclose(sharded[name], values, atol=1e-5, err_msg=name)
+
+
 def test_transformers_loads_the_export_with_our_logits(layer_wise):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer

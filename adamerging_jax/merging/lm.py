@@ -55,6 +55,7 @@ import numpy as np
 import adamerging_jax as am
 from adamerging_jax.core.checkpoint import write_atomic, write_json_atomic
 from adamerging_jax.core.objective import task_entropy
+from adamerging_jax.core.optimize import shards_frozen
 from adamerging_jax.core.protocol import MergeSettings, MethodRecord, build_models, records_json
 from adamerging_jax.core.registry import Merged
 from adamerging_jax.data.text import (
@@ -66,7 +67,7 @@ from adamerging_jax.data.text import (
     tokenize_prompts,
 )
 from adamerging_jax.merging.card import lm_model_card
-from adamerging_jax.merging.config import MergeConfig
+from adamerging_jax.merging.config import MergeConfig, TaskConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
 from adamerging_jax.merging.plan import CheckedRun, fail, guarded, run_mesh
@@ -86,6 +87,13 @@ from adamerging_jax.models.llama_checkpoint import (
     tensor_placement,
 )
 from adamerging_jax.models.safetensors_stream import CheckpointFiles
+from adamerging_jax.models.sharded_reads import (
+    SliceReader,
+    leaf_shape_tree,
+    place_factored,
+    read_pretrained,
+    read_task_vectors,
+)
 from adamerging_jax.output import committed_paths, staged_output
 from adamerging_jax.models.lora import (
     LoraAdapter,
@@ -124,9 +132,23 @@ def _stack(task_vectors: Sequence[Params]) -> Params:
     return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *task_vectors)
 
 
-def load_language_models(config: MergeConfig, log: Callable[[str], None] = print) -> LanguageModels:
+def checked_adapter(task: TaskConfig, base: Params, log: Callable[[str], None]) -> LoraAdapter:
+    """The task's LoRA adapter, read and checked to fit θ0 (``base``: its arrays or shape structs); `SystemExit`
+    naming the task otherwise."""
+    what = f"task {task.name!r} adapter"
+    log(f"[models] {task.name}: LoRA adapter {task.adapter}{' (factored)' if task.factored else ''}")
+    adapter = guarded(what, lambda: read_lora_adapter(task.adapter))
+    guarded(what, lambda: lora_factors([adapter], base))  # every module fits θ0
+    return adapter
+
+
+def load_language_models(config: MergeConfig, log: Callable[[str], None] = print, mesh: Any = None,
+                         shard: bool = False) -> LanguageModels:
     """θ0, every task's τ (module docstring) and the tokenizer folder; `SystemExit` naming the task and file
-    when a checkpoint does not load or does not fit θ0."""
+    when a checkpoint does not load or does not fit θ0. With ``shard`` (θ0 and τ split over ``mesh``) each
+    is read slice by slice straight into its shards (`read_language_models`)."""
+    if shard:
+        return read_language_models(config, mesh, log)
     log(f"[models] pretrained {config.pretrained}")
     lm_config, pretrained = guarded(f"pretrained {config.pretrained}", lambda: load_hf_causal_lm(config.pretrained))
     dense, adapters = [], []
@@ -139,10 +161,7 @@ def load_language_models(config: MergeConfig, log: Callable[[str], None] = print
             dense.append(guarded(what, lambda params=params: am.task_vectors(pretrained, [params])))
             adapters.append(None)
             continue
-        what = f"task {task.name!r} adapter"
-        log(f"[models] {task.name}: LoRA adapter {task.adapter}{' (factored)' if task.factored else ''}")
-        adapter = guarded(what, lambda task=task: read_lora_adapter(task.adapter))
-        guarded(what, lambda adapter=adapter: lora_factors([adapter], pretrained))  # every module fits θ0
+        adapter = checked_adapter(task, pretrained, log)
         adapters.append(adapter)
         if not task.factored:
             dense.append(jax.tree_util.tree_map(lambda x: x[None], lora_task_vector(adapter, pretrained)))
@@ -151,6 +170,35 @@ def load_language_models(config: MergeConfig, log: Callable[[str], None] = print
     else:
         task_vectors = _stack(dense)
     return LanguageModels(lm_config, pretrained, task_vectors, config.pretrained, adapters)
+
+
+def read_language_models(config: MergeConfig, mesh: Any, log: Callable[[str], None] = print) -> LanguageModels:
+    """`load_language_models` for θ0 and τ sharded over ``mesh``: the checkpoints are checked from their headers,
+    then every leaf is read from disk straight into its shards, each process reading only its devices' slices
+    (`models.sharded_reads`: the host holds one shard per local device of one leaf at a time); the bytes read
+    are logged."""
+    log(f"[models] pretrained {config.pretrained} (read by shards onto the mesh)")
+    base = guarded(f"pretrained {config.pretrained}", lambda: SliceReader(config.pretrained))
+    shapes = leaf_shape_tree(base.config)
+    sources: list[SliceReader | LoraAdapter] = []
+    for task in config.tasks:
+        if task.finetuned:
+            what = f"task {task.name!r} finetuned {task.finetuned}"
+            log(f"[models] {task.name}: fine-tuned model {task.finetuned}")
+            guarded(what, lambda task=task: _same_architecture(read_config(task.finetuned), base.config))
+            sources.append(guarded(what, lambda task=task: SliceReader(task.finetuned, base.config)))
+            continue
+        sources.append(checked_adapter(task, shapes, log))
+    pretrained = guarded(f"pretrained {config.pretrained}", lambda: read_pretrained(base, mesh, True))
+    adapters = [source if isinstance(source, LoraAdapter) else None for source in sources]
+    if all(task.factored for task in config.tasks):
+        task_vectors = guarded("task vectors", lambda: place_factored(adapters, base.config, mesh, True))
+    else:
+        task_vectors = guarded("task vectors", lambda: read_task_vectors(base, sources, mesh, True))
+    readers = [base, *(source for source in sources if isinstance(source, SliceReader))]
+    log(f"[models] read {sum(reader.bytes_read for reader in readers) / 1e6:.1f} MB of checkpoint slices in this "
+        f"process")
+    return LanguageModels(base.config, pretrained, task_vectors, config.pretrained, adapters)
 
 
 @dataclasses.dataclass
@@ -332,12 +380,13 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
                log: Callable[[str], None] = print) -> LmPlan:
     """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
     settings = guarded(config.source, config.settings)
+    mesh = run_mesh(config, settings)
     if streams(config, settings, weights):  # nothing to tokenize: the tokenizer's files are only copied
         models = open_language_models(config, log)
         guarded(f"pretrained {config.pretrained}", lambda: tokenizer_files(config.pretrained))
         prompts = candidates = None
     else:
-        models = load_language_models(config, log)
+        models = load_language_models(config, log, mesh, shards_frozen(settings.adamerging, mesh))
         tokenizer = guarded(f"pretrained {config.pretrained}: the tokenizer does not load",
                             lambda: load_tokenizer(config.pretrained))
         prompts = tokenized_prompts(config, tokenizer, models.config.vocab_size)
@@ -350,7 +399,7 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
         batches = PromptBatches(prompts, batch_size=adamerging.batch_size, n_batches=adamerging.batches_per_task,
                                 seed=config.seed, buckets=bucket_lengths(config.max_length, min(16, config.max_length)),
                                 pad_id=pad_id_of(tokenizer))
-    plan = LmPlan(config, settings, binding, output, run_mesh(config, settings), models=models, batches=batches,
+    plan = LmPlan(config, settings, binding, output, mesh, models=models, batches=batches,
                   candidates=candidates)
     plan.read_given_weights(weights)
     return plan
