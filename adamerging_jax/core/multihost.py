@@ -2,9 +2,10 @@
 
 Under `jax.distributed.initialize(...)` (TPU pods, multi-node GPU, or several CPU processes), `jax.devices()`
 lists the devices of every process and `data_mesh()` or `make_mesh(data=, fsdp=)` spans them all, so
-`adamerging(..., mesh=mesh)` runs one SPMD program across processes. θ0, τ and λ are host-identical (every
-process loads the same checkpoints) and `jax.device_put` places each process's share of them (on a data × fsdp
-mesh, its fsdp shards). The batches are where processes differ: each process reads only the rows that its own
+`adamerging(..., mesh=mesh)` runs one SPMD program across processes. θ0, τ and λ are either host-identical
+(every process loads the same checkpoints) and `jax.device_put` places each process's share of them (on a
+data × fsdp mesh, its fsdp shards), or, for a causal LM, global arrays built by `models.sharded_reads`, each
+process reading from disk only the slices its devices hold. The batches are where processes differ: each process reads only the rows that its own
 devices hold, and `jax.make_array_from_process_local_data` assembles the global batch without moving data
 between hosts.
 

@@ -14,7 +14,9 @@ Checked before any compute (`prepare_lm`, each failure one line naming the task,
 every fine-tuned folder has θ0's architecture and loads (every tensor's shape); every adapter reads and each
 adapted module fits θ0's kernel; the tokenizer in θ0's folder loads; every prompt file reads, is non-empty
 and tokenizes to ids inside the model's vocabulary; every candidate answer is one token; the mesh fits the
-devices and splits the batches. `run_lm_plan` then writes
+devices and splits the batches. When θ0 and τ are sharded (an ``fsdp`` mesh, or ``shard_task_vectors``) they are
+read from disk slice by slice straight into their shards (`read_language_models`, `models.sharded_reads`): loading
+never holds the whole θ0 or τ on the host (the export still gathers the merged model). `run_lm_plan` then writes
 
     OUT/model/               the exported method's model (save_hf_causal_lm: config.json, safetensors, the
                              tokenizer files) and the model card README.md
