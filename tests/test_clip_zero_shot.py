@@ -123,3 +123,24 @@ def test_classifier_normalises_features(model):
         want = (f / np.linalg.norm(f, axis=1, keepdims=True)) @ heads[task].T
         np.testing.assert_allclose(jax.jit(apply_fn, static_argnums=2)(params["vision"], x, task), want,
                                    rtol=0, atol=1e-5)
+
+
+def test_zero_shot_model_splits_at_the_normalised_image_embedding(model):
+    """features_fn = f / ‖f‖ of torch's image embedding f, head_fn(z, t) = z H_tᵀ, and apply_fn their
+    composition; the paper's models give the merge command's split (one builder)."""
+    from adamerging_jax.paper.models import ClipModels
+
+    config, params, _, expected = model
+    heads = [np.random.default_rng(k).standard_normal((5, config.embed_dim)).astype(np.float32) for k in range(2)]
+    projection = params["visual_projection"]["kernel"]
+    x = expected["pixel_values_nchw"].transpose(0, 2, 3, 1)
+    f = expected["image_embeds"].astype(np.float64)
+    z = f / np.linalg.norm(f, axis=1, keepdims=True)
+    built = zs.zero_shot_model(clip.image_encoder(config, projection), heads)
+    paper = ClipModels(config, params["vision"], [], np.asarray(projection), heads).classifier()
+    for split in (built, paper):
+        np.testing.assert_allclose(split.features_fn(params["vision"], x), z, rtol=0, atol=1e-5)
+        for task in range(2):
+            np.testing.assert_allclose(split.head_fn(z, task), z @ heads[task].T, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(split.apply_fn(params["vision"], x, task), z @ heads[task].T,
+                                       rtol=0, atol=1e-5)

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import adamerging_jax as am
 from adamerging_jax.core.evaluate import pad_batch
@@ -61,3 +62,23 @@ def test_pad_batch_pads_every_leaf_with_zeros_and_keeps_full_batches():
     assert padded["ids"].shape == (4, 3) and padded["ids"][2:].sum() == 0 and padded["ids"].dtype == np.int32
     full = np.arange(8.0).reshape(4, 2)
     assert pad_batch(full, 4) is not None and np.array_equal(pad_batch(full, 4), full)
+
+
+def negated(params, x, task):
+    """A model's own forward: the negated logits (its argmax is the least likely class of `apply`)."""
+    return -apply(params, x, task)
+
+
+def test_models_with_their_own_forward_are_scored_in_the_same_pass():
+    """``forwards``: a model with its own apply_fn (as Surgery's) is scored in the one pass over each test set,
+    so one-shot generators of batches serve every model."""
+    def once(x, y):
+        yield from ((x[start : start + 4], y[start : start + 4]) for start in range(0, len(x), 4))
+
+    models = {"one": {"scale": jnp.float32(1.0)}, "own": {"scale": jnp.float32(-1.0)}}
+    result = am.evaluate_models(apply, models, [once(x, y) for x, y in TESTS], ["a", "b"], batch_size=4,
+                                forwards={"own": negated})
+    assert result["one"].per_task == {"a": numpy_accuracy(1.0, 0), "b": numpy_accuracy(1.0, 1)}
+    assert result["own"].per_task == {"a": numpy_accuracy(1.0, 0), "b": numpy_accuracy(1.0, 1)}  # −(−x) = x
+    with pytest.raises(ValueError, match=r"forwards for models \['other'\]"):
+        am.evaluate_models(apply, models, TESTS, batch_size=4, forwards={"other": negated})

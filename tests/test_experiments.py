@@ -26,7 +26,7 @@ from adamerging_jax.heads import zero_shot
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import published
-from adamerging_jax.paper.tasks import ALL_TASKS, TASKS
+from adamerging_jax.paper.tasks import ALL_TASKS, ROBUSTNESS_TASKS, TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +258,20 @@ def test_robustness_adapts_and_evaluates_on_the_corrupted_test_sets(world, tmp_p
     pixelate = table.split("### Pixelate")[1]
     assert "| Method | Cars | EuroSAT | RESISC45 | GTSRB | Avg. |" in pixelate
     assert next(l for l in pixelate.splitlines() if l.startswith("| Task arithmetic |")).endswith(" (30.0) |")
+
+
+def test_robustness_runs_surgery_through_the_paper_s_clip_binding(world, tmp_path):
+    """``--methods layer_wise_adamerging,surgery``: Surgery runs on the paper's CLIP (the normalised image
+    embedding and the zero-shot heads) over its default base, layer-wise AdaMerging, learned again with the same
+    seed and so the same λ; after STEPS Adam steps from W_up = 0 the modules have barely moved, so each task's
+    predictions are its base model's."""
+    output = tmp_path / "surgery"
+    tasks = list(ROBUSTNESS_TASKS)
+    run_command("robustness.py", common_args(world, output, tasks) + [
+        "--conditions", "clean", "--methods", "layer_wise_adamerging,surgery"])
+    methods = json.loads((output / "results.json").read_text())["conditions"]["clean"]["methods"]
+    surgery, base = methods["surgery"], methods["layer_wise_adamerging"]
+    assert surgery["coefficients"] == base["coefficients"] and surgery["loss"] == base["loss"]
+    assert set(surgery["accuracy"]) == set(tasks) and surgery["accuracy"] == base["accuracy"]
+    assert (output / "adamerging_state" / "clean" / "surgery" / "surgery").is_dir()  # the modules' resumable state
+    assert "| Representation Surgery |" in (output / "table.md").read_text()

@@ -160,6 +160,7 @@ def evaluate_models(
     task_names: Sequence[str] | None = None,
     batch_size: int = 256,
     *,
+    forwards: Mapping[str, ApplyFn] | None = None,
     quiet: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Accuracy]:
@@ -168,6 +169,8 @@ def evaluate_models(
     Args:
       apply_fn: ``apply_fn(params, inputs, task) -> logits [N, C]``.
       models: name → parameter tree or `PerTask`.
+      forwards: model name → the ``apply_fn`` of a model that runs with its own forward (e.g. Representation
+        Surgery's); every other model runs with `apply_fn`. All are scored in the same pass.
       test_sets: per task, ``(inputs, labels)`` arrays or an iterable of ``(inputs, labels)`` batches.
       task_names: names for the result (default "0", "1", ...); must be distinct.
       batch_size: array test sets are cut into batches of this size; every shorter batch is padded to it.
@@ -185,7 +188,10 @@ def evaluate_models(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"task names must be distinct; repeated: {duplicates}")
-    predict = _predictor(apply_fn)
+    unknown = sorted(set(forwards or {}) - set(models))
+    if unknown:
+        raise ValueError(f"evaluate_models: forwards for models {unknown} that are not among the models")
+    predictors = {name: _predictor((forwards or {}).get(name, apply_fn)) for name in models}
     device = jax.local_devices()[0]
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     placed: dict[int, tuple[Any, Any]] = {}  # id(params) -> (params, params on `device`), kept across tasks
@@ -200,7 +206,7 @@ def evaluate_models(
             count = len(jax.tree_util.tree_leaves(inputs)[0])
             batch = pad_batch(inputs, batch_size)
             for method, params in on_device.items():
-                predicted, finite, num_classes = predict(params, batch, task, count)
+                predicted, finite, num_classes = predictors[method](params, batch, task, count)
                 if not bool(finite):
                     raise ValueError(f"model {method!r} gives NaN or inf logits on task {task_name!r}; "
                                      "its accuracy would be meaningless")

@@ -307,17 +307,13 @@ def score_models(
     quiet: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, MethodRecord]:
-    """Fill the records' accuracy: every model of `build_models` evaluated in one pass over each test set (one
-    more pass for the models that run with their own forward, `Merged.apply_fn`)."""
+    """Fill the records' accuracy: every model of `build_models` evaluated in one pass over each test set (the
+    models that run with their own forward, `Merged.apply_fn`, in the same pass: a test set may be read once)."""
     started = time.perf_counter()
-    by_forward: dict[int, tuple[ApplyFn, dict[str, Any]]] = {}
-    for name, m in models.items():
-        forward = m.apply_fn if m.apply_fn is not None else apply_fn
-        by_forward.setdefault(id(forward), (forward, {}))[1][name] = PerTask(m.per_task) if m.per_task is not None else m.params
-    accuracy = {}
-    for forward, to_evaluate in by_forward.values():
-        accuracy.update(evaluate_models(forward, to_evaluate, test_sets, task_names, eval_batch_size, quiet=quiet,
-                                        log=log))
+    to_evaluate = {name: PerTask(m.per_task) if m.per_task is not None else m.params for name, m in models.items()}
+    forwards = {name: m.apply_fn for name, m in models.items() if m.apply_fn is not None}
+    accuracy = evaluate_models(apply_fn, to_evaluate, test_sets, task_names, eval_batch_size, forwards=forwards,
+                               quiet=quiet, log=log)
     seconds = time.perf_counter() - started
     for name, record in records.items():
         record.accuracy = accuracy[name].per_task

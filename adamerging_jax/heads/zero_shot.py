@@ -20,13 +20,14 @@ import re
 import warnings
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adamerging_jax.core.checkpoint import write_npz_atomic
+from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.models.clip import ClipConfig, encode_text, l2_normalize
 
 PLACEHOLDER = "{c}"
@@ -226,13 +227,31 @@ def zero_shot_logits(features: jax.Array, head: jax.Array) -> jax.Array:
     return head_logits(l2_normalize(features), head)
 
 
+class ZeroShotModel(NamedTuple):
+    """An image encoder f followed by the frozen zero-shot heads H_t, as the core takes it:
+
+        apply_fn(θ, x, t) = n(f_θ(x)) H_tᵀ                (a `SharedBackbone`: f, then the normalised head)
+        features_fn(θ, x) = n(f_θ(x)),  head_fn(z, t) = z H_tᵀ
+
+    the last two the same model split where Representation Surgery (Yang et al., ICML 2024) acts: z is
+    FusionBench's ``compute_features`` (n = L2 normalisation)."""
+
+    apply_fn: SharedBackbone
+    features_fn: Callable[[Any, jax.Array], jax.Array]
+    head_fn: Callable[[jax.Array, int], jax.Array]
+
+
+def zero_shot_model(encoder: Callable[[Any, jax.Array], jax.Array], heads: Any) -> ZeroShotModel:
+    """`ZeroShotModel` of ``encoder(params, images) -> features`` and the heads ``heads[t]`` [C, D] (a sequence,
+    or any object indexed by task that yields task t's head when the model runs)."""
+    return ZeroShotModel(
+        apply_fn=SharedBackbone(features=encoder, head=lambda features, task: zero_shot_logits(features, heads[task])),
+        features_fn=lambda params, images: l2_normalize(encoder(params, images)),
+        head_fn=lambda z, task: head_logits(z, heads[task]))
+
+
 def classifier(image_apply_fn: Callable[[Any, jax.Array], jax.Array], heads: Sequence[np.ndarray]
                ) -> Callable[[Any, jax.Array, int], jax.Array]:
     """``apply_fn(params, images, task_index) -> logits``: the image encoder followed by task ``task_index``'s
     frozen head, the signature AdaMerging's optimiser and ``evaluate`` take."""
-    frozen = [jnp.asarray(h) for h in heads]
-
-    def apply_fn(params: Any, images: jax.Array, task_index: int) -> jax.Array:
-        return zero_shot_logits(image_apply_fn(params, images), frozen[task_index])
-
-    return apply_fn
+    return zero_shot_model(image_apply_fn, [jnp.asarray(h) for h in heads]).apply_fn

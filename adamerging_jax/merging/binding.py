@@ -21,7 +21,6 @@ import numpy as np
 
 from adamerging_jax.cache import cache_dir
 from adamerging_jax.core.binding import ModelBinding
-from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.merging.config import MergeConfig, TaskConfig
 from adamerging_jax.models import clip
@@ -84,12 +83,8 @@ def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
     layers, the HF ``CLIPVisionModel`` tensor names of its entries and the rows of the official λ files."""
     names = lambda_tensor_names(towers.config)
     encoder = clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"]))
-    apply_fn = SharedBackbone(
-        features=encoder,
-        head=lambda features, task: zero_shot.zero_shot_logits(features, heads[task]),
-    )
-    return ModelBinding(apply_fn=apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
+    model = zero_shot.zero_shot_model(encoder, heads)
+    return ModelBinding(apply_fn=model.apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
                         matrix_view=clip.matrix_view, official_rows=official_lambda_rows(towers.config),
-                        gram_fn=clip.vision_grams(towers.config),
-                        features_fn=lambda params, images: clip.l2_normalize(encoder(params, images)),
-                        head_fn=lambda z, task: zero_shot.head_logits(z, heads[task]))
+                        gram_fn=clip.vision_grams(towers.config), features_fn=model.features_fn,
+                        head_fn=model.head_fn)

@@ -5,7 +5,8 @@
 fine-tuned image tower from an HF ``CLIPVisionModel`` (FusionBench's ``tanganke/clip-vit-*_<task>``) or an
 open_clip state dict.  Heads are the zero-shot heads of the pretrained text tower (task_vectors' class names
 and templates), cached on disk.  All tasks share the image tower, so ``apply_fn`` is a
-:class:`~adamerging_jax.SharedBackbone`: AdaMerging sends all tasks' batches through one forward.
+:class:`~adamerging_jax.SharedBackbone`: AdaMerging sends all tasks' batches through one forward; its split into
+the normalised image embedding and the head (``ClipModels.classifier``) is the merge command's, for Surgery.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.heads import zero_shot
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import load_clip_towers
@@ -42,13 +42,11 @@ class ClipModels:
     def image_size(self) -> int:
         return self.config.vision.image_size
 
-    def apply_fn(self) -> SharedBackbone:
-        """``apply_fn(vision_params, images, task) -> logits`` of the tower with head ``task``."""
-        heads = [jnp.asarray(h) for h in self.heads]
-        return SharedBackbone(
-            features=clip.image_encoder(self.config, jnp.asarray(self.visual_projection)),
-            head=lambda features, task: zero_shot.zero_shot_logits(features, heads[task]),
-        )
+    def classifier(self) -> zero_shot.ZeroShotModel:
+        """``apply_fn(vision_params, images, task) -> logits`` of the tower with head ``task``, and the same
+        model split into the normalised image embedding and the head after it (for Surgery)."""
+        encoder = clip.image_encoder(self.config, jnp.asarray(self.visual_projection))
+        return zero_shot.zero_shot_model(encoder, [jnp.asarray(h) for h in self.heads])
 
 
 def checkpoint_location(template: str, task: str) -> str:
