@@ -581,6 +581,119 @@ def surgery_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Modu
     return arrays
 
 
+WE_MOE_STEPS = 20  # Adam steps in the fixture (the reference's max_steps is 1000)
+WE_MOE_LR = 1e-3  # larger than the reference's 1e-4, so that 20 steps move the routers visibly
+WE_MOE_CLASSES = 5  # classes of each task's zero-shot head
+WE_MOE_LOGIT_SCALE = 100.0  # exp(logit_scale) of CLIP
+
+
+def _task_arithmetic_merge(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module], scaling_factor: float
+                           ) -> torch.nn.Module:
+    """θ0 + s Σ_k (θ_k − θ0) into `pretrained`, with FusionBench's state-dict arithmetic on plain tensors: 0.2.33's
+    ``task_arithmetic_merge`` reads the state dicts with keep_vars=True, and its type check then refuses to add
+    its Tensor task vector to the Parameters of θ0 (a TypeError for every model)."""
+    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
+
+    theta0 = pretrained.state_dict()
+    vectors = [state_dict_sub(model.state_dict(), theta0) for model in finetuned]
+    total = vectors[0]
+    for vector in vectors[1:]:
+        total = state_dict_add(total, vector)
+    pretrained.load_state_dict(state_dict_add(theta0, state_dict_mul(total, scaling_factor)))
+    return pretrained
+
+
+class _VisionHolder(torch.nn.Module):
+    """A CLIPVisionModel under ``.vision_model``, where FusionBench's WEMoE looks for the encoder (transformers 5
+    folded that level into CLIPVisionModel itself)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.vision_model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.vision_model(images)
+
+
+@fixture("we_moe")
+def we_moe_reference(pretrained: torch.nn.Module, finetuned: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """FusionBench's WEMoE: the model ``CLIPWeightEnsemblingMoEAlgorithm.construct_moe_model`` builds
+    (init_lambda 0.3, 2-layer routers, batch_reduce; every MLP upscaled; its task-arithmetic base made by
+    `_task_arithmetic_merge`) trained as ``test_time_adaptation``
+    trains it with use_grad_accumulate (per task: ``compute_logits``, ``entropy_loss``, backward; then one
+    Adam step), for WE_MOE_STEPS steps on random zero-shot heads.
+
+    Saved: images ("images" [distinct, K, B, 3, H, W], step s uses s % distinct), the projection, the heads
+    (normalised text embeddings [K, C, D]), the initial routers ("initial/LAYER/fc1.weight", ...), step 0's
+    per-example routing weights ("step0_routing" [K, L, B, K]: each router's output averaged over the tokens),
+    every step's per-task losses, the final routers, and the trained model's per-example-routed logits of step
+    0's batches ("final_logits" [K, B, C])."""
+    from unittest import mock
+
+    from omegaconf import DictConfig
+    from fusion_bench.method.we_moe import clip_we_moe
+    from fusion_bench.method.we_moe.clip_we_moe import CLIPWeightEnsemblingMoEAlgorithm
+    from fusion_bench.method.we_moe.we_moe import entropy_loss
+
+    generator = torch.Generator().manual_seed(7)
+    size, width = pretrained.config.image_size, pretrained.config.hidden_size
+    projection = torch.randn(SURGERY_PROJECTION, width, generator=generator, dtype=torch.float64) / width ** 0.5
+    images = torch.randn(SURGERY_DISTINCT, NUM_TASKS, SURGERY_BATCH, 3, size, size, generator=generator,
+                         dtype=torch.float64)
+    text = torch.randn(NUM_TASKS, WE_MOE_CLASSES, SURGERY_PROJECTION, generator=generator, dtype=torch.float64)
+    text = text / text.norm(dim=-1, keepdim=True)
+    names = [f"task{k}" for k in range(NUM_TASKS)]
+    pool = {name: _VisionHolder(model) for name, model in zip(["_pretrained_", *names], [pretrained, *finetuned])}
+    algorithm = object.__new__(CLIPWeightEnsemblingMoEAlgorithm)
+    algorithm.config = DictConfig(dict(init_lambda=0.3, router_hidden_layers=2, batch_reduce=True))
+    algorithm.modelpool = type("Pool", (), {"model_names": names,
+                                            "load_model": staticmethod(lambda name: copy.deepcopy(pool[name]))})()
+    torch.manual_seed(8)
+    with mock.patch.object(clip_we_moe, "task_arithmetic_merge", _task_arithmetic_merge):
+        model = algorithm.construct_moe_model()
+    algorithm.visual_projection = torch.nn.Linear(width, SURGERY_PROJECTION, bias=False)
+    with torch.no_grad():
+        algorithm.visual_projection.weight.copy_(projection)
+    algorithm.zeroshot_weights = dict(zip(names, text))
+    algorithm.logit_scale_exp = torch.tensor(WE_MOE_LOGIT_SCALE, dtype=torch.float64)
+    layers = model.vision_model.encoder.layers
+    assert all(isinstance(layer.mlp, clip_we_moe.WeightEnsemblingMoE) for layer in layers)
+
+    def routers(prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}/{index}/{name}": value.detach().numpy().copy()
+                for index, layer in enumerate(layers) for name, value in layer.mlp.gate.named_parameters()}
+
+    arrays = {"images": images.numpy(), "projection": projection.numpy(), "heads": text.numpy(),
+              **routers("initial")}
+    gate_outputs: list[torch.Tensor] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda module, inputs, output: gate_outputs.append(output.mean(1)))
+             for layer in layers]
+    for task, name in enumerate(names):
+        with torch.no_grad():
+            algorithm.compute_logits(model, (images[0, task], None), name)
+    arrays["step0_routing"] = torch.stack(gate_outputs).reshape(NUM_TASKS, len(layers), SURGERY_BATCH, -1).numpy()
+    for hook in hooks:
+        hook.remove()
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=WE_MOE_LR)
+    losses = np.zeros((WE_MOE_STEPS, NUM_TASKS))
+    for step in range(WE_MOE_STEPS):
+        for task, name in enumerate(names):
+            loss = entropy_loss(algorithm.compute_logits(model, (images[step % SURGERY_DISTINCT, task], None), name))
+            loss.backward(retain_graph=True)
+            losses[step, task] = loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+    arrays["losses"] = losses
+    arrays.update(routers("final"))
+    for layer in layers:
+        layer.mlp.batch_reduce = False
+    with torch.no_grad():
+        arrays["final_logits"] = torch.stack([algorithm.compute_logits(model, (images[0, task], None), name)
+                                              for task, name in enumerate(names)]).numpy()
+    return arrays
+
+
 # --- end of method fixtures ---
 
 

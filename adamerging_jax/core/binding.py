@@ -29,6 +29,7 @@ from adamerging_jax.core.trees import PyTree
 if TYPE_CHECKING:
     from adamerging_jax.coefficient_formats import OfficialRows
     from adamerging_jax.core.regmean import GramFn
+    from adamerging_jax.core.we_moe import ExpertMixture
 
 Entry = tuple[str, Optional[int]]
 
@@ -51,6 +52,8 @@ class ModelBinding:
       features_fn, head_fn: the representation ``features_fn(params, inputs) -> z [N, d]`` and the head applied
         after it, ``head_fn(z, task) -> logits``, with ``apply_fn(params, x, t) = head_fn(features_fn(params, x),
         t)``, for Surgery (`core.surgery`); None: the model exposes no representation.
+      mixture: the model as a weight-ensembling MoE (`core.we_moe.ExpertMixture`: which module group of its top
+        layers is upscaled and how the routed model runs), for WEMoE; None: the model declares none.
     """
 
     apply_fn: ApplyFn
@@ -62,6 +65,7 @@ class ModelBinding:
     gram_fn: GramFn | None = None
     features_fn: Callable[[PyTree, Any], Any] | None = None
     head_fn: Callable[[Any, int], Any] | None = None
+    mixture: ExpertMixture | None = None
 
     def merge_settings(self, settings: MergeSettings) -> MergeSettings:
         """``settings`` with this model's ``stacked`` declared on its AdaMerging config."""

@@ -198,12 +198,13 @@ def build_models(
     gram_fn: GramFn | None = None,
     features_fn: Callable[[PyTree, Any], Any] | None = None,
     head_fn: Callable[[Any, int], Any] | None = None,
+    mixture: Any = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Merged], dict[str, MethodRecord]]:
     """Build every method's model; the models and their records (accuracy still empty). `view` is the
     binding's matrix view, for the methods that read leaves as weight matrices; `gram_fn` its Gram capture,
     for RegMean (`core.regmean`); `features_fn` and `head_fn` its representation and the head after it, for
-    Surgery (`core.surgery`)."""
+    Surgery (`core.surgery`); `mixture` its weight-ensembling MoE form, for WEMoE (`core.we_moe`)."""
     if settings.needs_data and adaptation is None:
         needing = [s.name for s in settings.methods if s.method.needs_data]
         raise ValueError(f"methods {needing} learn from unlabeled data, but no adaptation batches were given")
@@ -215,7 +216,7 @@ def build_models(
         context = None
         if spec.method.needs_data:
             context = AdaptContext(apply_fn, adaptation, settings.adamerging, mesh, state_folder(state_dir, spec.name),
-                                   gram_fn, features_fn, head_fn)
+                                   gram_fn, features_fn, head_fn, mixture)
         reason = spec.method.unavailable(context, view)
         if reason is not None and spec.from_group:
             log(f"[merge] {spec.name}: skipped, it {reason}")
@@ -262,6 +263,7 @@ def run_methods(
     gram_fn: GramFn | None = None,
     features_fn: Callable[[PyTree, Any], Any] | None = None,
     head_fn: Callable[[Any, int], Any] | None = None,
+    mixture: Any = None,
     eval_batch_size: int = 256,
     quiet: bool = True,
     log: Callable[[str], None] = print,
@@ -283,6 +285,7 @@ def run_methods(
       gram_fn: the binding's Gram capture (`core.regmean.GramFn`), for RegMean and RegMean++.
       features_fn, head_fn: the binding's representation ``z = features_fn(params, inputs)`` and the head after
         it, ``head_fn(z, task) -> logits``, for Surgery.
+      mixture: the binding's weight-ensembling MoE form (`core.we_moe.ExpertMixture`), for WEMoE.
       eval_batch_size: evaluation batch size (shorter batches padded to it).
 
     Returns:
@@ -292,7 +295,7 @@ def run_methods(
         raise ValueError(f"{len(test_sets)} test sets for {len(task_names)} task names")
     models, records = build_models(settings, pretrained, task_vectors, apply_fn=apply_fn, adaptation=adaptation,
                                    probe=probe, state_dir=state_dir, mesh=mesh, view=view, gram_fn=gram_fn,
-                                   features_fn=features_fn, head_fn=head_fn, log=log)
+                                   features_fn=features_fn, head_fn=head_fn, mixture=mixture, log=log)
     return score_models(apply_fn, models, records, test_sets, task_names, eval_batch_size, quiet=quiet, log=log)
 
 

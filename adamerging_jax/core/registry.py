@@ -34,7 +34,7 @@ from adamerging_jax.core.catalog import Catalog
 from adamerging_jax.core import regmean
 from adamerging_jax.core import emr, tall_masks
 from adamerging_jax.core import magmax, model_stock, slerp, wudi
-from adamerging_jax.core import isotropic, surgery, tsv
+from adamerging_jax.core import isotropic, surgery, tsv, we_moe
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.merge import merge
 from adamerging_jax.core.matrix_view import MatrixView, requires_view
@@ -84,6 +84,8 @@ class AdaptContext:
       features_fn, head_fn: the binding's representation ``features_fn(params, inputs) -> z [N, d]`` and the head
         after it, ``head_fn(z, task) -> logits`` (``apply_fn = head_fn(features_fn(...))``), for Surgery; None
         where the binding has none.
+      mixture: the binding's weight-ensembling MoE form (`core.we_moe.ExpertMixture`), for WEMoE; None where the
+        binding declares none.
     """
 
     apply_fn: Callable[..., Any]
@@ -94,6 +96,7 @@ class AdaptContext:
     gram_fn: Callable[..., Any] | None = None
     features_fn: Callable[..., Any] | None = None
     head_fn: Callable[..., Any] | None = None
+    mixture: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +432,35 @@ def _surgery(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *,
                   apply_fn=surgery.surgery_apply_fn(context.features_fn, context.head_fn))
 
 
+def _requires_mixture(context: AdaptContext | None, view: MatrixView | None) -> str | None:
+    if context is None or context.mixture is None or context.head_fn is None:
+        missing = [name for name in ("mixture", "head_fn") if context is None or getattr(context, name) is None]
+        return (f"needs the binding's weight-ensembling form: its {' and '.join(missing)} (ModelBinding.mixture, a "
+                "core.we_moe.ExpertMixture, and head_fn(z, task) -> logits); this binding has none")
+    return None
+
+
+def _we_moe(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, upscale_top_k: int | None,
+            init_lambda: float, router_hidden_layers: int, we_moe_steps: int | None, we_moe_lr: float,
+            we_moe_batch_size: int | None, seed: int) -> Merged:
+    """WEMoE (`core.we_moe`): task arithmetic at init_lambda outside the binding's module group, the group of the
+    top layers upscaled (its task vectors in the run's ``param_dtype``), the routers trained on the unlabeled
+    batches; steps and batch size left None are the run's AdaMerging ones. The model routes every example."""
+    mixture = context.mixture
+    merged = core_methods.task_arithmetic(pretrained, task_vectors, init_lambda)
+    routing = we_moe.Routing(num_tasks(task_vectors), router_hidden_layers, init_lambda)
+    frozen, routers = we_moe.build_routed_model(mixture, pretrained, merged, task_vectors, upscale_top_k, routing,
+                                                seed, context.config.param_dtype)
+    config = we_moe.WEMoEConfig(
+        steps=context.config.steps if we_moe_steps is None else we_moe_steps, lr=we_moe_lr,
+        batch_size=we_moe_batch_size or context.config.batch_size, checkpoint_dir=context.checkpoint_dir,
+        checkpoint_every=context.config.checkpoint_every, quiet=context.config.quiet)
+    result = we_moe.train_we_moe(mixture, context.head_fn, frozen, routers, context.batches, config,
+                                 mesh=context.mesh)
+    return Merged(params={"frozen": frozen, "routers": result.routers}, history=result.history,
+                  apply_fn=we_moe.we_moe_apply_fn(mixture, context.head_fn))
+
+
 SURGERY_PARAMETERS = (
     Parameter("base", "layer_wise_adamerging", "the merged model Surgery operates on: a registered method, by name "
               "or as {name, parameters}", kind=object, convert=canonical_base),
@@ -564,6 +596,8 @@ for _method in (
     MergeMethod("surgery", "Representation Surgery", surgery.PAPER, _surgery, SURGERY_PARAMETERS, needs_data=True,
                 per_task_models=True, uses_view=True, requires=_requires_representation, formula=surgery.FORMULA,
                 reference=surgery.REFERENCE),
+    MergeMethod("we_moe", "WEMoE", we_moe.PAPER, _we_moe, we_moe.PARAMETERS, needs_data=True,
+                requires=_requires_mixture, formula=we_moe.FORMULA, reference=we_moe.REFERENCE),
     adamerging_method("adamerging", "AdaMerging"),
     adamerging_method("task_wise_adamerging", "Task-wise AdaMerging", granularity="task"),
     adamerging_method("layer_wise_adamerging", "Layer-wise AdaMerging", granularity="layer"),

@@ -82,9 +82,10 @@ def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
     """The image tower with the pretrained projection and the frozen zero-shot heads, CLIP's stacked
     layers, the HF ``CLIPVisionModel`` tensor names of its entries and the rows of the official λ files."""
     names = lambda_tensor_names(towers.config)
-    encoder = clip.image_encoder(towers.config, jnp.asarray(towers.full["visual_projection"]["kernel"]))
+    projection = jnp.asarray(towers.full["visual_projection"]["kernel"])
+    encoder = clip.image_encoder(towers.config, projection)
     model = zero_shot.zero_shot_model(encoder, heads)
     return ModelBinding(apply_fn=model.apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
                         matrix_view=clip.matrix_view, official_rows=official_lambda_rows(towers.config),
                         gram_fn=clip.vision_grams(towers.config), features_fn=model.features_fn,
-                        head_fn=model.head_fn)
+                        head_fn=model.head_fn, mixture=clip.expert_mixture(towers.config, projection))

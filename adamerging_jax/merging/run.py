@@ -160,7 +160,8 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
                                        adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
                                        view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn,
-                                       features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn, log=log)
+                                       features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn,
+                                       mixture=plan.binding.mixture, log=log)
     except ValueError as error:
         raise fail(error) from None
     finally:

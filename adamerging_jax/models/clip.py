@@ -29,6 +29,7 @@ has 199 such tensors, held in 23 leaves here (16 of them stacked over 12 layers)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Callable
@@ -39,8 +40,13 @@ import jax.numpy as jnp
 
 from adamerging_jax.core.matrix_view import Matrix, MatrixView
 from adamerging_jax.models.grams import GRAMS, GramDense, kernel_grams
+from adamerging_jax.core.we_moe import ExpertMixture
+from adamerging_jax.models.routing import (EXPERT, ROUTER, ROUTING, RoutedDense, Router, Routing, init_router, router_depth,
+                                           router_experts)
 
 Params = dict[str, Any]
+ROUTED_LAYERS = "routed_layers"
+"""The top blocks of a weight-ensembling MoE image tower (`moe_vision_params`), stacked like ``layers``."""
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -227,38 +233,52 @@ class _Attention(nn.Module):
 
 
 class _Mlp(nn.Module):
-    """fc2(act(fc1(h)))."""
+    """fc2(act(fc1(h))); with ``routing`` (`models.routing`) a weight-ensembling MoE MLP: a router reads h and
+    fc1, fc2 are `RoutedDense` layers W_0 + Σ_k r_k(h) τ_k (task vectors held in ``expert_dtype``)."""
 
     mlp_dim: int
     activation: str
+    routing: Routing | None = None
+    expert_dtype: Any = None
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        hidden = ACTIVATIONS[self.activation](GramDense(self.mlp_dim, name="fc1")(h))
-        return GramDense(h.shape[-1], name="fc2")(hidden)
+        if self.routing is None:
+            dense, extra = GramDense, ()
+        else:
+            dense = functools.partial(RoutedDense, experts=self.routing.experts, expert_dtype=self.expert_dtype)
+            extra = (Router(self.routing, name=ROUTER)(h),)
+        hidden = ACTIVATIONS[self.activation](dense(self.mlp_dim, name="fc1")(h, *extra))
+        return dense(h.shape[-1], name="fc2")(hidden, *extra)
 
 
 class _Block(nn.Module):
-    """Pre-LN transformer block z + attn(ln1 z), then + mlp(ln2 z); scanned: (z, None) -> (z, None)."""
+    """Pre-LN transformer block z + attn(ln1 z), then + mlp(ln2 z); scanned: (z, None) -> (z, None). ``routing``
+    makes its MLP a weight-ensembling mixture (`_Mlp`)."""
 
     heads: int
     mlp_dim: int
     activation: str
     eps: float
     causal: bool
+    routing: Routing | None = None
+    expert_dtype: Any = None
 
     @nn.compact
     def __call__(self, z: jax.Array, _: None) -> tuple[jax.Array, None]:
         z = z + _Attention(self.heads, self.causal, name="attn")(_layer_norm(self.eps, "ln1")(z))
-        z = z + _Mlp(self.mlp_dim, self.activation, name="mlp")(_layer_norm(self.eps, "ln2")(z))
+        mlp = _Mlp(self.mlp_dim, self.activation, self.routing, self.expert_dtype, name="mlp")
+        z = z + mlp(_layer_norm(self.eps, "ln2")(z))
         return z, None
 
 
-def _layers(num_layers: int, heads: int, mlp_dim: int, activation: str, eps: float, causal: bool) -> nn.Module:
+def _layers(num_layers: int, heads: int, mlp_dim: int, activation: str, eps: float, causal: bool,
+            routing: Routing | None = None, expert_dtype: Any = None, name: str = "layers") -> nn.Module:
     """``num_layers`` blocks with parameters (and sown input Gram matrices) stacked on axis 0, applied by
-    ``lax.scan`` (module name "layers")."""
-    scanned = nn.scan(_Block, variable_axes={"params": 0, GRAMS: 0}, split_rngs={"params": True}, length=num_layers)
-    return scanned(heads, mlp_dim, activation, eps, causal, name="layers")
+    ``lax.scan`` (module name `name`); with ``routing``, blocks whose MLP is a weight-ensembling mixture."""
+    scanned = nn.scan(_Block, variable_axes={"params": 0, GRAMS: 0, ROUTING: 0}, split_rngs={"params": True},
+                      length=num_layers)
+    return scanned(heads, mlp_dim, activation, eps, causal, routing, expert_dtype, name=name)
 
 
 class VisionTower(nn.Module):
@@ -268,6 +288,9 @@ class VisionTower(nn.Module):
     """
 
     config: VisionConfig
+    routed_layers: int = 0
+    routing: Routing | None = None
+    expert_dtype: Any = None
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -281,7 +304,11 @@ class VisionTower(nn.Module):
         cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, c.width))
         z = jnp.concatenate([cls, patches], axis=1) + pos
         z = _layer_norm(c.layer_norm_eps, "pre_ln")(z)
-        z, _ = _layers(c.layers, c.heads, c.mlp_dim, c.activation, c.layer_norm_eps, causal=False)(z, None)
+        block = (c.heads, c.mlp_dim, c.activation, c.layer_norm_eps, False)
+        if c.layers > self.routed_layers:
+            z, _ = _layers(c.layers - self.routed_layers, *block)(z, None)
+        if self.routed_layers:
+            z, _ = _layers(self.routed_layers, *block, self.routing, self.expert_dtype, name=ROUTED_LAYERS)(z, None)
         return z, _layer_norm(c.layer_norm_eps, "post_ln")(z[:, 0])
 
 
@@ -440,3 +467,74 @@ def image_encoder(variant: str | ClipConfig, visual_projection: jax.Array | None
         return pooled if visual_projection is None else pooled @ visual_projection
 
     return apply_fn
+
+
+# ------------------------------------------------------------------------- weight-ensembling MoE (WEMoE)
+
+
+def _layer_slice(tree: Params, start: int, stop: int | None = None) -> Params:
+    return jax.tree_util.tree_map(lambda x: x[start:stop], tree)
+
+
+def moe_vision_params(pretrained: Params, merged: Params, task_vectors: Params, routed_layers: int,
+                      expert_dtype: Any = None) -> Params:
+    """The frozen parameters of an image tower whose top `routed_layers` MLPs are weight-ensembling mixtures
+    (`models.routing`): `merged` everywhere else, and in those MLPs W_0 (`pretrained`'s fc1, fc2) with the task
+    vectors under ``expert_kernel`` / ``expert_bias`` ``[layers, K, ...]`` (in `expert_dtype`; None: θ0's).
+    The top blocks are under `ROUTED_LAYERS`, the others under ``"layers"`` (absent when every block is routed)."""
+    cut = pretrained["layers"]["ln1"]["scale"].shape[0] - routed_layers
+    tree = {name: value for name, value in merged.items() if name != "layers"}
+    if cut:
+        tree["layers"] = _layer_slice(merged["layers"], 0, cut)
+    mlp = {}
+    for name, base in _layer_slice(pretrained["layers"]["mlp"], cut).items():
+        tau = jax.tree_util.tree_map(lambda t: jnp.swapaxes(t[:, cut:], 0, 1), task_vectors["layers"]["mlp"][name])
+        mlp[name] = {**base, **{f"expert_{leaf}": value.astype(expert_dtype or value.dtype)
+                                for leaf, value in tau.items()}}
+    tree[ROUTED_LAYERS] = {**_layer_slice(merged["layers"], cut), "mlp": mlp}
+    return tree
+
+
+def moe_vision_forward(params: Params, routers: Params, images: jax.Array, config: ClipConfig | VisionConfig,
+                       groups: int | None = None, *, with_routing: bool = False) -> Any:
+    """(last_hidden_state, pooled) of the routed image tower (`moe_vision_params`) with the routers of its top
+    blocks ([layers, ...]); `groups` as `models.routing.Routing`. ``with_routing``: also the routing weights
+    r [layers, G, K] of the top blocks, ``((last_hidden_state, pooled), r)``."""
+    vision_config = config.vision if isinstance(config, ClipConfig) else config
+    routed = params[ROUTED_LAYERS]
+    routing = Routing(router_experts(routers), router_depth(routers), groups=groups)
+    tree = {**params, ROUTED_LAYERS: {**routed, "mlp": {**routed["mlp"], ROUTER: routers}}}
+    tower = VisionTower(vision_config, routed["ln1"]["scale"].shape[0], routing)
+    images = _in_params_dtype(params, images)
+    if not with_routing:
+        return tower.apply({"params": tree}, images)
+    outputs, sown = tower.apply({"params": tree}, images, mutable=[ROUTING])
+    return outputs, sown[ROUTING][ROUTED_LAYERS]["mlp"][ROUTER]["weights"][0]
+
+
+def moe_expert_leaves(params: Params) -> dict[str, jax.Array]:
+    """The routed MLPs' task vectors by leaf path, e.g. ``"routed_layers/mlp/fc1/expert_kernel"`` [layers, K, in,
+    out]."""
+    mlp = params[ROUTED_LAYERS]["mlp"]
+    return {f"{ROUTED_LAYERS}/mlp/{name}/{leaf}": value for name, leaves in mlp.items() for leaf, value in leaves.items()
+            if leaf.startswith(EXPERT)}
+
+
+def expert_mixture(variant: str | ClipConfig | VisionConfig, visual_projection: jax.Array | None = None
+                   ) -> ExpertMixture:
+    """The image tower as a weight-ensembling MoE (`core.we_moe`): its module group is the MLP (fc1, fc2) of the
+    top blocks, routed by the MLP's input; the representation is the image tower's features (pooled @ the
+    projection when given), L2-normalised as the CLIP binding's ``features_fn``."""
+    config = variant if isinstance(variant, VisionConfig) else get_config(variant).vision
+
+    def features(frozen: Params, routers: Params, images: jax.Array, groups: int | None) -> jax.Array:
+        pooled = moe_vision_forward(frozen, routers, images, config, groups)[1]
+        return l2_normalize(pooled if visual_projection is None else pooled @ visual_projection)
+
+    def init_routers(key: jax.Array, pretrained: Params, layers: int, routing: Routing) -> Params:
+        dtype = pretrained["layers"]["mlp"]["fc1"]["kernel"].dtype
+        return init_router(key, routing, config.width, layers, dtype)
+
+    return ExpertMixture(layers=config.layers, module_group="the MLPs (fc1, fc2) of the top blocks",
+                         upscale=moe_vision_params, init_routers=init_routers, features=features,
+                         expert_leaves=moe_expert_leaves)

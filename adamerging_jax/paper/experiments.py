@@ -69,7 +69,8 @@ def evaluate_methods(
             task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
             mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
             view=clip.matrix_view, gram_fn=clip.vision_grams(models.config), features_fn=classifier.features_fn,
-            head_fn=classifier.head_fn, eval_batch_size=batch_size,
+            head_fn=classifier.head_fn, mixture=clip.expert_mixture(models.config, jax.numpy.asarray(models.visual_projection)),
+            eval_batch_size=batch_size,
             quiet=config.quiet, log=log)
     seconds = {name: record.seconds["build"] for name, record in records.items()}
     seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]

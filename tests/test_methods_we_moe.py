@@ -1,0 +1,152 @@
+"""WEMoE against FusionBench 0.2.33 (tests/fixtures/methods/we_moe.npz, made by scripts/make_method_fixtures.py
+with its ``CLIPWeightEnsemblingMoEAlgorithm.construct_moe_model``, ``compute_logits``, ``entropy_loss`` and Adam
+loop) on the tiny float64 CLIP image tower: step 0's routing weights and losses, every loss and the routers
+after 20 steps, the trained model's per-example-routed logits; then resume, refusal, top-k and bf16 τ, and the
+registry method through the protocol."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from method_fixtures import models, read
+
+import adamerging_jax as am
+from adamerging_jax.core import we_moe
+from adamerging_jax.core.methods import task_arithmetic
+from adamerging_jax.core.protocol import MergeSettings, build_models
+from adamerging_jax.models import clip
+
+TINY = clip.VisionConfig(image_size=16, patch_size=8, width=24, layers=2, heads=2, mlp_dim=40)
+"""The fixture script's ``tiny_clip_vision``."""
+BOUND = 1e-10
+LR = 1e-3  # the fixture's WE_MOE_LR
+
+
+@functools.lru_cache(maxsize=1)
+def fixture() -> dict[str, np.ndarray]:
+    return read("we_moe")
+
+
+def mixture() -> we_moe.ExpertMixture:
+    return clip.expert_mixture(TINY, jnp.asarray(fixture()["projection"]).T)
+
+
+def head_fn(z: jax.Array, task: int) -> jax.Array:
+    """The reference's compute_logits after the features: 100 · z · text_tᵀ."""
+    return z @ (100.0 * jnp.asarray(fixture()["heads"][task], z.dtype)).T
+
+
+def batches(step: int) -> list[np.ndarray]:
+    """Step s's batches as the reference saw them (NHWC; the distinct batches cycled)."""
+    images = fixture()["images"]
+    return [images[step % images.shape[0], t].transpose(0, 2, 3, 1) for t in range(images.shape[1])]
+
+
+def routers(prefix: str) -> dict:
+    """The reference's routers (torch Linear weights [out, in]) as ours: Dense kernels [in, out], stacked over
+    the layers."""
+    arrays = fixture()
+    layers = range(TINY.layers)
+    return {fc: {"kernel": jnp.stack([arrays[f"{prefix}/{i}/{fc}.weight"].T for i in layers]),
+                 "bias": jnp.stack([arrays[f"{prefix}/{i}/{fc}.bias"] for i in layers])} for fc in ("fc1", "fc2")}
+
+
+def frozen_model(top_k: int = TINY.layers, expert_dtype=None) -> dict:
+    pretrained, tau, _ = models()
+    return clip.moe_vision_params(pretrained, task_arithmetic(pretrained, tau, 0.3), tau, top_k, expert_dtype)
+
+
+def mesh() -> jax.sharding.Mesh:
+    """4 of the test session's devices: each task's batch of 4 split over them (data parallel)."""
+    return am.data_mesh(jax.devices()[:4])
+
+
+def test_step_0_routing_weights_and_losses_are_fusionbench_s(x64):
+    """Every router's weights and L_t at the initial routers equal the reference's (training: each block's
+    weights the mean over the task's batch of the per-example token means the fixture holds)."""
+    frozen, initial = frozen_model(), routers("initial")
+    for task, images in enumerate(batches(0)):
+        _, weights = clip.moe_vision_forward(frozen, initial, images, TINY, groups=1, with_routing=True)
+        reference = fixture()["step0_routing"][task].mean(axis=1, keepdims=True)
+        assert np.max(np.abs(np.asarray(weights) - reference)) <= BOUND
+    losses = we_moe.task_losses(mixture(), head_fn, initial, frozen, [jnp.asarray(b) for b in batches(0)])
+    assert np.max(np.abs(np.asarray(losses) - fixture()["losses"][0])) <= BOUND
+    assert np.ptp(fixture()["step0_routing"]) > 1e-3  # routing weights that differ between examples
+
+
+def _train(steps: int, checkpoint_dir=None, lr: float = LR) -> we_moe.WEMoEResult:
+    config = we_moe.WEMoEConfig(steps=steps, lr=lr, batch_size=4, checkpoint_dir=checkpoint_dir, checkpoint_every=2,
+                                quiet=True)
+    return we_moe.train_we_moe(mixture(), head_fn, frozen_model(), routers("initial"), batches, config, mesh=mesh())
+
+
+def test_routers_after_20_steps_are_fusionbench_s(x64):
+    """The jitted, data-parallel Adam loop gives the reference's losses at every step, its routers after 20
+    steps, and the trained model (every example routed on its own) its logits."""
+    result = _train(fixture()["losses"].shape[0])
+    assert np.max(np.abs(result.history["loss"] - fixture()["losses"])) <= BOUND
+    final, initial = routers("final"), routers("initial")
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), final, initial)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+    differences = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), result.routers, final)
+    assert max(jax.tree_util.tree_leaves(differences)) <= BOUND
+    apply_fn = we_moe.we_moe_apply_fn(mixture(), head_fn)
+    model = {"frozen": frozen_model(), "routers": result.routers}
+    for task, images in enumerate(batches(0)):
+        logits = apply_fn(model, jnp.asarray(images), task)
+        assert np.max(np.abs(np.asarray(logits) - fixture()["final_logits"][task])) <= 1e-9
+
+
+def test_resume_is_bit_identical_and_other_settings_are_refused(tmp_path):
+    """A run stopped after 2 steps and resumed to 4 equals a straight 4-step run bit for bit; a checkpoint of
+    another learning rate is refused, naming it."""
+    straight = _train(4)
+    _train(2, tmp_path / "run")
+    resumed = _train(4, tmp_path / "run")
+    assert np.array_equal(resumed.history["loss"], straight.history["loss"])
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.routers), jax.tree_util.tree_leaves(straight.routers)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="lr"):
+        _train(4, tmp_path / "run", lr=2 * LR)
+
+
+def test_top_k_and_bf16_task_vectors():
+    """upscale_top_k = 1 routes the last block alone (the first keeps the merged MLP); bf16 τ are stored in bf16
+    and, at the routers' constant λ (depth 0), the routed tower is task arithmetic within bf16's rounding."""
+    pretrained, tau, count = models()
+    pretrained, tau = (jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t) for t in (pretrained, tau))
+    merged = task_arithmetic(pretrained, tau, 0.3)
+    frozen = clip.moe_vision_params(pretrained, merged, tau, 1, jnp.bfloat16)
+    assert frozen["layers"]["ln1"]["scale"].shape[0] == 1
+    assert np.array_equal(frozen["layers"]["mlp"]["fc1"]["kernel"], merged["layers"]["mlp"]["fc1"]["kernel"][:1])
+    experts = clip.moe_expert_leaves(frozen)
+    assert experts["routed_layers/mlp/fc1/expert_kernel"].shape == (1, count, TINY.width, TINY.mlp_dim)
+    assert {x.dtype for x in experts.values()} == {jnp.dtype(jnp.bfloat16)}
+    constant = mixture().init_routers(jax.random.PRNGKey(0), pretrained, 1, we_moe.Routing(count, 0, 0.3))
+    images = jnp.asarray(batches(0)[0], jnp.float32)
+    routed = clip.moe_vision_forward(frozen, constant, images, TINY)[1]
+    plain = clip.vision_forward(merged, images, TINY)[1]
+    assert 0 < float(jnp.max(jnp.abs(routed - plain))) < 1e-2 * float(jnp.max(jnp.abs(plain)))
+
+
+def test_registry_method_runs_through_the_protocol(x64):
+    """``we_moe`` through `build_models`: trained on the binding's mixture, scored with its own forward
+    (every example routed); refused, naming what is missing, on a binding without a mixture."""
+    pretrained, tau, count = models()
+    settings = MergeSettings([{"name": "we_moe", "we_moe_steps": 3, "we_moe_lr": LR, "upscale_top_k": 1}],
+                             am.AdaMergingConfig(batch_size=4, quiet=True))
+    apply_fn = am.SharedBackbone(features=lambda p, x: mixture().features(p["frozen"], p["routers"], x, None),
+                                 head=head_fn)
+    built, records = build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(),
+                                  head_fn=head_fn, mixture=mixture(), log=lambda line: None)
+    model = built["we_moe"]
+    assert model.params["frozen"]["routed_layers"]["ln1"]["scale"].shape[0] == 1
+    assert np.asarray(records["we_moe"].loss).shape == (3, count)
+    logits = model.apply_fn(model.params, jnp.asarray(batches(0)[0]), 0)
+    assert logits.shape == (4, fixture()["heads"].shape[1]) and bool(jnp.all(jnp.isfinite(logits)))
+    with pytest.raises(ValueError, match="mixture"):
+        build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), head_fn=head_fn,
+                     log=lambda line: None)
