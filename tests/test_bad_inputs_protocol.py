@@ -85,6 +85,14 @@ def demo_with_cache_root(make: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
+def surgery_without_representation() -> Any:
+    """Surgery (over task arithmetic) through the protocol on a binding that gives apply_fn alone."""
+    theta0 = {"w": jnp.zeros((3,))}
+    settings = am.MergeSettings([{"name": "surgery", "base": "task_arithmetic"}])
+    return am.run_methods(settings, theta0, {"w": jnp.ones((2, 3))}, apply_fn=logits(), test_sets=[(X, LABELS)] * 2,
+                          task_names=["a", "b"], adaptation=lambda step: [X, X], log=lambda _: None)
+
+
 def a_file(tmp) -> Any:
     (tmp / "file").write_text("x")
     return tmp / "file"
@@ -130,6 +138,25 @@ CASES = [
          lambda _: am.MergeSettings(["task_arithmetic", "magic"])),
     Case("method-parameter", "a method parameter out of its range", ValueError, "parameter 'density' must be ≤ 1.0",
          lambda _: am.method_spec("ties", density=2.0)),
+    Case("surgery-hidden-zero", "Surgery with hidden_dim 0", ValueError,
+         "method 'surgery': parameter 'hidden_dim' must be ≥ 1, got 0", lambda _: am.method_spec("surgery", hidden_dim=0)),
+    Case("surgery-lr-zero", "Surgery with surgery_lr 0 (refused before its base model is built)", ValueError,
+         "method 'surgery': parameter 'surgery_lr': must be a finite number > 0, got 0",
+         lambda _: am.method_spec("surgery", surgery_lr=0)),
+    Case("surgery-base-unknown", "Surgery on a base method that is not registered", ValueError,
+         "method 'surgery': parameter 'base': unknown merge method 'magic'", lambda _: am.method_spec("surgery", base="magic")),
+    Case("surgery-base-itself", "Surgery as its own base", ValueError,
+         "method 'surgery': parameter 'base': 'surgery' builds no single merged model",
+         lambda _: am.method_spec("surgery", base="surgery")),
+    Case("surgery-base-per-task", "Surgery on a per-task base (individual: no single merged model)", ValueError,
+         "method 'surgery': parameter 'base': 'individual' builds no single merged model",
+         lambda _: am.method_spec("surgery", base="individual")),
+    Case("surgery-base-parameter", "Surgery on a base with a bad parameter (TIES density 2)", ValueError,
+         "method 'surgery': parameter 'base': method 'ties': parameter 'density' must be ≤ 1.0",
+         lambda _: am.method_spec("surgery", base={"name": "ties", "density": 2.0})),
+    Case("surgery-no-representation", "Surgery on a binding without features_fn and head_fn", ValueError,
+         "method 'surgery' needs the binding's representation: its features_fn and head_fn",
+         lambda _: surgery_without_representation()),
     Case("method-twice", "a method listed twice (results are keyed by method)", ValueError,
          "listed more than once: ['ties']", lambda _: am.MergeSettings(["ties", "ties"])),
     Case("demo-config-type", "demo settings: a string where a number belongs", TypeError,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +181,33 @@ def test_merge_exports_the_base_model_and_the_modules(world):
                zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(tsv.params))) <= 1e-5
     result = json.loads((out / "results.json").read_text())
     assert set(result["methods"]["surgery"]["accuracy"]) == set(tasks)
+
+
+@pytest.mark.slow
+def test_merge_runs_surgery_over_layer_wise_adamerging_beside_it(world):
+    """``merge`` with ``[{name: surgery, base: layer_wise_adamerging}, layer_wise_adamerging]``: the base learns
+    from the unlabeled images inside Surgery (its resumable state under state/surgery/base), to the λ of
+    layer-wise AdaMerging run beside it; the folder's model is θ0 + Σ_k clamp(λ_k) τ_k with that λ, written
+    out in numpy; both methods are scored on every test folder (one pass over one-shot batches)."""
+    from test_merge_command import CLASSES, FIXTURE, STEPS, merge, write_config
+
+    from adamerging_jax.models.clip_checkpoint import load_hf_clip
+
+    out = world / "out_surgery_layer"
+    merge(write_config(world, "surgery_layer", [{"name": "surgery", "base": "layer_wise_adamerging",
+                                                 "surgery_steps": 2}, "layer_wise_adamerging"]), "--output", out)
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    surgery, base = methods["surgery"], methods["layer_wise_adamerging"]
+    assert surgery["coefficients"] == base["coefficients"] and len(surgery["entropy"]) == STEPS
+    assert set(surgery["accuracy"]) == set(base["accuracy"]) == set(CLASSES)
+    assert os.listdir(out / "state" / "surgery" / "base") and os.listdir(out / "state" / "surgery" / "surgery")
+    pretrained = load_hf_clip(FIXTURE)[1]["vision"]
+    finetuned = [load_hf_clip(str(world / "finetuned" / task))[1]["vision"] for task in CLASSES]
+    lam = {path: np.clip(np.asarray(value, np.float64), 0.0, 1.0) for path, value in surgery["coefficients"].items()}
+    exported = load_hf_clip(str(out / "model"))[1]["vision"]
+    for (path, theta0), *leaves in zip(jax.tree_util.tree_flatten_with_path(pretrained)[0],
+                                       *(jax.tree_util.tree_leaves(t) for t in [exported, *finetuned])):
+        c, theta0 = lam[am.path_str(path)], np.asarray(theta0, np.float64)
+        expected = theta0 + sum(c[k].reshape(c[k].shape + (1,) * (theta0.ndim - c[k].ndim)) * (np.asarray(f) - theta0)
+                                for k, f in enumerate(leaves[1:]))
+        np.testing.assert_allclose(leaves[0], expected, rtol=1e-5, atol=1e-6, err_msg=am.path_str(path))

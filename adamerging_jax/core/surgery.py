@@ -104,7 +104,15 @@ def surgery_gradients(modules: SurgeryModules, merged: jax.Array, targets: jax.A
 HIDDEN_DIM = Parameter("hidden_dim", 16, "r, the modules' hidden size (the reference's)", minimum=1)
 STEPS = Parameter("surgery_steps", None, "Adam steps on the modules; None: the run's AdaMerging steps (FusionBench's "
                   "preset: 1000, the reference's surgery_steps)", kind=int, minimum=0, optional=True)
-LR = Parameter("surgery_lr", 1e-3, "Adam's learning rate on the modules (the reference's)", minimum=0.0)
+def positive_number(value: Any) -> float:
+    """`value` as a float when it is a finite number > 0 (a learning rate), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+LR = Parameter("surgery_lr", 1e-3, "Adam's learning rate on the modules (the reference's)", kind=float,
+               convert=positive_number)
 BATCH = Parameter("surgery_batch_size", None, "unlabeled images per task and step, the first of each step's "
                   "adaptation batch; None: the run's AdaMerging batch size (the reference's: 16, as its AdaMerging's)",
                   kind=int, minimum=1, optional=True)

@@ -24,6 +24,7 @@ from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.checkpoint import check_writable_folder
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.core.registry import AdaptContext
 from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
 from adamerging_jax.merging.config import MergeConfig, TaskConfig, Unlabeled, require
 
@@ -150,6 +151,21 @@ class CheckedRun:
     mesh: Any
     weights: Coefficients | None = dataclasses.field(default=None, kw_only=True)
     weights_file: str | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.check_methods_available()
+
+    def check_methods_available(self) -> None:
+        """Every method the config names can run on this binding (`MergeMethod.requires`: e.g. Surgery needs
+        its representation, RegMean its Gram capture); one line naming the method and what the binding lacks
+        otherwise. (A method reached through a group is skipped at run time instead.)"""
+        shared = {f.name for f in dataclasses.fields(AdaptContext)} & {f.name for f in dataclasses.fields(ModelBinding)}
+        context = AdaptContext(**{name: getattr(self.binding, name) for name in shared}, batches=None,
+                               config=self.settings.adamerging)
+        for spec in self.settings.methods:
+            reason = spec.method.unavailable(context if spec.method.needs_data else None, self.binding.matrix_view)
+            if reason is not None and not spec.from_group:
+                raise fail(f"{self.config.source}: method {spec.name!r} {reason}")
 
     @property
     def export_spec(self) -> Any:
