@@ -256,6 +256,7 @@ def run_demo(
         probe=[x[: merge.adamerging.batch_size] for x in adapt_inputs],
         mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view,
         gram_fn=efficientnet.gram_fn(batch_stats), features_fn=features_fn, head_fn=head_fn,
+        mixture=efficientnet.expert_mixture(batch_stats, lambda f: head_input(heads[0], f)),
         eval_batch_size=config.eval_batch, log=log)
     times.update({name: record.seconds["build"] for name, record in records.items()})
     times["evaluate"] = next(iter(records.values())).seconds["evaluate"]

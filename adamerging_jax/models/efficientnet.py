@@ -38,7 +38,10 @@ import numpy as np
 
 from adamerging_jax.core.evaluate import pad_batch
 from adamerging_jax.core.matrix_view import Matrix, MatrixView
+from adamerging_jax.core.we_moe import ExpertMixture
 from adamerging_jax.models.grams import GRAMS, kernel_grams, sow_input_gram
+from adamerging_jax.models.routing import (EXPERT, ROUTER, Router, Routing, ensemble, grouped_linear, init_router,
+                                           router_depth, router_experts)
 
 PyTree = Any
 
@@ -158,17 +161,23 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int) -> jax.Array
 
 class Conv(nn.Module):
     """Bias-free convolution holding one HWIO ``kernel`` (the layout of ``flax.linen.Conv``). A pointwise
-    (1×1, stride 1) one is a linear map per pixel and sows its input's Gram matrix (`models.grams`)."""
+    (1×1, stride 1) one is a linear map per pixel and sows its input's Gram matrix (`models.grams`). With
+    ``experts`` K > 0 a pointwise one is weight-ensembling (`models.routing`): it also holds ``expert_kernel``
+    [K, 1, 1, in, out] (τ) and, called with r [G, K], applies W_0 + Σ_k r_gk τ_k to each group g."""
 
     features: int
     kernel: int
     stride: int = 1
     groups: int = 1
+    experts: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
         shape = (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        if self.experts:
+            experts = self.param("expert_kernel", nn.initializers.zeros, (self.experts, *shape), jnp.float32)
+            return grouped_linear(x, ensemble(kernel, experts, weights)[:, 0, 0], None)
         if self.kernel == 1 and self.stride == 1 and self.groups == 1:
             sow_input_gram(self, x)
         return conv(x, kernel, self.stride, self.groups)
@@ -182,28 +191,34 @@ class ConvBN(nn.Module):
     stride: int = 1
     groups: int = 1
     activate: bool = True
+    experts: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = Conv(self.features, self.kernel, self.stride, self.groups, name="conv")(x)
+    def __call__(self, x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+        x = Conv(self.features, self.kernel, self.stride, self.groups, self.experts, name="conv")(x, weights)
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
         return jax.nn.relu6(x) if self.activate else x
 
 
 class MBConv(nn.Module):
-    """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite)."""
+    """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite). With ``routing`` its pointwise
+    convolutions (expand, project: the block's channel MLP around the depthwise conv) are a weight-ensembling
+    mixture routed by a router on the block's input (`models.routing`)."""
 
     spec: BlockSpec
+    routing: Routing | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = self.spec
         hidden = spec.in_channels * spec.expand
+        experts = self.routing.experts if self.routing is not None else 0
+        weights = Router(self.routing, name=ROUTER)(x) if self.routing is not None else None
         y = x
         if spec.expand != 1:
-            y = ConvBN(hidden, 1, name="expand")(y)
+            y = ConvBN(hidden, 1, experts=experts, name="expand")(y, weights)
         y = ConvBN(hidden, spec.kernel, spec.stride, groups=hidden, name="depthwise")(y)
-        y = ConvBN(spec.out_channels, 1, activate=False, name="project")(y)
+        y = ConvBN(spec.out_channels, 1, activate=False, experts=experts, name="project")(y, weights)
         return x + y if spec.has_residual else y
 
 
@@ -211,12 +226,16 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite backbone: NHWC images → pooled features [N, head_channels]."""
 
     config: EfficientNetConfig = LITE0
+    routed_blocks: int = 0
+    routing: Routing | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = ConvBN(self.config.stem_channels, 3, 2, name="stem")(x)
-        for index, spec in enumerate(block_specs(self.config)):
-            x = MBConv(spec, name=block_name(index))(x)
+        specs = block_specs(self.config)
+        for index, spec in enumerate(specs):
+            routing = self.routing if index >= len(specs) - self.routed_blocks else None
+            x = MBConv(spec, routing, name=block_name(index))(x)
         x = ConvBN(self.config.head_channels, 1, name="head")(x)
         return jnp.mean(x, axis=(1, 2))
 
@@ -303,3 +322,74 @@ def _check_input(x: jax.Array) -> None:
     """Raise ValueError unless ``x`` is an NHWC batch with 3 channels."""
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"EfficientNet expects NHWC images with 3 channels, got shape {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------- weight-ensembling MoE (WEMoE)
+
+_ENSEMBLED = ("expand", "project")
+
+
+def _top_blocks(params: PyTree, count: int) -> list[str]:
+    names = sorted(name for name in params if name.startswith("block_"))
+    return names[len(names) - count:]
+
+
+def moe_params(pretrained: PyTree, merged: PyTree, task_vectors: PyTree, routed_blocks: int,
+               expert_dtype: Any = None) -> PyTree:
+    """The frozen parameters of a backbone whose top `routed_blocks` MBConv blocks have weight-ensembling
+    pointwise convolutions: `merged` everywhere else, and each such block's expand and project kernels W_0
+    (`pretrained`'s) with their task vectors under ``expert_kernel`` [K, 1, 1, in, out] (in `expert_dtype`)."""
+    tree = dict(merged)
+    for block in _top_blocks(pretrained, routed_blocks):
+        routed = dict(merged[block])
+        for conv_name in _ENSEMBLED:
+            if conv_name in routed:
+                tau = task_vectors[block][conv_name]["conv"]["kernel"]
+                conv_params = {"kernel": pretrained[block][conv_name]["conv"]["kernel"],
+                               "expert_kernel": tau.astype(expert_dtype or tau.dtype)}
+                routed[conv_name] = {**routed[conv_name], "conv": conv_params}
+        tree[block] = routed
+    return tree
+
+
+def moe_features(frozen: PyTree, routers: PyTree, batch_stats: PyTree, x: jax.Array, groups: int | None = None,
+                 config: EfficientNetConfig = LITE0) -> jax.Array:
+    """Pooled features of the routed backbone (`moe_params`) with the routers ``{block name: router}`` of its top
+    blocks; `groups` as `models.routing.Routing`."""
+    _check_input(x)
+    first = next(iter(routers.values()))
+    routing = Routing(router_experts(first), router_depth(first), groups=groups)
+    tree = {**frozen, **{block: {**frozen[block], ROUTER: router} for block, router in routers.items()}}
+    model = EfficientNetLite(config, len(routers), routing)
+    return model.apply({"params": tree, "batch_stats": batch_stats}, x)
+
+
+def moe_expert_leaves(frozen: PyTree) -> dict[str, jax.Array]:
+    """The ensembled convolutions' task vectors by leaf path, e.g. ``"block_15/project/conv/expert_kernel"``."""
+    return {f"{block}/{name}/conv/{EXPERT}kernel": value[name]["conv"][f"{EXPERT}kernel"]
+            for block, value in frozen.items() if block.startswith("block_")
+            for name in _ENSEMBLED if name in value and f"{EXPERT}kernel" in value[name]["conv"]}
+
+
+def expert_mixture(batch_stats: PyTree, representation: Callable[[jax.Array], jax.Array] = lambda f: f,
+                   config: EfficientNetConfig = LITE0) -> ExpertMixture:
+    """The backbone as a weight-ensembling MoE (`core.we_moe`). Its module group is each top MBConv block's
+    pointwise expand and project convolutions: the 1×1 convolutions are the block's per-pixel channel MLP
+    (in → 6·in → out around the depthwise filter), the CNN's counterpart of a transformer block's MLP, and hold
+    most of a block's weights; they are routed by the block's input, every pixel a token. The representation
+    is `representation` of the pooled features (the demo: its heads' input)."""
+
+    def features(frozen: PyTree, routers: PyTree, x: jax.Array, groups: int | None) -> jax.Array:
+        return representation(moe_features(frozen, routers, batch_stats, x, groups, config))
+
+    def init_routers(key: jax.Array, pretrained: PyTree, blocks: int, routing: Routing) -> PyTree:
+        specs = block_specs(config)[len(block_specs(config)) - blocks:]
+        keys = jax.random.split(key, blocks)
+        return {name: jax.tree_util.tree_map(lambda leaf: leaf[0], init_router(k, routing, spec.in_channels, 1,
+                                                                                jnp.float32))
+                for name, spec, k in zip(_top_blocks(pretrained, blocks), specs, keys)}
+
+    return ExpertMixture(layers=len(block_specs(config)),
+                         module_group="the pointwise expand and project convolutions of the top MBConv blocks",
+                         upscale=moe_params, init_routers=init_routers, features=features,
+                         expert_leaves=moe_expert_leaves)
