@@ -37,6 +37,10 @@ FIDELITY = {
               f'"{name}"') for name in ("tsv_m", "iso_c", "iso_cts")},
     "surgery": ("test_methods_surgery.py", "step 0's L1 losses and gradients and the modules after 20 Adam steps ≤ "
                 "1e-10 in float64 against FusionBench 0.2.33's SurgeryModelWrapper loop", "surgery.train_surgery("),
+    "we_moe": ("test_methods_we_moe.py", "step 0's routing weights and entropies, every loss and the routers after 20 "
+               "Adam steps ≤ 1e-10 in float64 against FusionBench 0.2.33's WeightEnsemblingMoE (its "
+               "construct_moe_model and adaptation loop), the trained model's per-example-routed logits ≤ 1e-9",
+               "we_moe.train_we_moe("),
 }
 """method → (the test file that compares it with its reference, what that test asserts, a call the file must make);
 the AdaMerging variants share the ``adamerging`` entry."""
