@@ -150,3 +150,22 @@ def test_registry_method_runs_through_the_protocol(x64):
     with pytest.raises(ValueError, match="mixture"):
         build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), head_fn=head_fn,
                      log=lambda line: None)
+
+
+def test_export_round_trip(tmp_path, x64):
+    """we_moe.safetensors beside the dense tower rebuilds the routed model: the same leaves, the same forward."""
+    from adamerging_jax.merging.we_moe_files import dense_tower, load_we_moe, write_we_moe_file
+
+    frozen, trained = frozen_model(top_k=1), jax.tree_util.tree_map(lambda x: x[1:], routers("final"))
+    names = write_we_moe_file(tmp_path, frozen, trained, ["a", "b", "c", "d"])
+    assert "router/fc1/kernel" in names and "expert/routed_layers/mlp/fc2/expert_bias" in names
+    dense = dense_tower(frozen)
+    assert dense["layers"]["ln1"]["scale"].shape[0] == TINY.layers
+    tasks, loaded, loaded_routers = load_we_moe(tmp_path, jax.tree_util.tree_map(np.asarray, dense))
+    assert tasks == ["a", "b", "c", "d"]
+    images = jnp.asarray(batches(0)[0])
+    ours = mixture().features(frozen, trained, images, None)
+    theirs = mixture().features(loaded, loaded_routers, images, None)
+    assert np.max(np.abs(np.asarray(ours) - np.asarray(theirs))) <= 1e-6  # τ stored in float32
+    with pytest.raises(FileNotFoundError, match="we_moe.safetensors"):
+        load_we_moe(tmp_path / "absent", dense)

@@ -90,6 +90,20 @@ def surgery_lines(names: Sequence[str]) -> list[str]:
             "`adamerging_jax.merging.surgery_files.load_surgery_modules(\"<this folder>\")` reads them."]
 
 
+def we_moe_lines() -> list[str]:
+    """The card's section on a WEMoE export: why a plain HF folder cannot hold it, and how to load it."""
+    return ["", "## WEMoE: routers and task vectors", "",
+            "A plain HF folder cannot hold this model: the MLPs of its upscaled blocks are W_0 + Σ_k r_k(h) τ_k, "
+            "weights that change with every input. `model.safetensors` is the dense part only (task arithmetic, "
+            "with the upscaled MLPs at the pretrained W_0: not a usable model on its own); `we_moe.safetensors` holds "
+            "the routers (`router/...`) and the upscaled MLPs' task vectors (`expert/...`).", "",
+            "```python", "from adamerging_jax.merging.we_moe_files import load_we_moe",
+            "from adamerging_jax.models import clip, clip_checkpoint", "",
+            'vision = clip_checkpoint.load_hf_clip("<this folder>")[1]["vision"]',
+            'tasks, frozen, routers = load_we_moe("<this folder>", vision)',
+            "pooled = clip.moe_vision_forward(frozen, routers, images, config)[1]", "```"]
+
+
 def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
     """The card's "λ per task" section (none without λ)."""
     if not summary:

@@ -47,9 +47,10 @@ from adamerging_jax.core.protocol import build_models, records_json, score_model
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card, surgery_lines
+from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card, surgery_lines, we_moe_lines
 from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
+from adamerging_jax.merging.we_moe_files import dense_tower, write_we_moe_file
 from adamerging_jax.merging.plan import Plan, fail, source_identity
 
 
@@ -225,7 +226,9 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     config, output, towers = plan.config, plan.output, plan.towers
     emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
     surgery = merged.per_task if isinstance(merged.per_task, SurgeryModels) else None
-    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else merged.params))
+    routed = merged.params if isinstance(merged.params, dict) and "routers" in merged.params else None
+    dense = dense_tower(jax.device_get(routed["frozen"])) if routed else merged.params
+    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else dense))
     check_exported_finite(vision, plan.binding.tensor_names)
     tested = plan.tests is not None
     table = report.markdown_table([run]) if tested else None
@@ -234,7 +237,8 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
         write_lambdas(plan, merged, run, stage)
         files = write_report(plan, run, markdown, log, stage)
         card = model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
-                          run.get("weights"), emr_lines(config) if emr else surgery_section(surgery, run["tasks"]))
+                          run.get("weights"), emr_lines(config) if emr else we_moe_lines() if routed else
+                          surgery_section(surgery, run["tasks"]))
         folder = stage / "model"
         folder.mkdir()
         save_hf_clip(str(folder), vision, towers.full, towers.config, kind=config.export,
@@ -243,6 +247,8 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
             write_emr_file(str(folder), emr, run["tasks"])
         if surgery:
             write_surgery_file(str(folder), surgery, run["tasks"])
+        if routed:
+            write_we_moe_file(str(folder), routed["frozen"], routed["routers"], run["tasks"])
         write_atomic(folder / "README.md", card.encode())
     log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
         str(output / path.relative_to(stage)) for path in files.values()))
