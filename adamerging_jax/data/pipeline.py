@@ -43,6 +43,29 @@ class Source(Protocol):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
 
 
+class SourceSubset:
+    """The examples ``indices`` of ``source``, in that order, as a source (e.g. the parts of a test split that
+    held-out adaptation adapts on and scores, `core.protocol.Adaptation.split`); a path-backed source's subset
+    keeps the paths of its examples."""
+
+    def __init__(self, source: Source, indices: Sequence[int]):
+        self.source, self.indices = source, [int(i) for i in indices]
+        if bad := [i for i in self.indices if not 0 <= i < len(source)]:
+            raise ValueError(f"indices {bad[:5]} outside the source's {len(source)} examples")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.source[self.indices[index]]
+
+    @property
+    def paths(self) -> list[str]:
+        """The examples' files (an AttributeError for a source without paths)."""
+        paths = self.source.paths
+        return [paths[i] for i in self.indices]
+
+
 class CachedSource:
     """``source`` with ``transform`` applied to each image once, on first read, and kept in memory.
 

@@ -17,6 +17,8 @@
     export: vision_with_projection              # or clip
     seed: 0
     devices: null
+    adaptation: transductive                    # or held_out: adapt on held_out_fraction of each task's test
+    held_out_fraction: 0.5                      #   images (no unlabeled folder) and score on the rest
 
 A causal language model (Llama / Qwen2) takes ``model: causal_lm`` and, per task, a full fine-tuned folder or
 a PEFT LoRA adapter and its unlabeled prompts:
@@ -55,7 +57,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from adamerging_jax.core.optimize import AdaMergingConfig
-from adamerging_jax.core.protocol import MergeSettings
+from adamerging_jax.core.protocol import Adaptation, MergeSettings
 from adamerging_jax.data.strict_text import read_utf8, text_lines, visible
 
 PRESETS = ("official", "fusionbench")
@@ -145,10 +147,13 @@ class MergeConfig:
     max_length: int = 256
     mesh: tuple[int, int] | None = None
     dtype: str | None = None
+    adaptation: str = "transductive"
+    held_out_fraction: float = 0.5
     source: str = "<config>"
 
     def settings(self) -> MergeSettings:
-        """The methods and the AdaMerging settings: the preset, then ``adamerging:``, seed and precision."""
+        """The methods, the AdaMerging settings (the preset, then ``adamerging:``, seed and precision) and which
+        test images the adaptive methods adapt on (``adaptation``, ``held_out_fraction``, split by the seed)."""
         make = AdaMergingConfig.official if self.preset == "official" else AdaMergingConfig.fusionbench
         fields = dict(self.adamerging)
         if isinstance(fields.get("clamp"), list):
@@ -158,7 +163,11 @@ class MergeConfig:
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{self.source}: adamerging: {error}") from None
         try:
-            return MergeSettings(self.methods, adamerging)
+            adaptation = Adaptation(self.adaptation, self.held_out_fraction, self.seed)
+        except ValueError as error:
+            raise ConfigError(f"{self.source}: {error}") from None
+        try:
+            return MergeSettings(self.methods, adamerging, adaptation)
         except ValueError as error:
             raise ConfigError(f"{self.source}: methods: {error}") from None
 
@@ -171,7 +180,8 @@ class MergeConfig:
 UNIFIED_EXPORTS = ("emr", "surgery")
 """Methods with one model per task that ``merge`` exports for CLIP as a unified model plus what makes each task's
 model from it (EMR-Merging: `merging.emr_files`; Representation Surgery: `merging.surgery_files`)."""
-CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size"}
+CLIP_ONLY_KEYS = {"pretrained_vision", "export", "trust_pickle", "offline", "eval_batch_size", "adaptation",
+                  "held_out_fraction"}
 LM_ONLY_KEYS = {"max_length", "mesh", "dtype"}
 TOP_KEYS = {f.name for f in dataclasses.fields(MergeConfig)} - {"source"}
 TASK_KEYS = {"name", "finetuned", "unlabeled", "classes", "classes_file", "templates", "test"}
@@ -422,6 +432,8 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         max_length=_integer(f"{where}: max_length", fields.get("max_length", 256), 2),
         mesh=_mesh(f"{where}: mesh", fields.get("mesh")),
         dtype=_choice(f"{where}: dtype", fields["dtype"], DTYPES) if fields.get("dtype") is not None else None,
+        adaptation=fields.get("adaptation", "transductive"),
+        held_out_fraction=fields.get("held_out_fraction", 0.5),
         source=source,
     )
     settings = config.settings()
@@ -434,12 +446,26 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
                           f"(of those, only {list(UNIFIED_EXPORTS)} export, as a unified CLIP model)")
     if lm:
         _check_lm(where, fields, tasks, settings)
+    elif settings.adaptation.mode == "held_out":
+        _check_held_out(where, tasks)
     elif settings.needs_data:
         needing = [spec.name for spec in settings.methods if spec.method.needs_data]
         for i, task in enumerate(tasks):
             if task.unlabeled is None:
                 raise ConfigError(f"{where}: tasks[{i}].unlabeled is required: {needing} learn from unlabeled images")
     return config
+
+
+def _check_held_out(where: str, tasks: Sequence[TaskConfig]) -> None:
+    """Held-out adaptation adapts on part of each task's test folder: every task needs one, and none gives
+    unlabeled images (they would not be read)."""
+    for i, task in enumerate(tasks):
+        if task.test is None:
+            raise ConfigError(f"{where}: tasks[{i}].test is required: adaptation: held_out adapts on part of each "
+                              "task's test images and scores the rest")
+        if task.unlabeled is not None:
+            raise ConfigError(f"{where}: tasks[{i}].unlabeled is not read with adaptation: held_out (it adapts on "
+                              "part of the test images); remove it, or use adaptation: transductive")
 
 
 def _adamerging_keys() -> set[str]:

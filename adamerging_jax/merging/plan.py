@@ -226,6 +226,9 @@ class Plan(CheckedRun):
             test = f", {len(self.tests[k])} test images" if self.tests else ""
             lines.append(f"task {task.name}: {task.finetuned}; {len(task.classes)} classes; {data}{test}")
         lines += self.method_lines()
+        if self.settings.adaptation.mode == "held_out":
+            lines.append(f"adaptation: held out, {self.settings.adaptation.fraction} of each task's test images "
+                         "adapted on (its unlabeled images above), the rest scored (its test images above)")
         adamerging = self.settings.adamerging
         lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
                      f"{adamerging.batches_per_task}x{adamerging.batch_size} images per task and step, clamp "
@@ -234,6 +237,21 @@ class Plan(CheckedRun):
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
         lines.append(f"export: {config.exported} as {config.export} to {self.output / 'model'}")
         return "\n".join(lines)
+
+
+def held_out_split(settings: MergeSettings, tasks: list[TaskConfig] | tuple[TaskConfig, ...], tests: list[Any]
+                   ) -> tuple[list[Any], list[Any]]:
+    """Per task, the test images adapted on and those scored, as `settings.adaptation` splits each test folder
+    (`core.protocol.Adaptation.split`: disjoint, seeded); one line naming a task too small to split."""
+    from adamerging_jax.data.pipeline import SourceSubset
+
+    adapted, scored = [], []
+    for t, (task, source) in enumerate(zip(tasks, tests)):
+        adapt_indices, score_indices = guarded(f"task {task.name!r} test",
+                                               lambda: settings.adaptation.split(len(source), t))
+        adapted.append(SourceSubset(source, adapt_indices))
+        scored.append(SourceSubset(source, score_indices))
+    return adapted, scored
 
 
 def export_spec(settings: MergeSettings, config: MergeConfig) -> Any:
@@ -287,6 +305,8 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
             source = guarded(what, lambda task=task: test_source(task))
             guarded(what, lambda: _decodes(source, what))
             tests.append(source)
+    if settings.adaptation.mode == "held_out":
+        unlabeled, tests = held_out_split(settings, config.tasks, tests)
     towers = guarded("checkpoints", lambda: load_towers(config, log))
     heads = TaskHeads(towers, config.tasks, config.pretrained)
     binding = clip_binding(towers, heads)
