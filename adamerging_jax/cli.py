@@ -23,60 +23,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from adamerging_jax.cache import ENV_VAR, cache_dir, cache_root, enable_compilation_cache
+from adamerging_jax.cache import cache_dir
+from adamerging_jax.command_checks import check_cache_root, check_output_dir, locked_output, start_compilation_cache
 
 
 def error_line(message: Any) -> SystemExit:
     """The command's one-line error."""
     return SystemExit("error: " + " ".join(str(message).split()))
-
-
-def check_output_dir(path: Path) -> None:
-    """Refuse an output that is a file or cannot be written, before any work starts."""
-    from adamerging_jax.core.checkpoint import check_writable_folder
-
-    try:
-        check_writable_folder(path)
-    except ValueError as error:
-        raise error_line(f"--output {error}") from None
-
-
-def check_cache_root(folder: Path | None = None) -> None:
-    """The cache folder (``folder``, else the cache root) is a folder this user can write, or can be made."""
-    from adamerging_jax.core.checkpoint import check_writable_folder
-
-    folder = folder or cache_root()
-    try:
-        check_writable_folder(folder)
-    except ValueError as error:
-        raise error_line(f"the cache folder (${ENV_VAR} or --cache) {error}; set ${ENV_VAR} to a writable "
-                         "folder") from None
-
-
-def start_compilation_cache() -> None:
-    """JAX's persistent compilation cache under the cache root (`check_cache_root` first)."""
-    check_cache_root()
-    try:
-        enable_compilation_cache(1.0)
-    except OSError as error:
-        raise error_line(f"the cache folder {cache_root()} cannot be used: {error.strerror}") from None
-
-
-@contextlib.contextmanager
-def locked_output(output: Path, keep: tuple[str, ...] | None = None) -> Iterator[None]:
-    """Hold ``output``'s lock (`adamerging_jax.output.output_lock`) after finishing any commit a killed run
-    left half done (``keep``: the command's resumable-state folders, default ``state``); a second run into it
-    is refused in one line naming the first."""
-    from adamerging_jax.output import KEEP, OutputBusyError, output_lock, recover_output
-
-    try:
-        with output_lock(output):
-            recover_output(output, keep=keep or KEEP)
-            yield
-    except OutputBusyError as error:
-        raise error_line(error) from None
 
 
 def comma_list(text: str | None) -> list[str] | None:
@@ -318,18 +273,14 @@ def _merge_parser(subparsers: Any) -> None:
 
 
 def run_merge_command(args: argparse.Namespace) -> int:
-    from adamerging_jax.merging.config import ConfigError, load_config
-    from adamerging_jax.merging.plan import fail
+    from adamerging_jax.merging.config import load_config
+    from adamerging_jax.merging.plan import prepare
 
     overrides = {name: getattr(args, name) for name in
                  ("steps", "lr", "preset", "seed", "devices", "precision", "export", "trust_pickle", "offline",
                   "max_length")}
     overrides["methods"] = comma_list(args.methods)
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
-        raise fail(error) from None
-    from adamerging_jax.merging.plan import prepare
+    config = load_config(args.config, overrides)
 
     if args.dry_run:
         plan = prepare(config, args.output, args.weights)
@@ -385,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with honour_interrupts():
         try:
             with disk_errors():
-                code = run_command(args)
+                code = refusals_as_error_line(run_command, args)
         except KeyboardInterrupt:
             code = INTERRUPTED
         if interrupted() or code == INTERRUPTED:
@@ -396,6 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
+def refusals_as_error_line(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``command(args)``, a library's refusal (`MergeError`) printed as the one ``error:`` line it names, with
+    exit status 1."""
+    from adamerging_jax.merging.errors import MergeError
+
+    try:
+        return command(args)
+    except MergeError as error:
+        raise error_line(error) from None
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from adamerging_jax.core import registry
 from adamerging_jax.heads import zero_shot
+from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.models.clip_checkpoint import load_hf_clip, save_hf_vision_model
 from adamerging_jax.paper import cli, published
 from adamerging_jax.paper.experiments import run_robustness
@@ -169,9 +170,9 @@ def test_markdown_table_with_published_numbers_and_missing_cells():
 
 
 def test_command_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match="individual"):
+    with pytest.raises(MergeError, match="individual"):
         cli.generalization(["--output", str(tmp_path), "--methods", "individual,task_arithmetic"])
-    with pytest.raises(SystemExit, match="TASK=PATH"):
+    with pytest.raises(MergeError, match="TASK=PATH"):
         cli.table1(["--output", str(tmp_path), "--folder", "cars"])
 
 
@@ -218,7 +219,7 @@ def test_generalization_refuses_per_task_methods_named_through_a_group(tmp_path)
     silently left without a result on the unseen tasks."""
     per_task = [n for n in registry.group_members("data_free") if registry.REGISTRY[n].per_task_models]
     assert per_task, "the data_free group has per-task methods (TALL masks, EMR)"
-    with pytest.raises(SystemExit, match=rf"error: \['{per_task[0]}'.*have no model for the unseen tasks"):
+    with pytest.raises(MergeError, match=rf"^\['{per_task[0]}'.*have no model for the unseen tasks"):
         cli.generalization(["--methods", "task_arithmetic,data_free", "--output", str(tmp_path)])
 
 

@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 from adamerging_jax.core.optimize import AdaMergingConfig
 from adamerging_jax.core.protocol import Adaptation, MergeSettings
 from adamerging_jax.data.strict_text import read_utf8, text_lines, visible
+from adamerging_jax.merging.errors import MergeError
 
 PRESETS = ("official", "fusionbench")
 PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
@@ -71,16 +72,16 @@ PROMPT_OPTIONS = {"file": (), "jsonl": ("field",)}
 INSTALL = {"models": 'pip install "adamerging-jax[models]"', "data": 'pip install "adamerging-jax[data]"'}
 
 
-class ConfigError(ValueError):
+class ConfigError(MergeError):
     """A config field that breaks the schema; the message names the field."""
 
 
 def require(module: str, extra: str, purpose: str) -> None:
-    """Import ``module`` or stop with one line naming the extra that provides it."""
+    """Import ``module``; `MergeError` naming the extra that provides it when it is missing."""
     try:
         importlib.import_module(module)
     except ImportError:
-        raise SystemExit(f"error: {purpose} needs the Python package {module!r}: {INSTALL[extra]}") from None
+        raise MergeError(f"{purpose} needs the Python package {module!r}: {INSTALL[extra]}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,8 @@ from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.config import MergeConfig, TaskConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
-from adamerging_jax.merging.plan import CheckedRun, fail, guarded, run_mesh
+from adamerging_jax.merging.errors import MergeError
+from adamerging_jax.merging.plan import CheckedRun, guarded, run_mesh
 from adamerging_jax.merging.run import check_exported_finite, given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.hf_files import tokenizer_files
@@ -135,7 +136,7 @@ def _stack(task_vectors: Sequence[Params]) -> Params:
 
 
 def checked_adapter(task: TaskConfig, base: Params, log: Callable[[str], None]) -> LoraAdapter:
-    """The task's LoRA adapter, read and checked to fit θ0 (``base``: its arrays or shape structs); `SystemExit`
+    """The task's LoRA adapter, read and checked to fit θ0 (``base``: its arrays or shape structs); `MergeError`
     naming the task otherwise."""
     what = f"task {task.name!r} adapter"
     log(f"[models] {task.name}: LoRA adapter {task.adapter}{' (factored)' if task.factored else ''}")
@@ -146,7 +147,7 @@ def checked_adapter(task: TaskConfig, base: Params, log: Callable[[str], None]) 
 
 def load_language_models(config: MergeConfig, log: Callable[[str], None] = print, mesh: Any = None,
                          shard: bool = False) -> LanguageModels:
-    """θ0, every task's τ (module docstring) and the tokenizer folder; `SystemExit` naming the task and file
+    """θ0, every task's τ (module docstring) and the tokenizer folder; `MergeError` naming the task and file
     when a checkpoint does not load or does not fit θ0. With ``shard`` (θ0 and τ split over ``mesh``) each
     is read slice by slice straight into its shards (`read_language_models`)."""
     if shard:
@@ -226,7 +227,7 @@ def streams(config: MergeConfig, settings: MergeSettings, weights: str | None) -
 def open_language_models(config: MergeConfig, log: Callable[[str], None] = print) -> StreamedModels:
     """θ0 and every task's checkpoint opened and checked from the headers alone: every tensor present with θ0's
     shape and a floating dtype (`open_hf_causal_lm`), each fine-tuned model of θ0's architecture, each
-    adapter's modules fitting θ0's weights; `SystemExit` naming the task and file otherwise."""
+    adapter's modules fitting θ0's weights; `MergeError` naming the task and file otherwise."""
     log(f"[models] pretrained {config.pretrained} (streamed: nothing loaded)")
     lm_config, pretrained = guarded(f"pretrained {config.pretrained}", lambda: open_hf_causal_lm(config.pretrained))
     shapes = {path: jax.ShapeDtypeStruct(shape, np.float32) for path, shape in leaf_shapes(lm_config).items()}
@@ -285,7 +286,7 @@ def tokenized_prompts(config: MergeConfig, tokenizer: Any, vocab_size: int) -> l
     if not any(task.prompts for task in config.tasks):
         return None
     if missing := [task.name for task in config.tasks if not task.prompts]:
-        raise fail(f"{config.source}: tasks {missing} have no prompts; give prompts to every task or to none")
+        raise MergeError(f"{config.source}: tasks {missing} have no prompts; give prompts to every task or to none")
     tasks = []
     for task in config.tasks:
         what = f"task {task.name!r} prompts {task.prompts.path}"
@@ -294,7 +295,7 @@ def tokenized_prompts(config: MergeConfig, tokenizer: Any, vocab_size: int) -> l
             prompts, tokenizer, config.max_length, task=f"task {task.name!r} prompts"))
         largest = max(int(sequence.max()) for sequence in ids)
         if largest >= vocab_size:
-            raise fail(f"{what}: token id {largest} is outside the model's vocabulary of {vocab_size} (the "
+            raise MergeError(f"{what}: token id {largest} is outside the model's vocabulary of {vocab_size} (the "
                        "tokenizer does not belong to this model)")
         tasks.append(ids)
     return tasks
@@ -311,11 +312,11 @@ def candidate_ids(config: MergeConfig, tokenizer: Any) -> list[tuple[int, ...]] 
         for i, answer in enumerate(task.candidates):
             tokens = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
             if len(tokens) != 1:
-                raise fail(f"task {task.name!r} candidates[{i}] {answer!r} is {len(tokens)} tokens {tokens}, not one; "
+                raise MergeError(f"task {task.name!r} candidates[{i}] {answer!r} is {len(tokens)} tokens {tokens}, not one; "
                            "each answer must be a single token of the tokenizer")
             ids.append(tokens[0])
         if len(set(ids)) < len(ids):
-            raise fail(f"task {task.name!r} candidates {list(task.candidates)} share token ids {ids}")
+            raise MergeError(f"task {task.name!r} candidates {list(task.candidates)} share token ids {ids}")
         out.append(tuple(ids))
     return out
 
@@ -380,7 +381,7 @@ class LmPlan(CheckedRun):
 
 def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
                log: Callable[[str], None] = print) -> LmPlan:
-    """Check everything (module docstring) and return the plan; `SystemExit` with one line on a failure."""
+    """Check everything (module docstring) and return the plan; `MergeError` with one line on a failure."""
     settings = guarded(config.source, config.settings)
     mesh = run_mesh(config, settings)
     if streams(config, settings, weights):  # nothing to tokenize: the tokenizer's files are only copied
@@ -460,7 +461,7 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
                                        state_dir=output / "state", mesh=plan.mesh,
                                        view=plan.binding.matrix_view, log=log)
     except ValueError as error:
-        raise fail(error) from None
+        raise MergeError(str(error)) from None
     names = [task.name for task in config.tasks]
     run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json(records),
            "entropy": prompt_entropy(plan, models, records, probe) if probe is not None else None,
@@ -507,7 +508,7 @@ def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, 
             done = stream_merge(spec, stream, folder, dtypes, view=plan.binding.matrix_view,
                                 max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, log=log)
         except ValueError as error:
-            raise fail(error) from None
+            raise MergeError(str(error)) from None
         record = MethodRecord(spec.name, spec.label, spec.describe()["params"], {}, seconds={"build": done["seconds"]})
         run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json({spec.name: record}),
                "entropy": None, "export": config.exported, "weights": None, "settings": settings.describe(),

@@ -6,8 +6,8 @@ schema); each task's unlabeled images exist, are non-empty and every one decodes
 folders named as the task's classes, every image decoding; every checkpoint loads and every image tower has
 θ0's config; a ``--weights`` file reads and fits the model. A causal language model (``model: causal_lm``)
 is checked by :mod:`~adamerging_jax.merging.lm` instead (checkpoints and adapters against θ0, the tokenizer,
-the prompts, the candidates). Each failure is one line ``error: ...`` naming the
-file, task or field (a `SystemExit`), never a traceback. A real run makes the same plan and runs from it.
+the prompts, the candidates). Each failure is a `MergeError` naming the file, task or field,
+which the command prints as one line ``error: ...``, never a traceback. A real run makes the same plan and runs from it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.core.registry import AdaptContext
 from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
 from adamerging_jax.merging.config import MergeConfig, TaskConfig, Unlabeled, require
-
-
-def fail(message: str) -> SystemExit:
-    """The command's one-line error."""
-    return SystemExit("error: " + " ".join(str(message).split()))
+from adamerging_jax.merging.errors import MergeError
 
 
 def check_writable(output: Path) -> None:
@@ -39,7 +35,7 @@ def check_writable(output: Path) -> None:
     try:
         check_writable_folder(output)
     except ValueError as error:
-        raise fail(f"--output {error}") from None
+        raise MergeError(f"--output {error}") from None
 
 
 def input_paths(config: MergeConfig) -> dict[str, str | None]:
@@ -64,7 +60,7 @@ def check_output_placement(config: MergeConfig, output: Path) -> None:
         check_placement(output, input_paths(config))
         check_output_contents(output)
     except ValueError as error:
-        raise fail(error) from None
+        raise MergeError(str(error)) from None
 
 
 def unlabeled_source(task: TaskConfig, unlabeled: Unlabeled) -> Any:
@@ -125,7 +121,7 @@ def run_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
     devices = jax.devices()
     wanted = (config.mesh[0] * config.mesh[1]) if config.mesh else (config.devices or len(devices))
     if wanted > len(devices):
-        raise fail(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
+        raise MergeError(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
                    f"this machine has {len(devices)}")
     if config.mesh:
         mesh = make_mesh(config.mesh[0], config.mesh[1], devices[:wanted])
@@ -133,7 +129,7 @@ def run_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
         mesh = data_mesh(devices[:wanted])
     rows = settings.adamerging.batches_per_task * settings.adamerging.batch_size
     if settings.needs_data and rows % data_size(mesh):
-        raise fail(f"{config.source}: {rows} inputs per task and step do not split over the mesh's data axis of "
+        raise MergeError(f"{config.source}: {rows} inputs per task and step do not split over the mesh's data axis of "
                    f"{data_size(mesh)} devices; change adamerging.batch_size or the mesh")
     return mesh
 
@@ -165,7 +161,7 @@ class CheckedRun:
         for spec in self.settings.methods:
             reason = spec.method.unavailable(context if spec.method.needs_data else None, self.binding.matrix_view)
             if reason is not None and not spec.from_group:
-                raise fail(f"{self.config.source}: method {spec.name!r} {reason}")
+                raise MergeError(f"{self.config.source}: method {spec.name!r} {reason}")
 
     @property
     def export_spec(self) -> Any:
@@ -263,17 +259,17 @@ def guarded(what: str, action: Callable[[], Any]) -> Any:
     """``action()``, with a file, value or key error turned into one line prefixed by ``what``."""
     try:
         return action()
-    except SystemExit:
+    except MergeError:
         raise
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise fail(f"{what}: {message}") from None
+        raise MergeError(f"{what}: {message}") from None
 
 
 def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None = None,
             log: Callable[[str], None] = print) -> Any:
     """Check everything (module docstring) and return the plan (a `Plan`, or for a causal LM an
-    `adamerging_jax.merging.lm.LmPlan`); `SystemExit` with one line on a failure."""
+    `adamerging_jax.merging.lm.LmPlan`); `MergeError` naming the fault on a failure."""
     require("flax", "models", "the merge command")
     require("transformers", "models", "the merge command")
     require("safetensors", "models", "the merge command")
@@ -288,7 +284,7 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
     unlabeled = tests = None
     if any(task.unlabeled for task in config.tasks):
         if missing := [task.name for task in config.tasks if not task.unlabeled]:
-            raise fail(f"{config.source}: tasks {missing} have no unlabeled images; give them to every task or none")
+            raise MergeError(f"{config.source}: tasks {missing} have no unlabeled images; give them to every task or none")
         require("grain", "data", "reading unlabeled images")
         unlabeled = []
         for task in config.tasks:
@@ -298,7 +294,7 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
             unlabeled.append(source)
     if any(task.test for task in config.tasks):
         if missing := [task.name for task in config.tasks if not task.test]:
-            raise fail(f"{config.source}: tasks {missing} have no test folder; give one to every task or to none")
+            raise MergeError(f"{config.source}: tasks {missing} have no test folder; give one to every task or to none")
         tests = []
         for task in config.tasks:
             what = f"task {task.name!r} test"

@@ -51,7 +51,8 @@ from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card, s
 from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
 from adamerging_jax.merging.we_moe_files import dense_tower, write_we_moe_file
-from adamerging_jax.merging.plan import Plan, fail, source_identity
+from adamerging_jax.merging.errors import MergeError
+from adamerging_jax.merging.plan import Plan, source_identity
 
 
 def _granularity(spec: MethodSpec) -> str:
@@ -98,7 +99,7 @@ def check_exported_finite(params: Any, tensor_names: Mapping[tuple[str, int | No
         if not finite.all():
             layer = None if (path, None) in tensor_names else int(np.argwhere(~finite)[0][0])
             name = tensor_names.get((path, layer), path)
-            raise fail(f"the merged model's tensor {name!r} holds {int((~finite).sum())} NaN or inf values; the "
+            raise MergeError(f"the merged model's tensor {name!r} holds {int((~finite).sum())} NaN or inf values; the "
                        "model is not exported")
 
 
@@ -164,7 +165,7 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                                        features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn,
                                        mixture=plan.binding.mixture, log=log)
     except ValueError as error:
-        raise fail(error) from None
+        raise MergeError(str(error)) from None
     finally:
         if adaptation is not None:
             adaptation.close()  # no image decoded ahead for steps that will not run

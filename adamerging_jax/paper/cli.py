@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from adamerging_jax.cli import check_output_dir, locked_output
+from adamerging_jax.command_checks import check_output_dir, locked_output
 from adamerging_jax.core.registry import method_specs
+from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.output import check_output_contents, check_placement, committed_paths, staged_output
 from adamerging_jax.paper import published, report
 from adamerging_jax.report import write_report
@@ -52,7 +53,7 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
     for value in values:
         task, sep, path = value.partition("=")
         if not sep or not path:
-            raise SystemExit(f"error: {flag} expects TASK=PATH, got {value!r}")
+            raise MergeError(f"{flag} expects TASK=PATH, got {value!r}")
         out[paper_task(task).name] = path
     return out
 
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace, name: str, merge_tasks: Sequence[
                                   seed=args.seed, devices=args.devices, cache_dir=args.cache_dir,
                                   checkpoint_runs=not args.no_resume, quiet=args.quiet)
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise MergeError(str(error)) from None
     check_output_dir(args.output)
     return config
 
@@ -146,24 +147,26 @@ def input_paths(config: ExperimentConfig) -> dict[str, str | None]:
 
 def check_paper_output(output: Path, configs: Sequence[ExperimentConfig]) -> None:
     """``output`` lies outside every input and the heads cache (and they outside it: each report replaces the
-    whole folder), and holds nothing an experiment does not write; one ``error:`` line otherwise."""
+    whole folder), and holds nothing an experiment does not write; `MergeError` otherwise."""
     try:
         for config in configs:
             check_placement(output, input_paths(config))
             check_placement(output, {"--cache-dir": config.cache_dir or None}, skip_missing=False)
         check_output_contents(output, PAPER_FILES)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise MergeError(str(error)) from None
 
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """A library's refusal (a task without test data, a checkpoint or file that is missing or does not fit)
-    as the command's one ``error:`` line, not a traceback."""
+    as a `MergeError`, which the command line prints as one ``error:`` line, not a traceback."""
     try:
         yield
+    except MergeError:
+        raise
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit("error: " + " ".join(str(error).split())) from None
+        raise MergeError(str(error)) from None
 
 
 def commit_report(output: Path, result: dict[str, Any], markdown: str) -> dict[str, Path]:
@@ -218,10 +221,10 @@ def generalization(argv: Sequence[str] | None = None) -> int:
     try:
         specs = method_specs(m for m in args.methods.split(",") if m)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise MergeError(str(error)) from None
     per_task = [spec.name for spec in specs if spec.method.per_task_models]
     if per_task:
-        raise SystemExit(f"error: {per_task} have no model for the unseen tasks; leave them out of --methods "
+        raise MergeError(f"{per_task} have no model for the unseen tasks; leave them out of --methods "
                          "(name the methods one by one instead of a group that holds them)")
     started = time.perf_counter()
     splits = list(GENERALIZATION_SPLITS) if args.split == "both" else [args.split]
