@@ -73,8 +73,8 @@ from adamerging_jax.merging.config import MergeConfig, TaskConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
 from adamerging_jax.merging.errors import MergeError
-from adamerging_jax.merging.plan import CheckedRun, guarded, run_mesh
-from adamerging_jax.merging.run import check_exported_finite, given_lambdas, write_lambdas, write_report
+from adamerging_jax.merging.checked_run import CheckedRun, guarded, run_mesh
+from adamerging_jax.merging.exports import check_exported_finite, given_lambdas, write_lambdas, write_report
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.hf_files import tokenizer_files
 from adamerging_jax.models.llama_checkpoint import (

@@ -16,16 +16,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
-from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.checkpoint import check_writable_folder
-from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.protocol import MergeSettings
-from adamerging_jax.core.registry import AdaptContext
 from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
+from adamerging_jax.merging.checked_run import CheckedRun, guarded, run_mesh
 from adamerging_jax.merging.config import MergeConfig, TaskConfig, Unlabeled, require
 from adamerging_jax.merging.errors import MergeError
 
@@ -110,94 +107,6 @@ def source_identity(source: Any) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def run_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
-    """The devices AdaMerging runs on: ``mesh: {data, fsdp}`` as a 2-D mesh of the first data × fsdp devices,
-    else a 1-D data mesh of the first ``devices`` (all by default); each task's n·B inputs must split evenly
-    over the data axis."""
-    import jax
-
-    from adamerging_jax.core.parallel import data_mesh, data_size, make_mesh
-
-    devices = jax.devices()
-    wanted = (config.mesh[0] * config.mesh[1]) if config.mesh else (config.devices or len(devices))
-    if wanted > len(devices):
-        raise MergeError(f"{config.source}: {'mesh' if config.mesh else 'devices'} asks for {wanted} devices, "
-                   f"this machine has {len(devices)}")
-    if config.mesh:
-        mesh = make_mesh(config.mesh[0], config.mesh[1], devices[:wanted])
-    else:
-        mesh = data_mesh(devices[:wanted])
-    rows = settings.adamerging.batches_per_task * settings.adamerging.batch_size
-    if settings.needs_data and rows % data_size(mesh):
-        raise MergeError(f"{config.source}: {rows} inputs per task and step do not split over the mesh's data axis of "
-                   f"{data_size(mesh)} devices; change adamerging.batch_size or the mesh")
-    return mesh
-
-
-@dataclasses.dataclass
-class CheckedRun:
-    """What every checked merge run holds: the config, the settings with the model's stacked layers declared,
-    the model binding, the output folder, the devices (`run_mesh`), and the λ of ``--weights``
-    (`read_given_weights`)."""
-
-    config: MergeConfig
-    settings: MergeSettings
-    binding: ModelBinding
-    output: Path
-    mesh: Any
-    weights: Coefficients | None = dataclasses.field(default=None, kw_only=True)
-    weights_file: str | None = dataclasses.field(default=None, kw_only=True)
-
-    def __post_init__(self) -> None:
-        self.check_methods_available()
-
-    def check_methods_available(self) -> None:
-        """Every method the config names can run on this binding (`MergeMethod.requires`: e.g. Surgery needs
-        its representation, RegMean its Gram capture); one line naming the method and what the binding lacks
-        otherwise. (A method reached through a group is skipped at run time instead.)"""
-        shared = {f.name for f in dataclasses.fields(AdaptContext)} & {f.name for f in dataclasses.fields(ModelBinding)}
-        context = AdaptContext(**{name: getattr(self.binding, name) for name in shared}, batches=None,
-                               config=self.settings.adamerging)
-        for spec in self.settings.methods:
-            reason = spec.method.unavailable(context if spec.method.needs_data else None, self.binding.matrix_view)
-            if reason is not None and not spec.from_group:
-                raise MergeError(f"{self.config.source}: method {spec.name!r} {reason}")
-
-    @property
-    def export_spec(self) -> Any:
-        return export_spec(self.settings, self.config)
-
-    @property
-    def pretrained(self) -> Any:
-        """θ0, the tree λ is laid out over."""
-        raise NotImplementedError
-
-    def method_lines(self) -> list[str]:
-        """One plan line per method: its parameters and, for an adaptive one, how many λ each task gets."""
-        lines = []
-        for spec in self.settings.methods:
-            params = spec.describe()["params"]
-            count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
-                     if spec.method.learns_coefficients else "")
-            lines.append(f"method {spec.name} {params}{count}")
-        return lines
-
-    def exported_method(self, run: dict[str, Any]) -> dict[str, Any]:
-        """The exported method as its model card names it: its record's name, label and parameters, its paper."""
-        record = run["methods"][self.config.exported]
-        return dict(name=self.config.exported, label=record["label"], params=record["params"],
-                    paper=self.export_spec.method.paper)
-
-    def read_given_weights(self, path: str | None) -> None:
-        """Read ``--weights`` (any layout `run.read_weights` knows) for this run's tree; one line on failure."""
-        if path is None:
-            return
-        from adamerging_jax.merging.run import read_weights
-
-        self.weights_file = path
-        self.weights = guarded(f"--weights {path}", lambda: read_weights(path, self))
-
-
 @dataclasses.dataclass
 class Plan(CheckedRun):
     """A checked CLIP run: also the loaded checkpoints, the heads, and the unlabeled and test sources (None
@@ -248,22 +157,6 @@ def held_out_split(settings: MergeSettings, tasks: list[TaskConfig] | tuple[Task
         adapted.append(SourceSubset(source, adapt_indices))
         scored.append(SourceSubset(source, score_indices))
     return adapted, scored
-
-
-def export_spec(settings: MergeSettings, config: MergeConfig) -> Any:
-    """The `MethodSpec` of the method whose model is exported."""
-    return next(spec for spec in settings.methods if spec.name == config.exported)
-
-
-def guarded(what: str, action: Callable[[], Any]) -> Any:
-    """``action()``, with a file, value or key error turned into one line prefixed by ``what``."""
-    try:
-        return action()
-    except MergeError:
-        raise
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise MergeError(f"{what}: {message}") from None
 
 
 def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None = None,

@@ -27,97 +27,26 @@ it is checked finite (`check_exported_finite`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 import adamerging_jax as am
-from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.checkpoint import write_atomic
-from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.emr import EmrModels
 from adamerging_jax.core.surgery import SurgeryModels
-from adamerging_jax.core.optimize import adamerging
 from adamerging_jax.core.protocol import build_models, records_json, score_models
-from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
-from adamerging_jax.core.task_vector_transforms import transform_task_vectors
-from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.merging.card import emr_lines, lambda_summary, model_card, surgery_lines, we_moe_lines
+from adamerging_jax.core.registry import Merged
+from adamerging_jax.merging.card import emr_lines, model_card, surgery_lines, we_moe_lines
 from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
 from adamerging_jax.merging.we_moe_files import dense_tower, write_we_moe_file
 from adamerging_jax.merging.errors import MergeError
+from adamerging_jax.merging.exports import check_exported_finite, given_lambdas, write_lambdas, write_report
 from adamerging_jax.merging.plan import Plan, source_identity
-
-
-def _granularity(spec: MethodSpec) -> str:
-    return spec.describe()["params"]["granularity"]
-
-
-def read_weights(path: str, plan: Plan) -> Coefficients:
-    """λ of a ``--weights`` file (module docstring) in the layout of the exported AdaMerging method."""
-    spec = plan.export_spec
-    if not spec.method.learns_coefficients:
-        raise ValueError(f"λ apply to an AdaMerging method; the exported method is {spec.name!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError("no such file")
-    binding, k = plan.binding, len(plan.config.tasks)
-    like = binding.init_coefficients(plan.pretrained, k, _granularity(spec))
-    names, order = binding.tensor_names, binding.tensor_order
-    adamerging = plan.settings.adamerging
-    checks = dict(tasks=[task.name for task in plan.config.tasks],
-                  bound=adamerging.lambda_bound if adamerging.clamp is None else None)
-    if path.endswith(".json"):
-        return formats.coefficients_from_named(formats.read_named_json(path), like, names, **checks)
-    if path.endswith(".safetensors"):
-        return formats.coefficients_from_named(formats.read_named_safetensors(path), like, names, **checks)
-    if not path.endswith((".pt", ".pth", ".npy")):
-        raise ValueError("expected .json, .safetensors (named λ), or .pt / .pth / .npy (FusionBench or official)")
-    array = formats.read_fusionbench(path)
-    if array.shape == (k, len(order)):
-        return formats.from_fusionbench(array, like, order, names, **checks)
-    rows = {1: None, len(order): order}
-    if binding.official_rows is not None:
-        rows[len(binding.official_rows.names)] = binding.official_rows
-    if array.shape[1] == k + 1 and array.shape[0] in rows:
-        return formats.from_official(array, like, rows[array.shape[0]], names, **checks)
-    raise ValueError(f"shape {array.shape} is neither FusionBench's [K, n] = ({k}, {len(order)}) nor the official "
-                     f"[n, 1 + K] with n in {sorted(rows)} (task-wise, HF order"
-                     f"{', official open_clip order' if binding.official_rows is not None else ''}) for {k} tasks")
-
-
-def check_exported_finite(params: Any, tensor_names: Mapping[tuple[str, int | None], str]) -> None:
-    """Every tensor of the model about to be exported is finite: one line naming the first that is not (a
-    merge of finite inputs can still overflow, e.g. a large λ on a large τ), and nothing of it is written."""
-    for path, leaf in named_leaves(params):
-        finite = np.isfinite(np.asarray(leaf))
-        if not finite.all():
-            layer = None if (path, None) in tensor_names else int(np.argwhere(~finite)[0][0])
-            name = tensor_names.get((path, layer), path)
-            raise MergeError(f"the merged model's tensor {name!r} holds {int((~finite).sum())} NaN or inf values; the "
-                       "model is not exported")
-
-
-def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: Plan, mesh: Any) -> MethodSpec:
-    """``spec`` as a data-free method that applies ``coefficients`` (its τ, or τ̂ for AdaMerging++) through
-    the optimiser's own merge with zero steps, so the model is bit-identical to a trained run's at those λ."""
-    params = spec.describe()["params"]
-    config = dataclasses.replace(plan.settings.adamerging, steps=0, granularity=params["granularity"],
-                                 checkpoint_dir=None, quiet=True)
-
-    def build(pretrained: Any, task_vectors: Any) -> Merged:
-        task_vectors = transform_task_vectors(params["task_vectors"], task_vectors, plan.binding.matrix_view, params)
-        result = adamerging(plan.binding.apply_fn, pretrained, task_vectors, [], config, coefficients=coefficients,
-                            mesh=mesh)
-        return Merged(params=result.params, coefficients=result.coefficients)
-
-    method = MergeMethod(spec.name, f"{spec.label} (given λ)", spec.method.paper, build)
-    return MethodSpec(method, ())
 
 
 def adaptation_batches(plan: Plan) -> Any:
@@ -179,36 +108,6 @@ def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     run = {"tasks": names, "merged_tasks": names, "methods": records_json(records), "export": config.exported,
            "weights": plan.weights_file, "settings": settings.describe(), "config": config.source}
     return write_outputs(plan, models[config.exported], run, log)
-
-
-def write_lambdas(plan: Any, merged: Merged, run: dict[str, Any], folder: Path | None = None) -> None:
-    """``lambdas.json`` / ``lambdas.safetensors`` by checkpoint tensor name in ``folder`` (default: the output)
-    when the model has λ, and their per-task summary in ``run["lambda_summary"]`` (None without λ)."""
-    summary = None
-    folder = plan.output if folder is None else folder
-    if merged.coefficients is not None:
-        named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
-        formats.write_named_json(folder / "lambdas.json", named)
-        formats.write_named_safetensors(folder / "lambdas.safetensors", named)
-        summary = lambda_summary(named, run["tasks"])
-    run["lambda_summary"] = summary
-
-
-def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[str], None],
-                 folder: Path | None = None) -> dict[str, Path]:
-    """``results.json``, ``table.md`` and the plots (when matplotlib is installed) in ``folder`` (default: the
-    output); refuses non-finite results."""
-    from adamerging_jax import report
-
-    report.check_finite([run])
-    try:
-        import matplotlib  # noqa: F401
-        plot_run = run
-    except ImportError:
-        log('[merge] matplotlib is missing: no plots (pip install "adamerging-jax[demo]")')
-        plot_run = None
-    return report.write_report(plan.output if folder is None else folder, run, markdown, plot_run=plot_run,
-                               clamp=plan.settings.adamerging.clamp)
 
 
 def surgery_section(surgery: SurgeryModels | None, tasks: list[str]) -> list[str]:
