@@ -102,6 +102,11 @@ class LambdaBoundError(RunStoppedError):
     diverging run: every loss and λ still finite)."""
 
 
+PRESETS = ("official", "fusionbench")
+"""The named AdaMerging settings: the official code's (`AdaMergingConfig.official`) and FusionBench 0.2.33's
+(`AdaMergingConfig.fusionbench`)."""
+
+
 def _run_only(default: Any, *, resume_free: bool = False) -> Any:
     """A config field that does not shape the compiled step (and, with `resume_free`, may change on resume)."""
     return dataclasses.field(default=default, metadata={"run_only": True, "resume_free": resume_free})
@@ -205,6 +210,14 @@ class AdaMergingConfig:
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         check_int("AdaMergingConfig.checkpoint_every", self.checkpoint_every, minimum=1)
         check_int("AdaMergingConfig.seed", self.seed, minimum=0)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> "AdaMergingConfig":
+        """The settings of ``preset`` (one of `PRESETS`: `official` or `fusionbench`) with ``overrides``;
+        ValueError naming the presets for another name."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; the presets are {list(PRESETS)}")
+        return cls.official(**overrides) if preset == "official" else cls.fusionbench(**overrides)
 
     @classmethod
     def official(cls, **overrides: Any) -> "AdaMergingConfig":

@@ -13,6 +13,7 @@
     methods: [layer_wise_adamerging, {name: ties, density: 0.2}]
     export_method: null                         # default: the first method
     preset: official                            # or fusionbench; adamerging: {...} overrides its fields
+                                                #   (not granularity: task_wise_* / layer_wise_* fix it)
     precision: float32                          # or bfloat16: θ0 and τ storage during AdaMerging
     export: vision_with_projection              # or clip
     seed: 0
@@ -56,12 +57,11 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from adamerging_jax.core.optimize import AdaMergingConfig
+from adamerging_jax.core.optimize import PRESETS, AdaMergingConfig
 from adamerging_jax.core.protocol import Adaptation, MergeSettings
 from adamerging_jax.data.strict_text import read_utf8, text_lines, visible
 from adamerging_jax.merging.errors import MergeError
 
-PRESETS = ("official", "fusionbench")
 PRECISIONS = {"float32": None, "bfloat16": "bfloat16"}
 EXPORTS = ("vision_with_projection", "clip")
 SOURCE_OPTIONS = {"folder": ("recursive",), "class_folders": (), "tfds": ("split", "data_dir"), "file_list": ()}
@@ -155,12 +155,12 @@ class MergeConfig:
     def settings(self) -> MergeSettings:
         """The methods, the AdaMerging settings (the preset, then ``adamerging:``, seed and precision) and which
         test images the adaptive methods adapt on (``adaptation``, ``held_out_fraction``, split by the seed)."""
-        make = AdaMergingConfig.official if self.preset == "official" else AdaMergingConfig.fusionbench
         fields = dict(self.adamerging)
         if isinstance(fields.get("clamp"), list):
             fields["clamp"] = tuple(fields["clamp"])
         try:
-            adamerging = make(**{"seed": self.seed, "param_dtype": PRECISIONS[self.precision], **fields})
+            adamerging = AdaMergingConfig.from_preset(
+                self.preset, **{"seed": self.seed, "param_dtype": PRECISIONS[self.precision], **fields})
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{self.source}: adamerging: {error}") from None
         try:
@@ -421,7 +421,7 @@ def parse_config(document: Any, source: str = "<config>", base: str | os.PathLik
         export_method=(_string(f"{where}: export_method", fields["export_method"])
                        if fields.get("export_method") is not None else None),
         preset=_choice(f"{where}: preset", fields.get("preset", "official"), PRESETS),
-        adamerging=_known(f"{where}: adamerging", fields.get("adamerging") or {}, _adamerging_keys()),
+        adamerging=_adamerging(f"{where}: adamerging", fields.get("adamerging") or {}, methods),
         precision=_choice(f"{where}: precision", fields.get("precision", "float32"), list(PRECISIONS)),
         export=_choice(f"{where}: export", fields.get("export", "vision_with_projection"), EXPORTS),
         seed=_integer(f"{where}: seed", fields.get("seed", 0), 0),
@@ -470,7 +470,20 @@ def _check_held_out(where: str, tasks: Sequence[TaskConfig]) -> None:
 
 
 def _adamerging_keys() -> set[str]:
-    return {f.name for f in dataclasses.fields(AdaMergingConfig)} - {"optimizer", "stacked", "checkpoint_dir"}
+    return {f.name for f in dataclasses.fields(AdaMergingConfig)} - {"optimizer", "stacked", "checkpoint_dir",
+                                                                      "granularity"}
+
+
+def _adamerging(where: str, value: Any, methods: Sequence[Any]) -> dict[str, Any]:
+    """The ``adamerging:`` overrides of the preset. ``granularity`` is refused, naming the config's methods: each
+    AdaMerging method fixes its own (``task_wise_*``: one λ per task, ``layer_wise_*``: one per task and tensor),
+    and the key would be silently overwritten."""
+    if isinstance(value, Mapping) and "granularity" in value:
+        names = [method.get("name") if isinstance(method, Mapping) else method for method in methods]
+        raise ConfigError(f"{where}.granularity: the method fixes the granularity of λ (methods {names}); name "
+                          "task_wise_adamerging (one λ per task) or layer_wise_adamerging (one per task and tensor), "
+                          "or their ++ variants, and remove the key")
+    return _known(where, value, _adamerging_keys())
 
 
 def load_yaml(text: str) -> Any:

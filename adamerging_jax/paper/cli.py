@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adamerging_jax.command_checks import check_output_dir, locked_output
+from adamerging_jax.core.optimize import PRESETS
 from adamerging_jax.core.registry import method_specs
 from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.output import check_output_contents, check_placement, committed_paths, staged_output
@@ -32,7 +33,6 @@ from adamerging_jax.paper.settings import (
     CHECKPOINTS,
     DEFAULT_CACHE,
     METHODS,
-    PRESETS,
     Checkpoints,
     DataConfig,
     ExperimentConfig,

@@ -25,7 +25,6 @@ METHODS = ("pretrained", "individual", "weight_average", "task_arithmetic", "tie
            "task_wise_adamerging++", "layer_wise_adamerging", "layer_wise_adamerging++")
 """Table 1's rows, in the paper's order (registry names)."""
 
-PRESETS = ("official", "fusionbench")
 DEFAULT_CACHE = cache_root()
 
 CHECKPOINTS = {
@@ -100,15 +99,12 @@ def merge_settings(preset: str = "official", methods: Sequence[Any] = METHODS, t
     official script's: task arithmetic 0.3, TIES 20% / dis-sum / 0.3) with the ``official`` (EnnengYang/
     AdaMerging) or ``fusionbench`` (FusionBench 0.2.33) AdaMerging settings, CLIP's stacked layers declared;
     ``ties_total_size`` (the official ++ count, text side included) goes to TIES and AdaMerging++."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; the presets are {PRESETS}")
-    make = AdaMergingConfig.official if preset == "official" else AdaMergingConfig.fusionbench
     specs = []
     for spec in method_specs(methods):
         if ties_total_size is not None and "total_size" in spec.params:
             spec = method_spec(spec, total_size=ties_total_size)
         specs.append(spec)
-    return MergeSettings(tuple(specs), make(stacked=stacked, **adamerging))
+    return MergeSettings(tuple(specs), AdaMergingConfig.from_preset(preset, stacked=stacked, **adamerging))
 
 
 @dataclasses.dataclass(frozen=True)
