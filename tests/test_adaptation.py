@@ -93,7 +93,7 @@ def test_merge_held_out_adapts_on_part_of_each_test_folder_and_scores_the_rest(w
     from adamerging_jax.data.clip_preprocess import preprocess
     from adamerging_jax.merging.config import load_config
     from adamerging_jax.merging.plan import prepare
-    from adamerging_jax.merging.run import adaptation_batches
+    from adamerging_jax.merging.clip_run import adaptation_batches
 
     rng = np.random.default_rng(7)
     tasks = []

@@ -1,12 +1,20 @@
-"""``adamerging-jax merge CONFIG.yaml --output DIR``: a user's own CLIP checkpoints and unlabeled images in,
-a merged Hugging Face model, named λ and a report out.
+"""``adamerging-jax merge CONFIG.yaml --output DIR``: a user's own CLIP checkpoints and unlabeled images, or causal
+language models and unlabeled prompts, in; a merged Hugging Face model, named λ and a report out.
 
-- :mod:`~adamerging_jax.merging.config`: the YAML schema, validated field by field;
-- :mod:`~adamerging_jax.merging.binding`: the CLIP model binding (θ0, τ, zero-shot heads, tensor names);
+Each model family is one value, `merging.family.ModelFamily` (its YAML fields, checks, loader, binding, export),
+registered by the config's ``model:`` name in `merging.families.FAMILIES`; the modules around them never ask
+which family they run.
+
+- :mod:`~adamerging_jax.merging.config`: the YAML schema's shared fields (:mod:`~adamerging_jax.merging.schema`:
+  the config's values and field readers), each family reading its own;
 - :mod:`~adamerging_jax.merging.plan`: every check before any compute (``--dry-run`` prints the plan);
+- :mod:`~adamerging_jax.merging.run`: the plan run by its family, the output folder written;
 - :mod:`~adamerging_jax.merging.checked_run`: what every checked run shares (devices, ``--weights``);
 - :mod:`~adamerging_jax.merging.exports`: what every run shares once built (given λ, named λ, the report);
 - :mod:`~adamerging_jax.merging.errors`: `MergeError`, the refusal every module raises;
-- :mod:`~adamerging_jax.merging.run`: the methods run through the protocol, the output folder written;
+- CLIP: :mod:`~adamerging_jax.merging.clip_family` (its YAML), :mod:`~adamerging_jax.merging.clip_run` (checks,
+  run, export), :mod:`~adamerging_jax.merging.binding` (θ0, τ, zero-shot heads, tensor names);
+- causal LM: :mod:`~adamerging_jax.merging.lm_family` (its YAML), :mod:`~adamerging_jax.merging.lm` (checks, run,
+  export), :mod:`~adamerging_jax.merging.lm_binding`, :mod:`~adamerging_jax.merging.streaming`;
 - :mod:`~adamerging_jax.merging.card`: the model card.
 """

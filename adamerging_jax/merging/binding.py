@@ -22,7 +22,7 @@ import numpy as np
 from adamerging_jax.cache import cache_dir
 from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.heads import zero_shot
-from adamerging_jax.merging.config import MergeConfig, TaskConfig
+from adamerging_jax.merging.schema import MergeConfig, TaskConfig
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import (
     ClipTowers,

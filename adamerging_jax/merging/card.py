@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from adamerging_jax.core.registry import REGISTRY
-from adamerging_jax.merging.config import MergeConfig
+from adamerging_jax.merging.schema import MergeConfig
 
 
 def lambda_summary(named: Mapping[str, Sequence[float]], tasks: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -16,7 +16,7 @@ from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.protocol import MergeSettings
 from adamerging_jax.core.registry import AdaptContext, MethodSpec
-from adamerging_jax.merging.config import MergeConfig
+from adamerging_jax.merging.schema import MergeConfig
 from adamerging_jax.merging.errors import MergeError
 
 

@@ -69,7 +69,7 @@ from adamerging_jax.data.text import (
     tokenize_prompts,
 )
 from adamerging_jax.merging.card import lm_model_card
-from adamerging_jax.merging.config import MergeConfig, TaskConfig
+from adamerging_jax.merging.schema import MergeConfig, TaskConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
 from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
 from adamerging_jax.merging.errors import MergeError

@@ -1,155 +1,16 @@
-"""Run a checked `Plan` and write its output folder (resumable in place):
-
-    OUT/model/               the exported method's model as an HF folder (save_hf_clip), tokenizer files,
-                             preprocessor_config.json and the model card README.md; for EMR-Merging the
-                             unified model and emr.safetensors, each task's mask and rescaler (merging.emr_files);
-                             for Representation Surgery the base model and surgery.safetensors, each task's
-                             module (merging.surgery_files)
-    OUT/lambdas.json         λ by checkpoint tensor name → one value per task (adaptive methods or --weights)
-    OUT/lambdas.safetensors  the same, tensor name → float32 [K]
-    OUT/results.json, table.md, *.png   the report (adamerging_jax.report)
-    OUT/state/<method>/      AdaMerging's resumable state: a rerun continues it; one with other settings,
-                             data or task vectors is refused with the difference named
-
-Everything but ``state/`` is built in a hidden sibling folder and committed as the new ``OUT`` at once
-(`adamerging_jax.output.staged_output`; ``state/`` is carried over): a killed run leaves the previous result
-or the new one, and no file of an earlier run survives beside the new ones.
-
-``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
-without training (FusionBench's ``method.weights=``): our ``lambdas.json`` / ``lambdas.safetensors``,
-FusionBench's layer-wise ``[K, n]`` ``.pt`` / ``.npy`` (columns in the HF parameter order; read without
-running pickled code), or the official ``[n, 1 + K]`` layout: rows in the official repository's open_clip
-order (the binding's ``official_rows``: 158 rows for ViT-B/32), in the HF parameter order, or one task-wise
-row. Every given λ must be finite and, when the exported method has no clamp (the FusionBench preset), within
-±``lambda_bound``; errors name the tensor (or row) and the task. Before the model is written, every tensor of
-it is checked finite (`check_exported_finite`).
+"""Run a checked plan and write its output folder: its model family runs it (`merging.families.FAMILIES`; the
+CLIP family's output folder is described in `merging.clip_run`, the causal LM's in `merging.lm`).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any, Callable
 
-import jax
-import numpy as np
-
-import adamerging_jax as am
-from adamerging_jax.core.checkpoint import write_atomic
-from adamerging_jax.core.emr import EmrModels
-from adamerging_jax.core.surgery import SurgeryModels
-from adamerging_jax.core.protocol import build_models, records_json, score_models
-from adamerging_jax.core.registry import Merged
-from adamerging_jax.merging.card import emr_lines, model_card, surgery_lines, we_moe_lines
-from adamerging_jax.merging.emr_files import write_emr_file
-from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
-from adamerging_jax.merging.we_moe_files import dense_tower, write_we_moe_file
-from adamerging_jax.merging.errors import MergeError
-from adamerging_jax.merging.exports import check_exported_finite, given_lambdas, write_lambdas, write_report
-from adamerging_jax.merging.plan import Plan, source_identity
-
-
-def adaptation_batches(plan: Plan) -> Any:
-    """The unlabeled batches of every task, fingerprinted by the sampler's settings (batch size, batches per
-    task, seed), sampled images and every source's files (`source_identity`)."""
-    from adamerging_jax.data.pipeline import AdaptationBatches, clip_preprocess
-
-    identity = [source_identity(source) for source in plan.unlabeled]
-
-    class Batches(AdaptationBatches):
-        def fingerprint(self, examples_per_source: int = 4) -> str:
-            return f"{super().fingerprint(examples_per_source)}-{'.'.join(identity)}"
-
-    settings = plan.settings.adamerging
-    size = plan.towers.config.vision.image_size
-    return Batches(plan.unlabeled, batch_size=settings.batch_size, n_batches=settings.batches_per_task,
-                   seed=plan.config.seed, preprocess=functools.partial(clip_preprocess, size=size),
-                   num_threads=min(8, os.cpu_count() or 1))
+from adamerging_jax.merging.families import FAMILIES
 
 
 def run_plan(plan: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every method's model (AdaMerging resumable under ``OUT/state``), evaluate them on the test
     folders when given, export the chosen one and write the report; returns ``results.json``'s content.
-    A causal LM's plan runs through `adamerging_jax.merging.lm.run_lm_plan`."""
-    if plan.config.model == "causal_lm":
-        from adamerging_jax.merging.lm import run_lm_plan
-
-        return run_lm_plan(plan, log)
-    config, output = plan.config, plan.output
-    output.mkdir(parents=True, exist_ok=True)
-    plan.heads.build(log)
-    towers = plan.towers
-    task_vectors = am.task_vectors(towers.pretrained, towers.finetuned)
-    settings = plan.settings.with_changes(quiet=True)
-    adaptation = None
-    if plan.weights is not None:
-        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, plan.mesh)])
-    elif settings.needs_data:
-        adaptation = adaptation_batches(plan)
-    names = [task.name for task in config.tasks]
-    try:
-        models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
-                                       adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
-                                       view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn,
-                                       features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn,
-                                       mixture=plan.binding.mixture, log=log)
-    except ValueError as error:
-        raise MergeError(str(error)) from None
-    finally:
-        if adaptation is not None:
-            adaptation.close()  # no image decoded ahead for steps that will not run
-    if plan.tests is not None:
-        from adamerging_jax.data.pipeline import clip_preprocess, evaluation_batches
-
-        size = towers.config.vision.image_size
-        test_sets = [evaluation_batches(source, config.eval_batch_size, functools.partial(clip_preprocess, size=size))
-                     for source in plan.tests]
-        score_models(plan.binding.apply_fn, models, records, test_sets, names, config.eval_batch_size, log=log)
-    run = {"tasks": names, "merged_tasks": names, "methods": records_json(records), "export": config.exported,
-           "weights": plan.weights_file, "settings": settings.describe(), "config": config.source}
-    return write_outputs(plan, models[config.exported], run, log)
-
-
-def surgery_section(surgery: SurgeryModels | None, tasks: list[str]) -> list[str]:
-    """The card's Surgery section (empty for another method): the modules' tensor names."""
-    return surgery_lines(sorted(name for task in tasks for name in module_names(task))) if surgery else []
-
-
-def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """The model folder with its card, the named λ and the report (module docstring), built in a sibling folder
-    and committed as the whole output at once (`adamerging_jax.output.staged_output`): a kill leaves the
-    previous result or the new one, and nothing of an earlier run survives beside the new files."""
-    from adamerging_jax import report
-    from adamerging_jax.models.clip_checkpoint import save_hf_clip
-    from adamerging_jax.output import staged_output
-
-    config, output, towers = plan.config, plan.output, plan.towers
-    emr = merged.per_task if isinstance(merged.per_task, EmrModels) else None
-    surgery = merged.per_task if isinstance(merged.per_task, SurgeryModels) else None
-    routed = merged.params if isinstance(merged.params, dict) and "routers" in merged.params else None
-    dense = dense_tower(jax.device_get(routed["frozen"])) if routed else merged.params
-    vision = jax.tree_util.tree_map(np.asarray, jax.device_get(emr.unified if emr else dense))
-    check_exported_finite(vision, plan.binding.tensor_names)
-    tested = plan.tests is not None
-    table = report.markdown_table([run]) if tested else None
-    markdown = table or "No test folders were given: no accuracy.\n"
-    with staged_output(output) as stage:
-        write_lambdas(plan, merged, run, stage)
-        files = write_report(plan, run, markdown, log, stage)
-        card = model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
-                          run.get("weights"), emr_lines(config) if emr else we_moe_lines() if routed else
-                          surgery_section(surgery, run["tasks"]))
-        folder = stage / "model"
-        folder.mkdir()
-        save_hf_clip(str(folder), vision, towers.full, towers.config, kind=config.export,
-                     tokenizer_dir=towers.tokenizer_dir)
-        if emr:
-            write_emr_file(str(folder), emr, run["tasks"])
-        if surgery:
-            write_surgery_file(str(folder), surgery, run["tasks"])
-        if routed:
-            write_we_moe_file(str(folder), routed["frozen"], routed["routers"], run["tasks"])
-        write_atomic(folder / "README.md", card.encode())
-    log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
-        str(output / path.relative_to(stage)) for path in files.values()))
-    return run
+    The plan's model family runs it (its ``run``: `merging.clip_run.run_clip_plan`, `merging.lm.run_lm_plan`)."""
+    return FAMILIES[plan.config.model].run(plan, log)
