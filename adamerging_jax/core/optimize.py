@@ -38,7 +38,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -434,12 +434,13 @@ def _cached_step(apply_fn: ApplyFn, config: AdaMergingConfig, sharded_on: Mesh |
     return _jit_step(apply_fn, config, sharded_on)
 
 
-def _check_batches(batches: Batches, k: int, step: int) -> None:
+def _check_batches(batches: Batches, k: int | None, step: int) -> None:
+    """One non-empty batch of arrays per task (K of them; any count ≥ 1 when `k` is None)."""
     try:
         count = len(batches)
     except TypeError:
         raise ValueError(f"step {step}: the batch source gave a {type(batches).__name__}, not one batch per task") from None
-    if count != k:
+    if k is not None and count != k:
         raise ValueError(f"step {step}: got batches for {count} tasks, the task vectors hold K = {k}")
     for task, batch in enumerate(batches):
         if isinstance(batch, list):
@@ -481,15 +482,20 @@ def _data_identity(batches: BatchSource, mesh: Mesh) -> tuple[str, BatchSource]:
     """
     if callable(getattr(batches, "fingerprint", None)):
         return str(batches.fingerprint()), batches
-    if callable(batches):
-        first = batches(0)
-    else:
-        iterator = iter(batches)
-        first = next(iterator, None)
-        if first is None:
-            raise ValueError("the batch source is empty: no batches for step 0")
-        batches = itertools.chain([first], iterator)
+    first, batches = peek_batches(batches)
     return tree_digest(list(first), replicated(mesh)), batches
+
+
+def peek_batches(batches: BatchSource) -> tuple[Batches, BatchSource]:
+    """Step 0's batches, and the source to run from: a callable as it is, an iterable with its first element
+    put back in front; a ValueError for an empty iterable."""
+    if callable(batches):
+        return batches(0), batches
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("the batch source is empty: no batches for step 0")
+    return first, itertools.chain([first], iterator)
 
 
 def _run_fingerprint(
@@ -612,8 +618,8 @@ def restore_run_state(checkpointer: RunCheckpointer, fingerprint: dict[str, Any]
                       ) -> tuple[int, PyTree, list[np.ndarray]] | None:
     """The newest usable checkpoint's (step, state shaped like `template`, per-step losses), or None. One
     written by another run (any part of `fingerprint` changed, see `fingerprint_differences`) or past `steps`
-    is refused, naming what differs and how to start afresh. Shared by every resumable loop (AdaMerging,
-    Surgery)."""
+    is refused, naming what differs and how to start afresh. Shared by every resumable loop (AdaMerging's, and
+    `train_resumable`'s for the test-time methods)."""
     where = checkpointer.directory
     afresh = f"to start afresh, use another checkpoint_dir or delete {where}"
 
@@ -790,3 +796,113 @@ def adamerging(
         if checkpointer is not None:
             checkpointer.close()
     return _result(run, config)
+
+
+# ------------------------------------------------------------------------------ the test-time methods' loop
+
+
+class AdaptationSettings(Protocol):
+    """What `train_resumable` reads of a test-time method's config (`core.surgery.SurgeryConfig`,
+    `core.we_moe.WEMoEConfig`)."""
+
+    steps: int
+    batch_size: int
+    checkpoint_dir: str | None
+    checkpoint_every: int
+    quiet: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopNames:
+    """How a loop's errors and progress name it: ``method`` ("Surgery"), its per-task ``loss`` ("L1 loss") and
+    its ``batch_size`` setting ("surgery_batch_size")."""
+
+    method: str
+    loss: str
+    batch_size: str
+
+
+def first_examples(batch: Any, size: int, task: int, step: int, setting: str) -> Any:
+    """The first `size` examples of task t's batch; a ValueError naming the `setting` when it holds fewer."""
+    count = np.shape(jax.tree_util.tree_leaves(batch)[0])[0]
+    if count < size:
+        raise ValueError(f"step {step}: task {task}'s adaptation batch holds {count} examples, fewer than "
+                         f"{setting} = {size}")
+    return jax.tree_util.tree_map(lambda x: x[:size], batch)
+
+
+def _checked_losses(rows: list[Any], first: int, names: LoopNames) -> list[np.ndarray]:
+    """The per-task losses of steps first, first + 1, ... on the host; a ValueError naming the first step and
+    tasks whose loss is not finite."""
+    fetched = [np.asarray(row) for row in jax.device_get(rows)]
+    for step, row in enumerate(fetched, start=first):
+        if not np.all(np.isfinite(row)):
+            tasks = [t for t, value in enumerate(row) if not np.isfinite(value)]
+            raise ValueError(f"{names.method} step {step}: the {names.loss} of task(s) {tasks} is not finite (NaN or "
+                             "inf in the inputs or the model); the run stopped")
+    return fetched
+
+
+def train_resumable(
+    step: Callable[[PyTree, list[Any]], tuple[PyTree, jax.Array]],
+    state: PyTree,
+    batches: BatchSource,
+    config: AdaptationSettings,
+    fingerprint: Callable[[str], dict[str, Any]],
+    names: LoopNames,
+    *,
+    mesh: Mesh,
+    tasks: int | None = None,
+) -> tuple[PyTree, np.ndarray]:
+    """Steps 0 … ``config.steps`` − 1 of a test-time method trained on unlabeled batches (Representation Surgery's
+    modules, WEMoE's routers): per step, the first ``config.batch_size`` examples of each task's batch, split over
+    the mesh's "data" axis, then ``state, L = step(state, batches)`` (L [K]: the per-task losses before the
+    update; `step` may donate `state`).
+
+    With ``config.checkpoint_dir`` the run resumes from the newest usable checkpoint there, bit-identically
+    (`restore_run_state`; saved every ``checkpoint_every`` steps and at the end), and refuses one whose
+    fingerprint differs from ``fingerprint(data)`` (`data`: the batch source's identity, `_data_identity`).
+    The losses are fetched and checked finite every `CHECK_EVERY` steps, at checkpoints and at the end.
+
+    Args:
+      tasks: K, when known; otherwise step 0's batch count.
+
+    Returns:
+      (the final state, the losses [steps, K]).
+    """
+    checkpointer = run_fingerprint = None
+    if config.checkpoint_dir:
+        data, batches = _data_identity(batches, mesh)
+        run_fingerprint = fingerprint(data)
+        checkpointer = RunCheckpointer(os.fspath(config.checkpoint_dir), config.checkpoint_every)
+    start, losses, pending = 0, [], []
+    try:
+        if checkpointer is not None and (found := restore_run_state(checkpointer, run_fingerprint, config.steps,
+                                                                    state)) is not None:
+            start, state, losses = found
+        stream = _batch_stream(batches, start)
+        with tqdm(range(start, config.steps), desc=names.method, disable=config.quiet, initial=start,
+                  total=config.steps) as progress:
+            for index in progress:
+                step_batches = next(stream, None)
+                if step_batches is None:
+                    raise ValueError(f"the batch source ran out at step {index} of {config.steps}")
+                _check_batches(step_batches, tasks, index)
+                tasks = len(step_batches)
+                chosen = [first_examples(batch, config.batch_size, task, index, names.batch_size)
+                          for task, batch in enumerate(step_batches)]
+                state, per_task = step(state, shard_batches(chosen, mesh))
+                pending.append(per_task)
+                done = index + 1
+                saving = checkpointer is not None and (checkpointer.should_save(done) or done == config.steps)
+                if saving or done % CHECK_EVERY == 0 or done == config.steps:
+                    losses += _checked_losses(pending, len(losses), names)
+                    pending = []
+                    progress.set_postfix(loss=f"{float(np.sum(losses[-1])):.4f}")
+                if saving:
+                    save_run_state(checkpointer, done, state, losses, run_fingerprint)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    history = np.stack(losses) if losses else np.zeros((0, tasks or 0), np.float32)
+    return state, history

@@ -19,8 +19,9 @@ iteration, so one Adam step on Σ_t L_t is the same update (the step here).
 The step is one jitted function: the base model's representation of all K batches in one forward, the
 fine-tuned models' one task at a time (`lax.map` over τ: one model's parameters alive at a time), then the
 gradient of Σ_t L_t with respect to the modules alone. Batches are split over the mesh's "data" axis as in
-AdaMerging; a run with ``checkpoint_dir`` resumes bit-identically, through AdaMerging's checkpoint machinery
-(`core.optimize.restore_run_state`).
+AdaMerging. The loop is the one every test-time method shares (`core.optimize.train_resumable`): a run with
+``checkpoint_dir`` resumes bit-identically, through AdaMerging's checkpoint machinery, and refuses a checkpoint
+of another run, naming what differs.
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -39,13 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from adamerging_jax.core.objective import SharedBackbone
-from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest
-from adamerging_jax.core.optimize import (BatchSource, _batch_stream, _check_batches, _data_identity,
-                                          restore_run_state, save_run_state)
-from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy, shard_batches
+from adamerging_jax.core.checkpoint import tree_digest
+from adamerging_jax.core.optimize import BatchSource, LoopNames, peek_batches, train_resumable
+from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
 from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable
@@ -118,6 +115,7 @@ BATCH = Parameter("surgery_batch_size", None, "unlabeled images per task and ste
                   kind=int, minimum=1, optional=True)
 SEED = Parameter("seed", 0, "the seed of W_down's initial draw", minimum=0)
 PARAMETERS = (HIDDEN_DIM, STEPS, LR, BATCH, SEED)
+NAMES = LoopNames("Surgery", "L1 loss", "surgery_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +149,6 @@ class SurgeryResult:
 
     modules: SurgeryModules
     history: dict[str, np.ndarray]
-
-
-def _task_batch(batch: Any, size: int, task: int, step: int) -> Any:
-    """The first `size` examples of task t's batch; a ValueError when it holds fewer."""
-    count = np.shape(jax.tree_util.tree_leaves(batch)[0])[0]
-    if count < size:
-        raise ValueError(f"step {step}: task {task}'s adaptation batch holds {count} examples, fewer than "
-                         f"surgery_batch_size = {size}")
-    return jax.tree_util.tree_map(lambda x: x[:size], batch)
 
 
 def make_surgery_step(features_fn: FeaturesFn, optimizer: optax.GradientTransformation) -> Callable[..., tuple]:
@@ -238,71 +227,23 @@ def train_surgery(
     base, pretrained = place_tree(base, mesh, False), place_tree(pretrained, mesh, False)
     task_vectors = place_tree(task_vectors, mesh, False)
     if modules is None:
-        first, batches = _peek(batches)
+        first, batches = peek_batches(batches)
         dim, dtype = _representation(features_fn, base, first)
         modules = init_modules(jax.random.PRNGKey(config.seed), k, dim, config.hidden_dim, dtype)
-    optimizer = optax.adam(config.lr, b1=0.9, b2=0.999)
-    modules = replicated_copy(modules, mesh)
-    opt_state = replicated_copy(optimizer.init(modules), mesh)
-    step_fn = _compiled_step(features_fn, config.lr)
-    checkpointer = fingerprint = None
-    start, losses = 0, []
-    if config.checkpoint_dir:
-        data, batches = _data_identity(batches, mesh)
-        fingerprint = _fingerprint(config, modules, base, pretrained, task_vectors, data, mesh)
-        checkpointer = RunCheckpointer(os.fspath(config.checkpoint_dir), config.checkpoint_every)
-    try:
-        if checkpointer is not None and (found := restore_run_state(checkpointer, fingerprint, config.steps,
-                                                                    (modules, opt_state))) is not None:
-            start, (modules, opt_state), losses = found
-        stream = _batch_stream(batches, start)
-        progress = tqdm(range(start, config.steps), desc="Surgery", disable=config.quiet, initial=start,
-                        total=config.steps)
-        for step in progress:
-            step_batches = next(stream, None)
-            if step_batches is None:
-                raise ValueError(f"the batch source ran out at step {step} of {config.steps}")
-            _check_batches(step_batches, k, step)
-            chosen = [_task_batch(b, config.batch_size, t, step) for t, b in enumerate(step_batches)]
-            modules, opt_state, per_task = step_fn(modules, opt_state, base, pretrained, task_vectors,
-                                                   shard_batches(chosen, mesh))
-            losses.append(per_task)
-            done = step + 1
-            if checkpointer is not None and (checkpointer.should_save(done) or done == config.steps):
-                losses = _checked(losses)
-                save_run_state(checkpointer, done, (modules, opt_state), losses, fingerprint)
-            if done % 10 == 0 or done == config.steps:
-                losses = _checked(losses)
-                progress.set_postfix(l1=f"{float(np.sum(losses[-1])):.4f}")
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-    losses = _checked(losses)
-    history = np.stack(losses) if losses else np.zeros((0, k), np.float32)
-    return SurgeryResult(modules, {"loss": history})
+    initial = replicated_copy(modules, mesh)
+    opt_state = replicated_copy(optax.adam(config.lr, b1=0.9, b2=0.999).init(initial), mesh)
+    compiled = _compiled_step(features_fn, config.lr)
 
+    def step(state: tuple, placed: list[Any]) -> tuple[tuple, jax.Array]:
+        trained, state, per_task = compiled(*state, base, pretrained, task_vectors, placed)
+        return (trained, state), per_task
 
-def _checked(losses: list[Any]) -> list[np.ndarray]:
-    """The losses of steps 0, 1, ... fetched to the host; a ValueError naming the first step and tasks whose loss
-    is not finite."""
-    fetched = [np.asarray(row, np.float32) for row in jax.device_get(losses)]
-    for step, row in enumerate(fetched):
-        if not np.all(np.isfinite(row)):
-            tasks = [t for t, value in enumerate(row) if not np.isfinite(value)]
-            raise ValueError(f"Surgery step {step}: the L1 loss of task(s) {tasks} is not finite (NaN or inf "
-                             "in the inputs or the representations); the run stopped")
-    return fetched
+    def fingerprint(data: str) -> dict[str, Any]:
+        return _fingerprint(config, initial, base, pretrained, task_vectors, data, mesh)
 
-
-def _peek(batches: BatchSource) -> tuple[Any, BatchSource]:
-    """Step 0's batches, and the source to run from (an iterable's first element put back in front)."""
-    if callable(batches):
-        return batches(0), batches
-    iterator = iter(batches)
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError("the batch source is empty: no batches for step 0")
-    return first, itertools.chain([first], iterator)
+    (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES,
+                                            mesh=mesh, tasks=k)
+    return SurgeryResult(trained, {"loss": history})
 
 
 def _representation(features_fn: FeaturesFn, base: PyTree, probe: Any) -> tuple[int, Any]:

@@ -20,8 +20,9 @@ trained model routes every example on its own.
 
 The step is one jitted function: the K task batches through the routed model as one batch of K groups, each
 head on its slice, the gradient of Σ_t L_t with respect to the routers alone. Batches are split over the mesh's
-"data" axis as in AdaMerging; a run with ``checkpoint_dir`` resumes bit-identically through AdaMerging's
-checkpoint machinery (`core.optimize.restore_run_state`) and refuses a checkpoint of other settings.
+"data" axis as in AdaMerging. The loop is the one every test-time method shares (`core.optimize.train_resumable`):
+a run with ``checkpoint_dir`` resumes bit-identically through AdaMerging's checkpoint machinery and refuses a
+checkpoint of another run, naming what differs.
 
 Memory: the routed group holds W_0 and K task vectors per upscaled layer, so with P the model's parameters,
 P_g those of one layer's group and P_r one router (2-layer, width d: d² + d + dK + K),
@@ -40,7 +41,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -48,13 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from adamerging_jax.core.checkpoint import RunCheckpointer, tree_digest
+from adamerging_jax.core.checkpoint import tree_digest
 from adamerging_jax.core.objective import SharedBackbone, mean_entropy
-from adamerging_jax.core.optimize import (BatchSource, _batch_stream, _check_batches, _data_identity,
-                                          restore_run_state, save_run_state)
-from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy, shard_batches
+from adamerging_jax.core.optimize import BatchSource, LoopNames, train_resumable
+from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import check_stacked
 from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable
@@ -66,6 +64,7 @@ REFERENCE = ("FusionBench 0.2.33 fusion_bench/method/we_moe/ (we_moe.py, clip_we
 FORMULA = ("W(h) = W_0 + Σ_k r_k(h) τ_k in the upscaled modules, r(h) = mean_tokens fc2(ReLU(fc1(h)));  the rest "
            "θ0 + λ Σ_k τ_k;  r = argmin Σ_t mean_x H(softmax(head_t(f(x))))  (Adam, unlabeled test x)")
 ENTROPY_EPS = 1e-8
+NAMES = LoopNames("WEMoE", "entropy", "we_moe_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,33 +165,15 @@ def _compiled_step(mixture: ExpertMixture, head_fn: Callable, lr: float) -> Call
 
 def _fingerprint(config: WEMoEConfig, routers: PyTree, frozen: PyTree, data: str, mesh: Mesh) -> dict[str, Any]:
     """What `core.optimize.fingerprint_differences` compares: the settings, the initial routers (their draw and
-    layout), the frozen model (θ_merged, W_0, τ) and the data."""
+    layout), the routed model's frozen parameters (θ_merged, W_0 and τ in one digest, a setting: a change names
+    ``routed_model``) and the data."""
     sharding = replicated(mesh)
     layout = json.dumps([[list(x.shape), str(x.dtype)] for x in jax.tree_util.tree_leaves(routers)])
-    fingerprint = dict(settings={**config.resume_settings(), "initial_routers": tree_digest(routers, sharding)},
-                       coefficients=hashlib.sha256(layout.encode()).hexdigest()[:16],
-                       pretrained=tree_digest(frozen, sharding), task_vectors="in the frozen model", data=data)
+    settings = {**config.resume_settings(), "initial_routers": tree_digest(routers, sharding),
+                "routed_model": tree_digest(frozen, sharding)}
+    fingerprint = dict(settings=settings, coefficients=hashlib.sha256(layout.encode()).hexdigest()[:16],
+                       pretrained="in routed_model", task_vectors="in routed_model", data=data)
     return json.loads(json.dumps(jsonable(fingerprint)))
-
-
-def _first_examples(batch: Any, size: int, task: int, step: int) -> Any:
-    """The first `size` examples of task t's batch; a ValueError when it holds fewer."""
-    count = np.shape(jax.tree_util.tree_leaves(batch)[0])[0]
-    if count < size:
-        raise ValueError(f"step {step}: task {task}'s adaptation batch holds {count} examples, fewer than "
-                         f"batch_size = {size} of we_moe")
-    return jax.tree_util.tree_map(lambda x: x[:size], batch)
-
-
-def _fetched_losses(losses: list[Any]) -> list[np.ndarray]:
-    """The losses of steps 0, 1, ... on the host; a ValueError naming the first step and tasks not finite."""
-    fetched = [np.asarray(row, np.float64) for row in jax.device_get(losses)]
-    for step, row in enumerate(fetched):
-        if not np.all(np.isfinite(row)):
-            bad = [t for t, value in enumerate(row) if not np.isfinite(value)]
-            raise ValueError(f"WEMoE step {step}: the entropy of task(s) {bad} is not finite (NaN or inf in the "
-                             "inputs or the routed model); the run stopped")
-    return fetched
 
 
 def train_we_moe(
@@ -218,46 +199,19 @@ def train_we_moe(
     """
     mesh = mesh or data_mesh()
     frozen = place_tree(frozen, mesh, False)
-    optimizer = optax.adam(config.lr, b1=0.9, b2=0.999)
-    routers = replicated_copy(routers, mesh)
-    opt_state = replicated_copy(optimizer.init(routers), mesh)
-    step_fn = _compiled_step(mixture, head_fn, config.lr)
-    checkpointer = fingerprint = None
-    start, losses = 0, []
-    if config.checkpoint_dir:
-        data, batches = _data_identity(batches, mesh)
-        fingerprint = _fingerprint(config, routers, frozen, data, mesh)
-        checkpointer = RunCheckpointer(os.fspath(config.checkpoint_dir), config.checkpoint_every)
-    k = None
-    try:
-        if checkpointer is not None and (found := restore_run_state(checkpointer, fingerprint, config.steps,
-                                                                    (routers, opt_state))) is not None:
-            start, (routers, opt_state), losses = found
-        stream = _batch_stream(batches, start)
-        progress = tqdm(range(start, config.steps), desc="WEMoE", disable=config.quiet, initial=start,
-                        total=config.steps)
-        for step in progress:
-            step_batches = next(stream, None)
-            if step_batches is None:
-                raise ValueError(f"the batch source ran out at step {step} of {config.steps}")
-            k = k or len(step_batches)
-            _check_batches(step_batches, k, step)
-            chosen = [_first_examples(b, config.batch_size, t, step) for t, b in enumerate(step_batches)]
-            routers, opt_state, per_task = step_fn(routers, opt_state, frozen, shard_batches(chosen, mesh))
-            losses.append(per_task)
-            done = step + 1
-            if checkpointer is not None and (checkpointer.should_save(done) or done == config.steps):
-                losses = _fetched_losses(losses)
-                save_run_state(checkpointer, done, (routers, opt_state), losses, fingerprint)
-            if done % 10 == 0 or done == config.steps:
-                losses = _fetched_losses(losses)
-                progress.set_postfix(entropy=f"{float(np.sum(losses[-1])):.4f}")
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-    losses = _fetched_losses(losses)
-    history = np.stack(losses) if losses else np.zeros((0, k or 0))
-    return WEMoEResult(routers, {"loss": history})
+    initial = replicated_copy(routers, mesh)
+    opt_state = replicated_copy(optax.adam(config.lr, b1=0.9, b2=0.999).init(initial), mesh)
+    compiled = _compiled_step(mixture, head_fn, config.lr)
+
+    def step(state: tuple, placed: list[Any]) -> tuple[tuple, jax.Array]:
+        trained, state, per_task = compiled(*state, frozen, placed)
+        return (trained, state), per_task
+
+    def fingerprint(data: str) -> dict[str, Any]:
+        return _fingerprint(config, initial, frozen, data, mesh)
+
+    (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES, mesh=mesh)
+    return WEMoEResult(trained, {"loss": history})
 
 
 @dataclasses.dataclass(frozen=True)
