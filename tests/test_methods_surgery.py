@@ -4,9 +4,11 @@ on the tiny float64 CLIP image tower over a task-arithmetic base: step 0's losse
 after 20 steps; then resume, refusals and the registry's per-task models."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from method_fixtures import models, read
 from test_merge_command import world  # noqa: F401 (a fixture)
+from test_resume import assert_refused_naming
 
 import adamerging_jax as am
 from adamerging_jax.core import surgery
@@ -104,26 +107,66 @@ def test_initial_modules_follow_torch_s_law():
     assert not np.any(np.asarray(modules.up))
 
 
-def test_resume_is_bit_identical_and_other_settings_are_refused(tmp_path):
-    """Stopped at step 4 and resumed to 8, the modules equal an uninterrupted run's bit for bit; a resume with
-    another lr is refused, naming it."""
+RESUMED = surgery.SurgeryConfig(steps=8, batch_size=4, checkpoint_every=2, quiet=True, seed=3)
+
+
+def float32_models() -> tuple[dict, dict, dict]:
+    """(θ0, τ, the task-arithmetic base) in float32."""
     pretrained, tau, _ = models()
-    pretrained = jax.tree_util.tree_map(lambda x: x.astype(np.float32), pretrained)
-    tau = jax.tree_util.tree_map(lambda x: x.astype(np.float32), tau)
-    base = base_model(pretrained, tau)
-    config = surgery.SurgeryConfig(steps=8, batch_size=4, checkpoint_every=2, quiet=True, seed=3)
-    whole = surgery.train_surgery(features_fn, base, pretrained, tau, batches, config, mesh=mesh())
-    folder = str(tmp_path / "state")
+    pretrained, tau = (jax.tree_util.tree_map(lambda x: x.astype(np.float32), t) for t in (pretrained, tau))
+    return pretrained, tau, base_model(pretrained, tau)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> str:
+    """The checkpoint folder of `RESUMED` stopped after 4 of its 8 steps."""
+    folder = str(tmp_path_factory.mktemp("surgery") / "state")
+    pretrained, tau, base = float32_models()
     surgery.train_surgery(features_fn, base, pretrained, tau, batches,
-                          surgery.SurgeryConfig(**{**vars(config), "steps": 4, "checkpoint_dir": folder}), mesh=mesh())
+                          dataclasses.replace(RESUMED, steps=4, checkpoint_dir=folder), mesh=mesh())
+    return folder
+
+
+def test_resume_is_bit_identical(stopped, tmp_path):
+    """Stopped at step 4 and resumed to 8, the modules and losses equal an uninterrupted run's bit for bit."""
+    pretrained, tau, base = float32_models()
+    whole = surgery.train_surgery(features_fn, base, pretrained, tau, batches, RESUMED, mesh=mesh())
+    folder = tmp_path / "state"
+    shutil.copytree(stopped, folder)
     resumed = surgery.train_surgery(features_fn, base, pretrained, tau, batches,
-                                    surgery.SurgeryConfig(**{**vars(config), "checkpoint_dir": folder}), mesh=mesh())
+                                    dataclasses.replace(RESUMED, checkpoint_dir=str(folder)), mesh=mesh())
     for part in ("down", "up"):
         assert np.array_equal(np.asarray(getattr(whole.modules, part)), np.asarray(getattr(resumed.modules, part)))
     np.testing.assert_array_equal(whole.history["loss"], resumed.history["loss"])
-    with pytest.raises(ValueError, match=r"written by another run: lr 0\.001 → 0\.01"):
-        surgery.train_surgery(features_fn, base, pretrained, tau, batches,
-                              surgery.SurgeryConfig(**{**vars(config), "lr": 1e-2, "checkpoint_dir": folder}), mesh=mesh())
+
+
+def _scaled(tree: dict) -> dict:
+    return jax.tree_util.tree_map(lambda x: x * 1.01, tree)
+
+
+CHANGES = {  # (config changes, (θ0, τ, base) -> the run's, batches, what the refusal names)
+    "lr": (dict(lr=1e-2), lambda p, t, b: (p, t, b), batches, ["lr 0.001 → 0.01"]),
+    "hidden_dim": (dict(hidden_dim=8), lambda p, t, b: (p, t, b), batches,
+                   ["hidden_dim 16 → 8", "the coefficient layout differs"]),
+    "seed": (dict(seed=4), lambda p, t, b: (p, t, b), batches, ["seed 3 → 4"]),
+    "batch_size": (dict(batch_size=2), lambda p, t, b: (p, t, b), batches, ["batch_size 4 → 2"]),
+    "base_model": ({}, lambda p, t, b: (p, t, _scaled(b)), batches, ["base_model '"]),
+    "pretrained": ({}, lambda p, t, b: (_scaled(p), t, b), batches, ["the pretrained parameters θ0 differ"]),
+    "task_vectors": ({}, lambda p, t, b: (p, _scaled(t), b), batches, ["the task vectors differ"]),
+    "data": ({}, lambda p, t, b: (p, t, b), lambda step: batches(step + 1), ["the data differ"]),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_checkpoint_of_another_run_is_refused_naming_the_difference(stopped, change):
+    """As AdaMerging's resume: a checkpoint written with other settings, another base model, θ0, τ or data is
+    refused in one line naming exactly what differs."""
+    overrides, inputs, source, fragments = CHANGES[change]
+    pretrained, tau, base = inputs(*float32_models())
+    with pytest.raises(ValueError, match="checkpoint step 4 in .* was written by another run: ") as error:
+        surgery.train_surgery(features_fn, base, pretrained, tau, source,
+                              dataclasses.replace(RESUMED, checkpoint_dir=stopped, **overrides), mesh=mesh())
+    assert_refused_naming(str(error.value), stopped, fragments)
 
 
 def head_fn(z: jax.Array, task: int) -> jax.Array:
@@ -132,19 +175,19 @@ def head_fn(z: jax.Array, task: int) -> jax.Array:
     return z @ weights
 
 
+SETTINGS = am.MergeSettings(({"name": "surgery", "base": "task_arithmetic", "surgery_steps": 3,
+                              "surgery_batch_size": 4},), am.AdaMergingConfig(quiet=True))
+
+
 def test_registry_surgery_scores_the_base_model_with_each_task_s_module():
     """``{name: surgery, base: task_arithmetic}`` through the protocol: task t's logits are head_t(Surgery_t(z))
-    on the base model's z, and a binding without features_fn is refused, naming it."""
-    pretrained, tau, count = models()
-    pretrained = jax.tree_util.tree_map(lambda x: x.astype(np.float32), pretrained)
-    tau = jax.tree_util.tree_map(lambda x: x.astype(np.float32), tau)
-    apply_fn = am.SharedBackbone(features_fn, head_fn)
-    settings = am.MergeSettings(({"name": "surgery", "base": "task_arithmetic", "surgery_steps": 3,
-                                  "surgery_batch_size": 4},), am.AdaMergingConfig(quiet=True))
-    models_built, _ = build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches,
-                                      features_fn=features_fn, head_fn=head_fn, mesh=mesh(), log=lambda _: None)
+    on the base model's z."""
+    pretrained, tau, base = float32_models()
+    count = fixture()["images"].shape[1]
+    models_built, _ = build_models(SETTINGS, pretrained, tau, apply_fn=am.SharedBackbone(features_fn, head_fn),
+                                   adaptation=batches, features_fn=features_fn, head_fn=head_fn, mesh=mesh(),
+                                   log=lambda _: None)
     merged = models_built["surgery"]
-    base = base_model(pretrained, tau)
     x = images(1, 2)
     module = merged.per_task(2)["surgery"]
     z = features_fn(base, x)
@@ -152,8 +195,22 @@ def test_registry_surgery_scores_the_base_model_with_each_task_s_module():
     np.testing.assert_allclose(merged.apply_fn(merged.per_task(2), x, 2), expected, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(module.up))) > 0  # trained
     assert merged.per_task(count) is None
-    with pytest.raises(ValueError, match="needs the binding's representation: its features_fn and head_fn"):
-        build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), log=lambda _: None)
+
+
+@pytest.mark.parametrize("missing", [("features_fn",), ("head_fn",), ("features_fn", "head_fn")])
+def test_a_binding_without_the_representation_is_refused_naming_what_it_lacks(missing):
+    """A binding that gives apply_fn but not features_fn (or head_fn) is refused before anything trains, in one
+    line that names exactly what is missing and what it must be."""
+    pretrained, tau, _ = float32_models()
+    given = {name: value for name, value in (("features_fn", features_fn), ("head_fn", head_fn))
+             if name not in missing}
+    with pytest.raises(ValueError) as error:
+        build_models(SETTINGS, pretrained, tau, apply_fn=am.SharedBackbone(features_fn, head_fn), adaptation=batches,
+                     mesh=mesh(), log=lambda _: None, **given)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"method 'surgery' needs the binding's representation: its {' and '.join(missing)} (" in message
+    assert "features_fn(params, inputs) -> z and head_fn(z, task) -> logits" in message
 
 
 @pytest.mark.slow

@@ -6,12 +6,14 @@ registry method through the protocol."""
 from __future__ import annotations
 
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from method_fixtures import models, read
+from test_resume import assert_refused_naming
 
 import adamerging_jax as am
 from adamerging_jax.core import we_moe
@@ -77,10 +79,13 @@ def test_step_0_routing_weights_and_losses_are_fusionbench_s(x64):
     assert np.ptp(fixture()["step0_routing"]) > 1e-3  # routing weights that differ between examples
 
 
-def _train(steps: int, checkpoint_dir=None, lr: float = LR) -> we_moe.WEMoEResult:
-    config = we_moe.WEMoEConfig(steps=steps, lr=lr, batch_size=4, checkpoint_dir=checkpoint_dir, checkpoint_every=2,
-                                quiet=True)
-    return we_moe.train_we_moe(mixture(), head_fn, frozen_model(), routers("initial"), batches, config, mesh=mesh())
+def _train(steps: int, checkpoint_dir=None, lr: float = LR, batch_size: int = 4, initial=None, frozen=None,
+           source=None) -> we_moe.WEMoEResult:
+    config = we_moe.WEMoEConfig(steps=steps, lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                                checkpoint_every=2, quiet=True)
+    return we_moe.train_we_moe(mixture(), head_fn, frozen_model() if frozen is None else frozen,
+                               routers("initial") if initial is None else initial, source or batches, config,
+                               mesh=mesh())
 
 
 def test_routers_after_20_steps_are_fusionbench_s(x64):
@@ -100,17 +105,43 @@ def test_routers_after_20_steps_are_fusionbench_s(x64):
         assert np.max(np.abs(np.asarray(logits) - fixture()["final_logits"][task])) <= 1e-9
 
 
-def test_resume_is_bit_identical_and_other_settings_are_refused(tmp_path):
-    """A run stopped after 2 steps and resumed to 4 equals a straight 4-step run bit for bit; a checkpoint of
-    another learning rate is refused, naming it."""
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> str:
+    """The checkpoint folder of a 4-step run stopped after 2 steps."""
+    folder = str(tmp_path_factory.mktemp("we_moe") / "run")
+    _train(2, folder)
+    return folder
+
+
+def test_resume_is_bit_identical(stopped, tmp_path):
+    """A run stopped after 2 steps and resumed to 4 equals a straight 4-step run bit for bit."""
     straight = _train(4)
-    _train(2, tmp_path / "run")
-    resumed = _train(4, tmp_path / "run")
+    shutil.copytree(stopped, tmp_path / "run")
+    resumed = _train(4, str(tmp_path / "run"))
     assert np.array_equal(resumed.history["loss"], straight.history["loss"])
     for a, b in zip(jax.tree_util.tree_leaves(resumed.routers), jax.tree_util.tree_leaves(straight.routers)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="lr"):
-        _train(4, tmp_path / "run", lr=2 * LR)
+
+
+CHANGES = {  # _train's arguments that differ from the stopped run's, and what the refusal names
+    "lr": (lambda: dict(lr=2 * LR), ["lr 0.001 → 0.002"]),
+    "batch_size": (lambda: dict(batch_size=2), ["batch_size 4 → 2"]),
+    "initial_routers": (lambda: dict(initial=routers("final")), ["initial_routers '"]),
+    "routed_model": (lambda: dict(frozen=jax.tree_util.tree_map(lambda x: x * 1.01, frozen_model())),
+                     ["routed_model '"]),
+    "data": (lambda: dict(source=lambda step: batches(step + 1)), ["the data differ"]),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_checkpoint_of_another_run_is_refused_naming_the_difference(stopped, change):
+    """As AdaMerging's resume: a checkpoint written with another learning rate or batch size, other initial
+    routers, another routed model (θ_merged, W_0, τ or the layers upscaled) or other data is refused in one line
+    naming exactly what differs."""
+    overrides, fragments = CHANGES[change]
+    with pytest.raises(ValueError, match="checkpoint step 2 in .* was written by another run: ") as error:
+        _train(4, stopped, **overrides())
+    assert_refused_naming(str(error.value), stopped, fragments)
 
 
 def test_top_k_and_bf16_task_vectors():
@@ -132,24 +163,41 @@ def test_top_k_and_bf16_task_vectors():
     assert 0 < float(jnp.max(jnp.abs(routed - plain))) < 1e-2 * float(jnp.max(jnp.abs(plain)))
 
 
+SETTINGS = MergeSettings([{"name": "we_moe", "we_moe_steps": 3, "we_moe_lr": LR, "upscale_top_k": 1}],
+                         am.AdaMergingConfig(batch_size=4, quiet=True))
+
+
+def routed_apply_fn() -> am.SharedBackbone:
+    return am.SharedBackbone(features=lambda p, x: mixture().features(p["frozen"], p["routers"], x, None),
+                             head=head_fn)
+
+
 def test_registry_method_runs_through_the_protocol(x64):
     """``we_moe`` through `build_models`: trained on the binding's mixture, scored with its own forward
-    (every example routed); refused, naming what is missing, on a binding without a mixture."""
+    (every example routed)."""
     pretrained, tau, count = models()
-    settings = MergeSettings([{"name": "we_moe", "we_moe_steps": 3, "we_moe_lr": LR, "upscale_top_k": 1}],
-                             am.AdaMergingConfig(batch_size=4, quiet=True))
-    apply_fn = am.SharedBackbone(features=lambda p, x: mixture().features(p["frozen"], p["routers"], x, None),
-                                 head=head_fn)
-    built, records = build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(),
-                                  head_fn=head_fn, mixture=mixture(), log=lambda line: None)
+    built, records = build_models(SETTINGS, pretrained, tau, apply_fn=routed_apply_fn(), adaptation=batches,
+                                  mesh=mesh(), head_fn=head_fn, mixture=mixture(), log=lambda line: None)
     model = built["we_moe"]
     assert model.params["frozen"]["routed_layers"]["ln1"]["scale"].shape[0] == 1
     assert np.asarray(records["we_moe"].loss).shape == (3, count)
     logits = model.apply_fn(model.params, jnp.asarray(batches(0)[0]), 0)
     assert logits.shape == (4, fixture()["heads"].shape[1]) and bool(jnp.all(jnp.isfinite(logits)))
-    with pytest.raises(ValueError, match="mixture"):
-        build_models(settings, pretrained, tau, apply_fn=apply_fn, adaptation=batches, mesh=mesh(), head_fn=head_fn,
-                     log=lambda line: None)
+
+
+@pytest.mark.parametrize("missing", [("mixture",), ("head_fn",), ("mixture", "head_fn")])
+def test_a_binding_without_the_mixture_is_refused_naming_what_it_lacks(missing):
+    """A binding without its weight-ensembling form (or its heads) is refused before anything is built, in one
+    line that names exactly what is missing and what it must be."""
+    pretrained, tau, _ = models()
+    given = {name: value for name, value in (("mixture", mixture()), ("head_fn", head_fn)) if name not in missing}
+    with pytest.raises(ValueError) as error:
+        build_models(SETTINGS, pretrained, tau, apply_fn=routed_apply_fn(), adaptation=batches, mesh=mesh(),
+                     log=lambda line: None, **given)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"method 'we_moe' needs the binding's weight-ensembling form: its {' and '.join(missing)} (" in message
+    assert "core.we_moe.ExpertMixture" in message
 
 
 def test_export_round_trip(tmp_path, x64):

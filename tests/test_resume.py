@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -142,8 +143,13 @@ def test_checkpoint_of_another_run_is_refused_naming_the_difference(problem, tv,
     cfg, source, vectors = make(problem, tv, copy)
     with pytest.raises(ValueError, match="checkpoint step 8 in .* was written by another run: ") as error:
         am.adamerging(problem.apply, problem.pretrained, vectors, source, cfg)
-    message = str(error.value)
-    assert "\n" not in message and message.endswith(f"to start afresh, use another checkpoint_dir or delete {copy}")
+    assert_refused_naming(str(error.value), copy, fragments)
+
+
+def assert_refused_naming(message: str, folder: Any, fragments: list[str]) -> None:
+    """A resume refused for a checkpoint of another run: one line that names each of `fragments` and nothing
+    else, and ends with how to start afresh. Shared by every resumable method's tests."""
+    assert "\n" not in message and message.endswith(f"to start afresh, use another checkpoint_dir or delete {folder}")
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     differences = message.split("another run: ")[1].split("; to start afresh")[0].split("; ")
