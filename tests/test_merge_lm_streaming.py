@@ -298,7 +298,7 @@ def complete_result(out, world, methods):
     return {p.name: p.read_bytes() for p in (out / "model").iterdir()}
 
 
-@pytest.mark.parametrize("methods", [["task_arithmetic"], ["magmax"]], ids=["streamed", "in-memory"])
+@pytest.mark.parametrize("methods", [["task_arithmetic"], ["consensus"]], ids=["streamed", "in-memory"])
 def test_a_kill_while_writing_leaves_the_previous_result_and_the_rerun_completes(world, tmp_path, methods):
     """SIGKILL once the first tensor of the model is on disk: the output holds nothing (no run before) or the
     previous result, whole; the rerun into the same output removes what the killed run left and completes."""

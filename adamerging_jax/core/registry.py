@@ -541,10 +541,10 @@ for _method in (
     MergeMethod("wudi", "WUDI merging", wudi.PAPER, _data_free(wudi.wudi_merging), wudi.PARAMETERS, uses_view=True, requires=requires_view,
                 formula="θ = θ0 + argmin_X Σ_k ‖(X − τ_k) τ_kᵀ‖²_F / ‖τ_k‖²_F per matrix (Adam from Σ_k τ_k, or the "
                         "exact minimiser); θ0 + (1/K) Σ_k τ_k for the other leaves",
-                reference="FusionBench 0.2.33 fusion_bench/method/wudi/wudi.py"),
+                reference="FusionBench 0.2.33 fusion_bench/method/wudi/wudi.py", streaming="tensor"),
     MergeMethod("magmax", "MagMax", magmax.PAPER, _data_free(magmax.magmax), magmax.PARAMETERS,
                 formula="θ = θ0 + s · τ_{k*},  k* = argmax_k |τ_k| per entry (ties: the later task)",
-                reference="FusionBench 0.2.33 fusion_bench/method/magmax/magmax.py"),
+                reference="FusionBench 0.2.33 fusion_bench/method/magmax/magmax.py", streaming="entry"),
     MergeMethod("model_stock", "Model Stock", model_stock.PAPER, _data_free(model_stock.model_stock),
                 model_stock.PARAMETERS, uses_view=True,
                 formula="θ = θ0 + t · (1/K) Σ_k τ_k per tensor,  t = K cos φ̄ / ((K − 1) cos φ̄ + 1),  "

@@ -26,9 +26,11 @@ from adamerging_jax.merging.schema import MergeConfig, TaskConfig
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import (
     ClipTowers,
+    StreamedTowers,
     lambda_tensor_names,
     load_clip_towers,
     official_lambda_rows,
+    open_clip_towers,
 )
 
 Params = dict[str, Any]
@@ -39,6 +41,12 @@ def load_towers(config: MergeConfig, log: Callable[[str], None] = print) -> Clip
     return load_clip_towers(config.pretrained, [(task.name, task.finetuned) for task in config.tasks],
                             pretrained_vision=config.pretrained_vision, trust_pickle=config.trust_pickle,
                             allow_download=not config.offline, log=log)
+
+
+def open_towers(config: MergeConfig, log: Callable[[str], None] = print) -> StreamedTowers:
+    """`load_towers` from the safetensors headers, for a merge streamed from disk: nothing loaded."""
+    return open_clip_towers(config.pretrained, [(task.name, task.finetuned) for task in config.tasks],
+                            pretrained_vision=config.pretrained_vision, allow_download=not config.offline, log=log)
 
 
 def templates_of(task: TaskConfig) -> list[str]:
@@ -78,14 +86,16 @@ class TaskHeads:
         return self._heads[task]
 
 
-def clip_binding(towers: ClipTowers, heads: TaskHeads) -> ModelBinding:
-    """The image tower with the pretrained projection and the frozen zero-shot heads, CLIP's stacked
-    layers, the HF ``CLIPVisionModel`` tensor names of its entries and the rows of the official λ files."""
-    names = lambda_tensor_names(towers.config)
-    projection = jnp.asarray(towers.full["visual_projection"]["kernel"])
-    encoder = clip.image_encoder(towers.config, projection)
+def clip_binding(config: clip.ClipConfig, heads: TaskHeads | None = None, projection: Any = None) -> ModelBinding:
+    """The image tower with the pretrained ``projection`` ([W, D] kernel) and the frozen zero-shot ``heads``,
+    CLIP's stacked layers and matrix view, the HF ``CLIPVisionModel`` tensor names of its entries and the rows
+    of the official λ files. Without heads (a merge streamed from disk, which scores nothing) the model's
+    functions are not to be run: the binding serves its names and view."""
+    names = lambda_tensor_names(config)
+    projection = None if projection is None else jnp.asarray(projection)
+    encoder = clip.image_encoder(config, projection)
     model = zero_shot.zero_shot_model(encoder, heads)
     return ModelBinding(apply_fn=model.apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
-                        matrix_view=clip.matrix_view, official_rows=official_lambda_rows(towers.config),
-                        gram_fn=clip.vision_grams(towers.config), features_fn=model.features_fn,
-                        head_fn=model.head_fn, mixture=clip.expert_mixture(towers.config, projection))
+                        matrix_view=clip.matrix_view, official_rows=official_lambda_rows(config),
+                        gram_fn=clip.vision_grams(config), features_fn=model.features_fn,
+                        head_fn=model.head_fn, mixture=clip.expert_mixture(config, projection))

@@ -16,6 +16,13 @@ Everything but ``state/`` is built in a hidden sibling folder and committed as t
 (`adamerging_jax.output.staged_output`; ``state/`` is carried over): a killed run leaves the previous result
 or the new one, and no file of an earlier run survives beside the new ones.
 
+A run whose exported method streams (`core.registry.MergeMethod.streaming`), with no method that learns from
+data, no test folders and no ``--weights`` (`streaming.streams`, the rule the causal LM shares), and whose
+checkpoints are all HF folders or hub ids (`clip_checkpoint.streamable`), loads nothing: `prepare_clip` checks
+the checkpoints from their safetensors headers (`merging.binding.open_towers`) and `run_streamed` merges the
+image tower tensor by tensor from disk into the same ``OUT/model`` export, in memory a few copies of the
+largest tensor times K (`merging.streaming`). Only the exported method is built, and no zero-shot head.
+
 ``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
 without training (FusionBench's ``method.weights=``; read by `merging.checked_run.read_weights` for every
 family): our ``lambdas.json`` / ``lambdas.safetensors``,
@@ -46,15 +53,30 @@ from adamerging_jax.core.emr import EmrModels
 from adamerging_jax.core.protocol import MergeSettings, build_models, records_json, score_models
 from adamerging_jax.core.registry import Merged
 from adamerging_jax.core.surgery import SurgeryModels
-from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers
+from adamerging_jax.merging.binding import ClipTowers, TaskHeads, clip_binding, load_towers, open_towers
 from adamerging_jax.merging.card import emr_lines, model_card, surgery_lines, we_moe_lines
 from adamerging_jax.merging.checked_run import CheckedRun, guarded, run_mesh
 from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.errors import MergeError
-from adamerging_jax.merging.exports import check_exported_finite, given_lambdas, write_lambdas, write_report
+from adamerging_jax.merging.exports import (
+    check_exported_finite,
+    given_lambdas,
+    write_lambdas,
+    write_report,
+    write_streamed,
+)
 from adamerging_jax.merging.schema import MergeConfig, TaskConfig, Unlabeled, require
+from adamerging_jax.merging.streaming import STREAMED, TaskTensors, TensorStream, binding_placement, streams
 from adamerging_jax.merging.surgery_files import module_names, write_surgery_file
 from adamerging_jax.merging.we_moe_files import dense_tower, write_we_moe_file
+from adamerging_jax.models.clip_checkpoint import (
+    ONE_FILE,
+    VISION_PREFIX,
+    StreamedTowers,
+    hf_shapes,
+    streamable,
+    write_clip_files,
+)
 
 
 def unlabeled_source(task: TaskConfig, unlabeled: Unlabeled) -> Any:
@@ -106,13 +128,17 @@ def source_identity(source: Any) -> str:
 
 @dataclasses.dataclass
 class Plan(CheckedRun):
-    """A checked CLIP run: also the loaded checkpoints, the heads, and the unlabeled and test sources (None
-    when not given)."""
+    """A checked CLIP run: also the checkpoints (loaded, or opened for a streamed run: `streamed`), the heads
+    (None when streamed), and the unlabeled and test sources (None when not given)."""
 
-    towers: ClipTowers
-    heads: TaskHeads
+    towers: ClipTowers | StreamedTowers
+    heads: TaskHeads | None
     unlabeled: list[Any] | None
     tests: list[Any] | None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.towers, StreamedTowers)
 
     @property
     def pretrained(self) -> Any:
@@ -137,7 +163,8 @@ class Plan(CheckedRun):
                      f"{adamerging.clamp}, precision {config.precision}")
         if self.weights is not None:
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
-        lines.append(f"export: {config.exported} as {config.export} to {self.output / 'model'}")
+        how = STREAMED if self.streamed else "built in memory"
+        lines.append(f"export: {config.exported} as {config.export} to {self.output / 'model'} ({how})")
         return "\n".join(lines)
 
 
@@ -183,9 +210,15 @@ def prepare_clip(config: MergeConfig, output: Path, weights: str | None = None,
             tests.append(source)
     if settings.adaptation.mode == "held_out":
         unlabeled, tests = held_out_split(settings, config.tasks, tests)
-    towers = guarded("checkpoints", lambda: load_towers(config, log))
-    heads = TaskHeads(towers, config.tasks, config.pretrained)
-    binding = clip_binding(towers, heads)
+    locations = [config.pretrained, config.pretrained_vision, *(task.finetuned for task in config.tasks)]
+    if streams(config, settings, weights, scored=tests is not None) and all(
+            streamable(location) for location in locations if location is not None):
+        towers, heads = guarded("checkpoints", lambda: open_towers(config, log)), None
+        binding = clip_binding(towers.config)
+    else:
+        towers = guarded("checkpoints", lambda: load_towers(config, log))
+        heads = TaskHeads(towers, config.tasks, config.pretrained)
+        binding = clip_binding(towers.config, heads, towers.full["visual_projection"]["kernel"])
     settings = binding.merge_settings(settings)
     plan = Plan(config, settings, binding, output, run_mesh(config, settings), towers=towers, heads=heads,
                 unlabeled=unlabeled, tests=tests)
@@ -213,7 +246,10 @@ def adaptation_batches(plan: Plan) -> Any:
 
 def run_clip_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every method's model (AdaMerging resumable under ``OUT/state``), evaluate them on the test
-    folders when given, export the chosen one and write the report; returns ``results.json``'s content."""
+    folders when given, export the chosen one and write the report; returns ``results.json``'s content. A
+    streamed plan runs through `run_streamed`."""
+    if plan.streamed:
+        return run_streamed(plan, log)
     config, output = plan.config, plan.output
     output.mkdir(parents=True, exist_ok=True)
     plan.heads.build(log)
@@ -292,3 +328,27 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     log(f"[merge] wrote {output / 'model'} ({config.exported}, {config.export}), " + ", ".join(
         str(output / path.relative_to(stage)) for path in files.values()))
     return run
+
+
+def run_streamed(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The exported method merged tensor by tensor from disk into ``OUT/model`` (`exports.write_streamed`): the
+    image tower's tensors merged, the export's others (the projection, or for ``export: clip`` the text tower,
+    projections and ``logit_scale``) copied from the pretrained CLIP, all in float32 in one
+    ``model.safetensors``, as `write_outputs` exports them; with config.json, preprocessor_config.json, the
+    tokenizer files and the card, then ``results.json`` and ``table.md``. Returns ``results.json``'s content."""
+    config, towers = plan.config, plan.towers
+    names = hf_shapes(towers.config, config.export)
+    merged = sorted(name for name in names if name.startswith(VISION_PREFIX))
+    tasks = [TaskTensors(task.name, f"task {task.name!r} fine-tuned tower {task.finetuned}", checkpoint=tower)
+             for task, tower in zip(config.tasks, towers.finetuned)]
+    theta0 = " and ".join(filter(None, [config.pretrained, config.pretrained_vision]))
+    stream = TensorStream(towers.pretrained, f"pretrained {theta0}", tasks, merged, binding_placement(plan.binding),
+                          kept=sorted(set(names) - set(merged)))
+
+    def model_files(folder: Path, run: dict[str, Any]) -> None:
+        write_clip_files(folder, towers.config, config.export, tokenizer_dir=towers.tokenizer_dir)
+        card = model_card(config, plan.exported_method(run), run["settings"], None, None, None)
+        write_atomic(folder / "README.md", card.encode())
+
+    return write_streamed(plan, stream, dict.fromkeys(names, np.dtype(np.float32)), {}, model_files,
+                          "No test folders were given: no accuracy.\n", max_shard_bytes=ONE_FILE, log=log)

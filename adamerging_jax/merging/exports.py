@@ -1,6 +1,7 @@
 """What every model family's ``merge`` run shares once its models are built: λ given by ``--weights`` applied
 through the optimiser's own merge (`given_lambdas`), the exported model checked finite (`check_exported_finite`),
-the named λ and the report written (`write_lambdas`, `write_report`).
+the named λ and the report written (`write_lambdas`, `write_report`); and a streamed run's whole output
+(`write_streamed`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import numpy as np
 from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.core.coefficients import Coefficients
 from adamerging_jax.core.optimize import adamerging
+from adamerging_jax.core.protocol import MethodRecord, records_json
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.merging.card import lambda_summary
 from adamerging_jax.merging.checked_run import CheckedRun
 from adamerging_jax.merging.errors import MergeError
+from adamerging_jax.merging.streaming import TensorStream, stream_merge
 
 
 def check_exported_finite(params: Any, tensor_names: Mapping[tuple[str, int | None], str]) -> None:
@@ -80,3 +83,42 @@ def write_report(plan: Any, run: dict[str, Any], markdown: str, log: Callable[[s
         plot_run = None
     return report.write_report(plan.output if folder is None else folder, run, markdown, plot_run=plot_run,
                                clamp=plan.settings.adamerging.clamp)
+
+
+def write_streamed(plan: CheckedRun, stream: TensorStream, dtypes: Mapping[str, Any], fields: Mapping[str, Any],
+                   model_files: Callable[[Path, dict[str, Any]], None], markdown: str, *, max_shard_bytes: int,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """A streamed run's output, for every model family: the exported method merged tensor by tensor from disk
+    into ``OUT/model`` (`streaming.stream_merge`; only it is built: without data the others would have no
+    output), the family's other files of the model folder written by ``model_files(folder, run)`` (config,
+    tokenizer files, card), then ``results.json`` (the family's own ``fields``, the method's record, what the
+    stream read and wrote) and ``table.md`` (``markdown``); all built in a sibling folder and swapped in at once
+    (`adamerging_jax.output.staged_output`). Returns ``results.json``'s content."""
+    from adamerging_jax import report
+    from adamerging_jax.output import committed_paths, staged_output
+
+    config, output, spec = plan.config, plan.output, plan.export_spec
+    if skipped := [other.name for other in plan.settings.methods if other.name != spec.name]:
+        log(f"[merge] methods {skipped} are not built: without data only the exported model is an output")
+    names = [task.name for task in config.tasks]
+    with staged_output(output) as stage:
+        folder = stage / "model"
+        folder.mkdir()
+        try:
+            done = stream_merge(spec, stream, folder, dtypes, view=plan.binding.matrix_view,
+                                max_shard_bytes=max_shard_bytes, log=log)
+        except ValueError as error:
+            raise MergeError(str(error)) from None
+        record = MethodRecord(spec.name, spec.label, spec.describe()["params"], {}, seconds={"build": done["seconds"]})
+        run = {**fields, "tasks": names, "merged_tasks": names, "methods": records_json({spec.name: record}),
+               "export": config.exported, "weights": None,
+               "settings": plan.settings.with_changes(quiet=True).describe(), "config": config.source,
+               "lambda_summary": None,
+               "streamed": {key: done[key] for key in ("passes", "bytes_read", "bytes_written")}}
+        model_files(folder, run)
+        report.check_finite([run])
+        files = report.write_report(stage, run, markdown)
+    log(f"[merge] wrote {output / 'model'} ({config.exported}, streamed in {done['passes']} passes, "
+        f"{done['bytes_read'] / 1e6:.1f} MB read), " + ", ".join(
+            map(str, committed_paths(files, stage, output).values())))
+    return run

@@ -30,7 +30,8 @@ The prompts' identity in that state is `PromptBatches.fingerprint`: a digest of 
 the sampler's settings.
 
 A run whose exported method streams (`core.registry.MergeMethod.streaming`: task arithmetic, weight
-averaging, TIES, DARE), with no method that learns from data, no prompts and no ``--weights``, loads nothing:
+averaging, TIES, DARE, MagMax, TSV-M, Iso-C, Iso-CTS, WUDI), with no method that learns from data, no prompts
+and no ``--weights`` (`streaming.streams`, the rule every family shares), loads nothing:
 `prepare_lm` checks every checkpoint's tensor names, shapes and dtypes from the file headers (and that θ0's
 folder holds a tokenizer's files, copied to the export; nothing is tokenized), and
 `run_lm_plan` merges tensor by tensor from disk to ``OUT/model`` (`merging.streaming`), in memory a few
@@ -58,7 +59,7 @@ import adamerging_jax as am
 from adamerging_jax.core.checkpoint import write_atomic, write_json_atomic
 from adamerging_jax.core.objective import task_entropy
 from adamerging_jax.core.optimize import shards_frozen
-from adamerging_jax.core.protocol import MergeSettings, MethodRecord, build_models, records_json
+from adamerging_jax.core.protocol import build_models, records_json
 from adamerging_jax.core.registry import Merged
 from adamerging_jax.data.text import (
     TextBatches,
@@ -71,10 +72,16 @@ from adamerging_jax.data.text import (
 from adamerging_jax.merging.card import lm_model_card
 from adamerging_jax.merging.schema import MergeConfig, TaskConfig
 from adamerging_jax.merging.lm_binding import causal_lm_binding
-from adamerging_jax.merging.streaming import TaskTensors, TensorStream, stream_merge
+from adamerging_jax.merging.streaming import STREAMED, TaskTensors, TensorStream, binding_placement, streams
 from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.merging.checked_run import CheckedRun, guarded, run_mesh
-from adamerging_jax.merging.exports import check_exported_finite, given_lambdas, write_lambdas, write_report
+from adamerging_jax.merging.exports import (
+    check_exported_finite,
+    given_lambdas,
+    write_lambdas,
+    write_report,
+    write_streamed,
+)
 from adamerging_jax.models.llama import LlamaConfig, Params
 from adamerging_jax.models.hf_files import tokenizer_files
 from adamerging_jax.models.llama_checkpoint import (
@@ -87,7 +94,6 @@ from adamerging_jax.models.llama_checkpoint import (
     open_hf_causal_lm,
     read_config,
     save_hf_causal_lm,
-    tensor_placement,
 )
 from adamerging_jax.models.safetensors_stream import CheckpointFiles
 from adamerging_jax.models.sharded_reads import (
@@ -214,14 +220,6 @@ class StreamedModels:
     tasks: list[TaskTensors]
     tokenizer_dir: str
     adapters: list[LoraAdapter | None]
-
-
-def streams(config: MergeConfig, settings: MergeSettings, weights: str | None) -> bool:
-    """Whether the run merges tensor by tensor from disk (module docstring): the exported method streams, no
-    method learns from data, no prompts (their entropy needs the models in memory), no ``--weights``."""
-    exported = next(spec for spec in settings.methods if spec.name == config.exported)
-    return (exported.method.streaming is not None and not settings.needs_data and weights is None
-            and not any(task.prompts for task in config.tasks))
 
 
 def open_language_models(config: MergeConfig, log: Callable[[str], None] = print) -> StreamedModels:
@@ -373,7 +371,7 @@ class LmPlan(CheckedRun):
         lines.append("devices: " + " × ".join(f"{name} {size}" for name, size in self.mesh.shape.items()))
         if self.weights is not None:
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
-        how = "streamed tensor by tensor from disk, nothing loaded" if self.streamed else "built in memory"
+        how = STREAMED if self.streamed else "built in memory"
         lines.append(f"export: {config.exported} to {self.output / 'model'} ({how}); weights "
                      f"{describe_dtypes(config, self.output_dtypes())}")
         return "\n".join(lines)
@@ -384,7 +382,8 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
     """Check everything (module docstring) and return the plan; `MergeError` with one line on a failure."""
     settings = guarded(config.source, config.settings)
     mesh = run_mesh(config, settings)
-    if streams(config, settings, weights):  # nothing to tokenize: the tokenizer's files are only copied
+    if streams(config, settings, weights, scored=any(task.prompts for task in config.tasks)):
+        # nothing to tokenize: the tokenizer's files are only copied
         models = open_language_models(config, log)
         guarded(f"pretrained {config.pretrained}", lambda: tokenizer_files(config.pretrained))
         prompts = candidates = None
@@ -486,42 +485,22 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
 
 
 def run_streamed(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The exported method merged tensor by tensor from disk into ``OUT/model`` (`streaming.stream_merge`),
-    with config.json, the tokenizer files and the card, then ``results.json`` and ``table.md``; returns
+    """The exported method merged tensor by tensor from disk into ``OUT/model`` (`exports.write_streamed`), with
+    config.json, the tokenizer files and the card, then ``results.json`` and ``table.md``; returns
     ``results.json``'s content."""
-    from adamerging_jax import report
-
-    config, output, models = plan.config, plan.output, plan.models
-    spec = plan.export_spec
-    if skipped := [other.name for other in plan.settings.methods if other.name != spec.name]:
-        log(f"[merge] methods {skipped} are not built: without prompts only the exported model is an output")
+    config, models = plan.config, plan.models
     dtypes = plan.output_dtypes()
     stream = TensorStream(models.pretrained, f"pretrained {config.pretrained}", models.tasks, sorted(dtypes),
-                          tensor_placement)
-    settings = plan.settings.with_changes(quiet=True)
-    names = [task.name for task in config.tasks]
-    target = output / "model"
-    with staged_output(output) as stage:
-        folder = stage / "model"
-        folder.mkdir()
-        try:
-            done = stream_merge(spec, stream, folder, dtypes, view=plan.binding.matrix_view,
-                                max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, log=log)
-        except ValueError as error:
-            raise MergeError(str(error)) from None
-        record = MethodRecord(spec.name, spec.label, spec.describe()["params"], {}, seconds={"build": done["seconds"]})
-        run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json({spec.name: record}),
-               "entropy": None, "export": config.exported, "weights": None, "settings": settings.describe(),
-               "config": config.source, "lambda_summary": None, "dtype": describe_dtypes(config, dtypes),
-               "streamed": {key: done[key] for key in ("passes", "bytes_read", "bytes_written")}}
+                          binding_placement(plan.binding))
+    described = describe_dtypes(config, dtypes)
+
+    def model_files(folder: Path, run: dict[str, Any]) -> None:
         write_json_atomic(Path(folder, "config.json"), hf_config(models.config, dtypes.values()))
         for path in tokenizer_files(models.tokenizer_dir):
             shutil.copyfile(path, Path(folder, Path(path).name))
-        card = lm_model_card(config, plan.exported_method(run), run["settings"], None, None, None, run["dtype"])
+        card = lm_model_card(config, plan.exported_method(run), run["settings"], None, None, None, described)
         write_atomic(Path(folder, "README.md"), card.encode())
-        report.check_finite([run])
-        files = report.write_report(stage, run, "No prompts were given: no entropy.\n")
-    log(f"[merge] wrote {target} ({config.exported}, streamed in {done['passes']} passes, "
-        f"{done['bytes_read'] / 1e6:.1f} MB read), " + ", ".join(
-            map(str, committed_paths(files, stage, output).values())))
-    return run
+
+    fields = {"model": "causal_lm", "entropy": None, "dtype": described}
+    return write_streamed(plan, stream, dtypes, fields, model_files, "No prompts were given: no entropy.\n",
+                          max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, log=log)

@@ -1,7 +1,8 @@
-"""Data-free merges streamed tensor by tensor from disk to disk, for checkpoints larger than memory.
+"""Data-free merges streamed tensor by tensor from disk to disk, for checkpoints larger than memory, for every
+model family of ``merge`` (when a run streams: `streams`).
 
 θ0 and each task's checkpoint are read one tensor at a time (`models.safetensors_stream`). For every tensor
-of the output, in name order:
+merged, in name order:
 
     τ_k = θ_k − θ0          (a full fine-tuned checkpoint; in the accumulation dtype, float32, or float64 for
                              float64 inputs, as `core.task_vectors` takes it)
@@ -9,12 +10,14 @@ of the output, in name order:
 
 then the registry method itself runs on a one-tensor tree (θ0's tensor and the stacked τ ``[K, ...]``, laid
 out as the model's tree lays that leaf: a Linear weight as its kernel [in, out], a layer of a stacked leaf with
-a layer axis of 1, so a method that reads the binding's matrix view sees the matrix it would see in memory),
+a layer axis of 1, so a method that reads the binding's matrix view sees the matrix it would see in memory;
+`binding_placement` finds that from the model binding's tensor names and matrix view),
 and the merged tensor is cast to the output dtype and written at once (`ShardedWriter`). A method that does not
 read the matrix view (elementwise methods) gets each tensor flattened to one axis instead, so one compiled
-program serves every tensor of a size. The inputs are checked for NaN / inf as they are read (on their
-exponent bits), and the merged tensor before it is written. Peak memory is a few
-copies of the largest tensor times K, whatever the model's size.
+program serves every tensor of a size. The tensors of θ0 the output keeps unmerged (a CLIP export's text
+tower) are copied in their place in name order, one at a time. The inputs are checked for NaN / inf as they
+are read (on their exponent bits), and the merged tensor before it is written. Peak memory is a few copies of
+the largest tensor times K, whatever the model's size.
 
 How a method streams is declared on it (`core.registry.MergeMethod.streaming`):
 
@@ -41,49 +44,83 @@ How a method streams is declared on it (`core.registry.MergeMethod.streaming`):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.matrix_view import MatrixView
 from adamerging_jax.core.registry import MethodSpec
 from adamerging_jax.core.transforms import elect_sign, trim
 from adamerging_jax.core.trees import PyTree, accumulation_dtype
-from adamerging_jax.models.safetensors_stream import CheckpointFiles, ShardedWriter
+from adamerging_jax.models.safetensors_stream import CheckpointFiles, RenamedTensors, ShardedWriter
+
+if TYPE_CHECKING:
+    from adamerging_jax.core.protocol import MergeSettings
+    from adamerging_jax.merging.schema import MergeConfig
 
 BUCKET_BITS = 16
 CHUNK = 1 << 23  # entries per selection step: bounds the temporaries of a huge tensor
 BLOCK = 1 << 22  # entries per part of a tensor merged entry by entry
 
 
-class Placement(Protocol):
-    """Where a checkpoint tensor sits in the model's tree (e.g. `models.llama_checkpoint.TensorPlacement`):
-    ``path`` (the leaf), ``transpose`` (the leaf stores it transposed), ``stacked`` (it is one layer of a leaf
-    with a layer axis)."""
+Tensors = CheckpointFiles | RenamedTensors
+"""A checkpoint's tensors read one at a time, by the names the merge writes them as."""
 
-    path: str
-    transpose: bool
-    stacked: bool
+STREAMED = "streamed tensor by tensor from disk, nothing loaded"
+"""How a plan says its export is streamed."""
+
+
+def streams(config: MergeConfig, settings: MergeSettings, weights: str | None, scored: bool) -> bool:
+    """Whether a ``merge`` run merges tensor by tensor from disk, for every model family: the exported method
+    streams (`core.registry.MergeMethod.streaming`), no method learns from data, no ``--weights``, and nothing
+    is scored on the merged models (``scored``: the family's data that needs them in memory, the causal LM's
+    prompts or CLIP's test folders)."""
+    exported = next(spec for spec in settings.methods if spec.name == config.exported)
+    return exported.method.streaming is not None and not settings.needs_data and weights is None and not scored
 
 
 @dataclasses.dataclass(frozen=True)
-class StoredPlacement:
-    """A tensor (or part of one) flattened (`TensorStream.parts`), under one path."""
+class Placement:
+    """Where a checkpoint tensor sits in the model's tree: ``path`` (the leaf), ``transpose`` (the leaf stores
+    it transposed), ``stacked`` (it is one layer of a leaf with a layer axis). The default: a tensor (or part
+    of one) flattened (`TensorStream.parts`), under one path."""
 
     path: str = "tensor"
     transpose: bool = False
     stacked: bool = False
 
 
-AS_STORED = StoredPlacement()
+AS_STORED = Placement()
+
+
+def binding_placement(binding: ModelBinding) -> Callable[[str], Placement]:
+    """Where each checkpoint tensor sits in the tree of ``binding``'s model, from the binding alone: the (leaf
+    path, layer) its ``tensor_names`` gives the name, stacked when that names a layer, and transposed where its
+    ``matrix_view`` reads the leaf as a matrix stored transposed (a Flax kernel, [in, out]; a torch-layout
+    checkpoint holds it as the view reads it, [out, in]). A tensor the view does not read as a matrix (a bias,
+    a norm, a convolution) goes as the checkpoint stores it: no streaming method reads such a tensor by its
+    axes. KeyError naming a tensor that is not in the tree."""
+    where = {name: entry for entry, name in binding.tensor_names.items()}
+    view = binding.matrix_view
+
+    def placement(name: str) -> Placement:
+        if name not in where:
+            raise KeyError(f"tensor {name!r} is not a tensor of the model's tree")
+        path, layer = where[name]
+        matrix = view.matrix(path) if view is not None else None
+        return Placement(path, matrix is not None and matrix.transpose, layer is not None)
+
+    return placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +131,7 @@ class TaskTensors:
 
     name: str
     source: str
-    checkpoint: CheckpointFiles | None = None
+    checkpoint: Tensors | None = None
     adapter: Mapping[str, Any] | None = None
 
 
@@ -155,12 +192,15 @@ class TensorStream:
     - ``"entry"``: each tensor flattened and cut into parts of at most `BLOCK` entries (methods whose merged
       entry depends on that entry alone, given the statistics: memory and compiled programs bounded by the
       part, whatever the tensor).
+
+    ``names`` are the tensors merged, taken in name order; ``kept`` are θ0's tensors the output holds unmerged
+    (e.g. a CLIP export's text tower and projections), read one at a time by `kept_tensor`.
     """
 
-    def __init__(self, pretrained: CheckpointFiles, pretrained_source: str, tasks: Sequence[TaskTensors],
-                 names: Sequence[str], placement: Callable[[str], Placement]):
+    def __init__(self, pretrained: Tensors, pretrained_source: str, tasks: Sequence[TaskTensors],
+                 names: Sequence[str], placement: Callable[[str], Placement], kept: Sequence[str] = ()):
         self.pretrained, self.pretrained_source, self.tasks = pretrained, pretrained_source, list(tasks)
-        self.names, self.placement = list(names), placement
+        self.names, self.placement, self.kept = sorted(names), placement, sorted(kept)
         self.passes = 0
         self.mode = "leaf"
 
@@ -220,6 +260,13 @@ class TensorStream:
             if holds_nonfinite(array):
                 raise ValueError(f"{source}: tensor {name!r} holds NaN or inf values")
         return theta0, tuple(inputs), tuple(kinds)
+
+    def kept_tensor(self, name: str) -> np.ndarray:
+        """θ0's tensor ``name`` as stored; ValueError naming the file and tensor when it holds NaN or inf."""
+        tensor = self.pretrained.read(name)
+        if holds_nonfinite(tensor):
+            raise ValueError(f"{self.pretrained_source}: tensor {name!r} holds NaN or inf values")
+        return tensor
 
     def read_ahead(self) -> Iterator[tuple[int, str, tuple[np.ndarray, tuple[np.ndarray, ...], tuple[str, ...]]]]:
         """One pass: (index, name, `inputs`) per output tensor, the next tensor read by a second thread while
@@ -413,33 +460,46 @@ GLOBAL_STATISTICS: dict[str, Callable[[TensorStream, Mapping[str, Any], Callable
 # ----------------------------------------------------------------------------------------------- the merge
 
 
-def merge_program(spec: MethodSpec, view: MatrixView | None) -> Callable[..., tuple[jax.Array, ...]]:
-    """One compiled program per tensor shape: θ0's and the tasks' tensors in, the merged tensor in ``dtype``
-    out. Inside, the method's own `build` runs on the one-tensor tree (its parameters, a per-tensor ``seed``
-    key, the statistics)."""
+_output_tensor = jax.jit(lambda leaf, transpose, stacked, dtype: _tensor(leaf, transpose, stacked).astype(dtype),
+                         static_argnames=("transpose", "stacked", "dtype"))
 
-    def merged(theta0: jax.Array, inputs: tuple[jax.Array, ...], statistics: Mapping[str, jax.Array],
-               index: jax.Array, *, kinds: tuple[str, ...], path: str, transpose: bool, stacked: bool, dtype: Any
-               ) -> jax.Array:
-        base, tau = _leaves(theta0, inputs, kinds, transpose, stacked)
+
+def merge_program(spec: MethodSpec, view: MatrixView | None) -> Callable[..., jax.Array]:
+    """The merge of one tensor (or part): θ0's and the tasks' tensors in, the merged tensor in ``dtype`` out,
+    in three steps: θ0's and τ's leaves laid out as in the model's tree (`_task_vector_leaves`, compiled once
+    per shape), the method's own `build` on the one-tensor tree (its parameters, a per-part ``seed`` key, the
+    statistics), and the merged leaf's checkpoint tensor (compiled). The method is called as the in-memory merge
+    calls it, so its own compiled functions see what they see there: τ materialised in the tree's layout and
+    its parameters as arguments. Compiled into one program with the rest, the checkpoint's transposes would be
+    folded into the method's products and its parameters into constants, and XLA:CPU would sum and round in
+    another order (TSV-M, Iso-CTS and WUDI a few float32 roundings off their in-memory result)."""
+
+    def merged_leaf(base: jax.Array, tau: jax.Array, statistics: Mapping[str, jax.Array], index: jax.Array,
+                    path: str) -> jax.Array:
         arguments = {**spec.params, **dict(spec.method.fixed), **statistics}
         if "seed" in arguments:
             key = jax.random.key(arguments["seed"])
             arguments["seed"] = jax.random.fold_in(jax.random.fold_in(key, index[0]), index[1])
         if spec.method.uses_view:
             arguments["view"] = view
-        leaf = _leaf_at(spec.method.build(_tree(path, base), _tree(path, tau), **arguments).params, path)
-        return _tensor(leaf, transpose, stacked).astype(dtype)
+        return _leaf_at(spec.method.build(_tree(path, base), _tree(path, tau), **arguments).params, path)
 
-    return jax.jit(merged, static_argnames=("kinds", "path", "transpose", "stacked", "dtype"))
+    def merged(theta0: jax.Array, inputs: tuple[jax.Array, ...], statistics: Mapping[str, jax.Array],
+               index: jax.Array, *, kinds: tuple[str, ...], path: str, transpose: bool, stacked: bool, dtype: Any
+               ) -> jax.Array:
+        base, tau = _task_vector_leaves(theta0, inputs, kinds, transpose, stacked)
+        leaf = merged_leaf(base, tau, statistics, index, path)
+        return _output_tensor(leaf, transpose, stacked, dtype)
+
+    return merged
 
 
 def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Mapping[str, Any], *,
                  view: MatrixView | None = None, max_shard_bytes: int, log: Callable[[str], None] = print
                  ) -> dict[str, Any]:
     """Merge ``stream``'s tensors with ``spec`` (module docstring) and write them into ``folder`` as
-    safetensors shards, tensor ``name`` in ``dtypes[name]``; returns what was done (passes, bytes read and
-    written, files, seconds)."""
+    safetensors shards, with θ0's ``kept`` tensors as they are, every tensor in name order and tensor ``name``
+    in ``dtypes[name]``; returns what was done (passes, bytes read and written, files, seconds)."""
     if spec.method.streaming not in ("entry", "tensor", "global") or (
             spec.method.streaming == "global" and spec.name not in GLOBAL_STATISTICS):
         raise ValueError(f"method {spec.name!r} does not stream tensor by tensor")
@@ -450,12 +510,22 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
         if spec.method.streaming == "global":
             statistics = GLOBAL_STATISTICS[spec.name](stream, spec.params, log)
         stream.mode = "leaf" if spec.method.uses_view else "tensor" if spec.method.streaming == "tensor" else "entry"
-        layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape) for name in stream.names}
+        layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape)
+                  for name in sorted([*stream.names, *stream.kept])}
         program = merge_program(spec, view)
         writer = ShardedWriter(folder, layout, max_shard_bytes)
+        kept = collections.deque(stream.kept)
+
+        def write_kept(before: str | None = None) -> None:
+            """θ0's kept tensors that come before ``before`` in name order (all without it)."""
+            while kept and (before is None or kept[0] < before):
+                name = kept.popleft()
+                writer.write(name, np.asarray(stream.kept_tensor(name), layout[name][0]))
+
         try:
             merge_started = time.perf_counter()
             for index, name, (theta0, inputs, kinds) in stream.read_ahead():
+                write_kept(name)
                 place, (dtype, shape) = stream.place(name), layout[name]
                 tensor = np.empty(shape, dtype).reshape(-1 if stream.mode != "leaf" else shape)
                 for part_index, (part, theta0_part, inputs_part) in enumerate(stream.parts(theta0, inputs)):
@@ -468,10 +538,12 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
                     raise ValueError(f"the merged model's tensor {name!r} holds {int((~np.isfinite(tensor)).sum())} "
                                      f"NaN or inf values (in {tensor.dtype}); the model is not exported")
                 writer.write(name, tensor)
+            write_kept()
             files = writer.close()
         finally:
             writer.abandon()
-    log(f"[merge] pass {stream.passes}: {spec.name} merged and wrote {len(stream.names)} tensors "
+    copied = f", and {len(stream.kept)} of θ0's as they are" if stream.kept else ""
+    log(f"[merge] pass {stream.passes}: {spec.name} merged and wrote {len(stream.names)} tensors{copied} "
         f"({time.perf_counter() - merge_started:.1f} s)")
     return {"passes": stream.passes, "bytes_read": stream.bytes_read, "bytes_written": writer.bytes_written,
             "files": files, "seconds": time.perf_counter() - started}

@@ -18,7 +18,9 @@ Our tree (``adamerging_jax.models.clip``) ↔ HF names, per tensor:
 with <block> = ln1 ↔ layer_norm1, attn/{q,k,v,out} ↔ self_attn.{q,k,v,out}_proj, ln2 ↔ layer_norm2,
 mlp/fc1 ↔ mlp.fc1, mlp/fc2 ↔ mlp.fc2; Linear weights are transposed ([out, in] in torch, [in, out] here).
 The vision names carry a ``vision_model.`` prefix in ``CLIPModel`` files and in transformers 4.x
-``CLIPVisionModel`` files; the prefix is optional on input. Files are read with safetensors (fp32, fp16, bf16).
+``CLIPVisionModel`` files; the prefix is optional on input. Files are read with safetensors (fp32, fp16, bf16),
+whole (`load_hf_clip`, `load_clip_towers`) or, for a merge streamed from disk, from their headers with each
+tensor read when it is merged (`open_hf_clip`, `open_clip_towers`: the same checks, nothing loaded).
 
 open_clip's ``visual.*`` names (the official AdaMerging / task_vectors checkpoints) differ in that q, k, v are
 one fused ``attn.in_proj_weight`` [3W, W] (rows q; k; v), ``proj`` is already [W, D], and blocks are named
@@ -28,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import contextlib
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import sys
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -42,6 +46,7 @@ from adamerging_jax.models.hf_files import (
     CONFIG,
     SAFETENSORS,
     TOKENIZER_FILES,
+    check_float_dtype,
     check_float_tensor,
     read_checkpoint_dir,
     read_safetensors,
@@ -49,6 +54,7 @@ from adamerging_jax.models.hf_files import (
 )
 from adamerging_jax.data.strict_text import read_json_object
 from adamerging_jax.models.clip import ClipConfig, ConfigError, TextConfig, VisionConfig, init_params
+from adamerging_jax.models.safetensors_stream import CheckpointFiles, RenamedTensors
 
 Params = dict[str, Any]
 StateDict = Mapping[str, np.ndarray]
@@ -255,6 +261,17 @@ def _tower_to_hf(tree: Params, prefix: str, table: list) -> dict[str, np.ndarray
     return state
 
 
+def _vision_prefix(names: Iterable[str], source: str) -> str:
+    """How a file names its image tower's tensors: under ``vision_model.`` or bare (module docstring)."""
+    names = list(names)
+    if any(name.startswith(VISION_PREFIX) for name in names):
+        return VISION_PREFIX
+    if any(name.startswith("embeddings.patch_embedding") for name in names):
+        return ""
+    raise KeyError(f"{source}: no CLIP vision tower (no 'vision_model.embeddings.patch_embedding.weight' "
+                   f"nor 'embeddings.patch_embedding.weight'); first names: {sorted(names)[:5]}")
+
+
 def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", dtype: Any = np.float32,
                               allow_nonfinite: bool = False) -> Params:
     """Our tree from HF CLIP tensors by name. Vision names with or without ``vision_model.``; text tower,
@@ -262,14 +279,7 @@ def params_from_hf_state_dict(state: StateDict, *, source: str = "state dict", d
     A NaN / inf tensor is refused with its name unless ``allow_nonfinite``."""
     if not allow_nonfinite:
         _check_finite(state, state, source)
-    if any(name.startswith(VISION_PREFIX) for name in state):
-        vision_prefix = VISION_PREFIX
-    elif any(name.startswith("embeddings.patch_embedding") for name in state):
-        vision_prefix = ""
-    else:
-        raise KeyError(f"{source}: no CLIP vision tower (no 'vision_model.embeddings.patch_embedding.weight' "
-                       f"nor 'embeddings.patch_embedding.weight'); first names: {sorted(state)[:5]}")
-    params: Params = {"vision": _tower_from_hf(state, vision_prefix, _VISION, source, dtype)}
+    params: Params = {"vision": _tower_from_hf(state, _vision_prefix(state, source), _VISION, source, dtype)}
     if any(name.startswith("text_model.") for name in state):
         params["text"] = _tower_from_hf(state, "text_model.", _TEXT, source, dtype)
     for projection in ["visual_projection", "text_projection"]:
@@ -292,44 +302,63 @@ def load_hf_clip(path_or_id: str, *, dtype: Any = np.float32, allow_download: bo
     integer tensor where a weight belongs, a NaN / inf tensor (unless ``allow_nonfinite``).
     """
     location = resolve_checkpoint(path_or_id, allow_download=allow_download)
+    config = read_hf_clip_config(location)
+    state = read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
+    _check_shapes({name: np.shape(array) for name, array in state.items()}, config, location)
+    return config, params_from_hf_state_dict(state, source=location, dtype=dtype, allow_nonfinite=allow_nonfinite)
+
+
+def read_hf_clip_config(location: str) -> ClipConfig:
+    """The config of the HF CLIP checkpoint at ``location`` (a folder, or a ``.safetensors`` file with
+    config.json beside it); ValueError naming config.json and the key when no CLIP can have it."""
     directory = location if os.path.isdir(location) else os.path.dirname(location)
     config_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG} beside the CLIP checkpoint {location!r} (looked for {config_path!r})")
     hf = read_json_object(config_path)
     try:
-        config = config_from_hf(hf)
+        return config_from_hf(hf)
     except KeyError as err:
         raise ValueError(f"{config_path!r} is not a usable CLIP config: missing key {err}") from err
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{config_path!r} is not a usable CLIP config: {err}") from err
-    state = read_checkpoint_dir(location) if os.path.isdir(location) else read_safetensors(location)
-    _check_shapes(state, config, location)
-    return config, params_from_hf_state_dict(state, source=location, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
 
-def hf_shapes(config: ClipConfig) -> dict[str, tuple[int, ...]]:
-    """The torch-layout shape of every HF tensor ``config`` implies (vision names with ``vision_model.``),
-    read off the Flax model's own parameter shapes."""
+def open_hf_clip(path_or_id: str, *, allow_download: bool = True) -> tuple[ClipConfig, CheckpointFiles]:
+    """(config, the folder's tensors to read one at a time) of an HF CLIP folder or hub id, nothing loaded:
+    config.json read as `load_hf_clip` reads it, and every tensor's shape and layer checked against it from the
+    safetensors headers as `load_hf_clip` checks the loaded tensors. Which tensors a merge reads, and their
+    dtypes, are checked by whoever reads them (`open_clip_towers`)."""
+    location = resolve_checkpoint(path_or_id, allow_download=allow_download)
+    config = read_hf_clip_config(location)
+    files = CheckpointFiles(location)
+    _check_shapes({name: files.info(name).shape for name in files.names}, config, location)
+    return config, files
+
+
+def hf_shapes(config: ClipConfig, kind: str | None = None) -> dict[str, tuple[int, ...]]:
+    """The torch-layout shape of every HF tensor of an export of ``kind`` (`save_hf_clip`'s kinds, or "vision";
+    default: the whole model ``config`` describes), vision names with ``vision_model.``, read off the Flax
+    model's own parameter shapes."""
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes)  # no memory
-    kind = "clip" if config.text is not None else "vision"
+    kind = kind or ("clip" if config.text is not None else "vision")
     return {name: a.shape for name, a in _hf_tensors(zeros["vision"], zeros, kind).items()}
 
 
 _LAYER_TENSOR = re.compile(r"((?:vision_model\.|text_model\.)?)encoder\.layers\.(\d+)\.")
 
 
-def _check_shapes(state: StateDict, config: ClipConfig, source: str) -> None:
-    """Every tensor of ``state`` that the config sizes has the shape it implies (prefix optional), and no
-    tensor belongs to a layer the config does not have."""
+def _check_shapes(found: Mapping[str, tuple[int, ...]], config: ClipConfig, source: str) -> None:
+    """Every tensor of a checkpoint (``found``: name → shape) that the config sizes has the shape it implies
+    (prefix optional), and no tensor belongs to a layer the config does not have."""
     shapes = hf_shapes(config)
     for name, shape in shapes.items():
-        stored = name if name in state else name.removeprefix(VISION_PREFIX)
-        if stored in state and tuple(np.shape(state[stored])) != shape:
-            raise ValueError(f"{source}: tensor {stored!r} has shape {tuple(np.shape(state[stored]))}, "
+        stored = name if name in found else name.removeprefix(VISION_PREFIX)
+        if stored in found and tuple(found[stored]) != shape:
+            raise ValueError(f"{source}: tensor {stored!r} has shape {tuple(found[stored])}, "
                              f"config.json implies {shape}")
-    for name in sorted(state):
+    for name in sorted(found):
         if (match := _LAYER_TENSOR.match(name)) and name not in shapes and VISION_PREFIX + name not in shapes:
             tower = config.text if match.group(1) == "text_model." else config.vision
             layers = f"{tower.layers} layers (num_hidden_layers)" if tower is not None else "no text tower"
@@ -409,19 +438,32 @@ def _hf_tensors(vision_params: Params, pretrained_full: Params | None, kind: str
     return state
 
 
-def _write_hf_folder(directory: str | os.PathLike, state: Mapping[str, np.ndarray], config_json: dict[str, Any],
-                     extra_json: Mapping[str, dict[str, Any]], tokenizer_dir: str | None) -> None:
-    """config.json, model.safetensors, ``extra_json`` files and the tokenizer files, as one atomic folder."""
+ONE_FILE = sys.maxsize
+"""The shard size of a CLIP export: ``model.safetensors`` holds every tensor (a `ShardedWriter` writes one
+file)."""
+
+
+def write_clip_files(folder: str | os.PathLike, config: ClipConfig, kind: str, *, tokenizer_dir: str | None = None,
+                     processor: bool = True, dtype: Any = np.float32) -> None:
+    """Everything of an HF CLIP folder of ``kind`` but its weights, into ``folder``: config.json (`hf_config`),
+    with ``processor`` CLIP's preprocessor_config.json for ``config.vision.image_size``, and the tokenizer
+    files of ``tokenizer_dir`` when given."""
+    copied = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    write_json_atomic(os.path.join(folder, CONFIG), hf_config(config, kind, dtype))
+    if processor:
+        write_json_atomic(os.path.join(folder, PREPROCESSOR_CONFIG), hf_preprocessor_config(config.vision.image_size))
+    for path in copied:
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+
+
+def _write_hf_folder(directory: str | os.PathLike, state: Mapping[str, np.ndarray], config: ClipConfig, kind: str,
+                     tokenizer_dir: str | None, processor: bool, dtype: Any) -> None:
+    """model.safetensors and `write_clip_files`'s files, as one atomic folder."""
     from safetensors.numpy import save_file
 
-    copied = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     with atomic_directory(directory, [CONFIG, SAFETENSORS, PREPROCESSOR_CONFIG, *TOKENIZER_FILES]) as tmp:
-        write_json_atomic(os.path.join(tmp, CONFIG), config_json)
-        for name, obj in extra_json.items():
-            write_json_atomic(os.path.join(tmp, name), obj)
+        write_clip_files(tmp, config, kind, tokenizer_dir=tokenizer_dir, processor=processor, dtype=dtype)
         save_file(dict(state), os.path.join(tmp, SAFETENSORS), {"format": "pt"})
-        for path in copied:
-            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
 
 
 def save_hf_clip(directory: str | os.PathLike, vision_params: Params, pretrained_full: Params,
@@ -440,10 +482,8 @@ def save_hf_clip(directory: str | os.PathLike, vision_params: Params, pretrained
     """
     if kind not in EXPORT_KINDS:
         raise ValueError(f"unknown export kind {kind!r}; known: {list(EXPORT_KINDS)}")
-    config_json = hf_config(config, kind, dtype)
     state = hf_state_dict(vision_params, pretrained_full, kind, dtype=dtype)
-    extra = {PREPROCESSOR_CONFIG: hf_preprocessor_config(config.vision.image_size)} if processor else {}
-    _write_hf_folder(directory, state, config_json, extra, tokenizer_dir)
+    _write_hf_folder(directory, state, config, kind, tokenizer_dir, processor, dtype)
 
 
 def save_hf_vision_model(directory: str | os.PathLike, vision_params: Params, config: ClipConfig | VisionConfig,
@@ -451,8 +491,8 @@ def save_hf_vision_model(directory: str | os.PathLike, vision_params: Params, co
     """Write an image tower alone as an HF ``CLIPVisionModel`` folder (config.json + model.safetensors), the
     layout of FusionBench's fine-tuned towers; written atomically as :func:`save_hf_clip`."""
     clip_config = config if isinstance(config, ClipConfig) else ClipConfig(vision=config)
-    _write_hf_folder(directory, hf_state_dict(vision_params, None, "vision", dtype=dtype),
-                     hf_config(clip_config, "vision", dtype), {}, None)
+    _write_hf_folder(directory, hf_state_dict(vision_params, None, "vision", dtype=dtype), clip_config, "vision",
+                     None, False, dtype)
 
 
 # -------------------------------------------------------------------------------------------- open_clip
@@ -648,18 +688,82 @@ class ClipTowers:
     tokenizer_dir: str
 
 
-def load_image_tower(location: str, what: str, *, trust_pickle: bool = False, allow_download: bool = True
-                     ) -> tuple[ClipConfig, Params]:
-    """(config, {"vision", maybe "visual_projection", "text", ...}) from an HF folder / hub id or an open_clip
-    state dict (``.pt``/``.pth``/``.bin``); errors name `what` and the location."""
+@contextlib.contextmanager
+def _reading(what: str, location: str) -> Iterator[None]:
+    """A file or key error while reading a checkpoint, re-raised naming `what` and the location."""
     try:
-        if location.endswith(OPEN_CLIP_SUFFIXES):
-            return load_open_clip_checkpoint(location, trust_pickle=trust_pickle)
-        return load_hf_clip(location, allow_download=allow_download)
+        yield
     except OSError as error:
         raise FileNotFoundError(f"{what}: cannot load {location!r}: {error}") from error
     except (KeyError, ValueError) as error:
         raise ValueError(f"{what}: cannot load {location!r}: {error}") from error
+
+
+def load_image_tower(location: str, what: str, *, trust_pickle: bool = False, allow_download: bool = True
+                     ) -> tuple[ClipConfig, Params]:
+    """(config, {"vision", maybe "visual_projection", "text", ...}) from an HF folder / hub id or an open_clip
+    state dict (``.pt``/``.pth``/``.bin``); errors name `what` and the location."""
+    with _reading(what, location):
+        if location.endswith(OPEN_CLIP_SUFFIXES):
+            return load_open_clip_checkpoint(location, trust_pickle=trust_pickle)
+        return load_hf_clip(location, allow_download=allow_download)
+
+
+def streamable(location: str) -> bool:
+    """Whether a checkpoint's tensors can be read one at a time: an HF folder or hub id. An open_clip file (a
+    pickle) or a lone ``.safetensors`` file is loaded whole."""
+    return not os.path.isfile(location)
+
+
+def open_image_tower(location: str, what: str, *, allow_download: bool = True) -> tuple[ClipConfig, RenamedTensors]:
+    """`load_image_tower` of an HF folder or hub id from its safetensors headers, nothing loaded (`open_hf_clip`):
+    every tensor its config.json describes, by the name an export gives it (`hf_shapes`), present and floating
+    point; errors name `what` and the location."""
+    with _reading(what, location):
+        if not streamable(location):
+            raise ValueError("a lone checkpoint file is loaded whole; tensor by tensor reads an HF folder or hub id")
+        config, files = open_hf_clip(location, allow_download=allow_download)
+        return config, _renamed(files, hf_shapes(config), files.directory)
+
+
+def _renamed(files: CheckpointFiles, names: Iterable[str], source: str) -> RenamedTensors:
+    """``names`` (an export's, `hf_shapes`) as ``files`` stores them: the image tower under the file's own prefix
+    (`_vision_prefix`); each present (KeyError) and floating point (ValueError), naming ``source``."""
+    prefix = _vision_prefix(files.names, source)
+    location = {}
+    for name in names:
+        stored = prefix + name.removeprefix(VISION_PREFIX) if name.startswith(VISION_PREFIX) else name
+        if stored not in files.location:
+            raise KeyError(f"{source}: tensor {stored!r} is missing")
+        check_float_dtype(stored, files.info(stored).dtype, source)
+        location[name] = (files, stored)
+    return RenamedTensors(location)
+
+
+def _read_towers(read: Callable[[str, str], tuple[ClipConfig, Any]], full_clip: Callable[[Any], bool],
+                 pretrained: str, finetuned: Sequence[tuple[str, str]], pretrained_vision: str | None,
+                 allow_download: bool, log: Callable[[str], None]) -> tuple[ClipConfig, Any, list[Any], str]:
+    """The checkpoints of a merge of CLIP image towers, each read by ``read(location, what) -> (config, what it
+    read)``: (θ0's config, the pretrained CLIP's, each tower's — θ0's image tower from ``pretrained_vision``
+    first when given, then every task's in order —, the folder of θ0's tokenizer). The pretrained CLIP must be
+    a full one (a text tower, and ``full_clip`` of what was read), every tower of θ0's config."""
+    log(f"[models] pretrained CLIP {pretrained}")
+    config, full = read(pretrained, "pretrained CLIP")
+    if config.text is None or not full_clip(full):
+        raise ValueError(f"pretrained CLIP {pretrained!r} has no text tower or visual projection: the zero-shot heads "
+                         "need a full CLIPModel checkpoint (e.g. openai/clip-vit-base-patch32)")
+    towers = [(None, pretrained_vision)] if pretrained_vision else []
+    found_towers = []
+    for task, location in [*towers, *finetuned]:
+        what = "pretrained image tower" if task is None else f"task {task!r} fine-tuned tower"
+        log(f"[models] {what} {location}")
+        found, tower = read(location, what)
+        if found.vision != config.vision:
+            raise ValueError(f"{what} ({location!r}) has image tower {found.vision}, θ0 has {config.vision}")
+        found_towers.append(tower)
+    directory = resolve_checkpoint(pretrained, allow_download=allow_download)
+    directory = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    return config, full, found_towers, directory
 
 
 def load_clip_towers(pretrained: str, finetuned: Sequence[tuple[str, str]], *, pretrained_vision: str | None = None,
@@ -669,21 +773,40 @@ def load_clip_towers(pretrained: str, finetuned: Sequence[tuple[str, str]], *, p
     open_clip ``zeroshot.pt``) and each ``(task, location)`` of `finetuned`; every tower must have θ0's
     config (the error names the task and file)."""
     load = functools.partial(load_image_tower, trust_pickle=trust_pickle, allow_download=allow_download)
-    log(f"[models] pretrained CLIP {pretrained}")
-    config, full = load(pretrained, "pretrained CLIP")
-    if config.text is None or "text" not in full or "visual_projection" not in full:
-        raise ValueError(f"pretrained CLIP {pretrained!r} has no text tower or visual projection: the zero-shot heads "
-                         "need a full CLIPModel checkpoint (e.g. openai/clip-vit-base-patch32)")
-    towers = [(None, pretrained_vision)] if pretrained_vision else []
-    loaded = []
-    for task, location in [*towers, *finetuned]:
-        what = "pretrained image tower" if task is None else f"task {task!r} fine-tuned tower"
-        log(f"[models] {what} {location}")
-        found, tower = load(location, what)
-        if found.vision != config.vision:
-            raise ValueError(f"{what} ({location!r}) has image tower {found.vision}, θ0 has {config.vision}")
-        loaded.append(tower["vision"])
-    directory = resolve_checkpoint(pretrained, allow_download=allow_download)
-    directory = directory if os.path.isdir(directory) else os.path.dirname(directory)
-    theta0 = loaded.pop(0) if pretrained_vision else full["vision"]
-    return ClipTowers(config, full, theta0, loaded, directory)
+    config, full, towers, directory = _read_towers(
+        load, lambda full: "text" in full and "visual_projection" in full, pretrained, finetuned, pretrained_vision,
+        allow_download, log)
+    vision = [tower["vision"] for tower in towers]
+    theta0 = vision.pop(0) if pretrained_vision else full["vision"]
+    return ClipTowers(config, full, theta0, vision, directory)
+
+
+@dataclasses.dataclass
+class StreamedTowers:
+    """What a merge of CLIP image towers streamed from disk reads, checked but not loaded (`open_clip_towers`;
+    `ClipTowers` loaded): ``pretrained`` θ0's image tower and, from the full pretrained CLIP, the rest of a
+    ``CLIPModel`` (projections, text tower, ``logit_scale``), ``finetuned`` each task's image tower, every
+    tensor by the name an export gives it (`hf_shapes`); ``tokenizer_dir`` the folder of θ0's tokenizer."""
+
+    config: ClipConfig
+    pretrained: RenamedTensors
+    finetuned: list[RenamedTensors]
+    tokenizer_dir: str
+
+
+def open_clip_towers(pretrained: str, finetuned: Sequence[tuple[str, str]], *, pretrained_vision: str | None = None,
+                     allow_download: bool = True, log: Callable[[str], None] = print) -> StreamedTowers:
+    """`load_clip_towers` from the safetensors headers, nothing loaded: the same checkpoints and checks (every
+    location an HF folder or hub id, `streamable`), each tensor's presence, dtype and shape read from the
+    headers (`open_image_tower`)."""
+    read = functools.partial(open_image_tower, allow_download=allow_download)
+    config, full, towers, directory = _read_towers(
+        read, lambda full: "visual_projection.weight" in full.location, pretrained, finetuned, pretrained_vision,
+        allow_download, log)
+
+    def image_tower(tower: RenamedTensors) -> dict[str, tuple[CheckpointFiles, str]]:
+        return {name: where for name, where in tower.location.items() if name.startswith(VISION_PREFIX)}
+
+    theta0 = full.location | (image_tower(towers.pop(0)) if pretrained_vision else {})
+    return StreamedTowers(config, RenamedTensors(theta0), [RenamedTensors(image_tower(tower)) for tower in towers],
+                          directory)

@@ -48,9 +48,13 @@ def _to_numpy(array: Any) -> np.ndarray:
 def check_float_tensor(name: str, array: Any, source: str) -> None:
     """ValueError naming the tensor when a weight the model uses is not floating point (an integer or boolean
     tensor would be cast silently into a meaningless weight)."""
-    if not is_float_dtype(np.asarray(array).dtype):
-        raise ValueError(f"{source}: tensor {name!r} has dtype {np.asarray(array).dtype}, the model's weight there "
-                         "is floating point")
+    check_float_dtype(name, np.asarray(array).dtype, source)
+
+
+def check_float_dtype(name: str, dtype: Any, source: str) -> None:
+    """`check_float_tensor` of a tensor not read yet, from its stored ``dtype`` (a safetensors header's)."""
+    if not is_float_dtype(dtype):
+        raise ValueError(f"{source}: tensor {name!r} has dtype {dtype}, the model's weight there is floating point")
 
 
 def read_weight_map(index: str) -> dict[str, str]:

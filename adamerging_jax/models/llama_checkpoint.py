@@ -26,19 +26,20 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 
 from adamerging_jax.coefficient_formats import TensorNames
 from adamerging_jax.core.checkpoint import atomic_directory, write_json_atomic
-from adamerging_jax.core.trees import is_float_dtype, named_leaves
+from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.models.hf_files import (
     CONFIG,
     SAFETENSORS,
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
+    check_float_dtype,
     check_float_tensor,
     read_checkpoint_dir,
     tokenizer_files,
@@ -139,21 +140,6 @@ def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
             for name in _names_of(path, config)}
 
 
-class TensorPlacement(NamedTuple):
-    """Where one HF tensor sits in our tree: the leaf ``path``, whether the leaf stores it transposed (a Linear
-    kernel, [in, out]) and whether the leaf stacks layers (the tensor is one layer of it)."""
-
-    path: str
-    transpose: bool
-    stacked: bool
-
-
-def tensor_placement(name: str) -> TensorPlacement:
-    """The `TensorPlacement` of HF tensor ``name`` (:func:`tree_path`)."""
-    path, layer = tree_path(name)
-    return TensorPlacement(path, path.endswith("kernel"), layer is not None)
-
-
 # ----------------------------------------------------------------------------------------------- reading
 
 
@@ -244,9 +230,7 @@ def open_hf_causal_lm(directory: str, config: LlamaConfig | None = None) -> tupl
         info = files.info(name)
         if info.shape != shape:
             raise ValueError(f"{directory}: tensor {name!r} has shape {info.shape}, config.json implies {shape}")
-        if not is_float_dtype(info.dtype):
-            raise ValueError(f"{directory}: tensor {name!r} has dtype {info.dtype}, the model's weight there is "
-                             "floating point")
+        check_float_dtype(name, info.dtype, directory)
     used = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
     unexpected = sorted(name for name in files.names if name not in used and not _IGNORED.fullmatch(name))
     if unexpected:

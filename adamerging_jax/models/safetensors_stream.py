@@ -4,12 +4,12 @@ A ``.safetensors`` file is an 8-byte little-endian header length N, N bytes of J
 shape and ``data_offsets`` [begin, end) into the data that follows; an optional ``__metadata__`` of strings),
 then the tensors' bytes, row-major, little-endian.
 
-Reading (`SafetensorsFile`, `CheckpointFiles`): the header is parsed and checked once (every entry's dtype,
-shape and offsets; the data covered exactly, as the format requires). `read` then reads one tensor's bytes
-with positioned reads into a fresh array in its stored dtype (bf16 as ``ml_dtypes.bfloat16``, exactly). No
-memory map: the pages of a mapped file that were touched count in the process's resident memory as long as
-the file stays open, so reading a whole model through one would hold the model. Every reader counts the
-bytes it read (`bytes_read`).
+Reading (`SafetensorsFile`, `CheckpointFiles`; `RenamedTensors` reads them under other names): the header is
+parsed and checked once (every entry's dtype, shape and offsets; the data covered exactly, as the format
+requires). `read` then reads one tensor's bytes with positioned reads into a fresh array in its stored dtype
+(bf16 as ``ml_dtypes.bfloat16``, exactly). No memory map: the pages of a mapped file that were touched count
+in the process's resident memory as long as the file stays open, so reading a whole model through one would
+hold the model. Every reader counts the bytes it read (`bytes_read`).
 
 Writing (`ShardedWriter`): the layout of the output (which tensors in which order, their dtypes and shapes,
 cut into shards of at most ``max_shard_bytes``) is fixed first, so each shard's header is written before its
@@ -166,6 +166,33 @@ class CheckpointFiles:
     @property
     def bytes_read(self) -> int:
         return sum(file.bytes_read for file in self.files)
+
+
+class RenamedTensors:
+    """Tensors of one or more checkpoints under the names a merge gives them: ``location`` maps each name to the
+    `CheckpointFiles` holding it and its name there (e.g. a CLIP image tower stored without the
+    ``vision_model.`` prefix, or θ0's image tower read from one checkpoint and its text tower from another).
+    Read as `CheckpointFiles` reads."""
+
+    def __init__(self, location: Mapping[str, tuple[CheckpointFiles, str]]):
+        self.location = dict(location)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.location)
+
+    def info(self, name: str) -> TensorInfo:
+        files, stored = self.location[name]
+        return files.info(stored)
+
+    def read(self, name: str) -> np.ndarray:
+        files, stored = self.location[name]
+        return files.read(stored)
+
+    @property
+    def bytes_read(self) -> int:
+        """The bytes read from every checkpoint this reads from (the checkpoints' own counts)."""
+        return sum({id(files): files.bytes_read for files, _ in self.location.values()}.values())
 
 
 def _shards(directory: str, index: str) -> tuple[list[SafetensorsFile], dict[str, SafetensorsFile]]:
