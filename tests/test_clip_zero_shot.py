@@ -127,7 +127,7 @@ def test_classifier_normalises_features(model):
 
 def test_zero_shot_model_splits_at_the_normalised_image_embedding(model):
     """features_fn = f / ‖f‖ of torch's image embedding f, head_fn(z, t) = z H_tᵀ, and apply_fn their
-    composition; the paper's models give the merge command's split (one builder)."""
+    composition; the paper's binding is the merge command's (`clip_binding`: one builder)."""
     from adamerging_jax.paper.models import ClipModels
 
     config, params, _, expected = model
@@ -137,7 +137,7 @@ def test_zero_shot_model_splits_at_the_normalised_image_embedding(model):
     f = expected["image_embeds"].astype(np.float64)
     z = f / np.linalg.norm(f, axis=1, keepdims=True)
     built = zs.zero_shot_model(clip.image_encoder(config, projection), heads)
-    paper = ClipModels(config, params["vision"], [], np.asarray(projection), heads).classifier()
+    paper = ClipModels(config, params["vision"], [], np.asarray(projection), heads).binding()
     for split in (built, paper):
         np.testing.assert_allclose(split.features_fn(params["vision"], x), z, rtol=0, atol=1e-5)
         for task in range(2):

@@ -15,7 +15,9 @@ from adamerging_jax.models.efficientnet_checkpoint import (
     load_pretrained,
     package_checkpoint_path,
     read_state_dict,
+    tensor_names,
 )
+from adamerging_jax.core.trees import named_leaves
 
 
 def assert_bit_identical(ours: dict, reference: dict) -> None:
@@ -75,6 +77,20 @@ def test_conversion_splits_params_stats_and_classifier_in_the_models_layout():
     )
     np.testing.assert_array_equal(weights.batch_stats["head"]["bn"]["var"], state["_bn1.running_var"])
     np.testing.assert_array_equal(weights.classifier["kernel"], state["_fc.weight"].T)
+
+
+def test_tensor_names_name_every_leaf_by_its_state_dict_tensor_in_the_files_order():
+    """Each leaf is its named tensor of the package's state dict (a conv kernel OIHW → HWIO), and ``order`` is
+    the file's own order of the backbone's parameters (running statistics and the classifier left out)."""
+    weights, state, names = load_pretrained(), read_state_dict(), tensor_names()
+    leaves = dict(named_leaves(weights.params))
+    assert set(names) == {(path, None) for path in leaves}
+    not_merged = ("running_mean", "running_var", "num_batches_tracked")
+    assert list(names.order) == [key for key in state
+                                 if not key.startswith("_fc.") and key.rsplit(".", 1)[1] not in not_merged]
+    for (path, _), name in names.items():
+        tensor = state[name].transpose(2, 3, 1, 0) if path.endswith("conv/kernel") else state[name]
+        np.testing.assert_array_equal(leaves[path], tensor, err_msg=path)
 
 
 def test_conversion_names_missing_and_unexpected_keys():

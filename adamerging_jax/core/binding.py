@@ -67,6 +67,12 @@ class ModelBinding:
     head_fn: Callable[[Any, int], Any] | None = None
     mixture: ExpertMixture | None = None
 
+    def protocol_arguments(self) -> dict[str, Any]:
+        """The model's part of `core.protocol.build_models` / `run_methods`' keyword arguments: ``apply_fn``,
+        ``view`` (the matrix view), ``gram_fn``, ``features_fn``, ``head_fn`` and ``mixture``."""
+        return {"apply_fn": self.apply_fn, "view": self.matrix_view, "gram_fn": self.gram_fn,
+                "features_fn": self.features_fn, "head_fn": self.head_fn, "mixture": self.mixture}
+
     def merge_settings(self, settings: MergeSettings) -> MergeSettings:
         """``settings`` with this model's ``stacked`` declared on its AdaMerging config."""
         return settings.with_changes(stacked=self.stacked)

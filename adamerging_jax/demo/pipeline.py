@@ -31,6 +31,7 @@ import numpy as np
 
 import adamerging_jax as am
 from adamerging_jax import cache
+from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.protocol import Adaptation, MergeSettings, records_json, run_methods
 from adamerging_jax.core.trees import check_int, check_number, named_leaves
 from adamerging_jax.data import packaged
@@ -38,7 +39,7 @@ from adamerging_jax.demo.finetune import FinetuneConfig, finetune
 from adamerging_jax.heads.prototype import (LinearHead, apply_head, head_input, linear_logits, logistic_head,
                                             prototype_head, select_shots)
 from adamerging_jax.models import efficientnet
-from adamerging_jax.models.efficientnet_checkpoint import load_pretrained
+from adamerging_jax.models.efficientnet_checkpoint import load_pretrained, tensor_names
 
 METHODS = (
     "pretrained",
@@ -182,6 +183,25 @@ def representation(features: Callable[[Any, Any], Any], heads: Sequence[LinearHe
             lambda z, task: linear_logits(heads[task], z))
 
 
+def demo_binding(batch_stats: Any, heads: Sequence[LinearHead]) -> ModelBinding:
+    """The demo's `ModelBinding`: the EfficientNet-Lite0 backbone (BatchNorm statistics ``batch_stats``
+    frozen) with task t's frozen head ``heads[t]``, ``apply_fn(θ, x, t) = head_t(features(θ, x))`` a
+    `SharedBackbone` (all tasks' batches through one forward), no stacked leaf, the pointwise convolutions as
+    the matrix view, their Gram capture (RegMean), the representation and head of `representation` (Surgery),
+    the MoE form of the top blocks (WEMoE), and the leaves named as in the package's state dict."""
+
+    def features(params: Any, x: Any) -> Any:
+        return efficientnet.features(params, batch_stats, x)
+
+    features_fn, head_fn = representation(features, heads)
+    names = tensor_names()
+    return ModelBinding(
+        apply_fn=am.SharedBackbone(features=features, head=lambda f, task: apply_head(heads[task], f)),
+        stacked=efficientnet.stacked, tensor_names=names, tensor_order=names.order,
+        matrix_view=efficientnet.matrix_view, gram_fn=efficientnet.gram_fn(batch_stats), features_fn=features_fn,
+        head_fn=head_fn, mixture=efficientnet.expert_mixture(batch_stats, lambda f: head_input(heads[0], f)))
+
+
 def split_test_sets(adaptation: Adaptation, inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]
                     ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """Per task, the test images adapted on and the (images, labels) scored, as `adaptation` splits them (all of
@@ -236,27 +256,21 @@ def run_demo(
 
     pretrained_features = lambda x: efficientnet.features_in_batches(pretrained, batch_stats, x, config.eval_batch)  # noqa: E731
     heads = make_heads(config, tasks, pretrained_features, train_inputs)
-    apply_fn = am.SharedBackbone(
-        features=lambda params, x: efficientnet.features(params, batch_stats, x),
-        head=lambda f, task: apply_head(heads[task], f),
-    )
-    features_fn, head_fn = representation(apply_fn.features, heads)
+    binding = demo_binding(batch_stats, heads)
     started = time.perf_counter()
     finetuned = finetuned_backbones(config, tasks, train_inputs, heads, weights, batch_stats, cache_dir, quiet, log)
     times["finetune"] = time.perf_counter() - started
 
     merge = config.merge
-    merge = dataclasses.replace(merge, adamerging=dataclasses.replace(merge.adamerging, seed=config.seed, quiet=quiet),
-                                adaptation=dataclasses.replace(merge.adaptation, seed=config.seed))
+    merge = binding.merge_settings(dataclasses.replace(
+        merge, adamerging=dataclasses.replace(merge.adamerging, seed=config.seed, quiet=quiet),
+        adaptation=dataclasses.replace(merge.adaptation, seed=config.seed)))
     adapt_inputs, test_sets = split_test_sets(merge.adaptation, test_inputs, [t.test_y for t in tasks])
     records = run_methods(
-        merge, pretrained, am.task_vectors(pretrained, finetuned), apply_fn=apply_fn,
-        test_sets=test_sets, task_names=names,
+        merge, pretrained, am.task_vectors(pretrained, finetuned), test_sets=test_sets, task_names=names,
         adaptation=adaptation_batches(config, adapt_inputs),
         probe=[x[: merge.adamerging.batch_size] for x in adapt_inputs],
-        mesh=am.data_mesh(jax.devices()[:1]), view=efficientnet.matrix_view,
-        gram_fn=efficientnet.gram_fn(batch_stats), features_fn=features_fn, head_fn=head_fn,
-        mixture=efficientnet.expert_mixture(batch_stats, lambda f: head_input(heads[0], f)),
+        mesh=am.data_mesh(jax.devices()[:1]), **binding.protocol_arguments(),
         eval_batch_size=config.eval_batch, log=log)
     times.update({name: record.seconds["build"] for name, record in records.items()})
     times["evaluate"] = next(iter(records.values())).seconds["evaluate"]

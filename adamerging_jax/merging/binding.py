@@ -1,6 +1,7 @@
 """The CLIP binding of the ``merge`` command: θ0 and the fine-tuned image towers, the zero-shot heads built
 from the pretrained text tower with each task's class names and templates, and the `ModelBinding` that tells
-the core CLIP's ``apply_fn``, its stacked layers and its HF tensor names.
+the core CLIP's ``apply_fn``, its stacked layers and its HF tensor names (`clip_binding`, also the binding of
+the paper's experiments, `adamerging_jax.paper.models`).
 
     logits_t(x) = exp(s) · n(f_θ(x) W) · n(h_t,c)ᵀ,  h_t,c = n(mean_j n(g(template_j(c))))   (Radford et al. 2021)
 
@@ -86,10 +87,13 @@ class TaskHeads:
         return self._heads[task]
 
 
-def clip_binding(config: clip.ClipConfig, heads: TaskHeads | None = None, projection: Any = None) -> ModelBinding:
-    """The image tower with the pretrained ``projection`` ([W, D] kernel) and the frozen zero-shot ``heads``,
-    CLIP's stacked layers and matrix view, the HF ``CLIPVisionModel`` tensor names of its entries and the rows
-    of the official λ files. Without heads (a merge streamed from disk, which scores nothing) the model's
+def clip_binding(config: clip.ClipConfig, heads: TaskHeads | Sequence[jnp.ndarray] | None = None,
+                 projection: Any = None) -> ModelBinding:
+    """The image tower with the pretrained ``projection`` ([W, D] kernel) and the frozen zero-shot ``heads``
+    (task t's head [C, D] is ``heads[t]``: the merge command's `TaskHeads`, built when the run starts, or the
+    paper's list of heads), CLIP's stacked layers and matrix view, the HF ``CLIPVisionModel`` tensor names of
+    its entries and the rows of the official λ files. The one CLIP binding of the ``merge`` command and the
+    paper's experiments. Without heads (a merge streamed from disk, which scores nothing) the model's
     functions are not to be run: the binding serves its names and view."""
     names = lambda_tensor_names(config)
     projection = None if projection is None else jnp.asarray(projection)

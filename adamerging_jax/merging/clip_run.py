@@ -263,11 +263,9 @@ def run_clip_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, A
         adaptation = adaptation_batches(plan)
     names = [task.name for task in config.tasks]
     try:
-        models, records = build_models(settings, towers.pretrained, task_vectors, apply_fn=plan.binding.apply_fn,
-                                       adaptation=adaptation, state_dir=output / "state", mesh=plan.mesh,
-                                       view=plan.binding.matrix_view, gram_fn=plan.binding.gram_fn,
-                                       features_fn=plan.binding.features_fn, head_fn=plan.binding.head_fn,
-                                       mixture=plan.binding.mixture, log=log)
+        models, records = build_models(settings, towers.pretrained, task_vectors, adaptation=adaptation,
+                                       state_dir=output / "state", mesh=plan.mesh,
+                                       **plan.binding.protocol_arguments(), log=log)
     except ValueError as error:
         raise MergeError(str(error)) from None
     finally:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from adamerging_jax.coefficient_formats import TensorNames
 from adamerging_jax.models.efficientnet import LITE0, EfficientNetConfig, block_name, block_specs
 from adamerging_jax.models.torch_file import UnsafeCheckpointError, read_torch_file
 
@@ -32,6 +33,7 @@ __all__ = [
     "package_checkpoint_path",
     "read_state_dict",
     "read_torch_file_with_torch",
+    "tensor_names",
 ]
 
 PyTree = Any
@@ -101,6 +103,23 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def tensor_names(config: EfficientNetConfig = LITE0) -> TensorNames:
+    """The state-dict name of every leaf of the backbone tree (``params``), e.g. ("block_01/expand/conv/kernel",
+    None) → "_blocks.1._expand_conv.weight" and ("stem/bn/scale", None) → "_bn0.weight"; ``order`` the state
+    dict's order of those tensors (stem, blocks, head; conv weight, then BN weight and bias). The BN running
+    statistics and the ImageNet classifier are not in the tree. No leaf stacks layers, so every layer is None."""
+    prefixes = _torch_prefixes(config)
+    ordered = sorted(prefixes, key=lambda path: {"stem": 0, "head": 2}.get(path[0], 1))
+    names: dict[tuple[str, int | None], str] = {}
+    for path in ordered:
+        conv_name, bn_name = prefixes[path]
+        leaf = "/".join(path)
+        names[(f"{leaf}/conv/kernel", None)] = f"{conv_name}.weight"
+        names[(f"{leaf}/bn/scale", None)] = f"{bn_name}.weight"
+        names[(f"{leaf}/bn/bias", None)] = f"{bn_name}.bias"
+    return TensorNames(names, tuple(names.values()))
 
 
 def convert_state_dict(state: dict[str, np.ndarray], config: EfficientNetConfig = LITE0) -> EfficientNetWeights:

@@ -19,10 +19,9 @@ from typing import Any
 import jax
 
 import adamerging_jax as am
+from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.protocol import records_json, run_methods
 from adamerging_jax.data.pipeline import AdaptationBatches, Source, clip_preprocess, evaluation_batches
-from adamerging_jax.heads.zero_shot import ZeroShotModel
-from adamerging_jax.models import clip
 from adamerging_jax.paper import sources
 from adamerging_jax.paper.models import ClipModels, load_models
 from adamerging_jax.paper.settings import ExperimentConfig
@@ -43,15 +42,16 @@ def evaluate_methods(
     models: ClipModels,
     task_vectors: Any,
     eval_sources: Sequence[Source],
-    classifier: ZeroShotModel,
+    binding: ModelBinding,
     *,
     state_dir: str | None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every method of ``config.merge`` through the protocol (AdaMerging adapts on the merged tasks'
     ``eval_sources``), all evaluated in one pass over ``eval_sources``; the run as a dict (accuracy, λ,
-    entropy, times). ``classifier`` is ``models.classifier()`` (its ``apply_fn``, and its representation and
-    head for Surgery), made once per experiment so that its compiled steps are reused."""
+    entropy, times). ``binding`` is ``models.binding()``, the merge command's CLIP binding (its ``apply_fn``,
+    stacked layers, matrix view, Gram capture, representation and head, MoE form), made once per experiment so
+    that its compiled steps are reused."""
     num_merged = len(config.merge_tasks)
     size = models.image_size
     adaptation = AdaptationBatches(
@@ -62,16 +62,13 @@ def evaluate_methods(
     batch_size, threads = config.data.eval_batch_size, config.data.num_threads
     test_sets = [evaluation_batches(source, batch_size, functools.partial(clip_preprocess, size=size),
                                     num_threads=threads) for source in eval_sources]
-    merge = config.merge.with_changes(seed=config.seed, quiet=config.quiet)
+    merge = binding.merge_settings(config.merge.with_changes(seed=config.seed, quiet=config.quiet))
     with adaptation:  # closed after the run: no image decoded ahead for steps that will not run
         records = run_methods(
-            merge, models.pretrained, task_vectors, apply_fn=classifier.apply_fn, test_sets=test_sets,
-            task_names=config.eval_tasks, adaptation=adaptation, state_dir=state_dir,
+            merge, models.pretrained, task_vectors, test_sets=test_sets, task_names=config.eval_tasks,
+            adaptation=adaptation, state_dir=state_dir,
             mesh=am.data_mesh(jax.devices()[: config.devices] if config.devices else None),
-            view=clip.matrix_view, gram_fn=clip.vision_grams(models.config), features_fn=classifier.features_fn,
-            head_fn=classifier.head_fn, mixture=clip.expert_mixture(models.config, jax.numpy.asarray(models.visual_projection)),
-            eval_batch_size=batch_size,
-            quiet=config.quiet, log=log)
+            **binding.protocol_arguments(), eval_batch_size=batch_size, quiet=config.quiet, log=log)
     seconds = {name: record.seconds["build"] for name, record in records.items()}
     seconds["evaluation"] = next(iter(records.values())).seconds["evaluate"]
     return {"tasks": list(config.eval_tasks), "merged_tasks": list(config.merge_tasks),
@@ -99,7 +96,7 @@ def run_merging(config: ExperimentConfig, *, output_dir: str | Path | None = Non
     started = time.perf_counter()
     models, task_vectors, eval_sources = _prepare(config, log)
     state_dir = str(Path(output_dir) / "adamerging_state") if output_dir and config.checkpoint_runs else None
-    run = evaluate_methods(config, models, task_vectors, eval_sources, models.classifier(), state_dir=state_dir,
+    run = evaluate_methods(config, models, task_vectors, eval_sources, models.binding(), state_dir=state_dir,
                            log=log)
     run["seconds"]["total"] = time.perf_counter() - started
     return {"experiment": config.name, "settings": config.settings(), **run, **_environment()}
@@ -122,13 +119,13 @@ def run_robustness(
         raise ValueError(f"unknown test conditions {unknown}; known: {list(known)}")
     started = time.perf_counter()
     models, task_vectors, clean = _prepare(config, log)
-    runs, classifier = {}, models.classifier()
+    runs, binding = {}, models.binding()
     for condition in test_conditions:
         log(f"[robustness] {condition}" + ("" if condition == "clean" else f", severity {severity}"))
         eval_sources = sources.corrupted(clean, condition, severity, config.seed, corruption_size)
         state_dir = (str(Path(output_dir) / "adamerging_state" / condition)
                      if output_dir and config.checkpoint_runs else None)
-        runs[condition] = evaluate_methods(config, models, task_vectors, eval_sources, classifier,
+        runs[condition] = evaluate_methods(config, models, task_vectors, eval_sources, binding,
                                            state_dir=state_dir, log=log)
     return {"experiment": config.name, "settings": config.settings(), "tasks": list(config.eval_tasks),
             "severity": severity, "corruption_size": corruption_size, "conditions": runs,

@@ -1,12 +1,14 @@
 """The models of the experiments: θ0 and the fine-tuned CLIP image towers, the zero-shot heads, and the
-``apply_fn`` that puts them together.
+`ModelBinding` that puts them together.
 
 θ0, the visual projection and the text tower come from one full HF CLIP (``openai/clip-vit-*``); each task's
 fine-tuned image tower from an HF ``CLIPVisionModel`` (FusionBench's ``tanganke/clip-vit-*_<task>``) or an
 open_clip state dict.  Heads are the zero-shot heads of the pretrained text tower (task_vectors' class names
-and templates), cached on disk.  All tasks share the image tower, so ``apply_fn`` is a
-:class:`~adamerging_jax.SharedBackbone`: AdaMerging sends all tasks' batches through one forward; its split into
-the normalised image embedding and the head (``ClipModels.classifier``) is the merge command's, for Surgery.
+and templates), cached on disk.  The binding (``ClipModels.binding``) is the merge command's,
+`merging.binding.clip_binding`: its ``apply_fn`` a :class:`~adamerging_jax.SharedBackbone` (all tasks share the
+image tower, so AdaMerging sends all tasks' batches through one forward), CLIP's stacked layers and matrix
+view, the Gram capture (RegMean), the split into the normalised image embedding and the head (Surgery) and the
+weight-ensembling MoE form (WEMoE).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.heads import zero_shot
+from adamerging_jax.merging.binding import clip_binding
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import load_clip_towers
 from adamerging_jax.paper.settings import Checkpoints
@@ -42,11 +46,11 @@ class ClipModels:
     def image_size(self) -> int:
         return self.config.vision.image_size
 
-    def classifier(self) -> zero_shot.ZeroShotModel:
-        """``apply_fn(vision_params, images, task) -> logits`` of the tower with head ``task``, and the same
-        model split into the normalised image embedding and the head after it (for Surgery)."""
-        encoder = clip.image_encoder(self.config, jnp.asarray(self.visual_projection))
-        return zero_shot.zero_shot_model(encoder, [jnp.asarray(h) for h in self.heads])
+    def binding(self) -> ModelBinding:
+        """The merge command's CLIP binding (`clip_binding`) of the tower with the evaluated tasks' heads:
+        ``apply_fn(vision_params, images, task) -> logits`` with head ``task``, its stacked layers, matrix
+        view, Gram capture, representation and head (Surgery) and MoE form (WEMoE)."""
+        return clip_binding(self.config, [jnp.asarray(h) for h in self.heads], self.visual_projection)
 
 
 def checkpoint_location(template: str, task: str) -> str:
