@@ -17,6 +17,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+import subprocess  # noqa: E402
+
 import pytest  # noqa: E402
 
 import adamerging_jax as am  # noqa: E402
@@ -40,3 +42,18 @@ def x64():
     """float64 on for one test (``jax.enable_x64``), restored afterwards so other tests are unaffected."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MB tmpfs mounted in the test's folder, for a full disk (needs root and mount rights; skipped where it
+    cannot be): fill it with a file of what is left (``os.statvfs``) and a write there fails with ENOSPC."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

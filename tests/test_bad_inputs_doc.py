@@ -16,8 +16,12 @@ TABLES = {
     "test_bad_inputs_clip": "CLIP checkpoints and their config.json",
     "test_merge_config": "`adamerging-jax merge` configs (checked by `--dry-run` and before every run)",
     "test_merge_lm": "`adamerging-jax merge` for causal language models (checked by `--dry-run`)",
+    "test_merge_lm_streaming": "The output folder of a causal-LM merge: a kill, a full disk",
 }
-OUTCOMES = {"warning+None": "warned cache miss (recomputed)", "handled": "read correctly"}
+OUTCOMES = {"warning+None": "warned cache miss (recomputed)", "handled": "read correctly",
+            "previous-kept": "the previous result whole (or none), nothing half-written left; the rerun completes",
+            "no-space": "one-line `error:` (exit); the previous result whole, nothing left beside it; the rerun "
+                        "completes once space is freed"}
 
 
 def _outcome(expected) -> str:

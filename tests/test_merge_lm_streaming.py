@@ -1,6 +1,7 @@
 """Data-free LM merges streamed tensor by tensor from disk (``adamerging-jax merge``, ``model: causal_lm``, no
 prompts): equal to the registry methods run in memory, the input dtype kept (or the config's), the model
-folder whole or absent after a SIGKILL while writing, the exact streaming selection of TIES's thresholds.
+folder whole or absent after a SIGKILL while writing or on a full disk (the table ``CASES``, rows of
+docs/bad-inputs.md), the exact streaming selection of TIES's thresholds.
 
 The tiny Llama fixture's weights are put on a grid of 2⁻⁸ and the fine-tunes move them by multiples of 2⁻⁸,
 so τ is exact, sums of τ cancel exactly at some entries and TIES's majority sign decides them. Comparisons
@@ -20,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from bad_inputs import Case
 from test_lora import write_adapter
 from test_text_data import write_tokenizer
 
@@ -298,27 +300,75 @@ def complete_result(out, world, methods):
     return {p.name: p.read_bytes() for p in (out / "model").iterdir()}
 
 
-@pytest.mark.parametrize("methods", [["task_arithmetic"], ["consensus"]], ids=["streamed", "in-memory"])
-def test_a_kill_while_writing_leaves_the_previous_result_and_the_rerun_completes(world, tmp_path, methods):
+def merge_config(world, tmp_path, methods):
+    """A config merging θ0 and the K fine-tunes with ``methods`` (no prompts), written under ``tmp_path``."""
+    config = tmp_path / "config.yaml"
+    tasks = [{"name": f"t{k}", "finetuned": str(world / f"ft{k}")} for k in range(K)]
+    config.write_text(yaml.safe_dump({"model": "causal_lm", "pretrained": str(world / "base"), "tasks": tasks,
+                                      "methods": methods}))
+    return config
+
+
+def a_kill_keeps_the_previous_result(world, tmp_path, methods):
     """SIGKILL once the first tensor of the model is on disk: the output holds nothing (no run before) or the
     previous result, whole; the rerun into the same output removes what the killed run left and completes."""
-    old_umask = os.umask(0o022)
+    config, out = merge_config(world, tmp_path, methods), tmp_path / "out"
+    killed_while_writing(config, out, tmp_path)
+    assert not (out / "model").exists()  # no export before: none after
+    assert main(["merge", str(config), "--output", str(out)]) == 0  # the killed run's leftovers do not block it
+    assert siblings(out) == []
+    first = complete_result(out, world, methods)
+    config.write_text(config.read_text().replace(methods[0], "weight_average"))
+    killed_while_writing(config, out, tmp_path)
+    assert complete_result(out, world, methods) == first  # the earlier result, whole
+    assert main(["merge", str(config), "--output", str(out)]) == 0
+    assert siblings(out) == [] and complete_result(out, world, ["weight_average"]) != first
+
+
+NO_SPACE = "error: no space left on the device"
+
+
+def a_full_disk_keeps_the_previous_result(world, tmp_path, disk, capsys):
+    """A streamed merge into an output on a full disk (``disk``, a small tmpfs) fails with one ``error: no space
+    left ...`` line; the previous result stays whole and nothing of the failed run is left beside it; once space
+    is freed the rerun completes."""
+    config, out = merge_config(world, tmp_path, ["task_arithmetic"]), disk / "out"
+    assert main(["merge", str(config), "--output", str(out)]) == 0
+    first = complete_result(out, world, ["task_arithmetic"])
+    free = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 100_000))  # less than one model
+    config.write_text(config.read_text().replace("task_arithmetic", "weight_average"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # Python prints its message as the one stderr line, exit 1
+        main(["merge", str(config), "--output", str(out)])
+    lines = [*capsys.readouterr().err.splitlines(), *str(refused.value).splitlines()]
+    assert len(lines) == 1 and lines[0].startswith(NO_SPACE), lines
+    assert complete_result(out, world, ["task_arithmetic"]) == first and siblings(out) == []
+    (disk / "filler").unlink()
+    assert main(["merge", str(config), "--output", str(out)]) == 0
+    assert siblings(out) == [] and complete_result(out, world, ["weight_average"]) != first
+
+
+CASES = [
+    Case("killed_writing_streamed", "SIGKILL while a streamed merge (task arithmetic) writes the model",
+         "previous-kept", "", lambda world, tmp_path, request: a_kill_keeps_the_previous_result(
+             world, tmp_path, ["task_arithmetic"])),
+    Case("killed_writing_in_memory", "SIGKILL while an in-memory merge (consensus) writes the model",
+         "previous-kept", "", lambda world, tmp_path, request: a_kill_keeps_the_previous_result(
+             world, tmp_path, ["consensus"])),
+    Case("full_disk", "an output folder on a full disk (a 3 MB tmpfs, filled after a first merge; streamed)",
+         "no-space", NO_SPACE, lambda world, tmp_path, request: a_full_disk_keeps_the_previous_result(
+             world, tmp_path, request.getfixturevalue("small_tmpfs"), request.getfixturevalue("capsys"))),
+]
+"""The output folder of a causal-LM merge under a kill or a full disk (rows of docs/bad-inputs.md): the
+previous result stays whole (or there is none), nothing half-written is left, and the rerun completes."""
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_the_output_holds_the_previous_result_whole_and_the_rerun_completes(case, world, tmp_path, request):
+    old_umask = os.umask(0o022)  # the result's files are checked 0644
     try:
-        config = tmp_path / "config.yaml"
-        tasks = [{"name": f"t{k}", "finetuned": str(world / f"ft{k}")} for k in range(K)]
-        config.write_text(yaml.safe_dump({"model": "causal_lm", "pretrained": str(world / "base"), "tasks": tasks,
-                                          "methods": methods}))
-        out = tmp_path / "out"
-        killed_while_writing(config, out, tmp_path)
-        assert not (out / "model").exists()  # no export before: none after
-        assert main(["merge", str(config), "--output", str(out)]) == 0  # the killed run's leftovers do not block it
-        assert siblings(out) == []
-        first = complete_result(out, world, methods)
-        config.write_text(config.read_text().replace(methods[0], "weight_average"))
-        killed_while_writing(config, out, tmp_path)
-        assert complete_result(out, world, methods) == first  # the earlier result, whole
-        assert main(["merge", str(config), "--output", str(out)]) == 0
-        assert siblings(out) == [] and complete_result(out, world, ["weight_average"]) != first
+        case.run(world, tmp_path, request)
     finally:
         os.umask(old_umask)
 

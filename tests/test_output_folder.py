@@ -357,20 +357,6 @@ def test_a_merge_exits_promptly_after_its_last_line(world):
     assert time.monotonic() - last_line < 5.0, "the process went on working after its last line"
 
 
-@pytest.fixture
-def small_tmpfs(world):
-    """A 3 MB tmpfs mounted in the test's folder (needs root and mount rights; skipped where it cannot be)."""
-    mount = world / "tmpfs"
-    mount.mkdir(exist_ok=True)
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_previous_result(world, small_tmpfs):
     output = small_tmpfs / "out"
