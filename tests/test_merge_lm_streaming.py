@@ -132,9 +132,18 @@ def checkpoint_tree(params, config):
 
 
 def test_per_tensor_ties_is_the_method_on_the_tree_of_checkpoint_tensors(world, tmp_path):
+    """Streamed per-tensor TIES equals the method in memory on the tree of checkpoint tensors and on the model's
+    own tree, whose stacked leaves (the layers' q_proj, ..., down_proj) it trims layer by layer."""
     params = {"scope": "leaf", "density": 0.3, "reduce": "mean", "scale": 0.5}
     out = run_streamed(world, tmp_path, [{"name": "ties", **params}])
-    assert_same(written(out), in_memory(world, method_spec("ties", **params), tree=checkpoint_tree))
+    spec = method_spec("ties", **params)
+    assert_same(written(out), in_memory(world, spec, tree=checkpoint_tree))
+    assert_same(written(out), in_memory(world, spec))
+    # the stacked leaves trimmed as one tensor each (no view: no leaf stacks layers) give another model
+    config, pretrained = load_hf_causal_lm(str(world / "base"))
+    tau = am.task_vectors(pretrained, [load_hf_causal_lm(str(world / f"ft{k}"))[1] for k in range(K)])
+    whole_leaves = hf_state_dict(jax.device_get(spec.build(pretrained, tau).params), config)
+    assert any(np.any(whole_leaves[name] != value) for name, value in written(out).items())
     assert json.loads((out / "results.json").read_text())["streamed"]["passes"] == 2  # majority, merge
 
 

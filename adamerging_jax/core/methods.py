@@ -35,7 +35,7 @@ def weight_average(pretrained: PyTree, task_vectors: PyTree) -> PyTree:
     return add_to_pretrained(pretrained, jax.tree_util.tree_map(mean, task_vectors))
 
 
-@partial(jax.jit, static_argnames=("density", "scope", "total_size", "sign_method"))
+@partial(jax.jit, static_argnames=("density", "scope", "total_size", "sign_method", "view"))
 def ties_task_vectors(
     task_vectors: PyTree,
     density: float = 0.2,
@@ -44,18 +44,20 @@ def ties_task_vectors(
     sign_method: Literal["sum", "count"] = "sum",
     thresholds: jax.Array | None = None,
     majority: jax.Array | None = None,
+    view: MatrixView | None = None,
 ) -> PyTree:
     """TIES preprocessing: per-task trimmed, sign-agreeing task vectors τ̂_k, still stacked `[K, ...]`.
 
     τ̂_k = keep_agreeing(trim(τ)_k, γ) with γ = elect_sign(trim(τ)). AdaMerging++ learns λ on these
     (θ = θ0 + Σ_k λ_k τ̂_k) instead of on the raw τ. `thresholds` and `majority`: the model-wide statistics
-    when this tree is one part of the model (`trim`, `elect_sign`).
+    when this tree is one part of the model (`trim`, `elect_sign`). `view`: the binding's matrix view, whose
+    stacked leaves ``scope="leaf"`` trims layer by layer (`trim`).
     """
-    trimmed = trim(task_vectors, density, scope, total_size, thresholds)
+    trimmed = trim(task_vectors, density, scope, total_size, thresholds, view)
     return keep_agreeing(trimmed, elect_sign(trimmed, sign_method, majority))
 
 
-@partial(jax.jit, static_argnames=("density", "reduce", "scope", "total_size"))
+@partial(jax.jit, static_argnames=("density", "reduce", "scope", "total_size", "view"))
 def ties_merging(
     pretrained: PyTree,
     task_vectors: PyTree,
@@ -66,15 +68,18 @@ def ties_merging(
     total_size: int | None = None,
     thresholds: jax.Array | None = None,
     majority: jax.Array | None = None,
+    view: MatrixView | None = None,
 ) -> PyTree:
     """TIES-merging: θ = θ0 + s · reduce_k τ̂_k with τ̂ from `ties_task_vectors`.
 
     The defaults are the AdaMerging repository's TIES baseline (top 20% over the whole model, "dis-sum",
-    s = 0.3); the TIES paper's own setting is ``reduce="mean", scale=1.0``. `thresholds` and `majority`: the
-    model-wide statistics when the trees are one part of the model (`ties_task_vectors`).
+    s = 0.3); the TIES paper's own setting is ``reduce="mean", scale=1.0``. ``scope="leaf"`` trims each
+    checkpoint tensor on its own (mergekit), a stacked leaf of `view` layer by layer. `thresholds` and
+    `majority`: the model-wide statistics when the trees are one part of the model (`ties_task_vectors`).
     """
     check_stacked(pretrained, task_vectors)
-    selected = ties_task_vectors(task_vectors, density, scope, total_size, thresholds=thresholds, majority=majority)
+    selected = ties_task_vectors(task_vectors, density, scope, total_size, thresholds=thresholds, majority=majority,
+                                 view=view)
     return add_to_pretrained(pretrained, jax.tree_util.tree_map(lambda d: scale * d, disjoint_reduce(selected, reduce)))
 
 

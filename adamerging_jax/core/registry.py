@@ -114,7 +114,8 @@ class MergeMethod:
       per_task_models: the method builds one model per task (no single merged model to export, and none for a
         task it did not merge).
       uses_view: `build` also gets ``view``, the binding's `MatrixView` (None where the binding declares none):
-        the method reads leaves as weight matrices.
+        the method reads leaves as weight matrices, or as the per-layer tensors a stacked leaf holds (TIES's
+        per-tensor scope).
       num_tasks: the exact number of task vectors the method merges (SLERP: 2); None: any. Groups leave such a
         method out (it is named explicitly), and `MethodSpec.build` refuses another K.
       requires: ``requires(context, view) -> reason or None``: why a binding (its `AdaptContext` — None for a
@@ -498,6 +499,7 @@ for _method in (
                 (DENSITY, Parameter("reduce", "sum", "disjoint mean or sum of the agreeing entries",
                                     choices=("mean", "sum")),
                  Parameter("scale", 0.3, "λ applied to the merged task vector"), SCOPE, TOTAL_SIZE),
+                uses_view=True,
                 formula="θ = θ0 + s · reduce_k τ̂_k,  τ̂_k = τ_k^trim ⊙ [sgn τ_k^trim = sgn Σ_j τ_j^trim]",
                 reference="EnnengYang/AdaMerging src/ties_merging_utils.py; FusionBench 0.2.33 "
                           "fusion_bench/method/ties_merging/", streaming="global"),

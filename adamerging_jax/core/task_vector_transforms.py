@@ -9,13 +9,14 @@ AdaMerging learns θ = θ0 + Σ_k λ_k ⊙ τ'_k, where τ' = T(τ) is the stack
 - ``breadcrumbs``, ``della``: Model Breadcrumbs' and DELLA's per-tensor sparsified τ (mergekit's sparsifiers);
 - further transforms registered beside their methods (e.g. TSV's per-task orthogonalised low-rank parts).
 
-A transform is ``apply(task_vectors, view, **parameters) -> task_vectors'``; `view` is the binding's
-`MatrixView` (None where the binding has none; a transform that needs it says so with ``uses_view``).
+A transform is ``apply(task_vectors, **parameters) -> task_vectors'``, or ``apply(task_vectors, view,
+**parameters)`` when it reads the binding's `MatrixView`: as matrices (``uses_view``: a binding without a view
+is refused) or only for which leaves stack layers (``layered``: without a view every leaf is one tensor).
 In a method's parameters a transform is a name (``"tsv"``) or a mapping (``{"name": "dare", "p": 0.5}``);
 parameters the transform shares with AdaMerging's own (``density``, ``scope``, ``total_size`` for ``ties``)
 default to AdaMerging's values.
 
-    register_transform(TaskVectorTransform("scaled", "τ times 2", "me", lambda tau, view: jax.tree.map(lambda t: 2 * t, tau)))
+    register_transform(TaskVectorTransform("scaled", "τ times 2", "me", lambda tau: jax.tree.map(lambda t: 2 * t, tau)))
     spec = method_spec("layer_wise_adamerging", task_vectors={"name": "dare", "p": 0.5})
 """
 
@@ -40,9 +41,12 @@ class TaskVectorTransform:
       name: the registry key.
       label: one line saying what τ' is.
       paper: where it comes from.
-      apply: ``(τ, view, **parameters) -> τ'``, both stacked ``[K, ...]``.
+      apply: ``(τ, **parameters) -> τ'`` (``(τ, view, **parameters)`` with `uses_view` or `layered`), both
+        stacked ``[K, ...]``.
       parameters: its declared parameters with their defaults.
       uses_view: it reads each leaf as matrices and needs the binding's `MatrixView`.
+      layered: it gets the binding's `MatrixView` (None where the binding has none) only to tell which leaves
+        stack layers, each layer one tensor (TIES's per-tensor scope); it runs without one.
     """
 
     name: str
@@ -51,6 +55,7 @@ class TaskVectorTransform:
     apply: Callable[..., PyTree]
     parameters: tuple[Parameter, ...] = ()
     uses_view: bool = False
+    layered: bool = False
 
     def configure(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value, defaults filled in, each validated."""
@@ -104,7 +109,9 @@ def transform_task_vectors(value: str | Mapping[str, Any], task_vectors: PyTree,
     if transform.uses_view:
         require_view(name, view, "task-vector transform")
     parameters = transform.configure({**inherited, **given})
-    return transform.apply(task_vectors, view, **parameters) if transform.uses_view else transform.apply(task_vectors, **parameters)
+    if transform.uses_view or transform.layered:
+        return transform.apply(task_vectors, view, **parameters)
+    return transform.apply(task_vectors, **parameters)
 
 
 TRANSFORM_PARAMETER = Parameter(
@@ -114,7 +121,8 @@ TRANSFORM_PARAMETER = Parameter(
 DENSITY = Parameter("density", 0.2, "fraction of each task vector's entries kept by magnitude", minimum=0.0, maximum=1.0)
 TOTAL_SIZE = Parameter("total_size", None, "count the top-k over this many entries (the official ++ count)",
                        kind=int, minimum=1, optional=True)
-SCOPE = Parameter("scope", "model", "trim over the whole model or per leaf", choices=("model", "leaf"))
+SCOPE = Parameter("scope", "model", "trim over the whole model, or each checkpoint tensor on its own (a stacked "
+                  "leaf layer by layer)", choices=("model", "leaf"))
 DROP_RATE = Parameter("p", 0.9, "drop probability", minimum=0.0, maximum=0.999)
 SEED = Parameter("seed", 0, "random seed of the drop mask")
 GAMMA = Parameter("gamma", 0.01, "fraction of each tensor's largest magnitudes dropped (Model Breadcrumbs)",
@@ -135,8 +143,9 @@ def _della(tau: PyTree, view: MatrixView, density: float, epsilon: float, seed: 
 for _transform in (
     TaskVectorTransform("raw", "τ as it is", "Yang et al., AdaMerging, ICLR 2024", lambda tau: tau),
     TaskVectorTransform("ties", "TIES's trimmed, sign-agreeing τ̂ (AdaMerging++)", "Yadav et al., TIES-Merging, NeurIPS 2023",
-                        lambda tau, density, scope, total_size: core_methods.ties_task_vectors(tau, density, scope, total_size),
-                        (DENSITY, SCOPE, TOTAL_SIZE)),
+                        lambda tau, view, density, scope, total_size: core_methods.ties_task_vectors(
+                            tau, density, scope, total_size, view=view),
+                        (DENSITY, SCOPE, TOTAL_SIZE), layered=True),
     TaskVectorTransform("dare", "DARE's randomly dropped, rescaled τ", "Yu et al., Language Models are Super Mario, ICML 2024",
                         core_methods.dare, (DROP_RATE, SEED)),
     TaskVectorTransform("breadcrumbs", "Model Breadcrumbs' τ without each tensor's largest and smallest magnitudes",

@@ -60,26 +60,32 @@ def _kth_largest_magnitude(leaves: list[jax.Array], rank: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(low, dtype)
 
 
-@partial(jax.jit, static_argnames=("density", "scope", "total_size"))
+@partial(jax.jit, static_argnames=("density", "scope", "total_size", "view"))
 def trim(
     task_vectors: PyTree,
     density: float,
     scope: Literal["model", "leaf"] = "model",
     total_size: int | None = None,
     thresholds: jax.Array | None = None,
+    view: MatrixView | None = None,
 ) -> PyTree:
     """Keep, per task, the entries of largest magnitude; zero the rest (TIES step 1, "trim").
 
-    keep = ⌊density · D⌋ where D is the number of entries of one task vector: over the whole flattened model
-    (``scope="model"``, the official TIES and AdaMerging++ code) or over each leaf (``scope="leaf"``,
-    mergekit). `total_size` overrides D for ``scope="model"``: the official AdaMerging++ script flattens a
-    state dict that also holds 12.6M never-trained text-side entries (τ = 0), so its ``density=0.2`` keeps
-    ⌊0.2 · D_all⌋ entries of the visual tower (≈ 26% of it); pass D_all to match that absolute count.
+    Per task k, keep |τ_k| ≥ t_k, t_k the r-th largest |τ_k| over D entries, r = ⌊density · D⌋ + 1 (the
+    official code's count: entries ≥ the (D − keep)-th smallest magnitude; r > D keeps everything). D is:
 
-    `thresholds` ([K]): the per-task magnitudes to keep at or above, already found over the whole model
-    (``scope="model"``) or over the one leaf this tree is part of (``scope="leaf"``; a merge streamed part
-    by part finds them first, `merging.streaming`); the entries of this tree are then trimmed against them
-    instead of against their own top-k.
+    - ``scope="model"`` (the official TIES and AdaMerging++ code): the entries of one task vector, the whole
+      flattened model. `total_size` overrides D: the official AdaMerging++ script flattens a state dict that
+      also holds 12.6M never-trained text-side entries (τ = 0), so its ``density=0.2`` keeps ⌊0.2 · D_all⌋
+      entries of the visual tower (≈ 26% of it); pass D_all to match that absolute count.
+    - ``scope="leaf"`` (mergekit's per-tensor density): the entries of one tensor of the checkpoint, each with
+      its own t_k. A leaf that stacks L layers on its leading axis (``view.stacked``, the binding's matrix view
+      `core.matrix_view`) is L tensors, trimmed layer by layer as the checkpoint's per-layer tensors are;
+      without a view every leaf is one tensor.
+
+    `thresholds` ([K]): the per-task t_k already found over the whole model (``scope="model"``) or over the
+    one tensor this one-leaf tree holds (``scope="leaf"``; a merge streamed part by part finds them first,
+    `merging.streaming`); the entries of this tree are then trimmed against them instead of their own top-k.
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -88,7 +94,9 @@ def trim(
     if scope not in ("model", "leaf"):
         raise ValueError(f"scope must be 'model' or 'leaf', got {scope!r}")
     if scope == "leaf" and thresholds is None:
-        return jax.tree_util.tree_map(lambda tau: trim(tau, density, "model"), task_vectors)
+        trimmed = [_trim_tensors(leaf, density, stacked)
+                   for leaf, stacked in zip(leaves, layered_leaves(view, task_vectors))]
+        return jax.tree_util.tree_unflatten(treedef, trimmed)
     if scope == "leaf" and len(leaves) != 1:
         raise ValueError(f"thresholds of one leaf (scope 'leaf') given for a tree of {len(leaves)} leaves")
     if thresholds is None:
@@ -96,8 +104,7 @@ def trim(
         reference = size if total_size is None else total_size
         if reference < size:
             raise ValueError(f"total_size {total_size} is smaller than the task vectors' {size} entries")
-        # The official code keeps |τ| ≥ the (D − keep)-th smallest magnitude, i.e. the (keep + 1)-th largest
-        # (keep + 1 entries barring ties); the `reference − size` zero entries it also counts are the smallest.
+        # The `reference − size` zero entries the official code also counts are the smallest.
         rank = int(reference * density) + 1
         if rank > size:
             return task_vectors
@@ -111,6 +118,19 @@ def trim(
         for leaf in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, trimmed)
+
+
+def _trim_tensors(tau: jax.Array, density: float, stacked: bool) -> jax.Array:
+    """`trim` with scope "leaf" on one leaf ``[K, (L,) ...]``: each task's each tensor (each layer of a stacked
+    leaf) of n entries keeps |τ| ≥ its own (⌊density · n⌋ + 1)-th largest magnitude."""
+    n = int(np.prod(tau.shape[1 + int(stacked):]))
+    rank = int(n * density) + 1
+    if rank > n:
+        return tau
+    tensors = _per_tensor(tau, stacked)  # [K, L', n]
+    thresholds = _kth_largest_magnitude([tensors.reshape(-1, n)], rank).reshape(tensors.shape[:2] + (1,))
+    kept = jnp.abs(_widened(tensors)) >= thresholds
+    return jnp.where(kept, tensors, 0).reshape(tau.shape).astype(tau.dtype)
 
 
 def drop(task_vectors: PyTree, p: float, seed: int | jax.Array, rescale: bool = True) -> PyTree:

@@ -509,7 +509,9 @@ def stream_merge(spec: MethodSpec, stream: TensorStream, folder: str, dtypes: Ma
         statistics = lambda name: {}  # noqa: E731
         if spec.method.streaming == "global":
             statistics = GLOBAL_STATISTICS[spec.name](stream, spec.params, log)
-        stream.mode = "leaf" if spec.method.uses_view else "tensor" if spec.method.streaming == "tensor" else "entry"
+        # a global method is entrywise once given its statistics (TIES reads the view only for its per-tensor scope)
+        leaf = spec.method.uses_view and spec.method.streaming != "global"
+        stream.mode = "leaf" if leaf else "tensor" if spec.method.streaming == "tensor" else "entry"
         layout = {name: (np.dtype(dtypes[name]), stream.pretrained.info(name).shape)
                   for name in sorted([*stream.names, *stream.kept])}
         program = merge_program(spec, view)
