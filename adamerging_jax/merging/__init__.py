@@ -10,11 +10,14 @@ which family they run.
 - :mod:`~adamerging_jax.merging.plan`: every check before any compute (``--dry-run`` prints the plan);
 - :mod:`~adamerging_jax.merging.run`: the plan run by its family, the output folder written;
 - :mod:`~adamerging_jax.merging.checked_run`: what every checked run shares (devices, ``--weights``);
-- :mod:`~adamerging_jax.merging.exports`: what every run shares once built (given λ, named λ, the report);
+- :mod:`~adamerging_jax.merging.exports`: what every run shares once built (given λ, named λ, the report, a
+  streamed run's output);
+- :mod:`~adamerging_jax.merging.streaming`: data-free merges tensor by tensor from disk, for every family (the
+  rule `streams`, the tensors' places from the binding);
 - :mod:`~adamerging_jax.merging.errors`: `MergeError`, the refusal every module raises;
 - CLIP: :mod:`~adamerging_jax.merging.clip_family` (its YAML), :mod:`~adamerging_jax.merging.clip_run` (checks,
   run, export), :mod:`~adamerging_jax.merging.binding` (θ0, τ, zero-shot heads, tensor names);
 - causal LM: :mod:`~adamerging_jax.merging.lm_family` (its YAML), :mod:`~adamerging_jax.merging.lm` (checks, run,
-  export), :mod:`~adamerging_jax.merging.lm_binding`, :mod:`~adamerging_jax.merging.streaming`;
+  export), :mod:`~adamerging_jax.merging.lm_binding`;
 - :mod:`~adamerging_jax.merging.card`: the model card.
 """

@@ -169,7 +169,7 @@ def _tensor(leaf: jax.Array, transpose: bool, stacked: bool) -> jax.Array:
     return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
-def _tree(path: str, leaf: Any) -> PyTree:
+def one_leaf_tree(path: str, leaf: Any) -> PyTree:
     """The one-leaf tree {a: {b: leaf}} of leaf path "a/b"."""
     tree = leaf
     for key in reversed(path.split("/")):
@@ -395,7 +395,7 @@ def ties_statistics(stream: TensorStream, params: Mapping[str, Any], log: Callab
             thresholds = model_wide
         else:
             thresholds = per_tensor[name] = tensor_thresholds(np.abs(np.asarray(tau)), density)
-        balance += int(_sign_balance(_tree(place.path, tau), density, thresholds))
+        balance += int(_sign_balance(one_leaf_tree(place.path, tau), density, thresholds))
     majority = jnp.asarray(np.sign(balance), stream.accumulation_dtype)
     what = "TIES majority sign" if scope == "model" else "TIES thresholds of each tensor and majority sign"
     log(f"[merge] pass {stream.passes}: {what} {int(np.sign(balance)):+d} ({time.perf_counter() - started:.1f} s)")
@@ -482,7 +482,8 @@ def merge_program(spec: MethodSpec, view: MatrixView | None) -> Callable[..., ja
             arguments["seed"] = jax.random.fold_in(jax.random.fold_in(key, index[0]), index[1])
         if spec.method.uses_view:
             arguments["view"] = view
-        return _leaf_at(spec.method.build(_tree(path, base), _tree(path, tau), **arguments).params, path)
+        merged = spec.method.build(one_leaf_tree(path, base), one_leaf_tree(path, tau), **arguments)
+        return _leaf_at(merged.params, path)
 
     def merged(theta0: jax.Array, inputs: tuple[jax.Array, ...], statistics: Mapping[str, jax.Array],
                index: jax.Array, *, kinds: tuple[str, ...], path: str, transpose: bool, stacked: bool, dtype: Any
