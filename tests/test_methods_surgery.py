@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,46 @@ def test_initial_modules_follow_torch_s_law():
     assert not np.any(np.asarray(modules.up))
 
 
+def nonnegative_features_fn(params: dict, images: jax.Array) -> jax.Array:
+    """A representation with no negative entry (as features after a ReLU are): |z| of `features_fn`."""
+    return jnp.abs(features_fn(params, images))
+
+
+def numpy_active_units(modules: surgery.SurgeryModules, base: dict, representation, size: int) -> np.ndarray:
+    """Per task, the hidden units with W_down,t z > 0 for some z of step 0's batch, written out in numpy."""
+    down = np.asarray(modules.down, np.float64)
+    counts = []
+    for t, x in enumerate(batches(0)):
+        z = np.asarray(representation(base, x[:size]), np.float64)
+        counts.append(int(np.sum(np.any(z @ down[t].T > 0, axis=0))))
+    return np.asarray(counts)
+
+
+def test_modules_turned_off_by_adam_are_reported_naming_the_tasks():
+    """On a representation with no negative entry, Adam at a large rate drives W_down,t z below 0 for every unit
+    of most tasks: the run warns naming exactly those tasks, whose modules are then the identity; `active_units`
+    is the count written out in numpy, and a run on the signed representation at the reference's rate keeps its
+    units and says nothing."""
+    pretrained, tau, base = float32_models()
+    config = surgery.SurgeryConfig(steps=40, lr=0.2, batch_size=4, quiet=True)
+    with pytest.warns(UserWarning, match="surgery_lr 0.2") as caught:
+        result = surgery.train_surgery(nonnegative_features_fn, base, pretrained, tau, batches, config, mesh=mesh())
+    np.testing.assert_array_equal(result.active_units, numpy_active_units(result.modules, base,
+                                                                          nonnegative_features_fn, 4))
+    idle = [int(t) for t in np.flatnonzero(result.active_units == 0)]
+    assert len(idle) >= 2 and f"tasks {idle} have none" in str(caught[0].message)
+    x = images(0, idle[0])
+    z = nonnegative_features_fn(base, x)
+    np.testing.assert_array_equal(surgery.surgery_features(result.modules.task(idle[0]), z), z)
+
+    signed = dataclasses.replace(config, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = surgery.train_surgery(features_fn, base, pretrained, tau, batches, signed, mesh=mesh())
+    np.testing.assert_array_equal(kept.active_units, numpy_active_units(kept.modules, base, features_fn, 4))
+    assert np.all(kept.active_units > 0)
+
+
 RESUMED = surgery.SurgeryConfig(steps=8, batch_size=4, checkpoint_every=2, quiet=True, seed=3)
 
 
@@ -184,10 +225,11 @@ def test_registry_surgery_scores_the_base_model_with_each_task_s_module():
     on the base model's z."""
     pretrained, tau, base = float32_models()
     count = fixture()["images"].shape[1]
-    models_built, _ = build_models(SETTINGS, pretrained, tau, apply_fn=am.SharedBackbone(features_fn, head_fn),
-                                   adaptation=batches, features_fn=features_fn, head_fn=head_fn, mesh=mesh(),
-                                   log=lambda _: None)
+    models_built, records = build_models(SETTINGS, pretrained, tau, apply_fn=am.SharedBackbone(features_fn, head_fn),
+                                         adaptation=batches, features_fn=features_fn, head_fn=head_fn, mesh=mesh(),
+                                         log=lambda _: None)
     merged = models_built["surgery"]
+    assert merged.history["surgery_loss"].shape == (3, count) and records["surgery"].loss is None
     x = images(1, 2)
     module = merged.per_task(2)["surgery"]
     z = features_fn(base, x)
@@ -255,7 +297,8 @@ def test_merge_runs_surgery_over_layer_wise_adamerging_beside_it(world):
                                                  "surgery_steps": 2}, "layer_wise_adamerging"]), "--output", out)
     methods = json.loads((out / "results.json").read_text())["methods"]
     surgery, base = methods["surgery"], methods["layer_wise_adamerging"]
-    assert surgery["coefficients"] == base["coefficients"] and len(surgery["entropy"]) == STEPS
+    assert surgery["coefficients"] == base["coefficients"] and len(base["entropy"]) == STEPS
+    assert surgery["entropy"] is None  # the base's entropy is not Surgery's loss
     assert set(surgery["accuracy"]) == set(base["accuracy"]) == set(CLASSES)
     assert os.listdir(out / "state" / "surgery" / "base") and os.listdir(out / "state" / "surgery" / "surgery")
     pretrained = load_hf_clip(FIXTURE)[1]["vision"]

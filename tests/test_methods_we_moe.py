@@ -185,6 +185,16 @@ def test_registry_method_runs_through_the_protocol(x64):
     assert logits.shape == (4, fixture()["heads"].shape[1]) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_batches_for_another_number_of_tasks_are_refused():
+    """Batches for fewer tasks than the routers weigh (K experts) are refused at step 0, naming both counts,
+    rather than training the routers on a subset of the tasks."""
+    pretrained, tau, count = models()
+    fewer = lambda step: batches(step)[:-1]  # noqa: E731
+    with pytest.raises(ValueError, match=f"step 0: got batches for {count - 1} tasks, the task vectors hold K = {count}"):
+        build_models(SETTINGS, pretrained, tau, apply_fn=routed_apply_fn(), adaptation=fewer, mesh=mesh(),
+                     head_fn=head_fn, mixture=mixture(), log=lambda line: None)
+
+
 @pytest.mark.parametrize("missing", [("mixture",), ("head_fn",), ("mixture", "head_fn")])
 def test_a_binding_without_the_mixture_is_refused_naming_what_it_lacks(missing):
     """A binding without its weight-ensembling form (or its heads) is refused before anything is built, in one

@@ -136,6 +136,20 @@ def test_with_changes_keeps_a_bindings_parameters():
         settings.with_changes(step=3)
 
 
+def test_a_method_outside_the_rows_takes_the_bindings_named_parameters():
+    """``named`` gives a method its parameters when it is named later (by name or through a group), without
+    making it a default row; a method in both takes its row's parameters; the settings keep ``named``."""
+    settings = MergeSettings(["task_arithmetic"], ADAMERGING,
+                             named=[{"name": "surgery", "surgery_lr": 2e-4}, {"name": "task_arithmetic", "scale": 1.0}])
+    assert [s.name for s in settings.methods] == ["task_arithmetic"]
+    changed = settings.with_changes(["surgery", "task_arithmetic"])
+    assert changed.methods[0].params["surgery_lr"] == 2e-4
+    assert changed.methods[1].params["scale"] == registry.method_spec("task_arithmetic").params["scale"] != 1.0
+    grouped = {s.name: s for s in changed.with_changes(["all"]).methods}
+    assert grouped["surgery"].params["surgery_lr"] == 2e-4 and grouped["surgery"].from_group
+    assert MergeSettings(["surgery"]).methods[0].params["surgery_lr"] == 1e-3
+
+
 def test_groups_expand_to_registered_methods_wherever_methods_are_named():
     data_free = registry.group_members("data_free")
     assert {"weight_average", "task_arithmetic", "ties", "dare"} <= set(data_free)

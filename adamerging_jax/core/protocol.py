@@ -89,15 +89,19 @@ class MergeSettings:
     ``methods`` are validated registry methods (names, ``{"name": ..., **parameters}`` mappings or
     `MethodSpec`s are accepted and turned into specs); ``adamerging`` is the core's `AdaMergingConfig`
     (each AdaMerging method sets its own granularity on it); ``adaptation`` which test images the test-time
-    methods adapt on (`Adaptation`: transductive or held out), applied by the binding that splits its test sets.
+    methods adapt on (`Adaptation`: transductive or held out), applied by the binding that splits its test sets;
+    ``named`` the parameters a method outside ``methods`` takes when `with_changes` names it (a binding's own
+    settings, e.g. the demo's Surgery learning rate), given as ``methods`` are.
     """
 
     methods: tuple[MethodSpec, ...]
     adamerging: AdaMergingConfig = AdaMergingConfig()
     adaptation: Adaptation = Adaptation()
+    named: tuple[MethodSpec, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", method_specs(self.methods))
+        object.__setattr__(self, "named", method_specs(self.named))
         if not self.methods:
             raise ValueError("MergeSettings.methods is empty: name at least one merge method")
         if not isinstance(self.adamerging, AdaMergingConfig):
@@ -108,18 +112,18 @@ class MergeSettings:
     def with_changes(self, methods: Sequence[MethodLike] | None = None, *, adaptation: Adaptation | None = None,
                      **adamerging: Any) -> MergeSettings:
         """These settings with other methods, another adaptation and/or AdaMerging fields. A method given by name
-        keeps the parameters it has here (e.g. a binding's TIES settings) and takes the registry's defaults
-        otherwise."""
+        keeps the parameters it has here, in ``methods`` or else in ``named`` (e.g. a binding's TIES settings), and
+        takes the registry's defaults otherwise."""
         fields = {f.name for f in dataclasses.fields(AdaMergingConfig)}
         unknown = sorted(set(adamerging) - fields)
         if unknown:
             raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(fields)}")
         if methods is not None:
-            known = {spec.name: spec for spec in self.methods}
+            known = {spec.name: spec for spec in (*self.named, *self.methods)}
             methods = tuple(_as_known(m, known) for m in expand_groups(methods))
         return MergeSettings(methods if methods is not None else self.methods,
                              dataclasses.replace(self.adamerging, **adamerging),
-                             adaptation if adaptation is not None else self.adaptation)
+                             adaptation if adaptation is not None else self.adaptation, self.named)
 
     @property
     def needs_data(self) -> bool:

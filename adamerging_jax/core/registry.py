@@ -427,7 +427,9 @@ def _surgery(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *,
         quiet=context.config.quiet)
     result = surgery.train_surgery(context.features_fn, merged.params, pretrained, task_vectors, context.batches,
                                    config, mesh=context.mesh)
-    history = {**(merged.history or {}), "surgery_loss": result.history["loss"]}
+    # The base's entropy history is not this method's loss: kept apart, so no record reads it as Surgery's.
+    history = {**{f"base_{key}": value for key, value in (merged.history or {}).items()},
+               "surgery_loss": result.history["loss"]}
     return Merged(params=merged.params, per_task=surgery.SurgeryModels(merged.params, result.modules),
                   coefficients=merged.coefficients, history=history,
                   apply_fn=surgery.surgery_apply_fn(context.features_fn, context.head_fn))
@@ -457,7 +459,7 @@ def _we_moe(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, 
         batch_size=we_moe_batch_size or context.config.batch_size, checkpoint_dir=context.checkpoint_dir,
         checkpoint_every=context.config.checkpoint_every, quiet=context.config.quiet)
     result = we_moe.train_we_moe(mixture, context.head_fn, frozen, routers, context.batches, config,
-                                 mesh=context.mesh)
+                                 mesh=context.mesh, tasks=routing.experts)
     return Merged(params={"frozen": frozen, "routers": result.routers}, history=result.history,
                   apply_fn=we_moe.we_moe_apply_fn(mixture, context.head_fn))
 

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -98,6 +99,17 @@ def surgery_gradients(modules: SurgeryModules, merged: jax.Array, targets: jax.A
     return per_task, grads
 
 
+def active_units(modules: SurgeryModules, merged: jax.Array) -> jax.Array:
+    """Per task, how many of the r hidden units of ReLU(W_down,t z) are positive for at least one of task t's
+    representations `merged` [K, B, d], [K]. A task with none has Surgery_t(z) = z on them: its model is the base.
+
+    Adam moves every entry of W_down by about the learning rate per step whatever its scale (≈ 1/√d), so a
+    representation with no negative entry (features after a ReLU) can turn every unit off for good: an inactive
+    unit has no gradient."""
+    preactivations = jnp.einsum("kbd,krd->kbr", merged, modules.down, precision=HIGHEST)
+    return jnp.sum(jnp.any(preactivations > 0, axis=1), axis=-1)
+
+
 HIDDEN_DIM = Parameter("hidden_dim", 16, "r, the modules' hidden size (the reference's)", minimum=1)
 STEPS = Parameter("surgery_steps", None, "Adam steps on the modules; None: the run's AdaMerging steps (FusionBench's "
                   "preset: 1000, the reference's surgery_steps)", kind=int, minimum=0, optional=True)
@@ -145,10 +157,12 @@ class SurgeryConfig:
 
 @dataclasses.dataclass
 class SurgeryResult:
-    """The trained modules and the per-step losses ``{"loss": [steps, K]}`` (L_t before each step's update)."""
+    """The trained modules, the per-step losses ``{"loss": [steps, K]}`` (L_t before each step's update) and
+    each task's `active_units` on step 0's batch once trained ([K]; 0: that task's module is the identity)."""
 
     modules: SurgeryModules
     history: dict[str, np.ndarray]
+    active_units: np.ndarray
 
 
 def make_surgery_step(features_fn: FeaturesFn, optimizer: optax.GradientTransformation) -> Callable[..., tuple]:
@@ -226,8 +240,8 @@ def train_surgery(
     mesh = mesh or data_mesh()
     base, pretrained = place_tree(base, mesh, False), place_tree(pretrained, mesh, False)
     task_vectors = place_tree(task_vectors, mesh, False)
+    first, batches = peek_batches(batches)
     if modules is None:
-        first, batches = peek_batches(batches)
         dim, dtype = _representation(features_fn, base, first)
         modules = init_modules(jax.random.PRNGKey(config.seed), k, dim, config.hidden_dim, dtype)
     initial = replicated_copy(modules, mesh)
@@ -243,7 +257,26 @@ def train_surgery(
 
     (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES,
                                             mesh=mesh, tasks=k)
-    return SurgeryResult(trained, {"loss": history})
+    units = np.asarray(active_units(trained, _base_representations(features_fn, base, first, config.batch_size)))
+    _warn_inactive(units, config)
+    return SurgeryResult(trained, {"loss": history}, units)
+
+
+def _base_representations(features_fn: FeaturesFn, base: PyTree, batches: Any, batch_size: int) -> jax.Array:
+    """The base model's representations [K, B, d] of the first `batch_size` examples of each task's batch."""
+    return jnp.stack([features_fn(base, jax.tree_util.tree_map(lambda x: x[:batch_size], batch))
+                      for batch in batches])
+
+
+def _warn_inactive(units: np.ndarray, config: SurgeryConfig) -> None:
+    """A warning naming the tasks whose module ended with no active unit (so their model is the base's)."""
+    idle = [int(t) for t in np.flatnonzero(units == 0)]
+    if idle and config.steps > 0:
+        warnings.warn(f"Surgery: the modules of tasks {idle} have none of their {config.hidden_dim} hidden units "
+                      f"active on step 0's batch after {config.steps} steps (ReLU(W_down z) = 0), so those tasks' "
+                      f"models are the base model; Adam at surgery_lr {config.lr:g} turned them off (common when "
+                      "z has no negative entry, e.g. features after a ReLU): a smaller surgery_lr keeps them",
+                      stacklevel=3)
 
 
 def _representation(features_fn: FeaturesFn, base: PyTree, probe: Any) -> tuple[int, Any]:

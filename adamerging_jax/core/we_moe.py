@@ -185,6 +185,7 @@ def train_we_moe(
     config: WEMoEConfig = WEMoEConfig(),
     *,
     mesh: Mesh | None = None,
+    tasks: int | None = None,
 ) -> WEMoEResult:
     """Train the routers of the routed model ``(frozen, routers)`` (module docstring).
 
@@ -196,6 +197,8 @@ def train_we_moe(
         ``config.batch_size`` examples of each are used.
       config: `WEMoEConfig`.
       mesh: devices (default: a 1-D "data" mesh over all); batches are split over its "data" axis.
+      tasks: K, the experts the routers weigh; a step with batches for another number of tasks is refused
+        (default: step 0's count).
     """
     mesh = mesh or data_mesh()
     frozen = place_tree(frozen, mesh, False)
@@ -210,7 +213,8 @@ def train_we_moe(
     def fingerprint(data: str) -> dict[str, Any]:
         return _fingerprint(config, initial, frozen, data, mesh)
 
-    (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES, mesh=mesh)
+    (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES, mesh=mesh,
+                                            tasks=tasks)
     return WEMoEResult(trained, {"loss": history})
 
 
