@@ -4,7 +4,7 @@ A `Coefficients` (``adamerging_jax.core.coefficients``) holds λ per group of le
 leaf that stacks L layers on axis 0. Checkpoints name tensors one per layer. A **tensor naming** bridges the
 two: a mapping ``(leaf path, layer index or None) -> checkpoint tensor name`` covering every entry of the tree
 (layer None for an unstacked leaf), given by the model's converter, e.g.
-``adamerging_jax.models.clip_checkpoint.lambda_tensor_names(config)`` for CLIP's image tower. Through it λ
+``adamerging_jax.models.clip_checkpoint.coefficient_tensor_names(config)`` for CLIP's image tower. Through it λ
 becomes
 
     named[t] = λ[:, l] of the leaf and layer (p, l) named t   (λ[:] when the leaf's λ is [K])       ∈ R^K
@@ -24,14 +24,14 @@ Interchange layouts, both with the K task columns in the order of the task vecto
   coefficient fixed at 1, then the K task values (θ_j = 1·θ0_j + Σ_k λ[j, 1+k] τ_k[j]). Its task-wise script
   uses a single row `[1, 1 + K]` shared by every tensor (``src/merging_cofficient.py`` lists both). An
   `OfficialRows` says what each row scales: for the official open_clip checkpoints the rows follow the
-  task_vectors ImageEncoder's state dict (``models.clip_checkpoint.official_lambda_rows``: 158 rows for
+  task_vectors ImageEncoder's state dict (``models.clip_checkpoint.official_coefficient_rows``: 158 rows for
   ViT-B/32 and B/16, 302 for L/14), where one fused ``in_proj`` row scales the q, k and v tensors, six
   text-side rows are never trained (they hold the initial 0.3, which is checked, and are ignored), and the
   ``visual.proj`` row has no tensor in the merged image tower.
 
 Named λ are stored as JSON (an object tensor name → list of K floats) or safetensors (tensor name → float32
 `[K]`); all writes are atomic, and a λ that is NaN or inf is refused before anything is written (a JSON file
-never holds ``NaN`` or ``Infinity``). Every λ read is checked the same way (`check_lambdas`), with a bound on
+never holds ``NaN`` or ``Infinity``). Every λ read is checked the same way (`check_coefficients`), with a bound on
 |λ| when the merge it feeds has no clamp; errors name the tensor (or row) and the task. Reading a ``.pt``
 never runs pickled code (``models.torch_file``).
 """
@@ -56,7 +56,7 @@ OFFICIAL_INITIAL_LAMBDA = 0.3
 """The official code's initial λ (``prior = 0.3``), which the rows it never trains keep."""
 
 
-def check_lambdas(named: Mapping[str, Sequence[float]], tasks: Sequence[str] | None = None,
+def check_coefficients(named: Mapping[str, Sequence[float]], tasks: Sequence[str] | None = None,
                   bound: float | None = None, what: str = "tensor") -> None:
     """Every λ finite and, when ``bound`` is given (a merge without a clamp), |λ| ≤ bound; ValueError naming
     the tensor (or ``what`` the name is) and the task (its name from ``tasks``, else its index)."""
@@ -113,7 +113,7 @@ def _leaf_entries(path: str, lam_shape: tuple[int, ...], by_leaf: Mapping[str, l
     return entries
 
 
-def named_lambdas(coefficients: Coefficients, tensor_names: Mapping[Entry, str]) -> Named:
+def named_coefficients(coefficients: Coefficients, tensor_names: Mapping[Entry, str]) -> Named:
     """λ by checkpoint tensor name: tensor name → the K task values of its leaf and layer (see module doc).
 
     Raises KeyError naming a leaf the naming lacks, ValueError naming a tensor whose entries disagree.
@@ -134,14 +134,14 @@ def coefficients_from_named(named: Mapping[str, Sequence[float]], like: Coeffici
                             tensor_names: Mapping[Entry, str], *, tasks: Sequence[str] | None = None,
                             bound: float | None = None) -> Coefficients:
     """`Coefficients` shaped as ``like`` (same groups, leaves, K) holding the named values; the inverse of
-    :func:`named_lambdas`, exact for float32 values.
+    :func:`named_coefficients`, exact for float32 values.
 
-    Every tensor of every leaf must be named, with K finite values (|λ| ≤ ``bound`` when given: `check_lambdas`,
+    Every tensor of every leaf must be named, with K finite values (|λ| ≤ ``bound`` when given: `check_coefficients`,
     the task named from ``tasks``); all tensors that share one λ (a task-wise or grouped coefficient, a `[K]`
     λ on a stacked leaf) must carry the same values; names that no entry has are refused. Errors name the
     tensor.
     """
-    check_lambdas(named, tasks, bound)
+    check_coefficients(named, tasks, bound)
     by_leaf = _entries_by_leaf(tensor_names)
     num_tasks = like.num_tasks
     values = {group: np.zeros(np.shape(v), np.float32) for group, v in like.values.items()}
@@ -174,7 +174,7 @@ def write_named_json(path: str | os.PathLike, named: Mapping[str, Sequence[float
     """``named`` as a JSON object tensor name → list of K floats, written atomically; a NaN or inf λ is
     refused (naming the tensor and task) and nothing is written."""
     named = _checked(named, path)
-    check_lambdas(named)
+    check_coefficients(named)
     write_json_atomic(path, {name: [float(v) for v in values] for name, values in named.items()})
 
 
@@ -194,7 +194,7 @@ def write_named_safetensors(path: str | os.PathLike, named: Mapping[str, Sequenc
     from safetensors.numpy import save
 
     named = _checked(named, path)
-    check_lambdas(named)
+    check_coefficients(named)
     arrays = {name: np.asarray(values, np.float32) for name, values in named.items()}
     write_atomic(path, save(arrays, metadata={"content": "adamerging_jax named lambdas"}))
 
@@ -232,8 +232,8 @@ def _checked(named: Mapping[str, Sequence[float]], where: str | os.PathLike) -> 
 def to_fusionbench(coefficients: Coefficients, order: Sequence[str], tensor_names: Mapping[Entry, str]
                    ) -> np.ndarray:
     """FusionBench's layer-wise ``merge_weight``: float32 `[K, n]`, column j the λ of tensor ``order[j]``
-    (the pretrained model's ``named_parameters()`` order, e.g. ``lambda_tensor_names(config).order``)."""
-    named = named_lambdas(coefficients, tensor_names)
+    (the pretrained model's ``named_parameters()`` order, e.g. ``coefficient_tensor_names(config).order``)."""
+    named = named_coefficients(coefficients, tensor_names)
     if missing := [name for name in order if name not in named]:
         raise KeyError(f"no λ for tensor {missing[0]!r} of the FusionBench order ({len(missing)} missing)")
     if extra := sorted(set(named) - set(order)):
@@ -296,7 +296,7 @@ def to_official(coefficients: Coefficients, row_names: Sequence[str] | None, ten
     raise KeyError naming the tensor when ``fill`` is None. ``row_names=None`` gives the task-wise layout, one
     row `[1, 1 + K]`, which needs every tensor to carry the same λ.
     """
-    named = named_lambdas(coefficients, tensor_names)
+    named = named_coefficients(coefficients, tensor_names)
     if row_names is None:
         distinct = {tuple(values) for values in named.values()}
         if len(distinct) != 1:
@@ -332,7 +332,7 @@ def from_official(array: np.ndarray, like: Coefficients, rows: OfficialRows | Se
     if bad := [j for j in range(count) if array[j, 0] != 1.0]:
         raise ValueError(f"official λ: row {names[bad[0]]!r} has pretrained coefficient {array[bad[0], 0]}, not 1")
     values = {name: array[j, 1:] for j, name in enumerate(names)}
-    check_lambdas(values, tasks, bound, what="official λ: row")
+    check_coefficients(values, tasks, bound, what="official λ: row")
     if rows is None:
         return coefficients_from_named({name: values[names[0]] for name in set(tensor_names.values())}, like,
                                        tensor_names)

@@ -106,7 +106,7 @@ def write_report(
     return files
 
 
-def lambda_matrix(coefficients: Mapping[str, Any]) -> np.ndarray:
+def coefficient_matrix(coefficients: Mapping[str, Any]) -> np.ndarray:
     """λ as a [K, tensors] matrix in leaf order (a stacked leaf's [K, L] gives L columns)."""
     columns = [np.asarray(value, np.float64) for value in coefficients.values()]
     k = columns[0].shape[0]
@@ -151,7 +151,7 @@ def plots(run: Mapping[str, Any], output_dir: Path, clamp: tuple[float, float] |
         record = run["methods"][m]
         if record.get("params", {}).get("granularity") != "layer" or not record.get("coefficients"):
             continue
-        matrix = lambda_matrix(record["coefficients"])
+        matrix = coefficient_matrix(record["coefficients"])
         if clamp:
             matrix = np.clip(matrix, *clamp)
         fig, ax = plt.subplots(figsize=(10, 0.6 * len(merged_tasks) + 1.5))
@@ -160,7 +160,7 @@ def plots(run: Mapping[str, Any], output_dir: Path, clamp: tuple[float, float] |
         ax.set_xlabel("parameter tensor (network order)")
         ax.set_title(f"λ learned by {_label(run, m)}")
         fig.colorbar(image, ax=ax)
-        files[f"lambda_heatmap_{m}"] = _save(fig, output_dir / f"lambda_{file_stem(m)}.png")
+        files[f"coefficient_heatmap_{m}"] = _save(fig, output_dir / f"lambda_{file_stem(m)}.png")
     return files
 
 

@@ -41,12 +41,12 @@ def trajectory(problem, tv, cfg):
     state = optimizer.init(lam)
     step = jax.jit(am.make_step(run_in_dtype(problem), optimizer, cfg))
     source = batch_source(problem)
-    lambdas, losses = [], []
+    coefficients, losses = [], []
     for i in range(cfg.steps):
         lam, state, loss = step(lam, state, pretrained, vectors, [jnp.asarray(x) for x in source(i)])
-        lambdas.append(np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(lam.values)]))
+        coefficients.append(np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(lam.values)]))
         losses.append(np.asarray(loss))
-    return np.stack(lambdas), np.stack(losses), lam
+    return np.stack(coefficients), np.stack(losses), lam
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import lambda_tensor_names, load_hf_clip
+from adamerging_jax.models.clip_checkpoint import coefficient_tensor_names, load_hf_clip
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "clip", "ti8")
 TOL = 1e-5
@@ -68,7 +68,7 @@ def test_variant_tensor_counts(variant, layers, hf_tensors):
     for path, shape in paths.items():
         assert clip.stacked(path) == (shape[0] == layers and path.startswith("layers/")), path
     assert sum(shape[0] if clip.stacked(path) else 1 for path, shape in paths.items()) == hf_tensors
-    names = lambda_tensor_names(clip.get_config(variant))
+    names = coefficient_tensor_names(clip.get_config(variant))
     assert len(names) == len(set(names.values())) == len(names.order) == hf_tensors
     assert set(names.order) == set(names.values())
 

@@ -20,7 +20,7 @@ K = 3
 @pytest.fixture(scope="module")
 def tower():
     config, params = ck.load_hf_clip(FIXTURE)
-    return config, params["vision"], ck.lambda_tensor_names(config)
+    return config, params["vision"], ck.coefficient_tensor_names(config)
 
 
 def random_coefficients(theta0, granularity, seed=0):
@@ -67,7 +67,7 @@ def test_names_and_order_match_transformers(tower):
 def test_named_round_trip(tower, granularity):
     _, vision, names = tower
     lam = random_coefficients(vision, granularity)
-    named = cf.named_lambdas(lam, names)
+    named = cf.named_coefficients(lam, names)
     assert sorted(named) == sorted(names.order) and all(len(v) == K for v in named.values())
     q1 = named["vision_model.encoder.layers.1.self_attn.q_proj.weight"]
     if granularity == "task":
@@ -160,7 +160,7 @@ def test_layouts_merge_as_their_codes_do(tower):
 def test_named_files_round_trip_exactly(tmp_path, tower, suffix):
     _, vision, names = tower
     lam = random_coefficients(vision, "layer", seed=5)
-    named = cf.named_lambdas(lam, names)
+    named = cf.named_coefficients(lam, names)
     write, read = {"json": (cf.write_named_json, cf.read_named_json),
                    "safetensors": (cf.write_named_safetensors, cf.read_named_safetensors)}[suffix]
     path = tmp_path / f"lambdas.{suffix}"
@@ -191,7 +191,7 @@ def test_fusionbench_torch_file_reads_without_torch_load(tmp_path, tower):
 def test_errors_name_the_tensor(tmp_path, tower):
     _, vision, names = tower
     lam = random_coefficients(vision, "layer", seed=7)
-    named = cf.named_lambdas(lam, names)
+    named = cf.named_coefficients(lam, names)
     missing = dict(named)
     del missing["vision_model.encoder.layers.1.mlp.fc2.bias"]
     with pytest.raises(KeyError, match="layers.1.mlp.fc2.bias"):
@@ -214,10 +214,10 @@ def test_errors_name_the_tensor(tmp_path, tower):
     assert sorted(os.listdir(tmp_path)) == ["bad.json"]
     without_leaf = {e: n for e, n in names.items() if e[0] != "post_ln/bias"}
     with pytest.raises(KeyError, match="post_ln/bias"):
-        cf.named_lambdas(lam, cf.TensorNames(without_leaf, names.order))
+        cf.named_coefficients(lam, cf.TensorNames(without_leaf, names.order))
     without_layer = {e: n for e, n in names.items() if e != ("layers/attn/k/kernel", 0)}
     with pytest.raises(ValueError, match=r"layers/attn/k/kernel.*layers 0\.\.1"):
-        cf.named_lambdas(lam, cf.TensorNames(without_layer, names.order))
+        cf.named_coefficients(lam, cf.TensorNames(without_layer, names.order))
 
 
 def test_fused_tensor_names_need_agreeing_lambdas(tower):
@@ -226,11 +226,11 @@ def test_fused_tensor_names_need_agreeing_lambdas(tower):
     fused = cf.TensorNames({**dict(names.items()), ("post_ln/bias", None): "vision_model.post_layernorm.weight"},
                            names.order)
     tied = random_coefficients(vision, lambda p: "post_ln" if p.startswith("post_ln") else p, seed=8)
-    named = cf.named_lambdas(tied, fused)
+    named = cf.named_coefficients(tied, fused)
     assert "vision_model.post_layernorm.bias" not in named
     assert_same(cf.coefficients_from_named(named, tied, fused), tied)
     with pytest.raises(ValueError, match="post_layernorm.weight.*several entries"):
-        cf.named_lambdas(random_coefficients(vision, "layer", seed=8), fused)
+        cf.named_coefficients(random_coefficients(vision, "layer", seed=8), fused)
 
 
 def test_written_lambdas_are_finite_and_read_lambdas_checked(tmp_path, tower):
@@ -238,7 +238,7 @@ def test_written_lambdas_are_finite_and_read_lambdas_checked(tmp_path, tower):
     before anything is written; read back, every format refuses one the same way, and one past the bound."""
     _, vision, names = tower
     lam = random_coefficients(vision, "layer", seed=9)
-    named = cf.named_lambdas(lam, names)
+    named = cf.named_coefficients(lam, names)
     bad = {**named, "vision_model.post_layernorm.bias": [0.1, float("nan"), 0.2]}
     for write in (cf.write_named_json, cf.write_named_safetensors):
         with pytest.raises(ValueError, match=r"tensor 'vision_model.post_layernorm.bias': λ of task 1 is nan"):
@@ -251,7 +251,7 @@ def test_written_lambdas_are_finite_and_read_lambdas_checked(tmp_path, tower):
     far[2, 5] = -2000.0
     with pytest.raises(ValueError, match=rf"tensor {names.order[5]!r}: λ of task 'c' is -2000.0, beyond ±1000"):
         cf.from_fusionbench(far, lam, names.order, names, tasks="abc", bound=1000.0)
-    written = cf.named_lambdas(lam, names)
+    written = cf.named_coefficients(lam, names)
     cf.write_named_json(tmp_path / "ok.json", written)
     assert "NaN" not in (tmp_path / "ok.json").read_text() and "Infinity" not in (tmp_path / "ok.json").read_text()
 
@@ -287,7 +287,7 @@ def image_encoder_state(vision_state, rng, noise=0.0):
 
 def test_official_open_clip_lambdas_merge_as_the_official_code(tower):
     """An official layer-wise λ file in the ImageEncoder's state-dict order (rows 0-2 and the last 3 the
-    never-trained text side at 0.3) read by the rows `official_lambda_rows` declares, merged by us, equals the
+    never-trained text side at 0.3) read by the rows `official_coefficient_rows` declares, merged by us, equals the
     official merge Σ_i lambdas[j, i] · paramslist_i[j] (θ0, then τ_1..τ_K) written out in numpy, tensor by
     tensor of the image tower (the fused in_proj row scaling q, k and v); the projection, outside the merged
     tower, stays θ0's. A trained text-side row or a short file is refused."""
@@ -298,7 +298,7 @@ def test_official_open_clip_lambdas_merge_as_the_official_code(tower):
     theta0 = image_encoder_state(open_clip_state(), rng)
     finetuned = [image_encoder_state(open_clip_state(), rng, noise=0.05) for _ in range(K)]
     order = open_clip_order(config.vision.layers)
-    rows = ck.official_lambda_rows(config)
+    rows = ck.official_coefficient_rows(config)
     assert list(rows.names) == order and len(order) == 6 + 8 + 12 * config.vision.layers
     official = np.concatenate([np.ones((len(order), 1)), rng.uniform(0, 1, (len(order), K))], 1).astype(np.float32)
     for j, name in enumerate(order):

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from test_text_data import write_tokenizer
 
-from adamerging_jax.coefficient_formats import named_lambdas
+from adamerging_jax.coefficient_formats import named_coefficients
 from adamerging_jax.core.coefficients import init_coefficients
 from adamerging_jax.core.trees import named_leaves
 from adamerging_jax.models import llama
@@ -48,7 +48,7 @@ def checkpoint_with(directory, name, tensors):
 @pytest.mark.parametrize("name", NAMES)
 def test_name_mapping_covers_every_tensor_once(name):
     config, params = ck.load_hf_causal_lm(fixture_dir(name))
-    names = ck.lambda_tensor_names(config)
+    names = ck.coefficient_tensor_names(config)
     assert sorted(names.values()) == sorted(hf_tensors(name)) == sorted(names.order)  # tied qwen2: no lm_head
     expected_entries = {(path, i) for path, leaf in named_leaves(params)
                         for i in (range(leaf.shape[0]) if llama.stacked(path) else [None])}
@@ -63,7 +63,7 @@ def test_name_mapping_covers_every_tensor_once(name):
 def test_layer_wise_lambda_by_tensor_name():
     config, params = ck.load_hf_causal_lm(fixture_dir("llama"))
     lam = init_coefficients(params, 3, "layer", 0.3, llama.stacked)
-    named = named_lambdas(lam, ck.lambda_tensor_names(config))
+    named = named_coefficients(lam, ck.coefficient_tensor_names(config))
     assert len(named) == len(hf_tensors("llama")) and named["model.layers.1.mlp.down_proj.bias"] == [
         pytest.approx(0.3)] * 3
 
@@ -75,7 +75,7 @@ def test_order_is_transformers_named_parameters():
         with open(os.path.join(fixture_dir(name), "config.json")) as f:
             hf_config = transformers.AutoConfig.for_model(**json.load(f))
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        order = ck.lambda_tensor_names(ck.read_config(fixture_dir(name))).order
+        order = ck.coefficient_tensor_names(ck.read_config(fixture_dir(name))).order
         assert order == tuple(n for n, _ in model.named_parameters())
 
 

@@ -17,7 +17,7 @@ from adamerging_jax import coefficient_formats as formats
 from adamerging_jax.cli import main
 from adamerging_jax.data.clip_preprocess import preprocess
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import lambda_tensor_names, load_hf_clip, save_hf_vision_model
+from adamerging_jax.models.clip_checkpoint import coefficient_tensor_names, load_hf_clip, save_hf_vision_model
 from hf_loading import load_checked
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_layer_wise_output_folder(layer_wise):
     record = result["methods"]["layer_wise_adamerging"]
     assert len(record["entropy"]) == STEPS and set(record["accuracy"]) == set(CLASSES)
     named = formats.read_named_json(out / "lambdas.json")
-    order = lambda_tensor_names(clip.get_config("Ti/8")).order
+    order = coefficient_tensor_names(clip.get_config("Ti/8")).order
     assert sorted(named) == sorted(order) and all(len(v) == 2 for v in named.values())
     lam = {path: np.asarray(v) for path, v in record["coefficients"].items()}
     assert named["vision_model.encoder.layers.1.self_attn.q_proj.weight"] == lam["layers/attn/q/kernel"][:, 1].tolist()
@@ -140,7 +140,7 @@ def test_fusionbench_weights_reproduce_the_trained_merge(layer_wise, world):
     from adamerging_jax.core.coefficients import init_coefficients
 
     config, out = layer_wise
-    names = lambda_tensor_names(clip.get_config("Ti/8"))
+    names = coefficient_tensor_names(clip.get_config("Ti/8"))
     _, params = load_hf_clip(FIXTURE)
     like = init_coefficients(params["vision"], 2, "layer", 0.3, clip.stacked)
     lam = formats.coefficients_from_named(formats.read_named_json(out / "lambdas.json"), like, names)

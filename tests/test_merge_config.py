@@ -15,9 +15,9 @@ from adamerging_jax.cli import main
 from adamerging_jax.merging.config import ConfigError, parse_config
 from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import (
-    lambda_tensor_names,
+    coefficient_tensor_names,
     load_hf_clip,
-    official_lambda_rows,
+    official_coefficient_rows,
     save_hf_vision_model,
 )
 from adamerging_jax.output import output_lock
@@ -71,12 +71,12 @@ def write_strict_input_files(root, config, params):
     (root / "latin1.yaml").write_bytes("# caf\u00e9\n".encode("latin-1") + once.encode())
     (root / "classes_latin1.txt").write_bytes("tabby\nsiam\u00e9se\n".encode("latin-1"))
     (root / "classes_twice.txt").write_text("tabby\nsiamese\n\ntabby\n")
-    order = lambda_tensor_names(config).order
+    order = coefficient_tensor_names(config).order
     (root / "nan.json").write_text(json.dumps({name: [0.3] for name in order}).replace(
         f'"{order[4]}": [0.3]', f'"{order[4]}": [NaN]'))
     (root / "absurd.json").write_text(json.dumps({**{name: [0.3] for name in order}, order[9]: [5000.0]}))
     (root / "overflow.json").write_text(json.dumps({name: [900.0] for name in order}))
-    rows = official_lambda_rows(config).names
+    rows = official_coefficient_rows(config).names
     official = np.array([[1.0, 0.3]] * len(rows), np.float32)
     official[rows.index("model.logit_scale"), 1] = 0.25
     np.save(root / "official_trained_text.npy", official)

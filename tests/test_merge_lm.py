@@ -23,7 +23,7 @@ from adamerging_jax.cli import main
 from adamerging_jax.merging.config import ConfigError, parse_config
 from adamerging_jax.models import llama
 from adamerging_jax.models.hf_files import read_checkpoint_dir, read_safetensors
-from adamerging_jax.models.llama_checkpoint import lambda_tensor_names, load_hf_causal_lm, save_hf_causal_lm
+from adamerging_jax.models.llama_checkpoint import coefficient_tensor_names, load_hf_causal_lm, save_hf_causal_lm
 from bad_inputs import Case, assert_no_traceback, fill_world
 from hf_loading import load_checked
 
@@ -141,7 +141,7 @@ def test_layer_wise_output_folder(layer_wise):
     assert entropy["layer_wise_adamerging"]["initial"] == pytest.approx(record["probe_entropy"][0])
     assert entropy["layer_wise_adamerging"]["sum"] == pytest.approx(record["probe_entropy"][1], rel=1e-5)
     named = formats.read_named_json(out / "lambdas.json")
-    order = lambda_tensor_names(load_hf_causal_lm(LLAMA)[0]).order
+    order = coefficient_tensor_names(load_hf_causal_lm(LLAMA)[0]).order
     assert sorted(named) == sorted(order) and all(len(v) == 2 for v in named.values())
     lam = np.asarray(record["coefficients"]["layers/attn/q/kernel"])
     assert named["model.layers.1.self_attn.q_proj.weight"] == lam[:, 1].tolist()

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from adamerging_jax import output as out_folder
 from adamerging_jax.models import clip
-from adamerging_jax.models.clip_checkpoint import lambda_tensor_names, load_hf_clip, save_hf_vision_model
+from adamerging_jax.models.clip_checkpoint import coefficient_tensor_names, load_hf_clip, save_hf_vision_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "clip" / "ti8"
@@ -169,7 +169,7 @@ def world(tmp_path_factory):
     document = {"pretrained": str(FIXTURE), "tasks": tasks, "methods": ["layer_wise_adamerging"],
                 "preset": "official", "devices": 1, "adamerging": {"batch_size": 2, "batches_per_task": 1}}
     (root / "merge.yaml").write_text(yaml.safe_dump(document))
-    order = lambda_tensor_names(clip.get_config("Ti/8")).order
+    order = coefficient_tensor_names(clip.get_config("Ti/8")).order
     for name in ("a", "b"):
         values = {tensor: [round(float(v), 6) for v in rng.uniform(0.05, 0.95, len(TASKS))] for tensor in order}
         (root / f"lambdas_{name}.json").write_text(json.dumps(values))

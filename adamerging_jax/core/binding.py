@@ -82,7 +82,7 @@ class ModelBinding:
         """Initial λ for this model's tree with its stacked leaves declared (see `init_coefficients`)."""
         return init_coefficients(pretrained, num_tasks, granularity, value, self.stacked)
 
-    def lambdas_per_task(self, pretrained: PyTree, granularity: Granularity) -> int:
+    def coefficients_per_task(self, pretrained: PyTree, granularity: Granularity) -> int:
         """How many λ each task gets: 1 task-wise, one per checkpoint tensor layer-wise (199 on ViT-B/32)."""
         like = self.init_coefficients(pretrained, 1, granularity)
         return sum(int(value.size) for value in like.values.values())

@@ -28,9 +28,9 @@ from adamerging_jax.models import clip
 from adamerging_jax.models.clip_checkpoint import (
     ClipTowers,
     StreamedTowers,
-    lambda_tensor_names,
+    coefficient_tensor_names,
     load_clip_towers,
-    official_lambda_rows,
+    official_coefficient_rows,
     open_clip_towers,
 )
 
@@ -95,11 +95,11 @@ def clip_binding(config: clip.ClipConfig, heads: TaskHeads | Sequence[jnp.ndarra
     its entries and the rows of the official λ files. The one CLIP binding of the ``merge`` command and the
     paper's experiments. Without heads (a merge streamed from disk, which scores nothing) the model's
     functions are not to be run: the binding serves its names and view."""
-    names = lambda_tensor_names(config)
+    names = coefficient_tensor_names(config)
     projection = None if projection is None else jnp.asarray(projection)
     encoder = clip.image_encoder(config, projection)
     model = zero_shot.zero_shot_model(encoder, heads)
     return ModelBinding(apply_fn=model.apply_fn, stacked=clip.stacked, tensor_names=names, tensor_order=names.order,
-                        matrix_view=clip.matrix_view, official_rows=official_lambda_rows(config),
+                        matrix_view=clip.matrix_view, official_rows=official_coefficient_rows(config),
                         gram_fn=clip.vision_grams(config), features_fn=model.features_fn,
                         head_fn=model.head_fn, mixture=clip.expert_mixture(config, projection))

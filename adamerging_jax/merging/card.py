@@ -11,7 +11,7 @@ from adamerging_jax.core.registry import REGISTRY
 from adamerging_jax.merging.schema import MergeConfig
 
 
-def lambda_summary(named: Mapping[str, Sequence[float]], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+def coefficient_summary(named: Mapping[str, Sequence[float]], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per task, mean / min / max of its λ over the checkpoint tensors (``named``: tensor → K values)."""
     matrix = np.asarray(list(named.values()), np.float64)  # [tensors, K]
     return {task: {"mean": float(matrix[:, k].mean()), "min": float(matrix[:, k].min()),
@@ -19,7 +19,7 @@ def lambda_summary(named: Mapping[str, Sequence[float]], tasks: Sequence[str]) -
 
 
 def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any],
-               summary: Mapping[str, Mapping[str, float]] | None, table: str | None, weights: str | None,
+               summary: Mapping[str, Mapping[str, float]] | None, table: str | None, coefficients_file: str | None,
                sections: Sequence[str] = ()) -> str:
     """Markdown: what was merged and how, `sections` (lines, e.g. `emr_lines`), λ per task (mean/min/max over
     tensors), accuracy when tested."""
@@ -32,11 +32,11 @@ def model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping
         lines.append(f"- θ0 image tower: `{config.pretrained_vision}`")
     precision = f", precision during AdaMerging: `{config.precision}`" if _learns(method) else ""
     lines.append(f"- export: `{config.export}`{precision}")
-    lines += _how(config, method, settings, weights, "images")
+    lines += _how(config, method, settings, coefficients_file, "images")
     lines += sections
     lines += ["", "## Tasks", "", "| Task | Fine-tuned tower | Classes |", "|---|---|---|"]
     lines += [f"| {task.name} | `{task.finetuned}` | {len(task.classes)} |" for task in config.tasks]
-    lines += lambda_lines(summary)
+    lines += coefficient_lines(summary)
     if table:
         lines += ["", "## Top-1 accuracy (%) on the given test folders", "", table.rstrip()]
     return "\n".join(lines) + "\n"
@@ -54,13 +54,13 @@ def _learns(method: Mapping[str, Any]) -> bool:
     return registered is None or registered.learns_coefficients
 
 
-def _how(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any], weights: str | None,
+def _how(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any], coefficients_file: str | None,
          unlabeled: str) -> list[str]:
     """The card's lines on where λ came from (given by a file, or AdaMerging's settings); none for a method
     that learns no λ."""
     if not _learns(method):
         return []
-    lines = [f"- λ given by `{weights}`, not trained"] if weights else []
+    lines = [f"- λ given by `{coefficients_file}`, not trained"] if coefficients_file else []
     adamerging = settings["adamerging"]
     return lines + [f"- AdaMerging ({config.preset} preset): steps {adamerging['steps']}, lr {adamerging['lr']}, "
                     f"{adamerging['batches_per_task']}×{adamerging['batch_size']} unlabeled {unlabeled} per task and "
@@ -104,7 +104,7 @@ def we_moe_lines() -> list[str]:
             "pooled = clip.moe_vision_forward(frozen, routers, images, config)[1]", "```"]
 
 
-def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+def coefficient_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]:
     """The card's "λ per task" section (none without λ)."""
     if not summary:
         return []
@@ -114,7 +114,7 @@ def lambda_lines(summary: Mapping[str, Mapping[str, float]] | None) -> list[str]
 
 def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapping[str, Any],
                   summary: Mapping[str, Mapping[str, float]] | None, entropy_table: str | None,
-                  weights: str | None, dtype: str) -> str:
+                  coefficients_file: str | None, dtype: str) -> str:
     """Markdown for a merged causal LM: what was merged and how, its weights' dtype, λ per task, the prompts'
     entropy per method."""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
@@ -125,14 +125,14 @@ def lm_model_card(config: MergeConfig, method: Mapping[str, Any], settings: Mapp
              f"- pretrained (θ0, tokenizer): `{config.pretrained}`",
              f"- weights stored as {dtype}",
              f"- precision during AdaMerging: `{config.precision}`, prompts cut to {config.max_length} tokens"]
-    lines += _how(config, method, settings, weights, "prompts")
+    lines += _how(config, method, settings, coefficients_file, "prompts")
     lines += ["", "## Tasks", "", "| Task | Fine-tuned model or adapter | Prompts | Answers |", "|---|---|---|---|"]
     for task in config.tasks:
         kind = "adapter" + (", factored" if task.factored else "") if task.adapter else "full"
         prompts = f"`{task.prompts.path}`" if task.prompts else "–"
         answers = ", ".join(repr(c) for c in task.candidates) if task.candidates else "next token"
         lines.append(f"| {task.name} | `{task.checkpoint}` ({kind}) | {prompts} | {answers} |")
-    lines += lambda_lines(summary)
+    lines += coefficient_lines(summary)
     if entropy_table:
         lines += ["", "## Entropy of the predictions on the unlabeled prompts", "", entropy_table.rstrip()]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
 """What every model family's checked ``merge`` run shares: the `CheckedRun` it returns from its checks, the
-devices it runs on (`run_mesh`), the λ of ``--weights`` (`read_weights`), and `guarded`, which turns a file, value
+devices it runs on (`run_mesh`), the λ of ``--weights`` (`read_coefficients_file`), and `guarded`, which turns a file, value
 or key error into a `MergeError` naming what was being read.
 """
 
@@ -59,15 +59,15 @@ def run_mesh(config: MergeConfig, settings: MergeSettings) -> Any:
 class CheckedRun:
     """What every checked merge run holds: the config, the settings with the model's stacked layers declared,
     the model binding, the output folder, the devices (`run_mesh`), and the λ of ``--weights``
-    (`read_given_weights`)."""
+    (`read_given_coefficients`)."""
 
     config: MergeConfig
     settings: MergeSettings
     binding: ModelBinding
     output: Path
     mesh: Any
-    weights: Coefficients | None = dataclasses.field(default=None, kw_only=True)
-    weights_file: str | None = dataclasses.field(default=None, kw_only=True)
+    given_coefficients: Coefficients | None = dataclasses.field(default=None, kw_only=True)
+    coefficients_file: str | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.check_methods_available()
@@ -98,7 +98,7 @@ class CheckedRun:
         lines = []
         for spec in self.settings.methods:
             params = spec.describe()["params"]
-            count = (f"; {self.binding.lambdas_per_task(self.pretrained, params['granularity'])} λ per task"
+            count = (f"; {self.binding.coefficients_per_task(self.pretrained, params['granularity'])} λ per task"
                      if spec.method.learns_coefficients else "")
             lines.append(f"method {spec.name} {params}{count}")
         return lines
@@ -109,12 +109,12 @@ class CheckedRun:
         return dict(name=self.config.exported, label=record["label"], params=record["params"],
                     paper=self.export_spec.method.paper)
 
-    def read_given_weights(self, path: str | None) -> None:
-        """Read ``--weights`` (any layout `run.read_weights` knows) for this run's tree; one line on failure."""
+    def read_given_coefficients(self, path: str | None) -> None:
+        """Read ``--weights`` (any layout `run.read_coefficients_file` knows) for this run's tree; one line on failure."""
         if path is None:
             return
-        self.weights_file = path
-        self.weights = guarded(f"--weights {path}", lambda: read_weights(path, self))
+        self.coefficients_file = path
+        self.given_coefficients = guarded(f"--weights {path}", lambda: read_coefficients_file(path, self))
 
 
 def export_spec(settings: MergeSettings, config: MergeConfig) -> Any:
@@ -126,7 +126,7 @@ def _granularity(spec: MethodSpec) -> str:
     return spec.describe()["params"]["granularity"]
 
 
-def read_weights(path: str, plan: CheckedRun) -> Coefficients:
+def read_coefficients_file(path: str, plan: CheckedRun) -> Coefficients:
     """λ of a ``--weights`` file (module docstring) in the layout of the exported AdaMerging method."""
     spec = plan.export_spec
     if not spec.method.learns_coefficients:

@@ -134,10 +134,10 @@ def _check_config(where: str, fields: Mapping[str, Any], tasks: Sequence[TaskCon
                 raise ConfigError(f"{where}: tasks[{i}].unlabeled is required: {needing} learn from unlabeled images")
 
 
-def _prepare(config: MergeConfig, output: Path, weights: str | None, log: Log) -> Any:
+def _prepare(config: MergeConfig, output: Path, coefficients_file: str | None, log: Log) -> Any:
     from adamerging_jax.merging.clip_run import prepare_clip
 
-    return prepare_clip(config, output, weights, log)
+    return prepare_clip(config, output, coefficients_file, log)
 
 
 def _run(plan: Any, log: Log) -> dict[str, Any]:

@@ -24,7 +24,7 @@ image tower tensor by tensor from disk into the same ``OUT/model`` export, in me
 largest tensor times K (`merging.streaming`). Only the exported method is built, and no zero-shot head.
 
 ``--weights FILE`` applies given λ with the exported method's task vectors, θ = θ0 + Σ_k clamp(λ_k) τ_k,
-without training (FusionBench's ``method.weights=``; read by `merging.checked_run.read_weights` for every
+without training (FusionBench's ``method.weights=``; read by `merging.checked_run.read_coefficients_file` for every
 family): our ``lambdas.json`` / ``lambdas.safetensors``,
 FusionBench's layer-wise ``[K, n]`` ``.pt`` / ``.npy`` (columns in the HF parameter order; read without
 running pickled code), or the official ``[n, 1 + K]`` layout: rows in the official repository's open_clip
@@ -60,8 +60,8 @@ from adamerging_jax.merging.emr_files import write_emr_file
 from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.merging.exports import (
     check_exported_finite,
-    given_lambdas,
-    write_lambdas,
+    spec_with_coefficients,
+    write_coefficients,
     write_report,
     write_streamed,
 )
@@ -161,7 +161,7 @@ class Plan(CheckedRun):
         lines.append(f"AdaMerging: {config.preset} preset, {adamerging.steps} steps, lr {adamerging.lr}, "
                      f"{adamerging.batches_per_task}x{adamerging.batch_size} images per task and step, clamp "
                      f"{adamerging.clamp}, precision {config.precision}")
-        if self.weights is not None:
+        if self.given_coefficients is not None:
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
         how = STREAMED if self.streamed else "built in memory"
         lines.append(f"export: {config.exported} as {config.export} to {self.output / 'model'} ({how})")
@@ -183,7 +183,7 @@ def held_out_split(settings: MergeSettings, tasks: list[TaskConfig] | tuple[Task
     return adapted, scored
 
 
-def prepare_clip(config: MergeConfig, output: Path, weights: str | None = None,
+def prepare_clip(config: MergeConfig, output: Path, coefficients_file: str | None = None,
                  log: Callable[[str], None] = print) -> Plan:
     """The CLIP family's checks (module docstring) once the output is checked (`merging.plan.prepare`): the
     plan, or `MergeError` naming the fault."""
@@ -211,7 +211,7 @@ def prepare_clip(config: MergeConfig, output: Path, weights: str | None = None,
     if settings.adaptation.mode == "held_out":
         unlabeled, tests = held_out_split(settings, config.tasks, tests)
     locations = [config.pretrained, config.pretrained_vision, *(task.finetuned for task in config.tasks)]
-    if streams(config, settings, weights, scored=tests is not None) and all(
+    if streams(config, settings, coefficients_file, scored=tests is not None) and all(
             streamable(location) for location in locations if location is not None):
         towers, heads = guarded("checkpoints", lambda: open_towers(config, log)), None
         binding = clip_binding(towers.config)
@@ -222,7 +222,7 @@ def prepare_clip(config: MergeConfig, output: Path, weights: str | None = None,
     settings = binding.merge_settings(settings)
     plan = Plan(config, settings, binding, output, run_mesh(config, settings), towers=towers, heads=heads,
                 unlabeled=unlabeled, tests=tests)
-    plan.read_given_weights(weights)
+    plan.read_given_coefficients(coefficients_file)
     return plan
 
 
@@ -257,8 +257,8 @@ def run_clip_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, A
     task_vectors = am.task_vectors(towers.pretrained, towers.finetuned)
     settings = plan.settings.with_changes(quiet=True)
     adaptation = None
-    if plan.weights is not None:
-        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, plan.mesh)])
+    if plan.given_coefficients is not None:
+        settings = settings.with_changes([spec_with_coefficients(plan.export_spec, plan.given_coefficients, plan, plan.mesh)])
     elif settings.needs_data:
         adaptation = adaptation_batches(plan)
     names = [task.name for task in config.tasks]
@@ -279,7 +279,7 @@ def run_clip_plan(plan: Plan, log: Callable[[str], None] = print) -> dict[str, A
                      for source in plan.tests]
         score_models(plan.binding.apply_fn, models, records, test_sets, names, config.eval_batch_size, log=log)
     run = {"tasks": names, "merged_tasks": names, "methods": records_json(records), "export": config.exported,
-           "weights": plan.weights_file, "settings": settings.describe(), "config": config.source}
+           "weights": plan.coefficients_file, "settings": settings.describe(), "config": config.source}
     return write_outputs(plan, models[config.exported], run, log)
 
 
@@ -307,7 +307,7 @@ def write_outputs(plan: Plan, merged: Merged, run: dict[str, Any], log: Callable
     table = report.markdown_table([run]) if tested else None
     markdown = table or "No test folders were given: no accuracy.\n"
     with staged_output(output) as stage:
-        write_lambdas(plan, merged, run, stage)
+        write_coefficients(plan, merged, run, stage)
         files = write_report(plan, run, markdown, log, stage)
         card = model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
                           run.get("weights"), emr_lines(config) if emr else we_moe_lines() if routed else

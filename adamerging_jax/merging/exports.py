@@ -1,6 +1,6 @@
 """What every model family's ``merge`` run shares once its models are built: λ given by ``--weights`` applied
-through the optimiser's own merge (`given_lambdas`), the exported model checked finite (`check_exported_finite`),
-the named λ and the report written (`write_lambdas`, `write_report`); and a streamed run's whole output
+through the optimiser's own merge (`spec_with_coefficients`), the exported model checked finite (`check_exported_finite`),
+the named λ and the report written (`write_coefficients`, `write_report`); and a streamed run's whole output
 (`write_streamed`).
 """
 
@@ -20,7 +20,7 @@ from adamerging_jax.core.protocol import MethodRecord, records_json
 from adamerging_jax.core.registry import Merged, MergeMethod, MethodSpec
 from adamerging_jax.core.task_vector_transforms import transform_task_vectors
 from adamerging_jax.core.trees import named_leaves
-from adamerging_jax.merging.card import lambda_summary
+from adamerging_jax.merging.card import coefficient_summary
 from adamerging_jax.merging.checked_run import CheckedRun
 from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.merging.streaming import TensorStream, stream_merge
@@ -38,7 +38,7 @@ def check_exported_finite(params: Any, tensor_names: Mapping[tuple[str, int | No
                        "model is not exported")
 
 
-def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: CheckedRun, mesh: Any) -> MethodSpec:
+def spec_with_coefficients(spec: MethodSpec, coefficients: Coefficients, plan: CheckedRun, mesh: Any) -> MethodSpec:
     """``spec`` as a data-free method that applies ``coefficients`` (its τ, or τ̂ for AdaMerging++) through
     the optimiser's own merge with zero steps, so the model is bit-identical to a trained run's at those λ."""
     params = spec.describe()["params"]
@@ -55,16 +55,16 @@ def given_lambdas(spec: MethodSpec, coefficients: Coefficients, plan: CheckedRun
     return MethodSpec(method, ())
 
 
-def write_lambdas(plan: Any, merged: Merged, run: dict[str, Any], folder: Path | None = None) -> None:
+def write_coefficients(plan: Any, merged: Merged, run: dict[str, Any], folder: Path | None = None) -> None:
     """``lambdas.json`` / ``lambdas.safetensors`` by checkpoint tensor name in ``folder`` (default: the output)
     when the model has λ, and their per-task summary in ``run["lambda_summary"]`` (None without λ)."""
     summary = None
     folder = plan.output if folder is None else folder
     if merged.coefficients is not None:
-        named = formats.named_lambdas(jax.device_get(merged.coefficients), plan.binding.tensor_names)
+        named = formats.named_coefficients(jax.device_get(merged.coefficients), plan.binding.tensor_names)
         formats.write_named_json(folder / "lambdas.json", named)
         formats.write_named_safetensors(folder / "lambdas.safetensors", named)
-        summary = lambda_summary(named, run["tasks"])
+        summary = coefficient_summary(named, run["tasks"])
     run["lambda_summary"] = summary
 
 

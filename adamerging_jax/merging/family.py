@@ -33,7 +33,7 @@ class ModelFamily:
         family that reads the hub, a hub id kept as it is).
       check_config: ``check_config(where, fields, tasks, settings)``: the family's rules that span fields.
       unified_exports: the methods with one model per task that it exports as one model.
-      prepare: ``prepare(config, output, weights, log) -> CheckedRun``: every dry-run check, θ0 and τ loaded (or
+      prepare: ``prepare(config, output, coefficients_file, log) -> CheckedRun``: every dry-run check, θ0 and τ loaded (or
         opened), the family's `ModelBinding` built; `MergeError` naming the fault.
       run: ``run(plan, log) -> dict``: the methods built, scored and the exported one written with its card;
         returns ``results.json``'s content.

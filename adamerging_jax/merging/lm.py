@@ -77,8 +77,8 @@ from adamerging_jax.merging.errors import MergeError
 from adamerging_jax.merging.checked_run import CheckedRun, guarded, run_mesh
 from adamerging_jax.merging.exports import (
     check_exported_finite,
-    given_lambdas,
-    write_lambdas,
+    spec_with_coefficients,
+    write_coefficients,
     write_report,
     write_streamed,
 )
@@ -369,7 +369,7 @@ class LmPlan(CheckedRun):
                          f"most {config.max_length} tokens), {objective}, clamp {adamerging.clamp}, "
                          f"precision {config.precision}")
         lines.append("devices: " + " × ".join(f"{name} {size}" for name, size in self.mesh.shape.items()))
-        if self.weights is not None:
+        if self.given_coefficients is not None:
             lines.append(f"λ given by --weights: {config.exported} applies them, no training")
         how = STREAMED if self.streamed else "built in memory"
         lines.append(f"export: {config.exported} to {self.output / 'model'} ({how}); weights "
@@ -377,12 +377,12 @@ class LmPlan(CheckedRun):
         return "\n".join(lines)
 
 
-def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
+def prepare_lm(config: MergeConfig, output: Path, coefficients_file: str | None = None,
                log: Callable[[str], None] = print) -> LmPlan:
     """Check everything (module docstring) and return the plan; `MergeError` with one line on a failure."""
     settings = guarded(config.source, config.settings)
     mesh = run_mesh(config, settings)
-    if streams(config, settings, weights, scored=any(task.prompts for task in config.tasks)):
+    if streams(config, settings, coefficients_file, scored=any(task.prompts for task in config.tasks)):
         # nothing to tokenize: the tokenizer's files are only copied
         models = open_language_models(config, log)
         guarded(f"pretrained {config.pretrained}", lambda: tokenizer_files(config.pretrained))
@@ -403,7 +403,7 @@ def prepare_lm(config: MergeConfig, output: Path, weights: str | None = None,
                                 pad_id=pad_id_of(tokenizer))
     plan = LmPlan(config, settings, binding, output, mesh, models=models, batches=batches,
                   candidates=candidates)
-    plan.read_given_weights(weights)
+    plan.read_given_coefficients(coefficients_file)
     return plan
 
 
@@ -450,8 +450,8 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     config, output, models_in = plan.config, plan.output, plan.models
     output.mkdir(parents=True, exist_ok=True)
     settings = plan.settings.with_changes(quiet=True)
-    if plan.weights is not None:
-        settings = settings.with_changes([given_lambdas(plan.export_spec, plan.weights, plan, plan.mesh)])
+    if plan.given_coefficients is not None:
+        settings = settings.with_changes([spec_with_coefficients(plan.export_spec, plan.given_coefficients, plan, plan.mesh)])
     probe = plan.batches(0) if plan.batches is not None else None
     try:
         models, records = build_models(settings, models_in.pretrained, models_in.task_vectors,
@@ -464,7 +464,7 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     names = [task.name for task in config.tasks]
     run = {"model": "causal_lm", "tasks": names, "merged_tasks": names, "methods": records_json(records),
            "entropy": prompt_entropy(plan, models, records, probe) if probe is not None else None,
-           "export": config.exported, "weights": plan.weights_file, "settings": settings.describe(),
+           "export": config.exported, "weights": plan.coefficients_file, "settings": settings.describe(),
            "config": config.source}
     merged = models[config.exported]
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(merged.params))
@@ -472,7 +472,7 @@ def run_lm_plan(plan: LmPlan, log: Callable[[str], None] = print) -> dict[str, A
     table = entropy_table(run, plan.candidates is not None) if run["entropy"] else None
     dtypes = plan.output_dtypes()
     with staged_output(output) as stage:
-        write_lambdas(plan, merged, run, stage)
+        write_coefficients(plan, merged, run, stage)
         files = write_report(plan, run, table or "No prompts were given: no entropy.\n", log, stage)
         card = lm_model_card(config, plan.exported_method(run), run["settings"], run["lambda_summary"], table,
                              run.get("weights"), describe_dtypes(config, dtypes))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from adamerging_jax.core.binding import ModelBinding
 from adamerging_jax.core.objective import Output, Predictions
 from adamerging_jax.models import llama
-from adamerging_jax.models.llama_checkpoint import lambda_tensor_names
+from adamerging_jax.models.llama_checkpoint import coefficient_tensor_names
 
 Batch = Mapping[str, jax.Array]
 
@@ -66,7 +66,7 @@ def causal_lm_binding(config: llama.LlamaConfig, *, candidates: Sequence[Sequenc
     """The `ModelBinding` of a Llama / Qwen2 decoder (module docstring): ``apply_fn(params, batch, task)`` runs
     `llama.forward` (``remat``: each scanned block recomputed in the backward pass) and returns the next-token
     `Predictions`, or with ``candidates`` the last real position's logits over task ``task``'s candidate ids;
-    stacked leaves by `llama.stacked`, λ named by `lambda_tensor_names`."""
+    stacked leaves by `llama.stacked`, λ named by `coefficient_tensor_names`."""
     choices = _checked_candidates(candidates, config.vocab_size)
 
     def apply_fn(params: llama.Params, batch: Batch, task: int) -> Output:
@@ -78,6 +78,6 @@ def causal_lm_binding(config: llama.LlamaConfig, *, candidates: Sequence[Sequenc
             raise ValueError(f"task {task}: no candidates given (candidates name {len(choices)} tasks)")
         return last_token_logits(logits, mask, choices[task])
 
-    names = lambda_tensor_names(config)
+    names = coefficient_tensor_names(config)
     return ModelBinding(apply_fn=apply_fn, stacked=llama.stacked, tensor_names=names, tensor_order=names.order,
                         matrix_view=llama.matrix_view)

@@ -95,10 +95,10 @@ def _check_lm(where: str, fields: Mapping[str, Any], tasks: Sequence[TaskConfig]
         raise ConfigError(f"{where}: give mesh or devices, not both")
 
 
-def _prepare(config: MergeConfig, output: Path, weights: str | None, log: Log) -> Any:
+def _prepare(config: MergeConfig, output: Path, coefficients_file: str | None, log: Log) -> Any:
     from adamerging_jax.merging.lm import prepare_lm
 
-    return prepare_lm(config, output, weights, log)
+    return prepare_lm(config, output, coefficients_file, log)
 
 
 def _run(plan: Any, log: Log) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def check_output_placement(config: MergeConfig, output: Path) -> None:
         raise MergeError(str(error)) from None
 
 
-def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None = None,
+def prepare(config: MergeConfig, output: str | os.PathLike, coefficients_file: str | None = None,
             log: Callable[[str], None] = print) -> Any:
     """Check everything (module docstring) and return the plan the config's model family makes (its
     ``prepare``: `merging.clip_run.Plan`, `merging.lm.LmPlan`); `MergeError` naming the fault on a failure."""
@@ -64,4 +64,4 @@ def prepare(config: MergeConfig, output: str | os.PathLike, weights: str | None 
     output = Path(output)
     check_writable(output)
     check_output_placement(config, output)
-    return FAMILIES[config.model].prepare(config, output, weights, log)
+    return FAMILIES[config.model].prepare(config, output, coefficients_file, log)

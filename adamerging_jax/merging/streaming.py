@@ -80,13 +80,13 @@ STREAMED = "streamed tensor by tensor from disk, nothing loaded"
 """How a plan says its export is streamed."""
 
 
-def streams(config: MergeConfig, settings: MergeSettings, weights: str | None, scored: bool) -> bool:
+def streams(config: MergeConfig, settings: MergeSettings, coefficients_file: str | None, scored: bool) -> bool:
     """Whether a ``merge`` run merges tensor by tensor from disk, for every model family: the exported method
     streams (`core.registry.MergeMethod.streaming`), no method learns from data, no ``--weights``, and nothing
     is scored on the merged models (``scored``: the family's data that needs them in memory, the causal LM's
     prompts or CLIP's test folders)."""
     exported = next(spec for spec in settings.methods if spec.name == config.exported)
-    return exported.method.streaming is not None and not settings.needs_data and weights is None and not scored
+    return exported.method.streaming is not None and not settings.needs_data and coefficients_file is None and not scored
 
 
 @dataclasses.dataclass(frozen=True)

@@ -607,7 +607,7 @@ _HF_BLOCK_ORDER = [f"{module}.{leaf}" for module in ["self_attn.k_proj", "self_a
                                                     "layer_norm2"] for leaf in ["weight", "bias"]]
 
 
-def lambda_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
+def coefficient_tensor_names(config: ClipConfig | VisionConfig) -> TensorNames:
     """The HF ``CLIPVisionModel`` tensor name of every (leaf path, layer) of our image tower tree, e.g.
     ("layers/attn/q/kernel", 3) → "vision_model.encoder.layers.3.self_attn.q_proj.weight" and
     ("pos_embedding", None) → "vision_model.embeddings.position_embedding.weight", with ``order`` the tower's
@@ -640,16 +640,16 @@ _FUSED_IN_PROJ = {f"attn.in_proj_{leaf}": tuple(f"attn/{part}/{ours}" for part i
                   for leaf, ours in [("weight", "kernel"), ("bias", "bias")]}
 
 
-def official_lambda_rows(config: ClipConfig | VisionConfig) -> OfficialRows:
+def official_coefficient_rows(config: ClipConfig | VisionConfig) -> OfficialRows:
     """The rows of the official repository's layer-wise λ (``src/merging_cofficient.py``: 158 for ViT-B/32 and
     B/16, 302 for L/14, 6 + 8 + 12 × layers in general), in the order its scripts build them: the state dict
     of the task_vectors ``ImageEncoder``, names ``model.*``. Each row scales the HF tensors of
-    :func:`lambda_tensor_names` holding its weights: the fused ``attn.in_proj_weight`` / ``in_proj_bias`` row
+    :func:`coefficient_tensor_names` holding its weights: the fused ``attn.in_proj_weight`` / ``in_proj_bias`` row
     the q, k and v weights / biases; ``model.visual.proj`` none (the projection is not part of the merged
     image tower: the export keeps θ0's); the six text-side rows none, as the official run never trains them
     (checked to hold their initial λ)."""
     vision = config.vision if isinstance(config, ClipConfig) else config
-    names = lambda_tensor_names(vision)
+    names = coefficient_tensor_names(vision)
     ours = {oc: path for path, oc, _ in (*_OPEN_CLIP_VISION, *_OPEN_CLIP_BLOCK)}
     rows: list[str] = []
     scales: dict[str, tuple[str, ...]] = {}

@@ -11,7 +11,7 @@ with <block> = attn_norm/scale ↔ input_layernorm.weight, attn/{q,k,v,o}/{kerne
 self_attn.{q,k,v,o}_proj.{weight,bias}, mlp_norm/scale ↔ post_attention_layernorm.weight,
 mlp/{gate,up,down}/{kernel,bias} ↔ mlp.{gate,up,down}_proj.{weight,bias}. Linear weights are transposed
 ([out, in] in torch, [in, out] here). A stacked leaf of L layers is L HF tensors, so a layer-wise λ of shape
-[K, L] reads as one coefficient per task per HF tensor (:func:`lambda_tensor_names`).
+[K, L] reads as one coefficient per task per HF tensor (:func:`coefficient_tensor_names`).
 
 Input: a folder with ``config.json`` and ``model.safetensors`` or a sharded ``model.safetensors.index.json``,
 tensors in fp32, fp16 or bf16. A tied model (``tie_word_embeddings``) needs no ``lm_head.weight`` (one that is
@@ -110,12 +110,12 @@ def leaf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in named_leaves(shapes)}
 
 
-def lambda_tensor_names(config: LlamaConfig) -> TensorNames:
+def coefficient_tensor_names(config: LlamaConfig) -> TensorNames:
     """The HF tensor name of every (leaf path, layer) of our tree, e.g. ("layers/attn/q/kernel", 3) →
     "model.layers.3.self_attn.q_proj.weight", ("embed", None) → "model.embed_tokens.weight", with ``order``
     transformers' ``named_parameters()`` order (embedding; per layer q, k, v, o, gate, up, down (weight then
     bias), input and post-attention norms; final norm; untied head). λ of a stacked leaf, [K, L], is then
-    reported per tensor (``adamerging_jax.coefficient_formats.named_lambdas``)."""
+    reported per tensor (``adamerging_jax.coefficient_formats.named_coefficients``)."""
     paths = leaf_shapes(config)
     names = {(path, i if stacked(path) else None): name for path in paths
              for i, name in enumerate(_names_of(path, config))}
