@@ -34,7 +34,8 @@ tasks × B images of 224² for each B of ``--memory-batch``, the 8 tasks' zero-s
 abstract shapes (`jax.ShapeDtypeStruct`, nothing allocated) at ``--memory-size`` (default ViT-L/14: the HF
 ``CLIPVisionModel`` shapes of benchmarks/methods_benchmark.py), in float32: XLA's buffer assignment of it
 (arguments, outputs, temporaries) beside the bytes of what the arguments hold, counted from their shapes
-(`MEMORY_NOTES`).
+(`MEMORY_NOTES`); once with the K batches through the model at once (``order: joint``, the default) and once
+one task after another (``order: sequential``, ``sequential_tasks``).
 
     python benchmarks/test_time_step_benchmark.py --peer-python PEER_PYTHON \\
         --out benchmarks/results/test_time_step_cpu.json
@@ -343,9 +344,10 @@ def nbytes(tree: Any) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def memory_row(size_name: str, k: int, batch: int) -> dict[str, Any]:
-    """One WEMoE step (every MLP upscaled) at `size_name` with K = `k` tasks × `batch` images, compiled from
-    shapes: the bytes of what its arguments hold, by part, beside XLA's buffer assignment."""
+def memory_row(size_name: str, k: int, batch: int, sequential_tasks: bool) -> dict[str, Any]:
+    """One WEMoE step (every MLP upscaled) at `size_name` with K = `k` tasks × `batch` images, the tasks at once
+    or one after another, compiled from shapes: the bytes of what its arguments hold, by part, beside XLA's
+    buffer assignment."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -372,8 +374,8 @@ def memory_row(size_name: str, k: int, batch: int) -> dict[str, Any]:
 
     def step(routers: Any, opt_state: Any, frozen: Any, images: Any, projection: Any, heads: Any) -> tuple:
         head_fn = lambda z, t: z @ heads[t].T  # noqa: E731
-        return we_moe.make_we_moe_step(clip.expert_mixture(config, projection), head_fn, optimizer)(
-            routers, opt_state, frozen, images)
+        return we_moe.make_we_moe_step(clip.expert_mixture(config, projection), head_fn, optimizer,
+                                       sequential_tasks)(routers, opt_state, frozen, images)
 
     start = time.perf_counter()
     analysis = jax.jit(step, donate_argnums=(0, 1)).lower(routers, opt_state, frozen, images, projection,
@@ -385,22 +387,24 @@ def memory_row(size_name: str, k: int, batch: int) -> dict[str, Any]:
     held = {"task_vectors_bytes": nbytes(experts), "rest_of_the_frozen_tower_bytes": nbytes(frozen) - nbytes(experts),
             "routers_bytes": nbytes(routers), "adam_state_bytes": nbytes(opt_state), "images_bytes": nbytes(images),
             "projection_and_heads_bytes": nbytes((projection, heads)),
-            "ensembled_weights_bytes": per_group * k}
+            "ensembled_weights_bytes": per_group * (1 if sequential_tasks else k)}
     xla = dict(argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,
                temp_bytes=analysis.temp_size_in_bytes, alias_bytes=analysis.alias_size_in_bytes)
     xla["peak_bytes"] = xla["argument_bytes"] + xla["output_bytes"] + xla["temp_bytes"] - xla["alias_bytes"]
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
-    print(f"WEMoE step, {size_name}, K = {k} × B = {batch} (GiB): " + ", ".join(
+    order = "sequential" if sequential_tasks else "joint"
+    print(f"WEMoE step, {size_name}, K = {k} × B = {batch}, {order} (GiB): " + ", ".join(
         f"{name.removesuffix('_bytes')} {gib(value)}" for name, value in {**held, **xla}.items()), file=sys.stderr)
-    return dict(method="we_moe", size=size_name, k=k, batch=batch, classes=classes, upscaled_layers=size.layers,
-                router_hidden_layers=ROUTER_LAYERS, dtype="float32", held=held, xla=xla,
-                compile_s=round(time.perf_counter() - start, 3))
+    return dict(method="we_moe", size=size_name, k=k, batch=batch, order=order, classes=classes,
+                upscaled_layers=size.layers, router_hidden_layers=ROUTER_LAYERS, dtype="float32", held=held,
+                xla=xla, compile_s=round(time.perf_counter() - start, 3))
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     from step_benchmark import machine
 
-    rows = [memory_row(args.memory_size, args.memory_tasks, int(batch)) for batch in args.memory_batch.split(",")]
+    rows = [memory_row(args.memory_size, args.memory_tasks, int(batch), sequential)
+            for batch in args.memory_batch.split(",") for sequential in (False, True)]
     return dict(bench="we_moe_step_memory", machine=machine(), rows=rows, notes=MEMORY_NOTES)
 
 
@@ -412,7 +416,8 @@ MEMORY_NOTES = [
     "the K × B inputs.",
     "ensembled_weights: W_0 + Σ_k r_gk τ_k, one per task's group and routed linear layer, from shapes; the "
     "backward keeps them, so they are part of XLA's temporaries, as are the activations of the K × B images "
-    "through the tower, forward and backward.",
+    "through the tower, forward and backward. order sequential: one task's batch through the tower at a time "
+    "(a lax.scan over the tasks), so one task's ensembled weights and activations.",
     "xla: the compiled step's buffer assignment (memory_analysis); peak = arguments + outputs + temporaries − "
     "aliased (the routers and the Adam state are donated). XLA:CPU's assignment, not a GPU's.",
     "outside the step: building the routed model reads θ0 and the stacked τ of the whole tower, which the "

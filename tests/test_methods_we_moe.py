@@ -80,18 +80,20 @@ def test_step_0_routing_weights_and_losses_are_fusionbench_s(x64):
 
 
 def _train(steps: int, checkpoint_dir=None, lr: float = LR, batch_size: int = 4, initial=None, frozen=None,
-           source=None) -> we_moe.WEMoEResult:
-    config = we_moe.WEMoEConfig(steps=steps, lr=lr, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
-                                checkpoint_every=2, quiet=True)
+           source=None, sequential_tasks: bool = False) -> we_moe.WEMoEResult:
+    config = we_moe.WEMoEConfig(steps=steps, lr=lr, batch_size=batch_size, sequential_tasks=sequential_tasks,
+                                checkpoint_dir=checkpoint_dir, checkpoint_every=2, quiet=True)
     return we_moe.train_we_moe(mixture(), head_fn, frozen_model() if frozen is None else frozen,
                                routers("initial") if initial is None else initial, source or batches, config,
                                mesh=mesh())
 
 
-def test_routers_after_20_steps_are_fusionbench_s(x64):
+@pytest.mark.parametrize("sequential_tasks", [False, True], ids=["joint", "sequential"])
+def test_routers_after_20_steps_are_fusionbench_s(x64, sequential_tasks):
     """The jitted, data-parallel Adam loop gives the reference's losses at every step, its routers after 20
-    steps, and the trained model (every example routed on its own) its logits."""
-    result = _train(fixture()["losses"].shape[0])
+    steps, and the trained model (every example routed on its own) its logits, whether the tasks' batches go
+    through the model at once or one after another."""
+    result = _train(fixture()["losses"].shape[0], sequential_tasks=sequential_tasks)
     assert np.max(np.abs(result.history["loss"] - fixture()["losses"])) <= BOUND
     final, initial = routers("final"), routers("initial")
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), final, initial)
@@ -130,14 +132,15 @@ CHANGES = {  # _train's arguments that differ from the stopped run's, and what t
     "routed_model": (lambda: dict(frozen=jax.tree_util.tree_map(lambda x: x * 1.01, frozen_model())),
                      ["routed_model '"]),
     "data": (lambda: dict(source=lambda step: batches(step + 1)), ["the data differ"]),
+    "sequential_tasks": (lambda: dict(sequential_tasks=True), ["sequential_tasks False → True"]),
 }
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_checkpoint_of_another_run_is_refused_naming_the_difference(stopped, change):
     """As AdaMerging's resume: a checkpoint written with another learning rate or batch size, other initial
-    routers, another routed model (θ_merged, W_0, τ or the layers upscaled) or other data is refused in one line
-    naming exactly what differs."""
+    routers, another routed model (θ_merged, W_0, τ or the layers upscaled), other data or the other task order
+    (sequential_tasks) is refused in one line naming exactly what differs."""
     overrides, fragments = CHANGES[change]
     with pytest.raises(ValueError, match="checkpoint step 2 in .* was written by another run: ") as error:
         _train(4, stopped, **overrides())

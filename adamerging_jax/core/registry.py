@@ -445,7 +445,7 @@ def _requires_mixture(context: AdaptContext | None, view: MatrixView | None) -> 
 
 def _we_moe(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, upscale_top_k: int | None,
             init_lambda: float, router_hidden_layers: int, we_moe_steps: int | None, we_moe_lr: float,
-            we_moe_batch_size: int | None, seed: int) -> Merged:
+            we_moe_batch_size: int | None, we_moe_sequential_tasks: bool, seed: int) -> Merged:
     """WEMoE (`core.we_moe`): task arithmetic at init_lambda outside the binding's module group, the group of the
     top layers upscaled (its task vectors in the run's ``param_dtype``), the routers trained on the unlabeled
     batches; steps and batch size left None are the run's AdaMerging ones. The model routes every example."""
@@ -456,7 +456,8 @@ def _we_moe(pretrained: PyTree, task_vectors: PyTree, context: AdaptContext, *, 
                                                 seed, context.config.param_dtype)
     config = we_moe.WEMoEConfig(
         steps=context.config.steps if we_moe_steps is None else we_moe_steps, lr=we_moe_lr,
-        batch_size=we_moe_batch_size or context.config.batch_size, checkpoint_dir=context.checkpoint_dir,
+        batch_size=we_moe_batch_size or context.config.batch_size, sequential_tasks=we_moe_sequential_tasks,
+        checkpoint_dir=context.checkpoint_dir,
         checkpoint_every=context.config.checkpoint_every, quiet=context.config.quiet)
     result = we_moe.train_we_moe(mixture, context.head_fn, frozen, routers, context.batches, config,
                                  mesh=context.mesh, tasks=routing.experts)

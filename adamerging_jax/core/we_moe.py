@@ -19,7 +19,11 @@ over each task's batch (the reference's ``batch_reduce``: one ensembled weight p
 trained model routes every example on its own.
 
 The step is one jitted function: the K task batches through the routed model as one batch of K groups, each
-head on its slice, the gradient of Σ_t L_t with respect to the routers alone. Batches are split over the mesh's
+head on its slice, the gradient of Σ_t L_t with respect to the routers alone. With ``sequential_tasks`` the K
+batches go through the model one after another instead (a ``lax.scan`` over the tasks, ∇ = Σ_t ∇L_t summed in
+the loop): the same gradient up to the order of float summation, with the activations and ensembled weights of
+one task's batch alive at a time rather than K's (ViT-L/14, 8 tasks × 16 images, XLA:CPU's buffer assignment:
+122 → 20.9 GiB of temporaries, 28.4 GiB in all; benchmarks/test_time_step_benchmark.py --memory-report). Batches are split over the mesh's
 "data" axis as in AdaMerging. The loop is the one every test-time method shares (`core.optimize.train_resumable`):
 a run with ``checkpoint_dir`` resumes bit-identically through AdaMerging's checkpoint machinery and refuses a
 checkpoint of another run, naming what differs.
@@ -98,18 +102,21 @@ class WEMoEConfig:
     steps: int = 1000
     lr: float = 1e-4
     batch_size: int = 16
+    sequential_tasks: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     quiet: bool = False
 
     def __post_init__(self) -> None:
         check_int("WEMoEConfig.steps", self.steps, minimum=0)
+        if not isinstance(self.sequential_tasks, bool):
+            raise ValueError(f"WEMoEConfig.sequential_tasks must be a bool, got {self.sequential_tasks!r}")
         check_number("WEMoEConfig.lr", self.lr, positive=True)
         check_int("WEMoEConfig.batch_size", self.batch_size, minimum=1)
         check_int("WEMoEConfig.checkpoint_every", self.checkpoint_every, minimum=1)
 
     def resume_settings(self) -> dict[str, Any]:
-        return dict(lr=self.lr, batch_size=self.batch_size)
+        return dict(lr=self.lr, batch_size=self.batch_size, sequential_tasks=self.sequential_tasks)
 
 
 @dataclasses.dataclass
@@ -131,36 +138,68 @@ def task_losses(mixture: ExpertMixture, head_fn: Callable[[jax.Array, int], Any]
     return jnp.stack([mean_entropy(head_fn(z[t], t), ENTROPY_EPS) for t in range(k)])
 
 
+def joint_losses_and_gradient(mixture: ExpertMixture, head_fn: Callable[[jax.Array, int], Any], routers: PyTree,
+                              frozen: PyTree, batches: list[Any]) -> tuple[jax.Array, PyTree]:
+    """(L [K], ∂Σ_t L_t / ∂routers) with the K batches through the model at once (`task_losses`)."""
+    per_task, pullback = jax.vjp(lambda r: task_losses(mixture, head_fn, r, frozen, batches), routers)
+    (grads,) = pullback(jnp.ones_like(per_task))
+    return per_task, grads
+
+
+def sequential_losses_and_gradient(mixture: ExpertMixture, head_fn: Callable[[jax.Array, int], Any],
+                                   routers: PyTree, frozen: PyTree, batches: list[Any]) -> tuple[jax.Array, PyTree]:
+    """(L [K], Σ_t ∂L_t / ∂routers) with one task's batch through the model at a time: a ``lax.scan`` over the
+    tasks (head t chosen by ``lax.switch``), so XLA keeps one task's activations for the backward, not K's."""
+    heads = [functools.partial(lambda t, z: mean_entropy(head_fn(z, t), ENTROPY_EPS), t) for t in range(len(batches))]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)
+
+    def one_task(total: PyTree, task_and_batch: tuple[jax.Array, Any]) -> tuple[PyTree, jax.Array]:
+        task, batch = task_and_batch
+        loss, grads = jax.value_and_grad(
+            lambda r: jax.lax.switch(task, heads, mixture.features(frozen, r, batch, 1)))(routers)
+        return jax.tree_util.tree_map(jnp.add, total, grads), loss
+
+    total, per_task = jax.lax.scan(one_task, jax.tree_util.tree_map(jnp.zeros_like, routers),
+                                   (jnp.arange(len(batches)), stacked))
+    return per_task, total
+
+
 def make_we_moe_step(mixture: ExpertMixture, head_fn: Callable[[jax.Array, int], Any],
-                     optimizer: optax.GradientTransformation) -> Callable[..., tuple]:
+                     optimizer: optax.GradientTransformation, sequential_tasks: bool = False
+                     ) -> Callable[..., tuple]:
     """The (unjitted) step ``(routers, opt_state, frozen, batches) -> (routers', opt_state', L [K])``: one Adam
-    step on ∂Σ_t L_t / ∂routers."""
+    step on ∂Σ_t L_t / ∂routers, the tasks' batches through the model at once or, with ``sequential_tasks``, one
+    after another (`sequential_losses_and_gradient`)."""
+    losses_and_gradient = sequential_losses_and_gradient if sequential_tasks else joint_losses_and_gradient
 
     def step(routers, opt_state, frozen, batches):
-        per_task, pullback = jax.vjp(lambda r: task_losses(mixture, head_fn, r, frozen, batches), routers)
-        (grads,) = pullback(jnp.ones_like(per_task))
+        per_task, grads = losses_and_gradient(mixture, head_fn, routers, frozen, batches)
         updates, opt_state = optimizer.update(grads, opt_state, routers)
         return optax.apply_updates(routers, updates), opt_state, per_task
 
     return step
 
 
-def _jit_step(mixture: ExpertMixture, head_fn: Callable, lr: float) -> Callable[..., tuple]:
+def _jit_step(mixture: ExpertMixture, head_fn: Callable, lr: float, sequential_tasks: bool) -> Callable[..., tuple]:
     # The routers and the optimiser state are donated: `train_we_moe` passes only copies it made.
-    return jax.jit(make_we_moe_step(mixture, head_fn, optax.adam(lr, b1=0.9, b2=0.999)), donate_argnums=(0, 1))
+    step = make_we_moe_step(mixture, head_fn, optax.adam(lr, b1=0.9, b2=0.999), sequential_tasks)
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(mixture: ExpertMixture, head_fn: Callable, lr: float) -> Callable[..., tuple]:
-    return _jit_step(mixture, head_fn, lr)
+def _cached_step(mixture: ExpertMixture, head_fn: Callable, lr: float, sequential_tasks: bool
+                 ) -> Callable[..., tuple]:
+    return _jit_step(mixture, head_fn, lr, sequential_tasks)
 
 
-def _compiled_step(mixture: ExpertMixture, head_fn: Callable, lr: float) -> Callable[..., tuple]:
-    """The jitted step, shared by runs with the same mixture, heads and learning rate (when hashable)."""
+def _compiled_step(mixture: ExpertMixture, head_fn: Callable, lr: float, sequential_tasks: bool
+                   ) -> Callable[..., tuple]:
+    """The jitted step, shared by runs with the same mixture, heads, learning rate and task order (when
+    hashable)."""
     try:
-        return _cached_step(mixture, head_fn, lr)
+        return _cached_step(mixture, head_fn, lr, sequential_tasks)
     except TypeError:
-        return _jit_step(mixture, head_fn, lr)
+        return _jit_step(mixture, head_fn, lr, sequential_tasks)
 
 
 def _fingerprint(config: WEMoEConfig, routers: PyTree, frozen: PyTree, data: str, mesh: Mesh) -> dict[str, Any]:
@@ -204,7 +243,7 @@ def train_we_moe(
     frozen = place_tree(frozen, mesh, False)
     initial = replicated_copy(routers, mesh)
     opt_state = replicated_copy(optax.adam(config.lr, b1=0.9, b2=0.999).init(initial), mesh)
-    compiled = _compiled_step(mixture, head_fn, config.lr)
+    compiled = _compiled_step(mixture, head_fn, config.lr, config.sequential_tasks)
 
     def step(state: tuple, placed: list[Any]) -> tuple[tuple, jax.Array]:
         trained, state, per_task = compiled(*state, frozen, placed)
@@ -242,11 +281,13 @@ ROUTER_LAYERS = Parameter("router_hidden_layers", 2, "the router's depth (the re
 STEPS = Parameter("we_moe_steps", None, "Adam steps on the routers; None: the run's AdaMerging steps (the "
                   "reference's max_steps: 1000)", kind=int, minimum=0, optional=True)
 LR = Parameter("we_moe_lr", 1e-4, "Adam's learning rate on the routers (the reference's)", minimum=0.0)
+SEQUENTIAL = Parameter("we_moe_sequential_tasks", False, "run the tasks' batches through the model one after "
+                       "another in each step (the same gradient; one task's activations in memory, not K's)")
 BATCH = Parameter("we_moe_batch_size", None, "unlabeled images per task and step, the first of each step's "
                   "adaptation batch; None: the run's AdaMerging batch size (the reference's: 16)",
                   kind=int, minimum=1, optional=True)
 SEED = Parameter("seed", 0, "the seed of the routers' initial draw (N(0, 0.01²) kernels)", minimum=0)
-PARAMETERS = (UPSCALE_TOP_K, INIT_LAMBDA, ROUTER_LAYERS, STEPS, LR, BATCH, SEED)
+PARAMETERS = (UPSCALE_TOP_K, INIT_LAMBDA, ROUTER_LAYERS, STEPS, LR, BATCH, SEQUENTIAL, SEED)
 
 
 def upscaled_layers(mixture: ExpertMixture, top_k: int | None) -> int:
