@@ -22,6 +22,8 @@ Speed (the default). For K tasks × B unlabeled images per step:
   ``use_grad_accumulate`` (per task: its ``compute_logits``, its ``entropy_loss``, backward with
   retain_graph; then Adam on the routers and zero_grad). Its ``lightning.Fabric`` is made only when CUDA is
   there; on CPU the backward is ``loss.backward``, which is what Fabric's 32-true backward runs.
+- ``we_moe_sequential``: ours with ``sequential_tasks`` (one task's batch through the tower at a time, the
+  gradients summed in a ``lax.scan``), against the same FusionBench row.
 
 FusionBench's side runs in the peer's interpreter (``--peer-python``, default this one) by this same file with
 ``--peer``. Both sides single-threaded (XLA's CPU thread pool and torch's intra-op threads set to 1); data
@@ -60,7 +62,10 @@ from step_benchmark import CLASS_COUNTS, SIZES, time_calls, timing_fields
 REPO = Path(__file__).resolve().parents[1]
 TINY = SIZES["tiny"]
 """The step benchmark's ``tiny`` CLIP image tower."""
-METHODS = ("surgery", "we_moe")
+METHODS = ("surgery", "we_moe", "we_moe_sequential")
+PEER_METHOD = {"surgery": "surgery", "we_moe": "we_moe", "we_moe_sequential": "we_moe"}
+"""FusionBench's row each of ours is set against: its WEMoE loop already goes task by task (its default
+``use_grad_accumulate``), so both orders of ours face the same row."""
 INIT_LAMBDA = 0.3  # the reference's init_lambda (WEMoE)
 ROUTER_LAYERS = 2  # the reference's router_hidden_layers
 LOGIT_SCALE = 100.0  # exp(logit_scale) of CLIP
@@ -253,7 +258,7 @@ def project_surgery(args: argparse.Namespace) -> tuple[Callable[[], None], float
     return _compiled(step, state, (pretrained, pretrained, tau), _images(args, mesh))
 
 
-def project_we_moe(args: argparse.Namespace) -> tuple[Callable[[], None], float]:
+def project_we_moe(args: argparse.Namespace, sequential_tasks: bool = False) -> tuple[Callable[[], None], float]:
     import jax
     import optax
 
@@ -278,13 +283,14 @@ def project_we_moe(args: argparse.Namespace) -> tuple[Callable[[], None], float]
     optimizer = optax.adam(1e-4)
     routers = replicated_copy(routers, mesh)
     state = {"train": routers, "opt": replicated_copy(optimizer.init(routers), mesh)}
-    step = jax.jit(we_moe.make_we_moe_step(mixture, head_fn, optimizer), donate_argnums=(0, 1))
+    step = jax.jit(we_moe.make_we_moe_step(mixture, head_fn, optimizer, sequential_tasks), donate_argnums=(0, 1))
     return _compiled(step, state, (place_tree(frozen, mesh, False),), _images(args, mesh))
 
 
 def run_peer(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One round of FusionBench's side in the peer's interpreter: a row per method."""
-    argv = [args.peer_python, os.path.abspath(__file__), "--peer", "--methods", ",".join(args.methods), "--k",
+    methods = list(dict.fromkeys(PEER_METHOD[name] for name in args.methods))
+    argv = [args.peer_python, os.path.abspath(__file__), "--peer", "--methods", ",".join(methods), "--k",
             str(args.k), "--batch", str(args.batch), "--classes", str(args.classes), "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -304,10 +310,11 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     """`--rounds` rounds, each timing our step of every method, then FusionBench's (interleaved: a change of the
     machine's load falls on both sides)."""
-    makers = {"surgery": project_surgery, "we_moe": project_we_moe}
+    makers = {"surgery": project_surgery, "we_moe": project_we_moe,
+              "we_moe_sequential": lambda args: project_we_moe(args, sequential_tasks=True)}
     compiled = {name: makers[name](args) for name in args.methods}
     ours: dict[str, list] = {name: [] for name in args.methods}
-    theirs: dict[str, list] = {name: [] for name in args.methods}
+    theirs: dict[str, list] = {PEER_METHOD[name]: [] for name in args.methods}
     for _ in range(args.rounds):
         for name, (run, compile_seconds) in compiled.items():
             ours[name].append({"method": name, "row": "project", "jax": jax_version(),
@@ -315,12 +322,14 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         for row in run_peer(args):
             theirs[row["method"]].append(row)
     rows, ratios = [], {}
+    peers = {name: combined(peer_rounds) for name, peer_rounds in theirs.items()}
     for name in args.methods:
-        project, peer = combined(ours[name]), combined(theirs[name])
-        rows += [project, peer]
+        project, peer = combined(ours[name]), peers[PEER_METHOD[name]]
+        rows.append(project)
         ratios[name] = project["ms_per_step_median"] / peer["ms_per_step_median"]
         print(f"{name}: project {project['ms_per_step_median']:.2f} ms/step, FusionBench "
               f"{peer['ms_per_step_median']:.2f} ms/step: {ratios[name]:.3f}× FusionBench's time")
+    rows += list(peers.values())
     return {"benchmark": "one test-time step (Surgery, WEMoE), tiny CLIP", "size": dataclasses.asdict(TINY),
             "k": args.k, "batch": args.batch, "classes": args.classes, "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
