@@ -147,6 +147,11 @@ def test_checkpoint_of_another_run_is_refused_naming_the_difference(stopped, cha
     assert_refused_naming(str(error.value), stopped, fragments)
 
 
+def test_a_task_order_that_is_not_a_bool_is_refused():
+    with pytest.raises(ValueError, match="WEMoEConfig.sequential_tasks must be a bool, got 1"):
+        we_moe.WEMoEConfig(sequential_tasks=1)
+
+
 def test_top_k_and_bf16_task_vectors():
     """upscale_top_k = 1 routes the last block alone (the first keeps the merged MLP); bf16 τ are stored in bf16
     and, at the routers' constant λ (depth 0), the routed tower is task arithmetic within bf16's rounding."""

@@ -23,10 +23,10 @@ head on its slice, the gradient of Σ_t L_t with respect to the routers alone. W
 batches go through the model one after another instead (a ``lax.scan`` over the tasks, ∇ = Σ_t ∇L_t summed in
 the loop): the same gradient up to the order of float summation, with the activations and ensembled weights of
 one task's batch alive at a time rather than K's (ViT-L/14, 8 tasks × 16 images, XLA:CPU's buffer assignment:
-122 → 20.9 GiB of temporaries, 28.4 GiB in all; benchmarks/test_time_step_benchmark.py --memory-report). Batches are split over the mesh's
-"data" axis as in AdaMerging. The loop is the one every test-time method shares (`core.optimize.train_resumable`):
-a run with ``checkpoint_dir`` resumes bit-identically through AdaMerging's checkpoint machinery and refuses a
-checkpoint of another run, naming what differs.
+122 → 20.9 GiB of temporaries, 28.4 GiB in all; benchmarks/test_time_step_benchmark.py --memory-report).
+Batches are split over the mesh's "data" axis as in AdaMerging. The loop is the one every test-time method
+shares (`core.optimize.train_resumable`): a run with ``checkpoint_dir`` resumes bit-identically through
+AdaMerging's checkpoint machinery and refuses a checkpoint of another run, naming what differs.
 
 Memory: the routed group holds W_0 and K task vectors per upscaled layer, so with P the model's parameters,
 P_g those of one layer's group and P_r one router (2-layer, width d: d² + d + dK + K),
