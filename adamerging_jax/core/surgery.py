@@ -42,11 +42,11 @@ from jax.sharding import Mesh
 
 from adamerging_jax.core.objective import SharedBackbone
 from adamerging_jax.core.checkpoint import tree_digest
-from adamerging_jax.core.optimize import BatchSource, LoopNames, peek_batches, train_resumable
+from adamerging_jax.core.optimize import BatchSource, LoopNames, first_examples, peek_batches, train_resumable
 from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import add_to_pretrained, check_stacked
-from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable
+from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable, stack_trees
 
 PAPER = "Yang et al., Representation Surgery for Multi-Task Model Merging, ICML 2024"
 REFERENCE = ("FusionBench 0.2.33 fusion_bench/method/surgery/clip_layer_wise_adamerging_surgery.py, "
@@ -165,15 +165,20 @@ class SurgeryResult:
     active_units: np.ndarray
 
 
+def merged_representations(features_fn: FeaturesFn, base: PyTree, stacked: Any) -> jax.Array:
+    """The base model's representations [K, B, d] of the stacked task batches (`trees.stack_trees`), in one
+    forward pass over the K · B examples."""
+    flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), stacked)
+    merged = features_fn(base, flat)
+    return merged.reshape(*jax.tree_util.tree_leaves(stacked)[0].shape[:2], merged.shape[-1])
+
+
 def make_surgery_step(features_fn: FeaturesFn, optimizer: optax.GradientTransformation) -> Callable[..., tuple]:
     """The (unjitted) step ``(modules, opt_state, base θ, θ0, τ, batches) -> (modules', opt_state', L [K])``."""
 
     def step(modules, opt_state, base, pretrained, task_vectors, batches):
-        k = len(batches)
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)
-        flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), stacked)
-        merged = features_fn(base, flat)
-        merged = merged.reshape(k, -1, merged.shape[-1])
+        stacked = stack_trees(batches)
+        merged = merged_representations(features_fn, base, stacked)
         targets = jax.lax.map(lambda pair: features_fn(add_to_pretrained(pretrained, pair[0]), pair[1]),
                               (task_vectors, stacked))
         per_task, grads = surgery_gradients(modules, jax.lax.stop_gradient(merged), jax.lax.stop_gradient(targets))
@@ -257,15 +262,10 @@ def train_surgery(
 
     (trained, _), history = train_resumable(step, (initial, opt_state), batches, config, fingerprint, NAMES,
                                             mesh=mesh, tasks=k)
-    units = np.asarray(active_units(trained, _base_representations(features_fn, base, first, config.batch_size)))
+    step_0 = [first_examples(batch, config.batch_size, t, 0, NAMES.batch_size) for t, batch in enumerate(first)]
+    units = np.asarray(active_units(trained, merged_representations(features_fn, base, stack_trees(step_0))))
     _warn_inactive(units, config)
     return SurgeryResult(trained, {"loss": history}, units)
-
-
-def _base_representations(features_fn: FeaturesFn, base: PyTree, batches: Any, batch_size: int) -> jax.Array:
-    """The base model's representations [K, B, d] of the first `batch_size` examples of each task's batch."""
-    return jnp.stack([features_fn(base, jax.tree_util.tree_map(lambda x: x[:batch_size], batch))
-                      for batch in batches])
 
 
 def _warn_inactive(units: np.ndarray, config: SurgeryConfig) -> None:

@@ -45,6 +45,12 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree
     return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_str(p), *xs), tree, *rest)
 
 
+def stack_trees(trees: list[PyTree]) -> PyTree:
+    """Equal-structured, equal-shaped trees (e.g. K tasks' batches) as one tree of stacked [len(trees), ...]
+    leaves."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def is_float_dtype(dtype: Any) -> bool:
     return jnp.issubdtype(np.dtype(dtype), jnp.floating)
 

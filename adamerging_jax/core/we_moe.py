@@ -59,7 +59,7 @@ from adamerging_jax.core.optimize import BatchSource, LoopNames, train_resumable
 from adamerging_jax.core.parallel import data_mesh, place_tree, replicated, replicated_copy
 from adamerging_jax.core.parameters import Parameter
 from adamerging_jax.core.task_vectors import check_stacked
-from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable
+from adamerging_jax.core.trees import PyTree, check_int, check_number, jsonable, stack_trees
 from adamerging_jax.models.routing import Routing
 
 PAPER = "Tang et al., Merging Multi-Task Models via Weight-Ensembling Mixture of Experts, ICML 2024"
@@ -151,7 +151,7 @@ def sequential_losses_and_gradient(mixture: ExpertMixture, head_fn: Callable[[ja
     """(L [K], Σ_t ∂L_t / ∂routers) with one task's batch through the model at a time: a ``lax.scan`` over the
     tasks (head t chosen by ``lax.switch``), so XLA keeps one task's activations for the backward, not K's."""
     heads = [functools.partial(lambda t, z: mean_entropy(head_fn(z, t), ENTROPY_EPS), t) for t in range(len(batches))]
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)
+    stacked = stack_trees(batches)
 
     def one_task(total: PyTree, task_and_batch: tuple[jax.Array, Any]) -> tuple[PyTree, jax.Array]:
         task, batch = task_and_batch
