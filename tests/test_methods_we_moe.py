@@ -193,7 +193,7 @@ def test_registry_method_runs_through_the_protocol(x64):
     assert logits.shape == (4, fixture()["heads"].shape[1]) and bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_batches_for_another_number_of_tasks_are_refused():
+def test_batches_for_another_number_of_tasks_are_refused(x64):
     """Batches for fewer tasks than the routers weigh (K experts) are refused at step 0, naming both counts,
     rather than training the routers on a subset of the tasks."""
     pretrained, tau, count = models()
